@@ -1,0 +1,386 @@
+"""Windowing on the session clock: the watermark rule, with no Ray and no wall clock inside.
+
+The rule (also in ``docs/alignment.md``):
+
+* The session clock is float64 seconds. The window grid starts at ``origin``: the configured
+  value, or (``origin: auto``) the earliest first timestamp over all streams, fixed once every
+  stream has produced a sample or ended.
+* Window ``k`` ends at ``e_k = origin + (k + 1) * hop``. Windows are causal: every modality's
+  span ends at ``e_k``, so a live window can be released as soon as its last second has arrived.
+* Each modality takes its own span ending at ``e_k``: vision ``[e_k - 2, e_k)`` sampled to 2
+  frames (first and last frame in the span, as ImageBind's uniform temporal subsample does),
+  audio ``[e_k - 2, e_k)`` as 32000 samples at 16 kHz (zero-filled where the stream has no
+  samples), IMU ``[e_k - 5, e_k)`` (raw samples; the encoder resamples to 2000), text
+  ``[e_k - hop, e_k)`` (joined with spaces). Depth and thermal take the single frame nearest to
+  ``e_k`` within ``tolerance`` seconds on either side.
+* Stream ``s`` has *passed* time ``x`` when it has ended, or when its watermark (largest
+  timestamp seen) minus ``allowed_lateness`` is >= ``x``. Window ``k`` is released when every
+  stream has passed the last time the window needs from it: ``e_k`` for span modalities,
+  ``e_k + tolerance`` for nearest-frame modalities. Windows are released in index order.
+* A sample older than ``watermark - allowed_lateness`` of its stream, or older than what the
+  next unreleased window can still use, is dropped and counted as ``late``. Non-finite
+  timestamps are dropped as ``bad_timestamp``; a timestamp equal to one already buffered for
+  that stream is dropped as ``duplicate``. Samples inside the lateness bound are re-sorted.
+* A modality is present in a window when its stream has at least one sample in the span (two
+  for IMU, one frame within tolerance for depth/thermal, one utterance for text); otherwise the
+  window is released without it and lists the stream in ``missing``.
+* When every stream has ended, windows are released up to the last one whose end passes the
+  latest timestamp seen: ``K = ceil((t_last - origin) / hop)`` windows in all (at least one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from sources.base import AUDIO_RATE, MODALITIES, Chunk
+
+__all__ = ["ModalitySpan", "AlignConfig", "WindowItem", "Window", "Aligner", "DEFAULT_SPANS"]
+
+
+@dataclass(frozen=True)
+class ModalitySpan:
+    """What one modality takes from the timeline for one window."""
+
+    span: float = 0.0  # seconds ending at the window end (span modalities)
+    tolerance: float | None = None  # set for nearest-frame modalities (depth, thermal)
+    frames: int = 2  # vision only: frames sampled from the span
+
+    @property
+    def nearest(self) -> bool:
+        return self.tolerance is not None
+
+    def lookahead(self) -> float:
+        """How far past the window end this modality needs its stream to have passed."""
+        return self.tolerance if self.nearest else 0.0
+
+    def lookback(self) -> float:
+        """How far before the window end this modality can reach."""
+        return self.tolerance if self.nearest else self.span
+
+
+# ImageBind's training spans: 2 s clips of 2 frames for vision, 2 s audio clips, 5 s IMU
+# (2000 samples at 400 Hz, Ego4D). Depth/thermal are single frames in ImageBind.
+DEFAULT_SPANS: dict[str, ModalitySpan] = {
+    "vision": ModalitySpan(span=2.0, frames=2),
+    "audio": ModalitySpan(span=2.0),
+    "imu": ModalitySpan(span=5.0),
+    "depth": ModalitySpan(tolerance=0.5),
+    "thermal": ModalitySpan(tolerance=0.5),
+    "text": ModalitySpan(span=1.0),
+}
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    hop: float = 1.0
+    origin: float | None = None  # None: earliest first timestamp over all streams
+    allowed_lateness: float = 0.0
+    spans: Mapping[str, ModalitySpan] = field(default_factory=lambda: dict(DEFAULT_SPANS))
+
+    def __post_init__(self) -> None:
+        if not (self.hop > 0 and math.isfinite(self.hop)):
+            raise ValueError(f"window.hop must be a positive number of seconds, got {self.hop!r}")
+        if self.allowed_lateness < 0:
+            raise ValueError(f"window.allowed_lateness must be >= 0, got {self.allowed_lateness!r}")
+
+
+@dataclass
+class WindowItem:
+    """One modality of one window, ready for its encoder."""
+
+    session: str
+    stream: str
+    modality: str
+    window: int
+    t_start: float  # session clock seconds of the data used
+    t_end: float
+    payload: Any  # see encoders.preprocess.prepare for the layout per modality
+    t_ingest: float  # wall time the newest sample used entered the pipeline
+
+
+@dataclass
+class Window:
+    session: str
+    index: int
+    t_end: float  # e_k
+    items: list[WindowItem]
+    missing: list[str]  # stream ids with no data in this window
+
+
+class _StreamBuffer:
+    """Time-sorted samples of one stream, with the wall time each chunk arrived."""
+
+    def __init__(self, stream: str, modality: str) -> None:
+        self.stream = stream
+        self.modality = modality
+        self.t = np.empty(0, dtype=np.float64)
+        self.ingest = np.empty(0, dtype=np.float64)
+        self.data: Any = [] if modality == "text" else None
+        self.watermark = -math.inf
+        self.first: float | None = None
+        self.ended = False
+        self.error: str | None = None
+        self.samples_in = 0
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def insert(self, t: np.ndarray, data: Any, ingest: float) -> None:
+        if len(t) == 0:
+            return
+        ing = np.full(len(t), ingest, dtype=np.float64)
+        if self.modality == "text":
+            merged_data: Any = list(self.data) + list(data)
+        elif self.data is None:
+            merged_data = np.asarray(data)
+        else:
+            merged_data = np.concatenate([self.data, np.asarray(data)], axis=0)
+        merged_t = np.concatenate([self.t, t])
+        merged_ing = np.concatenate([self.ingest, ing])
+        if (len(self.t) and t.min() < self.t[-1]) or np.any(np.diff(t) < 0):
+            order = np.argsort(merged_t, kind="stable")
+            merged_t = merged_t[order]
+            merged_ing = merged_ing[order]
+            if self.modality == "text":
+                merged_data = [merged_data[i] for i in order]
+            else:
+                merged_data = merged_data[order]
+        self.t, self.ingest, self.data = merged_t, merged_ing, merged_data
+
+    def evict_before(self, t_keep: float) -> None:
+        """Forget samples older than ``t_keep``; no unreleased window can use them."""
+        n = int(np.searchsorted(self.t, t_keep, side="left"))
+        if n == 0:
+            return
+        self.t = self.t[n:]
+        self.ingest = self.ingest[n:]
+        self.data = self.data[n:]
+
+    def passed(self, x: float, lateness: float) -> bool:
+        return self.ended or self.watermark - lateness >= x
+
+
+class Aligner:
+    """Lays the window grid over one session's streams and releases complete windows.
+
+    ``push`` and ``end_stream`` return the windows they made releasable, in index order.
+    ``clock`` (wall seconds) is injected so tests control ingest times.
+    """
+
+    def __init__(
+        self,
+        session: str,
+        streams: Mapping[str, str],
+        config: AlignConfig | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        self.session = session
+        self.config = config or AlignConfig()
+        self.clock = clock or time.time
+        for sid, modality in streams.items():
+            if modality not in MODALITIES:
+                raise ValueError(f"stream '{sid}': unknown modality {modality!r}")
+            if modality not in self.config.spans:
+                raise ValueError(f"stream '{sid}': no window span configured for {modality!r}")
+        self._buffers = {sid: _StreamBuffer(sid, m) for sid, m in streams.items()}
+        self.origin: float | None = self.config.origin
+        self.next_window = 0
+        self.dropped: Counter[tuple[str, str]] = Counter()  # (stream, reason) -> samples
+        self.missing: Counter[str] = Counter()  # stream -> windows released without it
+        self.windows_released = 0
+        self._t_last = -math.inf
+
+    # -- input ---------------------------------------------------------------------------
+    def push(self, chunk: Chunk) -> list[Window]:
+        buf = self._buffers.get(chunk.stream)
+        if buf is None:
+            raise KeyError(f"session '{self.session}': unknown stream '{chunk.stream}'")
+        if buf.ended:
+            raise ValueError(f"session '{self.session}' stream '{chunk.stream}': chunk after end")
+        t = np.asarray(chunk.t, dtype=np.float64)
+        data = chunk.data
+        n = len(t)
+        if n == 0:
+            return []
+        keep = np.isfinite(t)
+        self._count(chunk.stream, "bad_timestamp", int(n - keep.sum()))
+        lateness = self.config.allowed_lateness
+        # Samples older than the lateness bound, or than anything an unreleased window can
+        # still use, cannot be placed any more.
+        floor = buf.watermark - lateness
+        if self.origin is not None:
+            floor = max(floor, self._earliest_needed(buf.modality))
+        late = keep & (t < floor)
+        self._count(chunk.stream, "late", int(late.sum()))
+        keep &= ~late
+        # Duplicates of buffered timestamps, and repeats inside the chunk itself.
+        if keep.any():
+            dup = np.zeros(n, dtype=bool)
+            if len(buf):
+                pos = np.searchsorted(buf.t, t)
+                pos_c = np.clip(pos, 0, len(buf.t) - 1)
+                dup |= buf.t[pos_c] == t
+            idx = np.flatnonzero(keep)
+            _, first = np.unique(t[idx], return_index=True)
+            repeated = np.ones(len(idx), dtype=bool)
+            repeated[first] = False
+            dup[idx[repeated]] = True
+            dup &= keep
+            self._count(chunk.stream, "duplicate", int(dup.sum()))
+            keep &= ~dup
+        if not keep.all():
+            t = t[keep]
+            data = [d for d, k in zip(data, keep) if k] if buf.modality == "text" else data[keep]
+        if len(t) == 0:
+            return self._release()
+        buf.samples_in += len(t)
+        if buf.first is None:
+            buf.first = float(t.min())
+        buf.watermark = max(buf.watermark, float(t.max()))
+        self._t_last = max(self._t_last, buf.watermark)
+        buf.insert(t, data, chunk.t_ingest or self.clock())
+        return self._release()
+
+    def end_stream(self, stream: str, error: str | None = None) -> list[Window]:
+        """Mark a stream finished (cleanly, or with ``error``); it stops holding windows."""
+        buf = self._buffers[stream]
+        buf.ended = True
+        buf.error = error
+        return self._release()
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """Every stream ended and every window released."""
+        return all(b.ended for b in self._buffers.values()) and self._final_count() is not None and (
+            self.next_window >= self._final_count()
+        )
+
+    def stream_errors(self) -> dict[str, str]:
+        return {s: b.error for s, b in self._buffers.items() if b.error}
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for (_, reason), n in self.dropped.items():
+            out[reason] += n
+        return dict(out)
+
+    def buffered_samples(self) -> int:
+        return sum(len(b) for b in self._buffers.values())
+
+    # -- internals -----------------------------------------------------------------------
+    def _count(self, stream: str, reason: str, n: int) -> None:
+        if n:
+            self.dropped[(stream, reason)] += n
+
+    def _window_end(self, k: int) -> float:
+        assert self.origin is not None
+        return self.origin + (k + 1) * self.config.hop
+
+    def _earliest_needed(self, modality: str) -> float:
+        return self._window_end(self.next_window) - self.config.spans[modality].lookback()
+
+    def _final_count(self) -> int | None:
+        if not all(b.ended for b in self._buffers.values()):
+            return None
+        if self.origin is None or not math.isfinite(self._t_last):
+            return 0
+        # Windows up to the first whose end passes the last sample; at least one.
+        return max(1, math.ceil((self._t_last - self.origin) / self.config.hop - 1e-9))
+
+    def _fix_origin(self) -> bool:
+        if self.origin is not None:
+            return True
+        bufs = self._buffers.values()
+        if all(b.first is not None or b.ended for b in bufs):
+            firsts = [b.first for b in bufs if b.first is not None]
+            if firsts:
+                self.origin = min(firsts)
+                return True
+        return False
+
+    def _release(self) -> list[Window]:
+        if not self._fix_origin():
+            return []
+        out: list[Window] = []
+        lateness = self.config.allowed_lateness
+        final = self._final_count()
+        while True:
+            k = self.next_window
+            if final is not None and k >= final:
+                break
+            e = self._window_end(k)
+            ready = all(
+                b.passed(e + self.config.spans[b.modality].lookahead(), lateness)
+                for b in self._buffers.values()
+            )
+            if not ready:
+                break
+            out.append(self._make_window(k, e))
+            self.next_window += 1
+            self.windows_released += 1
+            self._evict()
+        return out
+
+    def _evict(self) -> None:
+        for b in self._buffers.values():
+            b.evict_before(self._earliest_needed(b.modality))
+
+    def _make_window(self, k: int, e: float) -> Window:
+        items: list[WindowItem] = []
+        missing: list[str] = []
+        for sid, b in self._buffers.items():
+            item = self._cut(b, k, e)
+            if item is None:
+                missing.append(sid)
+                self.missing[sid] += 1
+            else:
+                items.append(item)
+        return Window(self.session, k, e, items, missing)
+
+    def _cut(self, b: _StreamBuffer, k: int, e: float) -> WindowItem | None:
+        spec = self.config.spans[b.modality]
+
+        def item(lo: int, hi: int, payload: Any, t0: float, t1: float) -> WindowItem:
+            return WindowItem(self.session, b.stream, b.modality, k, float(t0), float(t1), payload,
+                              float(b.ingest[lo:hi].max()))
+
+        if spec.nearest:
+            if not len(b):
+                return None
+            i = int(np.argmin(np.abs(b.t - e)))
+            if abs(b.t[i] - e) > spec.tolerance:
+                return None
+            return item(i, i + 1, np.array(b.data[i]), b.t[i], b.t[i])
+        start = e - spec.span
+        lo = int(np.searchsorted(b.t, start, side="left"))
+        hi = int(np.searchsorted(b.t, e, side="left"))
+        n = hi - lo
+        if n == 0 or (b.modality == "imu" and n < 2):
+            return None
+        ts = b.t[lo:hi]
+        if b.modality == "vision":
+            pick = np.linspace(lo, hi - 1, spec.frames).round().astype(int)
+            return item(lo, hi, np.ascontiguousarray(b.data[pick]), ts[0], ts[-1])
+        if b.modality == "audio":
+            n_out = int(round(spec.span * AUDIO_RATE))
+            wave = np.zeros(n_out, dtype=np.float32)
+            # Place each sample at its own offset in the span, so gaps stay gaps.
+            pos = np.floor((ts - start) * AUDIO_RATE + 0.5).astype(np.int64)
+            ok = (pos >= 0) & (pos < n_out)
+            wave[pos[ok]] = b.data[lo:hi][ok]
+            return item(lo, hi, wave, ts[0], ts[-1])
+        if b.modality == "imu":
+            rel = (ts - start)[:, None]
+            payload = np.concatenate([rel, np.asarray(b.data[lo:hi], dtype=np.float64)], axis=1)
+            return item(lo, hi, payload, ts[0], ts[-1])
+        if b.modality == "text":
+            return item(lo, hi, " ".join(b.data[lo:hi]), ts[0], ts[-1])
+        raise AssertionError(b.modality)

@@ -1,0 +1,231 @@
+"""The aligner's watermark rule, driven with hand-made chunks and an injected clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.align import AlignConfig, Aligner, ModalitySpan
+from sources.base import AUDIO_RATE, Chunk
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def frames(t0: float, t1: float, fps: float, value_from_t: bool = True) -> Chunk:
+    t = np.arange(t0, t1, 1.0 / fps)
+    data = np.zeros((len(t), 4, 6, 3), dtype=np.uint8)
+    if value_from_t:
+        data[:] = (np.round(t * fps) % 256).astype(np.uint8)[:, None, None, None]
+    return Chunk("cam", "vision", t, data)
+
+
+def audio(t0: float, t1: float) -> Chunk:
+    n = int(round((t1 - t0) * AUDIO_RATE))
+    t = t0 + np.arange(n) / AUDIO_RATE
+    return Chunk("mic", "audio", t, np.full(n, 0.5, dtype=np.float32))
+
+
+def imu(t0: float, t1: float, hz: float = 200.0, stream: str = "imu") -> Chunk:
+    t = np.arange(t0, t1, 1.0 / hz)
+    return Chunk(stream, "imu", t, np.ones((len(t), 6), dtype=np.float32))
+
+
+def released(windows):
+    return [w.index for w in windows]
+
+
+def test_windows_wait_for_every_stream_then_release_in_order():
+    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0))
+    assert al.push(frames(0, 3, 10)) == []  # audio has said nothing yet
+    out = al.push(audio(0, 2.5))
+    assert released(out) == [0, 1]  # audio passed 2.0 but not 3.0
+    out = al.push(audio(2.5, 3.2))
+    assert released(out) == []  # vision watermark is 2.9 < 3.0
+    out = al.push(frames(3, 4, 10))
+    assert released(out) == [2]
+
+
+def test_vision_takes_first_and_last_frame_of_its_two_second_span():
+    al = Aligner("s", {"cam": "vision"}, AlignConfig(hop=1.0, origin=0.0))
+    out = al.push(frames(0, 5, 10))
+    w3 = out[3]  # ends at 4.0, span [2.0, 4.0)
+    item = w3.items[0]
+    assert item.payload.shape == (2, 4, 6, 3)
+    assert item.t_start == pytest.approx(2.0) and item.t_end == pytest.approx(3.9)
+    assert item.payload[0, 0, 0, 0] == 20 and item.payload[1, 0, 0, 0] == 39
+
+
+def test_audio_window_is_exactly_two_seconds_and_zero_filled_before_the_stream_starts():
+    al = Aligner("s", {"mic": "audio"}, AlignConfig(hop=1.0, origin=0.0))
+    out = al.push(audio(0.0, 3.0))
+    first = out[0].items[0]  # span [-1, 1): only [0, 1) has data
+    assert first.payload.shape == (2 * AUDIO_RATE,)
+    assert np.all(first.payload[:AUDIO_RATE] == 0) and np.all(first.payload[AUDIO_RATE:] == 0.5)
+    full = out[1].items[0]
+    assert np.all(full.payload == 0.5)
+
+
+def test_out_of_order_samples_within_lateness_are_resorted():
+    cfg = AlignConfig(hop=1.0, origin=0.0, allowed_lateness=0.5)
+    al = Aligner("s", {"imu": "imu"}, cfg)
+    al.push(imu(0.0, 1.0))
+    al.push(imu(1.3, 1.6))
+    al.push(imu(1.0, 1.3))  # 0.6 s behind the watermark is too late...
+    assert al.dropped_by_reason().get("late", 0) > 0
+    al2 = Aligner("s", {"imu": "imu"}, cfg)
+    al2.push(imu(0.0, 1.0))
+    al2.push(imu(1.2, 1.4))
+    al2.push(imu(1.0, 1.2))  # ...0.4 s behind is re-sorted
+    assert al2.dropped_by_reason() == {}
+    out = al2.end_stream("imu")
+    payload = out[-1].items[0].payload
+    assert np.all(np.diff(payload[:, 0]) > 0)
+
+
+def test_samples_for_already_released_windows_are_dropped_and_counted_as_late():
+    al = Aligner("s", {"cam": "vision"}, AlignConfig(hop=1.0, origin=0.0, allowed_lateness=10.0))
+    al.push(frames(0, 20, 10))
+    al.push(frames(30, 31, 10))  # releases up to window 19 (ends 20 s <= 30.9 - 10)
+    out = al.push(frames(0, 1, 10))  # span of window 20 starts at 19 s: these are useless now
+    assert out == []
+    assert al.dropped[("cam", "late")] == 10
+
+
+def test_duplicate_and_non_finite_timestamps_are_counted_by_reason():
+    al = Aligner("s", {"imu": "imu"}, AlignConfig(hop=1.0, origin=0.0))
+    al.push(imu(0.0, 0.5))
+    t = np.array([0.5, 0.5, np.nan, np.inf, 0.6])
+    al.push(Chunk("imu", "imu", t, np.ones((5, 6), np.float32)))
+    assert al.dropped_by_reason() == {"duplicate": 1, "bad_timestamp": 2}
+
+
+def test_missing_modality_is_released_without_it_and_named():
+    al = Aligner("s", {"cam": "vision", "imu": "imu"}, AlignConfig(hop=1.0, origin=0.0))
+    al.push(frames(0, 4, 10))
+    al.push(imu(0.0, 1.0))
+    al.push(imu(3.5, 4.0))  # nothing between 1 and 3.5 s... but the 5 s span still reaches back
+    al.end_stream("cam")
+    out = al.end_stream("imu")
+    # IMU spans are 5 s: every window sees some IMU, so nothing is missing for it.
+    assert all("imu" not in w.missing for w in out)
+    al2 = Aligner("s", {"cam": "vision", "d": "depth"}, AlignConfig(hop=1.0, origin=0.0))
+    out = al2.push(frames(0, 4, 10))
+    out += al2.push(Chunk("d", "depth", np.array([0.9, 3.1]), np.ones((2, 3, 3), np.float32)))
+    out += al2.end_stream("d")
+    out += al2.end_stream("cam")
+    # windows end at 1, 2, 3, 4 s; depth frames at 0.9 and 3.1 are within 0.5 s of 1 and 3 only
+    assert [w.missing for w in out] == [[], ["d"], [], ["d"]]
+    assert al2.missing["d"] == 2
+
+
+def test_an_ended_stream_stops_holding_windows_back():
+    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0))
+    al.push(frames(0, 10, 10))
+    assert al.push(audio(0, 1.5)) != []
+    assert al.next_window == 1
+    out = al.end_stream("mic", error="decode failed")
+    assert released(out) == list(range(1, 9))  # vision alone drives the rest (up to 9.9 s)
+    assert [w.missing for w in out[2:]] == [["mic"]] * 6  # audio ended at 1.5 s
+    assert released(al.end_stream("cam")) == [9]
+    assert al.stream_errors() == {"mic": "decode failed"}
+
+
+def test_gap_in_a_stream_gives_windows_without_it_then_it_comes_back():
+    al = Aligner("s", {"cam": "vision"}, AlignConfig(hop=1.0, origin=0.0))
+    out = al.push(frames(0, 2, 10))
+    out += al.push(frames(6, 8, 10))
+    out += al.end_stream("cam")
+    assert [bool(w.items) for w in out] == [True, True, True, False, False, False, True, True]
+
+
+def test_different_rates_and_origin_auto():
+    al = Aligner("s", {"cam": "vision", "imu": "imu", "mic": "audio"}, AlignConfig(hop=0.5))
+    al.push(frames(100.25, 103, 7))
+    al.push(imu(100.0, 103, hz=50))
+    assert al.origin is None  # audio has not started yet
+    al.push(audio(100.1, 103))
+    assert al.origin == pytest.approx(100.0)
+    for s in ("cam", "imu", "mic"):
+        al.end_stream(s)
+    assert al.done
+    assert al.windows_released == 6
+
+
+def test_nearest_frame_needs_the_watermark_past_the_tolerance():
+    al = Aligner("s", {"d": "depth"}, AlignConfig(hop=1.0, origin=0.0))
+    assert al.push(Chunk("d", "depth", np.array([0.0, 1.2]), np.ones((2, 2, 2), np.float32))) == []
+    out = al.push(Chunk("d", "depth", np.array([1.6]), np.full((1, 2, 2), 7, np.float32)))
+    assert released(out) == [0]
+    assert out[0].items[0].t_start == pytest.approx(1.2)
+
+
+def test_text_in_the_hop_is_joined():
+    al = Aligner("s", {"tx": "text"}, AlignConfig(hop=1.0, origin=0.0))
+    out = al.push(Chunk("tx", "text", np.array([0.2, 0.7, 1.5]), ["a dog", "barks", "a car"]))
+    out += al.end_stream("tx")
+    assert [w.items[0].payload for w in out] == ["a dog barks", "a car"]
+
+
+def test_ingest_time_of_the_newest_sample_used_is_carried():
+    clock = FakeClock()
+    al = Aligner("s", {"imu": "imu"}, AlignConfig(hop=1.0, origin=0.0), clock=clock)
+    al.push(imu(0.0, 0.5))
+    clock.now = 1005.0
+    out = al.push(imu(0.5, 1.5))
+    assert out[0].items[0].t_ingest == 1005.0
+
+
+def test_memory_is_bounded_by_the_spans_not_the_session_length():
+    al = Aligner("s", {"imu": "imu", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0))
+    peak = 0
+    for s in range(120):
+        al.push(imu(s, s + 1))
+        al.push(audio(s, s + 1))
+        peak = max(peak, al.buffered_samples())
+    # 5 s of IMU at 200 Hz and 2 s of audio at 16 kHz, plus one chunk of slack each
+    assert peak <= 6 * 200 + 3 * AUDIO_RATE
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.lists(
+                st.one_of(st.floats(min_value=-5, max_value=30), st.just(float("nan")), st.just(float("inf"))),
+                max_size=20,
+            ),
+        ),
+        max_size=25,
+    ),
+    hop=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+    lateness=st.sampled_from([0.0, 0.5, 3.0]),
+)
+def test_property_every_window_released_once_in_order_and_counts_balance(chunks, hop, lateness):
+    al = Aligner("s", {"a": "imu", "b": "depth"}, AlignConfig(hop=hop, allowed_lateness=lateness))
+    got = []
+    pushed = {"a": 0, "b": 0}
+    for stream, ts in chunks:
+        t = np.array(ts, dtype=np.float64)
+        data = np.zeros((len(t), 6) if stream == "a" else (len(t), 2, 2), np.float32)
+        pushed[stream] += len(t)
+        got += al.push(Chunk(stream, "imu" if stream == "a" else "depth", t, data))
+    got += al.end_stream("a")
+    got += al.end_stream("b")
+    assert al.done
+    assert [w.index for w in got] == list(range(len(got)))
+    for stream in ("a", "b"):
+        dropped = sum(n for (s, _), n in al.dropped.items() if s == stream)
+        assert al._buffers[stream].samples_in + dropped == pushed[stream]
+    for w in got:
+        for item in w.items:
+            assert np.all(np.isfinite(np.asarray(item.payload, dtype=np.float64)))
+            assert item.t_start <= item.t_end <= w.t_end + al.config.spans[item.modality].lookahead()
