@@ -1,0 +1,253 @@
+"""The run config: parsed and validated completely before any actor starts.
+
+Every key is documented in ``configs/demo.yaml``. Errors are :class:`ConfigError` naming the
+key path (``encoders.max_batch``) and what was expected; the CLI turns them into exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.align import DEFAULT_SPANS, AlignConfig, ModalitySpan
+from pipeline.errors import ConfigError
+
+__all__ = ["RunConfig", "load_config", "parse_config", "apply_overrides", "DEFAULTS"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# The schema is the defaults: a key not in here is unknown. ``None`` means "no default value";
+# the type of such a key is given in _TYPES.
+DEFAULTS: dict[str, Any] = {
+    "sessions": [],
+    "demo_session": None,
+    "replay": {"rate": 1.0, "chunk_seconds": 0.5, "max_inflight_chunks": 4},
+    "window": {
+        "hop": 1.0,
+        "origin": "auto",
+        "allowed_lateness": 0.0,
+        "spans": {
+            "vision": {"span": 2.0, "frames": 2},
+            "audio": {"span": 2.0},
+            "imu": {"span": 5.0},
+            "depth": {"tolerance": 0.5},
+            "thermal": {"tolerance": 0.5},
+            "text": {"span": 1.0},
+        },
+    },
+    "model": {
+        "config": "imagebind_huge",
+        "checkpoint": "auto",
+        "precision": "bf16",
+        "device": "auto",
+        "compile": False,
+        "threads": 0,
+        "seed": 0,
+    },
+    "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64},
+    "sources": {"video_size": 224, "max_pixels": 8192 * 8192},
+    "publish": {
+        "endpoint": "tcp://127.0.0.1:5555",
+        "wait_for_subscribers": 0,
+        "wait_timeout_s": 60.0,
+        "hwm": 1000,
+        "heartbeat_s": 2.0,
+    },
+    "ray": {"address": None, "num_cpus": None},
+    "progress": "auto",
+}
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "demo_session": (str,),
+    "ray.address": (str,),
+    "ray.num_cpus": (int,),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    sessions: list[Any]
+    demo_session: Path | None
+    rate: float
+    chunk_seconds: float
+    max_inflight_chunks: int
+    align: AlignConfig
+    model: dict[str, Any]
+    encoders: dict[str, Any]
+    sources: dict[str, Any]
+    publish: dict[str, Any]
+    ray: dict[str, Any]
+    progress: str
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: malformed YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
+    apply_overrides(data, overrides or [])
+    return parse_config(data, source=str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    """Apply ``key.path=value`` overrides in place; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, _, value = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: '{p}' is not a mapping")
+            node = nxt
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {value!r}: {exc}") from None
+
+
+def _merge(defaults: Any, given: Any, path: str) -> Any:
+    if isinstance(defaults, dict):
+        if given is None:
+            return copy.deepcopy(defaults)
+        if not isinstance(given, dict):
+            raise ConfigError(f"config key '{path}': expected a mapping, got {type(given).__name__}")
+        out = copy.deepcopy(defaults)
+        for k, v in given.items():
+            key = f"{path}.{k}" if path else str(k)
+            if k not in defaults:
+                known = ", ".join(sorted(defaults))
+                raise ConfigError(f"unknown config key '{key}' (known here: {known})")
+            out[k] = _merge(defaults[k], v, key)
+        return out
+    if defaults is None or given is None:
+        if given is not None and path in _TYPES and not isinstance(given, _TYPES[path]):
+            raise ConfigError(f"config key '{path}': expected {_TYPES[path][0].__name__}, got {given!r}")
+        return given
+    if isinstance(defaults, bool):
+        if not isinstance(given, bool):
+            raise ConfigError(f"config key '{path}': expected true/false, got {given!r}")
+        return given
+    if isinstance(defaults, (int, float)) and not isinstance(defaults, bool):
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given):
+            # a few numeric keys also take a word ("auto")
+            raise ConfigError(f"config key '{path}': expected a number, got {given!r}")
+        if isinstance(defaults, int) and not isinstance(given, int):
+            raise ConfigError(f"config key '{path}': expected an integer, got {given!r}")
+        return given
+    if isinstance(defaults, list):
+        if not isinstance(given, list):
+            raise ConfigError(f"config key '{path}': expected a list, got {given!r}")
+        return given
+    if isinstance(defaults, str):
+        if not isinstance(given, (str, int, float)) or isinstance(given, bool):
+            raise ConfigError(f"config key '{path}': expected a string, got {given!r}")
+        return given
+    return given
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}': expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    merged = _merge(DEFAULTS, data, "")
+    sessions = merged["sessions"]
+    if not sessions:
+        raise ConfigError(f"{source}: 'sessions' must list at least one session folder")
+    for i, s in enumerate(sessions):
+        if not isinstance(s, (str, dict)):
+            raise ConfigError(f"config key 'sessions[{i}]': expected a session folder path or an inline session mapping")
+
+    rp = merged["replay"]
+    _positive(rp["rate"], "replay.rate", allow_zero=True)
+    _positive(rp["chunk_seconds"], "replay.chunk_seconds")
+    _positive(rp["max_inflight_chunks"], "replay.max_inflight_chunks")
+
+    w = merged["window"]
+    _positive(w["hop"], "window.hop")
+    _positive(w["allowed_lateness"], "window.allowed_lateness", allow_zero=True)
+    origin = w["origin"]
+    if origin == "auto":
+        origin = None
+    elif isinstance(origin, bool) or not isinstance(origin, (int, float)):
+        raise ConfigError(f"config key 'window.origin': expected 'auto' or seconds, got {origin!r}")
+    spans: dict[str, ModalitySpan] = {}
+    for m, spec in w["spans"].items():
+        base = DEFAULT_SPANS[m]
+        if base.nearest:
+            if set(spec) - {"tolerance"}:
+                raise ConfigError(f"config key 'window.spans.{m}': only 'tolerance' applies to {m}")
+            _positive(spec["tolerance"], f"window.spans.{m}.tolerance", allow_zero=True)
+            spans[m] = ModalitySpan(tolerance=float(spec["tolerance"]))
+        else:
+            if set(spec) - {"span", "frames"} or ("frames" in spec and m != "vision"):
+                bad = sorted(set(spec) - {"span"})
+                raise ConfigError(f"unknown config key 'window.spans.{m}.{bad[0]}'")
+            _positive(spec["span"], f"window.spans.{m}.span")
+            frames = int(spec.get("frames", 2))
+            if m == "vision" and frames != 2:
+                raise ConfigError("config key 'window.spans.vision.frames': ImageBind's video stem takes exactly 2 frames")
+            spans[m] = ModalitySpan(span=float(spec["span"]), frames=frames)
+    align = AlignConfig(hop=float(w["hop"]), origin=origin, allowed_lateness=float(w["allowed_lateness"]), spans=spans)
+
+    m = merged["model"]
+    if m["precision"] not in PRECISIONS:
+        raise ConfigError(f"config key 'model.precision': expected one of {', '.join(PRECISIONS)}, got {m['precision']!r}")
+    if not isinstance(m["config"], str):
+        raise ConfigError("config key 'model.config': expected a registry name or a path to a reference kwargs JSON")
+    dev = str(m["device"])
+    if not (dev in ("auto", "cpu") or dev.startswith("cuda")):
+        raise ConfigError(f"config key 'model.device': expected auto, cpu or cuda[:N], got {dev!r}")
+
+    e = merged["encoders"]
+    _positive(e["replicas"], "encoders.replicas")
+    _positive(e["max_batch"], "encoders.max_batch")
+    _positive(e["max_wait_ms"], "encoders.max_wait_ms", allow_zero=True)
+    _positive(e["max_inflight_windows"], "encoders.max_inflight_windows")
+    if e["num_gpus"] != "auto" and (isinstance(e["num_gpus"], bool) or not isinstance(e["num_gpus"], (int, float))):
+        raise ConfigError(f"config key 'encoders.num_gpus': expected 'auto' or a number, got {e['num_gpus']!r}")
+
+    p = merged["publish"]
+    if not isinstance(p["endpoint"], str) or "://" not in p["endpoint"]:
+        raise ConfigError(f"config key 'publish.endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {p['endpoint']!r}")
+    _positive(p["wait_for_subscribers"], "publish.wait_for_subscribers", allow_zero=True)
+    _positive(p["hwm"], "publish.hwm")
+    _positive(p["heartbeat_s"], "publish.heartbeat_s")
+    if merged["progress"] not in ("auto", True, False):
+        raise ConfigError(f"config key 'progress': expected auto, true or false, got {merged['progress']!r}")
+
+    demo = merged["demo_session"]
+    return RunConfig(
+        sessions=sessions,
+        demo_session=Path(demo) if demo else None,
+        rate=float(rp["rate"]),
+        chunk_seconds=float(rp["chunk_seconds"]),
+        max_inflight_chunks=int(rp["max_inflight_chunks"]),
+        align=align,
+        model=m,
+        encoders=e,
+        sources=merged["sources"],
+        publish=p,
+        ray=merged["ray"],
+        progress=merged["progress"],
+        raw=merged,
+    )

@@ -1,0 +1,77 @@
+"""Run config validation: every mistake is a ConfigError naming the key, before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "ego.yaml"])
+def test_bundled_configs_are_valid(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.sessions == ["sessions/demo-ego"]
+    assert cfg.publish["endpoint"] == "tcp://127.0.0.1:5555"
+
+
+def test_bundled_configs_document_every_key():
+    from pipeline.config import DEFAULTS
+
+    text = (REPO / "configs" / "demo.yaml").read_text()
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            yield k
+            if isinstance(v, dict):
+                yield from keys(v)
+
+    for k in keys(DEFAULTS):
+        assert f"{k}:" in text, f"configs/demo.yaml does not document '{k}'"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"sessions": ["x"], "encoders": {"max_bach": 3}}, "unknown config key 'encoders.max_bach'"),
+        ({"sessions": ["x"], "encoders": {"max_batch": "big"}}, "'encoders.max_batch': expected a number"),
+        ({"sessions": ["x"], "encoders": {"max_batch": 0}}, "'encoders.max_batch': expected a positive"),
+        ({"sessions": ["x"], "encoders": {"replicas": 1.5}}, "'encoders.replicas': expected an integer"),
+        ({"sessions": ["x"], "window": {"hop": -1}}, "'window.hop'"),
+        ({"sessions": ["x"], "window": {"spans": {"depth": {"span": 2}}}}, "window.spans.depth"),
+        ({"sessions": ["x"], "window": {"spans": {"vision": {"frames": 4}}}}, "exactly 2 frames"),
+        ({"sessions": ["x"], "model": {"precision": "int4"}}, "'model.precision'"),
+        ({"sessions": ["x"], "model": {"device": "tpu"}}, "'model.device'"),
+        ({"sessions": ["x"], "publish": {"endpoint": "localhost"}}, "'publish.endpoint'"),
+        ({"sessions": ["x"], "replay": {"rate": True}}, "'replay.rate'"),
+        ({"sessions": []}, "at least one session"),
+        ({"sessions": ["x"], "bogus": 1}, "unknown config key 'bogus'"),
+        ({"sessions": "x"}, "'sessions': expected a list"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_config(data)
+
+
+def test_malformed_yaml_and_non_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("sessions: [a\n  b: :")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(p)
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(p)
+
+
+def test_set_overrides_apply_and_are_validated():
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["replay.rate=0", "encoders.max_batch=8", "window.spans.imu.span=4"])
+    assert cfg.rate == 0 and cfg.encoders["max_batch"] == 8 and cfg.align.spans["imu"].span == 4
+    with pytest.raises(ConfigError, match="unknown config key 'replay.speed'"):
+        load_config(REPO / "configs" / "demo.yaml", ["replay.speed=2"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(REPO / "configs" / "demo.yaml", ["replay.rate"])
