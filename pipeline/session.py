@@ -1,0 +1,380 @@
+"""Recorded sessions, format v1: parse and validate ``session.yaml``.
+
+A session is a folder holding ``session.yaml`` plus the recordings it names. Everything is
+checked here, before any source or actor starts: structure, types, units, that every file
+exists, and that no path (including through a symlink) leaves the session folder. The full
+format is documented in ``docs/session-format.md``; keep the two in step.
+
+Nothing in this module reads media content; sources (``sources/``) do that and raise
+:class:`~pipeline.errors.SourceError` for problems only visible in the data.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from pipeline.errors import ConfigError
+from sources.base import MODALITIES
+
+__all__ = [
+    "FORMAT",
+    "NAME_PATTERN",
+    "IMU_ROLES",
+    "IMU_PRESETS",
+    "TIME_UNITS",
+    "StreamSpec",
+    "SessionSpec",
+    "load_session",
+    "session_from_dict",
+]
+
+FORMAT = "bindstream.session/1"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+
+# Seconds per unit; used for every time value read from a file (CSV rows, timestamp files, JSONL).
+TIME_UNITS: dict[str, float] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+ACCEL_UNITS = ("m/s^2", "g")
+GYRO_UNITS = ("rad/s", "deg/s")
+DEPTH_UNITS = ("mm", "m")
+
+# Output order of the IMU sample (see sources/base.py): the mapping keys of ``columns``.
+IMU_ROLES = ("t", "ax", "ay", "az", "gx", "gy", "gz")
+
+# Ego4D's per-video IMU CSVs (one file per video uid). Units follow the Ego4D IMU docs:
+# milliseconds, m/s^2, rad/s.
+IMU_PRESETS: dict[str, dict[str, Any]] = {
+    "ego4d": {
+        "columns": {
+            "t": "canonical_timestamp_ms",
+            "ax": "accl_x",
+            "ay": "accl_y",
+            "az": "accl_z",
+            "gx": "gyro_x",
+            "gy": "gyro_y",
+            "gz": "gyro_z",
+        },
+        "time_unit": "ms",
+        "accel_unit": "m/s^2",
+        "gyro_unit": "rad/s",
+    }
+}
+
+_COMMON_KEYS = frozenset({"id", "modality", "source", "offset"})
+_MODALITY_KEYS: dict[str, frozenset[str]] = {
+    "vision": frozenset({"track"}),
+    "audio": frozenset({"track"}),
+    "imu": frozenset({"columns", "preset", "time_unit", "accel_unit", "gyro_unit", "where"}),
+    "depth": frozenset({"timestamps", "time_unit", "depth_unit"}),
+    "thermal": frozenset({"timestamps", "time_unit", "track"}),
+    "text": frozenset({"time_unit"}),
+}
+_TOP_KEYS = frozenset({"format", "name", "streams", "description"})
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One validated stream of a session.
+
+    ``source`` and ``timestamps`` are absolute, resolved, and inside the session folder.
+    ``columns`` is the IMU column mapping with any preset already expanded, as
+    ``((role, column), ...)`` in :data:`IMU_ROLES` order. ``depth_unit`` is ``None`` when the
+    file decides (16-bit PNG and integer ``.npy`` mean mm, float ``.npy`` means m).
+    """
+
+    id: str
+    modality: str
+    source: Path
+    session: str = ""
+    offset: float = 0.0  # seconds added to every file time to reach the session clock
+    track: int = 0
+    columns: tuple[tuple[str, str], ...] | None = None
+    preset: str | None = None
+    where: tuple[tuple[str, str], ...] = ()
+    time_unit: str = "s"
+    accel_unit: str = "m/s^2"
+    gyro_unit: str = "rad/s"
+    timestamps: Path | None = None
+    depth_unit: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``session 'x' stream 'y'``: the prefix every error about this stream starts with."""
+        return f"session '{self.session}' stream '{self.id}'"
+
+    @property
+    def kind(self) -> str:
+        """How the source is stored: ``media`` (a container PyAV opens), ``csv``, ``jsonl``,
+        ``png_dir`` or ``npy``."""
+        if self.modality in ("depth", "thermal"):
+            if self.source.is_dir():
+                return "png_dir"
+            if self.source.suffix.lower() == ".npy":
+                return "npy"
+            return "media"
+        return {"vision": "media", "audio": "media", "imu": "csv", "text": "jsonl"}[self.modality]
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """A validated session: its name (used in topics), folder and streams in file order."""
+
+    name: str
+    root: Path
+    streams: tuple[StreamSpec, ...]
+    description: str = ""
+
+    def stream(self, stream_id: str) -> StreamSpec:
+        """The stream with id ``stream_id``; ``KeyError`` naming the known ids otherwise."""
+        for s in self.streams:
+            if s.id == stream_id:
+                return s
+        known = ", ".join(s.id for s in self.streams)
+        raise KeyError(f"session '{self.name}' has no stream '{stream_id}' (streams: {known})")
+
+
+def load_session(path: str | Path) -> SessionSpec:
+    """Read and validate a session folder (or its ``session.yaml``).
+
+    Raises :class:`ConfigError` naming the file, session, stream and key for anything wrong.
+    """
+    p = Path(path)
+    yaml_path = p / "session.yaml" if p.is_dir() else p
+    if not yaml_path.is_file():
+        raise ConfigError(f"{yaml_path}: session file not found (expected a folder holding session.yaml)")
+    try:
+        text = yaml_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{yaml_path}: cannot read session file: {e}") from e
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{yaml_path}: malformed YAML: {e}") from e
+    except (ValueError, TypeError, RecursionError) as e:
+        # safe_load's constructors raise these for e.g. impossible dates or absurd nesting.
+        raise ConfigError(f"{yaml_path}: malformed YAML: {e}") from e
+    return session_from_dict(doc, yaml_path.parent, origin=str(yaml_path))
+
+
+def session_from_dict(d: Any, root: str | Path, *, origin: str = "<inline session>") -> SessionSpec:
+    """Validate an already parsed session document whose relative paths live under ``root``.
+
+    Used by :func:`load_session` and by configs that inline a session. ``origin`` is the
+    prefix of every error message (the file name, or a config key path).
+    """
+    try:
+        root_p = Path(root).resolve()
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"{origin}: cannot resolve session folder {root}: {e}") from e
+    if not root_p.is_dir():
+        raise ConfigError(f"{origin}: session folder {root_p} does not exist")
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{origin}: expected a mapping with keys format, name, streams; got {_tname(d)}")
+    _check_keys(d, _TOP_KEYS, origin)
+    fmt = d.get("format")
+    if fmt != FORMAT:
+        raise ConfigError(f"{origin}: key 'format': expected '{FORMAT}', got {fmt!r}")
+    name = d.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{origin}: key 'name': expected a session id matching [A-Za-z0-9_.-]+, got {name!r}")
+    where = f"{origin}: session '{name}'"
+    description = d.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(f"{where}: key 'description': expected a string, got {_tname(description)}")
+    streams_raw = d.get("streams")
+    if not isinstance(streams_raw, list) or not streams_raw:
+        raise ConfigError(f"{where}: key 'streams': expected a non-empty list of streams, got {_tname(streams_raw)}")
+    streams: list[StreamSpec] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(streams_raw):
+        spec = _parse_stream(raw, i, name, root_p, where)
+        if spec.id in seen:
+            raise ConfigError(f"{where}: stream id '{spec.id}' is used twice (stream ids must be unique)")
+        seen.add(spec.id)
+        streams.append(spec)
+    return SessionSpec(name=name, root=root_p, streams=tuple(streams), description=description)
+
+
+def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) -> StreamSpec:
+    at = f"{where} streams[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{at}: expected a mapping with keys id, modality, source; got {_tname(raw)}")
+    sid = raw.get("id")
+    if not isinstance(sid, str) or not NAME_PATTERN.fullmatch(sid):
+        raise ConfigError(f"{at}: key 'id': expected a stream id matching [A-Za-z0-9_.-]+, got {sid!r}")
+    at = f"{where} stream '{sid}'"
+    modality = raw.get("modality")
+    if modality not in MODALITIES:
+        raise ConfigError(f"{at}: key 'modality': expected one of {', '.join(MODALITIES)}, got {modality!r}")
+    _check_keys(raw, _COMMON_KEYS | _MODALITY_KEYS[modality], at)
+
+    offset = raw.get("offset", 0.0)
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise ConfigError(f"{at}: key 'offset': expected a number of seconds, got {_tname(offset)}")
+    try:
+        offset = float(offset)
+    except OverflowError as e:
+        raise ConfigError(f"{at}: key 'offset': {offset!r} is out of range") from e
+    if not math.isfinite(offset):
+        raise ConfigError(f"{at}: key 'offset': expected a finite number, got {offset!r}")
+
+    if "source" not in raw:
+        raise ConfigError(f"{at}: key 'source' is missing")
+    source = _resolve_inside(root, raw["source"], f"{at}: key 'source'")
+    kw: dict[str, Any] = {}
+
+    if modality in ("vision", "audio", "imu", "text") and not source.is_file():
+        raise ConfigError(f"{at}: key 'source': expected a file, {source} is a folder")
+
+    if "track" in raw:
+        track = raw["track"]
+        if isinstance(track, bool) or not isinstance(track, int) or track < 0:
+            raise ConfigError(f"{at}: key 'track': expected an integer >= 0, got {track!r}")
+        kw["track"] = track
+
+    if "time_unit" in raw:
+        kw["time_unit"] = _choice(raw["time_unit"], tuple(TIME_UNITS), f"{at}: key 'time_unit'")
+
+    if modality == "imu":
+        kw.update(_parse_imu(raw, at))
+    elif modality in ("depth", "thermal"):
+        kw.update(_parse_frames(raw, modality, source, root, at))
+    return StreamSpec(id=sid, modality=modality, source=source, session=session, offset=offset, **kw)
+
+
+def _parse_imu(raw: Mapping, at: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    has_cols, has_preset = "columns" in raw, "preset" in raw
+    if has_cols == has_preset:
+        raise ConfigError(f"{at}: imu streams need exactly one of 'columns' or 'preset' (presets: {', '.join(IMU_PRESETS)})")
+    if has_preset:
+        preset = _choice(raw["preset"], tuple(IMU_PRESETS), f"{at}: key 'preset'")
+        p = IMU_PRESETS[preset]
+        kw["preset"] = preset
+        cols = dict(p["columns"])
+        # Explicit unit keys still win over the preset's.
+        kw.update({k: p[k] for k in ("time_unit", "accel_unit", "gyro_unit")})
+    else:
+        cols_raw = raw["columns"]
+        if not isinstance(cols_raw, Mapping):
+            raise ConfigError(f"{at}: key 'columns': expected a mapping of {', '.join(IMU_ROLES)} to CSV column names, got {_tname(cols_raw)}")
+        _check_keys(cols_raw, frozenset(IMU_ROLES), f"{at}: key 'columns'")
+        cols = {}
+        for role in IMU_ROLES:
+            if role not in cols_raw:
+                raise ConfigError(f"{at}: key 'columns': role '{role}' is missing (need {', '.join(IMU_ROLES)})")
+            col = cols_raw[role]
+            if not isinstance(col, str) or not col:
+                raise ConfigError(f"{at}: key 'columns.{role}': expected a CSV column name, got {col!r}")
+            cols[role] = col
+    kw["columns"] = tuple((r, cols[r]) for r in IMU_ROLES)
+    if "time_unit" in raw:
+        kw["time_unit"] = _choice(raw["time_unit"], tuple(TIME_UNITS), f"{at}: key 'time_unit'")
+    if "accel_unit" in raw:
+        kw["accel_unit"] = _choice(raw["accel_unit"], ACCEL_UNITS, f"{at}: key 'accel_unit'")
+    if "gyro_unit" in raw:
+        kw["gyro_unit"] = _choice(raw["gyro_unit"], GYRO_UNITS, f"{at}: key 'gyro_unit'")
+    if "where" in raw:
+        w = raw["where"]
+        if not isinstance(w, Mapping) or not w:
+            raise ConfigError(f"{at}: key 'where': expected a non-empty mapping of column to value, got {_tname(w)}")
+        pairs = []
+        for col, val in w.items():
+            if not isinstance(col, str) or not col:
+                raise ConfigError(f"{at}: key 'where': expected column names as keys, got {col!r}")
+            if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+                raise ConfigError(f"{at}: key 'where.{col}': expected a string or number to match, got {_tname(val)}")
+            pairs.append((col, str(val)))
+        kw["where"] = tuple(pairs)
+    return kw
+
+
+def _parse_frames(raw: Mapping, modality: str, source: Path, root: Path, at: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if source.is_dir():
+        kind = "png_dir"
+    elif source.suffix.lower() == ".npy":
+        kind = "npy"
+    elif modality == "thermal":
+        kind = "media"
+    else:
+        raise ConfigError(f"{at}: key 'source': depth expects a folder of 16-bit PNGs or a .npy file, got {source.name}")
+
+    if kind == "media":
+        if "timestamps" in raw:
+            raise ConfigError(f"{at}: key 'timestamps': not used for a video source (times come from the container)")
+        if "time_unit" in raw:
+            raise ConfigError(f"{at}: key 'time_unit': not used for a video source (times come from the container)")
+        return kw
+    if "track" in raw:
+        raise ConfigError(f"{at}: key 'track': only used for a video source, not a {'PNG folder' if kind == 'png_dir' else '.npy file'}")
+
+    if kind == "png_dir":
+        pngs = [c for c in source.iterdir() if c.suffix.lower() == ".png"]
+        if not pngs:
+            raise ConfigError(f"{at}: key 'source': folder {source} holds no .png files")
+        for c in pngs:
+            _contained(root, c, f"{at}: key 'source'")
+        if "timestamps" not in raw:
+            raise ConfigError(f"{at}: key 'timestamps' is missing (a PNG folder needs a timestamps file)")
+        kw["timestamps"] = _resolve_inside(root, raw["timestamps"], f"{at}: key 'timestamps'")
+    else:
+        if "timestamps" in raw:
+            kw["timestamps"] = _resolve_inside(root, raw["timestamps"], f"{at}: key 'timestamps'")
+        else:
+            companion = source.with_name(source.stem + "_t.npy")
+            if not companion.exists():
+                raise ConfigError(f"{at}: key 'timestamps' is missing and no companion {companion.name} exists next to {source.name}")
+            kw["timestamps"] = _contained(root, companion, f"{at}: companion {companion.name}")
+    if not kw["timestamps"].is_file():
+        raise ConfigError(f"{at}: key 'timestamps': expected a file, {kw['timestamps']} is a folder")
+
+    if "depth_unit" in raw:
+        kw["depth_unit"] = _choice(raw["depth_unit"], DEPTH_UNITS, f"{at}: key 'depth_unit'")
+    return kw
+
+
+def _resolve_inside(root: Path, rel: Any, at: str) -> Path:
+    if not isinstance(rel, str) or not rel.strip():
+        raise ConfigError(f"{at}: expected a path relative to the session folder, got {rel!r}")
+    if "\x00" in rel:
+        raise ConfigError(f"{at}: path contains a NUL byte: {rel!r}")
+    p = Path(rel)
+    if p.is_absolute():
+        raise ConfigError(f"{at}: expected a path relative to the session folder, got absolute path {rel!r}")
+    resolved = _contained(root, root / p, at)
+    if not resolved.exists():
+        raise ConfigError(f"{at}: {rel!r} does not exist in session folder {root}")
+    return resolved
+
+
+def _contained(root: Path, p: Path, at: str) -> Path:
+    try:
+        resolved = p.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: symlink loop on Python < 3.13
+        raise ConfigError(f"{at}: cannot resolve {p}: {e}") from e
+    # resolve() follows symlinks, so a link pointing outside is caught here too.
+    if not resolved.is_relative_to(root):
+        raise ConfigError(f"{at}: {p} resolves to {resolved}, outside the session folder {root}")
+    return resolved
+
+
+def _choice(value: Any, allowed: tuple[str, ...], at: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{at}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _check_keys(d: Mapping, allowed: frozenset[str], at: str) -> None:
+    for k in d:
+        if k not in allowed:
+            raise ConfigError(f"{at}: unknown key {k!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _tname(v: Any) -> str:
+    return f"{type(v).__name__} {v!r}"[:80]

@@ -1,0 +1,215 @@
+"""Depth and thermal frames from a PNG folder or a ``.npy`` array, with a timestamps file.
+
+Timestamps file (CSV, one value per frame, in ``spec.time_unit``):
+
+* one column ``t``: row i is the time of the i-th PNG in filename order (or of ``array[i]``);
+* two columns ``frame,t``: ``frame`` is a PNG file name in the folder; frames are emitted in
+  the order of the file and PNGs not listed are ignored.
+
+An optional header row (first row whose time is not a number), blank lines and lines starting
+with ``#`` are skipped. A ``.npy`` timestamps file holds a 1-D array of times.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+
+from pipeline.errors import SourceError
+from pipeline.session import StreamSpec
+from sources._common import _batched, _Batcher, _file_to_session
+from sources.base import Chunk
+
+__all__ = ["FrameFolderSource", "NpyFramesSource", "read_timestamps"]
+
+
+def read_timestamps(spec: StreamSpec) -> tuple[list[str] | None, np.ndarray]:
+    """(frame names or ``None``, times on the session clock) from ``spec.timestamps``."""
+    path = spec.timestamps
+    if path is None:
+        raise SourceError(f"{spec.label}: no timestamps file configured")
+    to_session = _file_to_session(spec)
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise SourceError(f"{spec.label}: cannot read timestamps {path}: {e}") from e
+        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise SourceError(f"{spec.label}: timestamps {path} must be a 1-D numeric array, got {arr.dtype} {arr.shape}")
+        t = arr.astype(np.float64)
+        if not np.isfinite(t).all():
+            bad = int(np.flatnonzero(~np.isfinite(t))[0])
+            raise SourceError(f"{spec.label}: timestamps {path} entry {bad} is not finite")
+        return None, to_session(t)
+
+    names: list[str] = []
+    times: list[float] = []
+    ncols: int | None = None
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f)
+            first = True
+            for row in reader:
+                cells = [c.strip() for c in row]
+                if not cells or not any(cells) or cells[0].startswith("#"):
+                    continue
+                if ncols is None:
+                    ncols = len(cells)
+                    if ncols not in (1, 2):
+                        raise SourceError(f"{spec.label}: timestamps {path} line {reader.line_num}: expected 't' or "
+                                          f"'frame,t' columns, got {ncols}")
+                if len(cells) != ncols:
+                    raise SourceError(f"{spec.label}: timestamps {path} line {reader.line_num}: expected {ncols} "
+                                      f"fields, got {len(cells)}")
+                try:
+                    t = float(cells[-1])
+                except ValueError:
+                    if first:
+                        first = False
+                        continue  # header row
+                    raise SourceError(f"{spec.label}: timestamps {path} line {reader.line_num}: "
+                                      f"time {cells[-1]!r} is not a number") from None
+                first = False
+                if not math.isfinite(t):
+                    raise SourceError(f"{spec.label}: timestamps {path} line {reader.line_num}: time is not finite")
+                if ncols == 2:
+                    names.append(cells[0])
+                times.append(t)
+    except csv.Error as e:
+        raise SourceError(f"{spec.label}: malformed timestamps CSV {path}: {e}") from e
+    except OSError as e:
+        raise SourceError(f"{spec.label}: cannot read timestamps {path}: {e}") from e
+    if not times:
+        raise SourceError(f"{spec.label}: timestamps {path} holds no times")
+    return (names if ncols == 2 else None), to_session(np.asarray(times, dtype=np.float64))
+
+
+def _to_float(spec: StreamSpec, arr: np.ndarray, where: str, *, integer_unit_default: str = "mm") -> np.ndarray:
+    """Convert one frame (or a stack) of raw values to the modality's float32 meaning."""
+    if spec.modality == "depth":
+        unit = spec.depth_unit
+        if unit is None:
+            unit = integer_unit_default if np.issubdtype(arr.dtype, np.integer) else "m"
+        out = arr.astype(np.float32)
+        # Division, not * 0.001: it is exactly rounded, so 3000 mm reads as 3.0 m.
+        return out / np.float32(1000.0) if unit == "mm" else out
+    # thermal: integer frames use their full range, floats are taken as already in [0, 1].
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / np.float32(65535.0)
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32)
+    raise SourceError(f"{spec.label}: {where}: thermal values must be uint8, uint16 or float, got {arr.dtype}")
+
+
+class FrameFolderSource:
+    """Depth (16-bit PNG) or thermal (8/16-bit PNG) frames from a folder plus timestamps file.
+
+    Output float32 ``[N, H, W]``: depth in metres (``depth_unit`` mm by default), thermal in
+    [0, 1]. PNGs are decoded with PyAV. A frame that does not decode, has the wrong bit depth
+    or a different size from the first raises :class:`SourceError` naming it, after the
+    frames before it were emitted.
+    """
+
+    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0) -> None:
+        if spec.modality not in ("depth", "thermal") or not spec.source.is_dir():
+            raise ValueError(f"{spec.label}: FrameFolderSource needs a depth/thermal PNG folder")
+        self.spec = spec
+        self.chunk_seconds = chunk_seconds
+        self.dropped: dict[str, int] = {}
+        self._frames = self._plan()
+
+    def _plan(self) -> list[tuple[float, Path]]:
+        spec = self.spec
+        pngs = sorted((p for p in spec.source.iterdir() if p.suffix.lower() == ".png"), key=lambda p: p.name)
+        names, times = read_timestamps(spec)
+        if names is None:
+            if len(times) != len(pngs):
+                raise SourceError(f"{spec.label}: {spec.timestamps} has {len(times)} times for {len(pngs)} PNG files "
+                                  f"in {spec.source}")
+            return list(zip(times.tolist(), pngs))
+        by_name = {p.name: p for p in pngs}
+        plan = []
+        for name, t in zip(names, times.tolist()):
+            # Only names of files in the folder: a '../x.png' entry cannot reach outside it.
+            if name not in by_name:
+                raise SourceError(f"{spec.label}: {spec.timestamps} lists frame {name!r}, not a PNG in {spec.source}")
+            plan.append((t, by_name[name]))
+        return plan
+
+    def __iter__(self) -> Iterator[Chunk]:
+        batch = _Batcher(self.spec, self.chunk_seconds, np.stack)
+        yield from _batched(batch, self._decode_all())
+
+    def _decode_all(self) -> Iterator[tuple[float, np.ndarray]]:
+        shape: tuple[int, ...] | None = None
+        for t, path in self._frames:
+            img = self._decode(path)
+            if shape is None:
+                shape = img.shape
+            elif img.shape != shape:
+                raise SourceError(f"{self.spec.label}: frame {path.name} is {img.shape[1]}x{img.shape[0]}, "
+                                  f"earlier frames are {shape[1]}x{shape[0]}")
+            yield t, img
+
+    def _decode(self, path: Path) -> np.ndarray:
+        spec = self.spec
+        try:
+            with av.open(str(path)) as c:
+                frame = next(c.decode(video=0))
+                fmt = frame.format.name
+                if spec.modality == "depth":
+                    if fmt not in ("gray16be", "gray16le"):
+                        raise SourceError(f"{spec.label}: depth frame {path} is {fmt}, expected a 16-bit "
+                                          f"grayscale PNG")
+                    raw = frame.to_ndarray()
+                elif fmt in ("gray", "gray16be", "gray16le"):
+                    raw = frame.to_ndarray()
+                else:
+                    deep = any(d in fmt for d in ("16", "48", "64"))
+                    raw = frame.reformat(format="gray16le" if deep else "gray").to_ndarray()
+        except (av.FFmpegError, OSError, StopIteration) as e:
+            raise SourceError(f"{spec.label}: cannot decode frame {path}: {e or 'no image'}") from e
+        return _to_float(spec, raw, str(path))
+
+
+class NpyFramesSource:
+    """Depth or thermal frames from a ``[N, H, W]`` ``.npy`` array plus N timestamps.
+
+    Depth: integer arrays are millimetres, float arrays metres, unless ``depth_unit`` says
+    otherwise. Thermal: uint8 / uint16 scaled by their full range, floats taken as [0, 1].
+    The array is memory-mapped, so only one chunk is in memory at a time.
+    """
+
+    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0) -> None:
+        if spec.modality not in ("depth", "thermal"):
+            raise ValueError(f"{spec.label}: NpyFramesSource needs a depth or thermal stream")
+        self.spec = spec
+        self.chunk_seconds = chunk_seconds
+        self.dropped: dict[str, int] = {}
+        try:
+            self._arr = np.load(spec.source, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise SourceError(f"{spec.label}: cannot read {spec.source}: {e}") from e
+        if self._arr.ndim != 3:
+            raise SourceError(f"{spec.label}: {spec.source} must be [N, H, W], got shape {self._arr.shape}")
+        dt = self._arr.dtype
+        ok = (dt in (np.uint8, np.uint16) or np.issubdtype(dt, np.floating)) if spec.modality == "thermal" else (
+            np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating))
+        if not ok:
+            raise SourceError(f"{spec.label}: {spec.source} has dtype {dt}, not usable as {spec.modality} values")
+        _, self._t = read_timestamps(spec)
+        if len(self._t) != self._arr.shape[0]:
+            raise SourceError(f"{spec.label}: {spec.timestamps} has {len(self._t)} times for "
+                              f"{self._arr.shape[0]} frames in {spec.source}")
+
+    def __iter__(self) -> Iterator[Chunk]:
+        batch = _Batcher(self.spec, self.chunk_seconds,
+                         lambda xs: _to_float(self.spec, np.stack(xs), str(self.spec.source)))
+        yield from _batched(batch, ((float(t), np.asarray(self._arr[i])) for i, t in enumerate(self._t)))

@@ -1,0 +1,93 @@
+"""IMU replay from a CSV file with a header row: column mapping, row filter, unit conversion."""
+
+from __future__ import annotations
+
+import csv
+import math
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.errors import SourceError
+from pipeline.session import IMU_ROLES, StreamSpec
+from sources._common import _batched, _Batcher, _Drops, _file_to_session
+from sources.base import Chunk
+
+__all__ = ["ImuCsvSource", "STANDARD_GRAVITY"]
+
+STANDARD_GRAVITY = 9.80665  # m/s^2 per g
+_DEG = math.pi / 180.0
+
+
+class ImuCsvSource:
+    """Rows of an IMU CSV as float32 ``[N, 6]`` (ax, ay, az m/s^2; gx, gy, gz rad/s).
+
+    Rows not matching ``spec.where`` are skipped silently (they hold other sensors); rows that
+    are short, non-numeric or non-finite are dropped, counted in ``dropped`` by reason and
+    logged with their line number. A missing column is a :class:`SourceError` raised before
+    any chunk is emitted.
+    """
+
+    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0) -> None:
+        if spec.modality != "imu" or spec.columns is None:
+            raise ValueError(f"{spec.label}: ImuCsvSource needs an imu stream with columns")
+        self.spec = spec
+        self.chunk_seconds = chunk_seconds
+        self.dropped: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[Chunk]:
+        batch = _Batcher(self.spec, self.chunk_seconds, lambda rows: np.asarray(rows, dtype=np.float32).reshape(-1, 6))
+        yield from _batched(batch, self._rows())
+
+    def _rows(self) -> Iterator[tuple[float, list[float]]]:
+        spec = self.spec
+        drops = _Drops(spec, self.dropped)
+        to_session = _file_to_session(spec)
+        a_scale = STANDARD_GRAVITY if spec.accel_unit == "g" else 1.0
+        g_scale = _DEG if spec.gyro_unit == "deg/s" else 1.0
+        scales = (a_scale,) * 3 + (g_scale,) * 3
+        try:
+            # utf-8-sig: spreadsheet exports start with a BOM that would glue onto the first
+            # column name; undecodable bytes become U+FFFD and fail as non-numeric rows.
+            with open(spec.source, newline="", encoding="utf-8-sig", errors="replace") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                if header is None:
+                    raise SourceError(f"{spec.label}: {spec.source} is empty (expected a header row)")
+                names = [h.strip() for h in header]
+                cols = dict(spec.columns or ())
+                idx = [self._index(names, cols[r], f"columns.{r}") for r in IMU_ROLES]
+                where = [(self._index(names, c, f"where.{c}"), v.strip()) for c, v in spec.where]
+                need = max(idx + [i for i, _ in where]) + 1
+                for row in reader:
+                    line = reader.line_num
+                    if not row or (len(row) == 1 and not row[0].strip()):
+                        continue  # blank line
+                    if len(row) < need:
+                        drops.drop("short_row", f"line {line} of {spec.source.name} ({len(row)} fields, need {need})")
+                        continue
+                    if any(row[i].strip() != v for i, v in where):
+                        continue
+                    try:
+                        vals = [float(row[i]) for i in idx]
+                    except ValueError:
+                        drops.drop("non_numeric", f"line {line} of {spec.source.name}")
+                        continue
+                    if not all(map(math.isfinite, vals)):
+                        drops.drop("non_finite", f"line {line} of {spec.source.name}")
+                        continue
+                    yield to_session(vals[0]), [v * s for v, s in zip(vals[1:], scales)]
+        except csv.Error as e:
+            raise SourceError(f"{spec.label}: malformed CSV in {spec.source} near line {reader.line_num}: {e}") from e
+        except OSError as e:
+            raise SourceError(f"{spec.label}: cannot read {spec.source}: {e}") from e
+        finally:
+            drops.summary()
+
+    def _index(self, names: list[str], col: str, key: str) -> int:
+        try:
+            return names.index(col)
+        except ValueError:
+            shown = ", ".join(names[:20])
+            raise SourceError(f"{self.spec.label}: column {col!r} (key {key}) missing in {self.spec.source}; "
+                              f"header has: {shown}") from None

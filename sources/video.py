@@ -1,0 +1,84 @@
+"""Video replay with PyAV: RGB frames for ``vision``, gray frames for a ``thermal`` video."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.errors import SourceError
+from pipeline.session import StreamSpec
+from sources._common import _Batcher, _batched, _demux_decode, _open_media
+from sources.base import Chunk
+
+__all__ = ["VideoSource", "DEFAULT_MAX_PIXELS", "scaled_size"]
+
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side ``short_side``, aspect kept, both rounded to even.
+
+    Even sizes keep every chroma-subsampled pixel format and later re-encoding happy.
+    """
+    scale = short_side / min(width, height)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+class VideoSource:
+    """Frames of one video track of a container, ``chunk_seconds`` of stream time per chunk.
+
+    ``vision``: uint8 ``[N, H, W, 3]`` RGB, scaled while decoding so the short side is
+    ``video_size`` (scaling in swscale at decode keeps 4K input from ever existing as full
+    size RGB arrays). ``thermal``: float32 ``[N, H, W]`` luma in [0, 1] at native size.
+    Sample time = frame pts * time_base + ``spec.offset``.
+    """
+
+    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = 224,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if spec.modality not in ("vision", "thermal"):
+            raise ValueError(f"{spec.label}: VideoSource reads vision or thermal, not {spec.modality}")
+        if video_size < 2:
+            raise ValueError(f"{spec.label}: video_size must be >= 2, got {video_size}")
+        self.spec = spec
+        self.chunk_seconds = chunk_seconds
+        self.video_size = video_size
+        self.max_pixels = max_pixels
+        self.dropped: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[Chunk]:
+        spec = self.spec
+        gray = spec.modality == "thermal"
+        pack = (lambda xs: np.stack(xs).astype(np.float32) / 255.0) if gray else np.stack
+        batch = _Batcher(spec, self.chunk_seconds, pack)
+        with _open_media(spec) as container:
+            if spec.track >= len(container.streams.video):
+                raise SourceError(f"{spec.label}: {spec.source} has {len(container.streams.video)} video tracks, "
+                                  f"track {spec.track} requested")
+            stream = container.streams.video[spec.track]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if w <= 0 or h <= 0:
+                raise SourceError(f"{spec.label}: {spec.source} video track {spec.track} has no frame size")
+            if w * h > self.max_pixels:
+                raise SourceError(f"{spec.label}: {spec.source} frames are {w}x{h}, above the limit of "
+                                  f"{self.max_pixels} pixels (max_pixels)")
+            out_w, out_h = (w, h) if gray else scaled_size(w, h, self.video_size)
+            stream.thread_type = "AUTO"
+            yield from _batched(batch, self._frames(container, stream, out_w, out_h, gray))
+
+    def _frames(self, container, stream, out_w: int, out_h: int, gray: bool) -> Iterator[tuple[float, np.ndarray]]:
+        spec = self.spec
+        rate = float(stream.average_rate) if stream.average_rate else 30.0
+        last_ft: float | None = None
+        for frame in _demux_decode(spec, container, stream, "video"):
+            ft = frame.time
+            if ft is None:
+                # Raw elementary streams carry no pts; assume the nominal rate.
+                ft = 0.0 if last_ft is None else last_ft + 1.0 / rate
+            last_ft = ft
+            # Fixed output size: a mid-file resolution change is rescaled to the first size.
+            if gray:
+                img = frame.reformat(width=out_w, height=out_h, format="gray").to_ndarray()
+            else:
+                img = frame.reformat(width=out_w, height=out_h, format="rgb24", interpolation="AREA").to_ndarray()
+            yield ft + spec.offset, img
