@@ -1,0 +1,387 @@
+"""Batched, device-agnostic preprocessing from aligned windows to ImageBind inputs.
+
+Every function works on the device of its input tensor and never moves data on its own; only
+:func:`prepare` (the dispatcher the encoder actors call) moves the raw payloads to the target
+device, before the heavy work, so resizing and filter banks run on the GPU when there is one.
+
+Constants and where they come from are listed in ``docs/preprocessing.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .text import tokenize
+
+__all__ = [
+    "IMAGE_SIZE",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "AUDIO_SAMPLE_RATE",
+    "AUDIO_CLIP_SAMPLES",
+    "AUDIO_MEL_BINS",
+    "AUDIO_TARGET_FRAMES",
+    "AUDIO_MEAN",
+    "AUDIO_STD",
+    "DEPTH_BASELINE_M",
+    "DEPTH_FOCAL_PX",
+    "DEPTH_MIN_M",
+    "DEPTH_MAX_M",
+    "DISPARITY_MIN",
+    "DISPARITY_MAX",
+    "IMU_SAMPLES",
+    "IMU_DURATION_S",
+    "resize_short_side",
+    "center_crop",
+    "image",
+    "clip",
+    "audio",
+    "depth",
+    "thermal",
+    "imu",
+    "imu_batch",
+    "text",
+    "prepare",
+]
+
+# Vision: ImageBind data.py load_and_transform_vision_data (Resize(224, BICUBIC),
+# CenterCrop(224), Normalize with OpenAI CLIP's statistics).
+IMAGE_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Audio: ImageBind data.py load_and_transform_audio_data defaults and waveform2melspec.
+AUDIO_SAMPLE_RATE = 16_000  # Hz
+AUDIO_CLIP_SAMPLES = 2 * AUDIO_SAMPLE_RATE  # clip_duration=2 s
+AUDIO_MEL_BINS = 128  # num_mel_bins
+AUDIO_TARGET_FRAMES = 204  # target_length; 2 s at 10 ms shift gives 198 frames, zero padded
+AUDIO_MEAN = -4.268  # Normalize(mean, std) -> (x + 4.268) / 9.138 (AudioSet statistics, AST)
+AUDIO_STD = 9.138
+_FBANK_KW = dict(
+    htk_compat=True,
+    sample_frequency=AUDIO_SAMPLE_RATE,
+    use_energy=False,
+    window_type="hanning",
+    num_mel_bins=AUDIO_MEL_BINS,
+    dither=0.0,
+    frame_length=25,  # ms
+    frame_shift=10,  # ms, DEFAULT_AUDIO_FRAME_SHIFT_MS
+)
+
+# Depth: ImageBind never published its depth loader; it trained on SUN RGB-D disparity as
+# Omnivore did. Omnivore issue #12 (I. Misra): disparity = baseline * focal / depth with depth
+# clipped to [0.01, 50] m and the Kinect baseline 0.075 m; Omnivore's SUN RGB-D config then
+# applies DepthNorm(max_depth=75, clamp_max_before_scale=True, min_depth=0.01).
+DEPTH_BASELINE_M = 0.075  # Kinect v1/v2 baseline used for SUN RGB-D "kv1"/"kv2" sensors
+DEPTH_FOCAL_PX = 518.857901  # Kinect v1 fx (NYU Depth v2 / SUN RGB-D kv1 intrinsics)
+DEPTH_MIN_M = 0.01  # convert_depth_to_disparity(min_depth=0.01)
+DEPTH_MAX_M = 50.0  # convert_depth_to_disparity(max_depth=50)
+DISPARITY_MIN = 0.01  # DepthNorm min_depth (applied to disparity)
+DISPARITY_MAX = 75.0  # DepthNorm max_depth, clamp before scaling
+
+# IMU: the reference IMU tower takes [6, 2000] (imagebind_model.py, IMUPreprocessor
+# img_size=(6, 2000)); the ImageBind paper feeds 5 s Ego4D IMU windows. No IMU loader was
+# published, so channel order and units are ours (documented in docs/preprocessing.md).
+IMU_SAMPLES = 2000
+IMU_DURATION_S = 5.0
+
+
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(CLIP_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return mean, std
+
+
+def _resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
+    # torchvision Resize(int): short side -> size, long side truncated like int(size*long/short).
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
+
+
+def resize_short_side(x: torch.Tensor, size: int = IMAGE_SIZE, mode: str = "bicubic") -> torch.Tensor:
+    """Resize float ``[B, C, H, W]`` so the short side is ``size`` (antialiased)."""
+    if x.ndim != 4:
+        raise ValueError(f"resize_short_side: expected [B, C, H, W], got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    nh, nw = _resized_hw(h, w, size)
+    if (nh, nw) == (h, w):
+        return x
+    return F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
+
+
+def center_crop(x: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Centre crop the last two dims to ``size`` (torchvision CenterCrop offsets)."""
+    h, w = x.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"center_crop: image {h}x{w} is smaller than the {size}x{size} crop")
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
+
+
+def _to_unit_float(frames: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if frames.dtype == torch.uint8:
+        return frames.to(torch.float32), True  # still 0..255; divided after the resize
+    if not frames.is_floating_point():
+        raise TypeError(f"expected uint8 or float frames, got {frames.dtype}")
+    return frames.to(torch.float32), False
+
+
+def image(frames: torch.Tensor) -> torch.Tensor:
+    """RGB frames ``[B, H, W, 3]`` (uint8 0..255, or float in [0, 1]) -> ``float32 [B, 3, 224, 224]``.
+
+    Short side to 224 with antialiased bicubic, centre crop, CLIP mean/std. For uint8 input the
+    resized values are clamped and rounded to 0..255 first, as PIL's uint8 resize in the
+    reference does, which keeps us within a few 1e-2 of the reference on real photos.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"image: expected frames [B, H, W, 3], got shape {tuple(frames.shape)}")
+    x, is_uint8 = _to_unit_float(frames)
+    x = x.permute(0, 3, 1, 2)  # (B, 3, H, W)
+    x = resize_short_side(x)
+    if is_uint8:
+        x = x.clamp_(0.0, 255.0).round_().div_(255.0)
+    else:
+        x = x.clamp(0.0, 1.0)
+    x = center_crop(x)
+    mean, std = _mean_std(x.device, x.dtype)
+    return ((x - mean) / std).contiguous()
+
+
+def clip(frames: torch.Tensor) -> torch.Tensor:
+    """Video clips ``[B, T, H, W, 3]`` -> ``float32 [B, 3, T, 224, 224]`` (per-frame :func:`image`)."""
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"clip: expected frames [B, T, H, W, 3], got shape {tuple(frames.shape)}")
+    b, t = frames.shape[:2]
+    x = image(frames.reshape(b * t, *frames.shape[2:]))  # (B*T, 3, 224, 224)
+    return x.view(b, t, 3, IMAGE_SIZE, IMAGE_SIZE).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def _fbank_one(wave: torch.Tensor) -> torch.Tensor:
+    import torchaudio
+
+    fb = torchaudio.compliance.kaldi.fbank(wave.unsqueeze(0), **_FBANK_KW)  # (frames, mel)
+    return fb.transpose(0, 1)  # (mel, frames)
+
+
+def _pad_or_crop_frames(fb: torch.Tensor, target: int) -> torch.Tensor:
+    n = fb.shape[-1]
+    if n < target:
+        return F.pad(fb, (0, target - n))
+    return fb[..., :target]
+
+
+def audio(wave: torch.Tensor) -> torch.Tensor:
+    """Mono 16 kHz clips ``float32 [B, 32000]`` -> log-mel ``[B, 1, 128, 204]``.
+
+    Per clip: subtract its mean (on a copy: the streaming form has no overlapping clips),
+    Kaldi fbank with the reference options, zero-pad 198 -> 204 frames, ``(x + 4.268) / 9.138``.
+    Shorter or longer clips are accepted; the frame axis is padded/cropped to 204.
+    """
+    if wave.ndim != 2:
+        raise ValueError(f"audio: expected waveforms [B, samples], got shape {tuple(wave.shape)}")
+    if wave.shape[1] < 400:  # one 25 ms frame at 16 kHz
+        raise ValueError(f"audio: clips of {wave.shape[1]} samples are shorter than one 25 ms frame")
+    x = wave.to(torch.float32)
+    x = x - x.mean(dim=1, keepdim=True)
+    # kaldi.fbank takes one waveform at a time; the per-clip cost is dominated by its FFT anyway.
+    fb = torch.stack([_fbank_one(row) for row in x])  # (B, mel, frames)
+    fb = _pad_or_crop_frames(fb, AUDIO_TARGET_FRAMES)
+    return ((fb - AUDIO_MEAN) / AUDIO_STD).unsqueeze(1)
+
+
+def _resize_crop_single_channel(x: torch.Tensor) -> torch.Tensor:
+    # x: (B, 1, H, W) float -> (B, 1, 224, 224)
+    return center_crop(resize_short_side(x))
+
+
+def depth(
+    depth_m: torch.Tensor,
+    *,
+    focal_px: float = DEPTH_FOCAL_PX,
+    baseline_m: float = DEPTH_BASELINE_M,
+) -> torch.Tensor:
+    """Depth in metres ``[B, H, W]`` -> normalised disparity ``float32 [B, 1, 224, 224]``.
+
+    ``disparity = baseline * focal / clip(depth, 0.01, 50)``, then Omnivore's DepthNorm
+    ``clip(disparity, 0.01, 75) / 75`` so values lie in (0, 1], near = large. Zero, negative
+    or non-finite depth means "no reading" and becomes disparity 0 (as far as infinity), so
+    holes do not look like very near surfaces. Resized at full resolution after the
+    conversion (short side 224, antialiased bicubic, clamped to [0, 1]), then centre cropped.
+    """
+    if depth_m.ndim != 3:
+        raise ValueError(f"depth: expected depth maps [B, H, W] in metres, got shape {tuple(depth_m.shape)}")
+    d = depth_m.to(torch.float32)
+    valid = torch.isfinite(d) & (d > 0)
+    d = torch.where(valid, d, torch.ones_like(d)).clamp(DEPTH_MIN_M, DEPTH_MAX_M)
+    disp = (baseline_m * focal_px) / d
+    disp = disp.clamp(DISPARITY_MIN, DISPARITY_MAX) / DISPARITY_MAX
+    disp = torch.where(valid, disp, torch.zeros_like(disp))
+    out = _resize_crop_single_channel(disp.unsqueeze(1))
+    return out.clamp_(0.0, 1.0).contiguous()
+
+
+def thermal(x: torch.Tensor) -> torch.Tensor:
+    """Thermal frames ``[B, H, W]`` in [0, 1] -> ``float32 [B, 1, 224, 224]``.
+
+    No mean/std normalisation: ImageBind published no thermal loader, and a single-channel
+    ``ToTensor`` image in [0, 1] is the input the public ImageBind thermal examples use; we
+    keep the [0, 1] range (see docs/preprocessing.md). Non-finite values become 0.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"thermal: expected frames [B, H, W] in [0, 1], got shape {tuple(x.shape)}")
+    t = torch.nan_to_num(x.to(torch.float32), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    out = _resize_crop_single_channel(t.unsqueeze(1))
+    return out.clamp_(0.0, 1.0).contiguous()
+
+
+def imu(samples: torch.Tensor, duration: float = IMU_DURATION_S, n: int = IMU_SAMPLES) -> torch.Tensor:
+    """IMU samples ``[N, 7]`` (t s from window start, ax, ay, az m/s^2, gx, gy, gz rad/s) -> ``[6, n]``.
+
+    Linear interpolation onto ``n`` evenly spaced times ``k * duration / n`` covering
+    ``[0, duration)``; before the first and after the last sample the edge value is held.
+    Samples need not be sorted; duplicate timestamps keep the later sample.
+    """
+    if samples.ndim != 2 or samples.shape[1] != 7:
+        raise ValueError(f"imu: expected samples [N, 7] (t, ax, ay, az, gx, gy, gz), got shape {tuple(samples.shape)}")
+    if samples.shape[0] == 0:
+        raise ValueError("imu: window holds no samples")
+    if not duration > 0 or n < 1:
+        raise ValueError(f"imu: duration must be > 0 and n >= 1, got duration={duration}, n={n}")
+    s = samples.to(torch.float64)  # float64 time keeps sub-ms spacing exact over long sessions
+    order = torch.argsort(s[:, 0], stable=True)
+    s = s[order]
+    t, v = s[:, 0].contiguous(), s[:, 1:]  # (N,), (N, 6)
+    grid = torch.arange(n, device=s.device, dtype=torch.float64) * (duration / n)
+    # Index of the first sample strictly after each grid time; ties resolve to the later one.
+    hi = torch.searchsorted(t, grid, right=True).clamp(1, max(t.numel() - 1, 1))
+    lo = hi - 1
+    if t.numel() == 1:
+        return v[0].unsqueeze(1).expand(6, n).to(torch.float32).contiguous()
+    t0, t1 = t[lo], t[hi]
+    span = t1 - t0
+    w = torch.where(span > 0, (grid - t0) / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(span))
+    w = w.clamp(0.0, 1.0).unsqueeze(1)  # clamping = edge hold outside [t_first, t_last]
+    out = v[lo] * (1 - w) + v[hi] * w  # (n, 6)
+    return out.t().to(torch.float32).contiguous()
+
+
+def imu_batch(
+    list_of_samples: Sequence[torch.Tensor], duration: float = IMU_DURATION_S, n: int = IMU_SAMPLES
+) -> torch.Tensor:
+    """:func:`imu` over a list of windows -> ``[B, 6, n]``."""
+    if len(list_of_samples) == 0:
+        raise ValueError("imu_batch: empty batch")
+    return torch.stack([imu(s, duration, n) for s in list_of_samples])
+
+
+def text(texts: list[str]) -> torch.Tensor:
+    """Token ids ``LongTensor [B, 77]`` (the reference CLIP tokenizer)."""
+    return tokenize(texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatcher for the encoder actors
+# ---------------------------------------------------------------------------------------------
+
+_EXPECTED = {
+    "vision": "uint8 [2, H, W, 3] (2-frame clip)",
+    "audio": f"float32 [{AUDIO_CLIP_SAMPLES}] mono at 16 kHz",
+    "imu": "float [N, 7] (t, ax, ay, az, gx, gy, gz)",
+    "depth": "float32 [H, W] metres",
+    "thermal": "float32 [H, W] in [0, 1]",
+    "text": "str",
+}
+
+
+def _to_device(arr: Any, device: torch.device, modality: str, index: int) -> torch.Tensor:
+    if isinstance(arr, torch.Tensor):
+        t = arr
+    else:
+        try:
+            a = np.ascontiguousarray(arr)
+            if not a.flags.writeable:
+                a = a.copy()  # torch cannot wrap read-only memory (e.g. Ray object store)
+            t = torch.from_numpy(a)
+        except TypeError as exc:
+            raise TypeError(
+                f"{modality} payload {index}: expected {_EXPECTED[modality]}, got {type(arr).__name__}"
+            ) from exc
+    if device.type == "cuda":
+        # Pinned host memory lets the copy overlap with compute on the current stream.
+        if t.device.type == "cpu":
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _grouped(items: list[torch.Tensor], fn) -> torch.Tensor:
+    """Apply batched ``fn`` to items stacked by spatial shape, restoring the input order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(tuple(it.shape), []).append(i)
+    results: list[torch.Tensor | None] = [None] * len(items)
+    for idx in groups.values():
+        out = fn(torch.stack([items[i] for i in idx]))
+        for j, i in enumerate(idx):
+            results[i] = out[j]
+    return torch.stack(results)  # type: ignore[arg-type]
+
+
+def _check_shape(t: torch.Tensor, modality: str, index: int, ok: bool) -> None:
+    if not ok:
+        raise ValueError(
+            f"{modality} payload {index}: expected {_EXPECTED[modality]}, got shape {tuple(t.shape)} {t.dtype}"
+        )
+
+
+def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *, imu_duration: float = IMU_DURATION_S) -> torch.Tensor:
+    """Turn a batch of aligner payloads into the model input for ``modality`` on ``device``.
+
+    ===========  =================================  ==========================
+    modality     payload (one per window)           returns
+    ===========  =================================  ==========================
+    vision       uint8 ``[2, H, W, 3]``             ``[B, 3, 2, 224, 224]``
+    audio        float32 ``[32000]``                ``[B, 1, 128, 204]``
+    imu          float ``[N, 7]``                   ``[B, 6, 2000]``
+    depth        float32 ``[H, W]`` metres          ``[B, 1, 224, 224]``
+    thermal      float32 ``[H, W]`` in [0, 1]       ``[B, 1, 224, 224]``
+    text         ``str``                            int64 ``[B, 77]``
+    ===========  =================================  ==========================
+
+    Payloads of one batch may differ in H, W (different sessions): they are grouped by shape
+    and each group is processed as one batch.
+    """
+    if not payloads:
+        raise ValueError(f"prepare: empty batch for modality '{modality}'")
+    dev = torch.device(device)
+    if modality == "text":
+        for i, p in enumerate(payloads):
+            if not isinstance(p, str):
+                raise TypeError(f"text payload {i}: expected str, got {type(p).__name__}")
+        ids = tokenize(list(payloads))
+        return ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids.to(dev)
+    if modality not in _EXPECTED:
+        raise ValueError(f"prepare: unknown modality '{modality}', expected one of {sorted(_EXPECTED)}")
+    items = [_to_device(p, dev, modality, i) for i, p in enumerate(payloads)]
+    if modality == "vision":
+        for i, t in enumerate(items):
+            _check_shape(t, modality, i, t.ndim == 4 and t.shape[-1] == 3)
+        return _grouped(items, clip)
+    if modality == "audio":
+        for i, t in enumerate(items):
+            _check_shape(t, modality, i, t.ndim == 1)
+        return _grouped(items, audio)
+    if modality == "imu":
+        for i, t in enumerate(items):
+            _check_shape(t, modality, i, t.ndim == 2 and t.shape[1] == 7)
+        return imu_batch(items, duration=imu_duration)
+    for i, t in enumerate(items):
+        _check_shape(t, modality, i, t.ndim == 2)
+    return _grouped(items, depth if modality == "depth" else thermal)
