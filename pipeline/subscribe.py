@@ -1,0 +1,185 @@
+"""``python -m pipeline subscribe``: print what a bindstream publisher sends, one line per message.
+
+Every message is validated with :func:`pipeline.protocol.decode` (bounded unpacking: a hostile
+publisher cannot make us allocate more than the protocol limit). Malformed messages are logged
+and skipped. A ``seq`` gap on a topic (a reconnect, or live-mode drops) is logged as a warning
+naming the topic and how many messages were missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import zmq
+
+from pipeline.keys import CurveClientConfig
+from pipeline.protocol import MAX_PAYLOAD_BYTES, Message, ProtocolError, decode, embedding_array
+
+__all__ = ["subscribe", "format_message", "add_subscribe_args", "run_subscribe"]
+
+log = logging.getLogger(__name__)
+
+
+class _GapTracker:
+    """Per-topic expected next ``seq``. The first message of a topic sets the baseline: a
+    subscriber that joins mid-session has not *missed* the earlier ones."""
+
+    def __init__(self) -> None:
+        self._expected: dict[str, int] = {}
+        self.missed: dict[str, int] = {}
+
+    def see(self, topic: str, seq: int | None) -> int:
+        """Record ``seq`` on ``topic``; returns how many messages were skipped (0 if none)."""
+        if seq is None:
+            return 0
+        expected = self._expected.get(topic)
+        self._expected[topic] = seq + 1
+        if expected is None or seq == expected:
+            return 0
+        if seq < expected:
+            # The publisher restarted without resume_seqs: numbering went backwards.
+            log.warning("topic %s: seq went back from %d to %d (publisher restarted?)", topic, expected - 1, seq)
+            return 0
+        gap = seq - expected
+        self.missed[topic] = self.missed.get(topic, 0) + gap
+        log.warning("topic %s: seq gap, expected %d got %d: %d message(s) missed", topic, expected, seq, gap)
+        return gap
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; latency_s is NaN when the ingest time is unknown
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def format_message(msg: Message, *, json_out: bool = False) -> str:
+    """One output line for a message: a human summary, or JSON with every payload field plus
+    ``topic`` (the embedding as a list of floats)."""
+    if json_out:
+        doc = {"topic": msg.topic, **msg.payload}
+        if msg.kind == "embedding":
+            doc["embedding"] = embedding_array(msg).astype(np.float64).tolist()
+        return json.dumps(_jsonable(doc), separators=(",", ":"))
+    p = msg.payload
+    if msg.kind == "embedding":
+        vec = embedding_array(msg)
+        latency = p["latency_s"]
+        lat = f"{latency * 1000:.1f}ms" if math.isfinite(latency) else "?"
+        return (f"{msg.topic} seq={p['seq']} window={p['window']} stream={p['stream']} "
+                f"t=[{p['t_start']:.3f},{p['t_end']:.3f}] dim={p['dim']} {p['dtype']} "
+                f"norm={float(np.linalg.norm(vec.astype(np.float64))):.3f} latency={lat}")
+    fields = {k: v for k, v in p.items() if k not in ("v", "session", "event", "seq", "t_publish")}
+    rest = " ".join(f"{k}={json.dumps(_jsonable(v), separators=(',', ':'))}" for k, v in fields.items())
+    return f"{msg.topic} seq={p.get('seq', '?')} {p['event']} {rest}".rstrip()
+
+
+def subscribe(
+    endpoint: str,
+    *,
+    topic: str = "",
+    json_out: bool = False,
+    curve_client: CurveClientConfig | None = None,
+    count: int | None = None,
+    timeout_s: float | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Connect to a publisher and write one line per message to ``out``.
+
+    ``topic`` is a ZeroMQ prefix filter (``emb/S/`` for one session's embeddings; mind the
+    trailing slash, ``emb/S`` also matches ``emb/S2/...``). Stops after ``count`` valid
+    messages, or when nothing arrived for ``timeout_s`` seconds (``None``: runs until
+    interrupted). Returns the number of messages printed. ``out`` defaults to ``sys.stdout``.
+    """
+    out = sys.stdout if out is None else out
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    printed = 0
+    gaps = _GapTracker()
+    try:
+        # Frames larger than the protocol allows are refused by libzmq before allocation.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES)
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve_client is not None:
+            curve_client.apply(sock)
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        sock.connect(endpoint)
+        timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000))
+        while count is None or printed < count:
+            if not sock.poll(timeout_ms, zmq.POLLIN):
+                log.info("subscriber %s: nothing received for %s s, stopping", endpoint, timeout_s)
+                break
+            frames = sock.recv_multipart()
+            try:
+                msg = decode(frames)
+            except ProtocolError as exc:
+                log.warning("subscriber %s: skipped malformed message: %s", endpoint, exc)
+                continue
+            gaps.see(msg.topic, msg.seq)
+            out.write(format_message(msg, json_out=json_out) + "\n")
+            out.flush()
+            printed += 1
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    if gaps.missed:
+        log.warning("subscriber %s: missed messages per topic: %s", endpoint, gaps.missed)
+    return printed
+
+
+def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``subscribe`` sub-command to a CLI's sub-parsers (sets ``fn=run_subscribe``)."""
+    p = subparsers.add_parser(
+        "subscribe",
+        help="print the messages of a bindstream publisher",
+        description="Connect to a bindstream publisher and print one line per message.",
+    )
+    p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/bs.sock")
+    p.add_argument("--topic", default="", metavar="PREFIX",
+                   help="topic prefix filter, e.g. 'emb/SESSION/' or 'ctl/' (default: everything)")
+    p.add_argument("--json", action="store_true", dest="json_out",
+                   help="print JSON lines (embedding as a list of floats)")
+    p.add_argument("--server-key", type=Path, metavar="FILE",
+                   help="CurveZMQ: the publisher's public key file (server.key)")
+    p.add_argument("--client-key", type=Path, metavar="FILE",
+                   help="CurveZMQ: this subscriber's key pair file (NAME.key_secret)")
+    p.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
+                   help="stop after this many seconds without a message")
+    p.set_defaults(fn=run_subscribe)
+    return p
+
+
+def run_subscribe(args: argparse.Namespace) -> int:
+    """Run ``subscribe`` from parsed arguments. Returns the exit code."""
+    if (args.server_key is None) != (args.client_key is None):
+        print("error: --server-key and --client-key go together (CurveZMQ needs both)", file=sys.stderr)
+        return 2
+    curve = None
+    if args.server_key is not None:
+        try:
+            curve = CurveClientConfig.from_files(args.server_key, args.client_key)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    try:
+        subscribe(args.endpoint, topic=args.topic, json_out=args.json_out, curve_client=curve,
+                  count=args.count, timeout_s=args.timeout_s)
+    except KeyboardInterrupt:
+        return 0
+    except zmq.ZMQError as exc:
+        print(f"error: {args.endpoint}: {exc}", file=sys.stderr)
+        return 1
+    return 0
