@@ -62,6 +62,10 @@ DEFAULTS: dict[str, Any] = {
     "progress": "auto",
 }
 
+# Keys that take a word or a value of another type ("auto" or a number, auto/true/false);
+# each is checked in parse_config.
+_LOOSE = frozenset({"progress", "encoders.num_gpus", "window.origin"})
+
 _TYPES: dict[str, tuple[type, ...]] = {
     "demo_session": (str,),
     "ray.address": (str,),
@@ -137,6 +141,8 @@ def _merge(defaults: Any, given: Any, path: str) -> Any:
                 raise ConfigError(f"unknown config key '{key}' (known here: {known})")
             out[k] = _merge(defaults[k], v, key)
         return out
+    if path in _LOOSE:
+        return given
     if defaults is None or given is None:
         if given is not None and path in _TYPES and not isinstance(given, _TYPES[path]):
             raise ConfigError(f"config key '{path}': expected {_TYPES[path][0].__name__}, got {given!r}")
@@ -147,7 +153,6 @@ def _merge(defaults: Any, given: Any, path: str) -> Any:
         return given
     if isinstance(defaults, (int, float)) and not isinstance(defaults, bool):
         if isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given):
-            # a few numeric keys also take a word ("auto")
             raise ConfigError(f"config key '{path}': expected a number, got {given!r}")
         if isinstance(defaults, int) and not isinstance(given, int):
             raise ConfigError(f"config key '{path}': expected an integer, got {given!r}")

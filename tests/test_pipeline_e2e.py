@@ -1,0 +1,271 @@
+"""Sessions replayed through the full Ray graph, read back by a real ZeroMQ SUB socket.
+
+Real Ray actors, real PyAV decoding, real sockets on 127.0.0.1, real forward passes of the tiny
+model (seeded random weights: ImageBind's weights cannot be downloaded here).
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline.align import Aligner
+from pipeline.config import parse_config
+from pipeline.demo import write_demo_session
+from pipeline.protocol import decode, embedding_array
+from pipeline.session import load_session
+from sources.replay import open_source
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sessions")
+    a = write_demo_session(root / "a", seconds=5.0, seed=0, name="ego-a")
+    b = write_demo_session(root / "b", seconds=4.0, seed=1, name="ego-b")
+    return a, b
+
+
+class Subscriber:
+    """A real SUB socket collecting every message until each expected session sent `end`."""
+
+    def __init__(self, sessions: int) -> None:
+        self.sessions = sessions
+        self.messages = []
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, endpoint: str) -> None:
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(endpoint, ready), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def _run(self, endpoint: str, ready: threading.Event) -> None:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVTIMEO, 120_000)
+        sock.connect(endpoint)
+        sock.subscribe(b"")
+        ready.set()
+        ends = 0
+        try:
+            while ends < self.sessions:
+                msg = decode(sock.recv_multipart())
+                self.messages.append(msg)
+                if msg.topic.startswith("ctl/") and msg.payload["event"] == "end":
+                    ends += 1
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+        finally:
+            sock.close(linger=0)
+
+    def join(self) -> None:
+        assert self.thread is not None
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "subscriber never saw every session's end"
+        if self.error:
+            raise self.error
+
+
+def _config(sessions, **over):
+    data = {
+        "sessions": [str(s) for s in sessions],
+        "replay": {"rate": 0, "chunk_seconds": 0.5},
+        "model": {"config": "imagebind_tiny", "checkpoint": "none", "precision": "fp32", "device": "cpu", "threads": 1},
+        "encoders": {"replicas": 1, "max_batch": 8, "max_wait_ms": 5},
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "wait_for_subscribers": 1, "wait_timeout_s": 60, "heartbeat_s": 0.5},
+        "progress": False,
+    }
+    for k, v in over.items():
+        data.setdefault(k, {}).update(v)
+    return parse_config(data)
+
+
+def _replay(sessions, **over):
+    from pipeline.run import run
+
+    sub = Subscriber(len(sessions))
+    result = run(_config(sessions, **over), on_ready=sub.start)
+    sub.join()
+    return result, sub.messages
+
+
+def _expected_windows(session_dir: Path, cfg):
+    """The windows the aligner makes from the same sources, in process: the reference."""
+    spec = load_session(session_dir)
+    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, cfg.align)
+    sources = {s.id: iter(open_source(s, chunk_seconds=0.5)) for s in spec.streams}
+    windows = []
+    # Round-robin over streams, like concurrent source actors would deliver them.
+    while sources:
+        for sid in list(sources):
+            chunk = next(sources[sid], None)
+            if chunk is None:
+                del sources[sid]
+                windows += al.end_stream(sid)
+            else:
+                windows += al.push(chunk)
+    return spec, windows
+
+
+def _embeddings(messages):
+    out = {}
+    for m in messages:
+        if m.topic.startswith("emb/"):
+            key = (m.payload["session"], m.payload["modality"], m.payload["window"])
+            assert key not in out, f"duplicate embedding {key}"
+            out[key] = embedding_array(m)
+    return out
+
+
+def test_replay_delivers_every_window_once_in_order_equal_to_the_direct_encoder_output(demo_dirs):
+    import torch
+
+    from encoders.imagebind import load
+    from encoders.preprocess import prepare
+
+    a, b = demo_dirs
+    result, messages = _replay([a, b])
+    assert result.exit_code == 0
+    cfg = _config([a, b])
+    model = load("imagebind_tiny", "none", device="cpu", precision="fp32", seed=0)
+    got = _embeddings(messages)
+
+    by_topic = collections.defaultdict(list)
+    for m in messages:
+        by_topic[m.topic].append(m)
+    for topic, msgs in by_topic.items():
+        if topic.startswith("emb/"):
+            assert [m.payload["seq"] for m in msgs] == list(range(len(msgs))), f"{topic}: seq not contiguous"
+            windows = [m.payload["window"] for m in msgs]
+            assert windows == sorted(windows), f"{topic}: not in window order"
+        else:
+            assert msgs[0].payload["event"] == "start" and msgs[-1].payload["event"] == "end"
+
+    for session_dir in (a, b):
+        spec, windows = _expected_windows(session_dir, cfg)
+        end = [m for m in by_topic[f"ctl/{spec.name}"] if m.payload["event"] == "end"][0].payload
+        expected = {(spec.name, it.modality, it.window): it for w in windows for it in w.items}
+        received = {k for k in got if k[0] == spec.name}
+        assert received == set(expected), "windows missing or extra"
+        assert end["windows"] == len(windows)
+        counts = collections.Counter(k[1] for k in received)
+        assert end["counts"] == dict(counts)
+        assert set(counts) == {"vision", "audio", "imu", "depth", "thermal", "text"}
+        for modality in counts:
+            items = [expected[k] for k in sorted(expected) if k[1] == modality]
+            with torch.no_grad():
+                direct = model.encode(modality, prepare(modality, [it.payload for it in items], "cpu")).numpy()
+            for it, row in zip(items, direct):
+                emb = got[(spec.name, modality, it.window)]
+                np.testing.assert_allclose(emb, row, atol=1e-5, err_msg=f"{spec.name}/{modality}/{it.window}")
+                assert abs(np.linalg.norm(emb) - 1) < 1e-5
+
+
+def test_two_replays_with_different_batching_give_the_same_embeddings(demo_dirs):
+    a, _ = demo_dirs
+    _, m1 = _replay([a], encoders={"max_batch": 1, "max_wait_ms": 0})
+    _, m2 = _replay([a], encoders={"max_batch": 32, "max_wait_ms": 50, "replicas": 2})
+    e1, e2 = _embeddings(m1), _embeddings(m2)
+    assert e1.keys() == e2.keys() and len(e1) > 20
+    for k in e1:
+        np.testing.assert_allclose(e1[k], e2[k], atol=1e-5, err_msg=str(k))
+
+
+@pytest.mark.skipif(not (SHARED / "fixtures" / "real").is_dir(), reason="../shared/fixtures/real is absent")
+def test_real_recordings_replay_end_to_end(tmp_path):
+    """Phone video with sound, an x-IMU3 CSV in deg/s and g on its own microsecond clock, and a
+    real 16-bit depth map, in a session folder built here."""
+    real = SHARED / "fixtures" / "real"
+    sess = tmp_path / "real"
+    (sess / "depth").mkdir(parents=True)
+    shutil.copy(real / "realshort.mp4", sess / "video.mp4")
+    shutil.copy(real / "imu_xio3_50hz.csv", sess / "imu.csv")
+    shutil.copy(real / "motorcycle_depth_mm_u16.png", sess / "depth" / "000000.png")
+    (sess / "depth" / "timestamps.csv").write_text("0.5\n")
+    first_us = float((sess / "imu.csv").read_text().splitlines()[1].split(",")[0])
+    header = (sess / "imu.csv").read_text().splitlines()[0].split(",")
+    col = {h.split("(")[0].strip(): h.strip() for h in header}
+    (sess / "session.yaml").write_text(f"""
+format: bindstream.session/1
+name: real-0001
+streams:
+  - {{id: cam, modality: vision, source: video.mp4}}
+  - {{id: mic, modality: audio, source: video.mp4}}
+  - id: imu
+    modality: imu
+    source: imu.csv
+    columns: {{t: "{col['Timestamp']}", ax: "{col['Accelerometer X']}", ay: "{col['Accelerometer Y']}", az: "{col['Accelerometer Z']}",
+              gx: "{col['Gyroscope X']}", gy: "{col['Gyroscope Y']}", gz: "{col['Gyroscope Z']}"}}
+    time_unit: us
+    accel_unit: g
+    gyro_unit: deg/s
+    offset: {-first_us / 1e6}
+  - {{id: depth, modality: depth, source: depth/, timestamps: depth/timestamps.csv, depth_unit: mm}}
+""")
+    result, messages = _replay([sess])
+    assert result.exit_code == 0, result.sessions
+    got = _embeddings(messages)
+    end = [m for m in messages if m.topic == "ctl/real-0001" and m.payload["event"] == "end"][0].payload
+    assert end["windows"] == 10  # the IMU runs 10 s; video and audio end after 1.2 s
+    counts = collections.Counter(k[1] for k in got)
+    assert counts["imu"] == 10 and counts["depth"] == 1
+    # 2 s spans: the windows ending at 1, 2 and 3 s overlap the 1.2 s of video and sound
+    assert counts["vision"] == 3 and counts["audio"] == 3
+    assert end["counts"] == dict(counts)
+    assert all(np.isfinite(e).all() for e in got.values())
+
+
+def test_cli_run_exits_3_when_a_stream_fails_and_the_others_complete(tmp_path, demo_dirs):
+    a, _ = demo_dirs
+    sess = tmp_path / "broken"
+    shutil.copytree(a, sess)
+    video = sess / "video.mp4"
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 3])  # truncated recording
+    text = (sess / "session.yaml").read_text().replace("name: ego-a", "name: broken")
+    (sess / "session.yaml").write_text(text)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+sessions: ["{sess}"]
+replay: {{rate: 0}}
+model: {{config: imagebind_tiny, checkpoint: none, precision: fp32, device: cpu}}
+publish: {{endpoint: "tcp://127.0.0.1:*"}}
+ray: {{num_cpus: 2}}
+progress: false
+""")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "FAILED stream" in proc.stdout
+    assert "imu" in proc.stdout and "depth" in proc.stdout  # the others still produced embeddings
+
+
+def test_cli_config_error_exits_2_before_starting_anything(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("sessions: [nowhere]\nencoders: {max_batch: lots}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "encoders.max_batch" in proc.stderr
+    cfg.write_text("sessions: [nowhere]\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr
