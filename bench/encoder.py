@@ -27,19 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.config import MODALITIES, ImageBindConfig, TowerConfig, get_config  # noqa: E402
 from encoders.imagebind import PRECISIONS, ImageBind  # noqa: E402
-from encoders.layers import Transformer  # noqa: E402
+from encoders.layers import Mlp, Transformer  # noqa: E402
 
 __all__ = ["main"]
-
-
-class _RefMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class _RefBlock(nn.Module):
@@ -51,7 +41,7 @@ class _RefBlock(nn.Module):
         self.norm_1 = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.attn = nn.MultiheadAttention(d, cfg.num_heads, bias=True, add_bias_kv=cfg.add_bias_kv)
         self.norm_2 = nn.LayerNorm(d, eps=cfg.ln_eps)
-        self.mlp = _RefMlp(d, cfg.mlp_ratio * d)
+        self.mlp = Mlp(d, cfg.mlp_ratio * d)  # same as ours: the difference under test is attention
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = self.norm_1(x)
