@@ -229,3 +229,16 @@ def test_property_every_window_released_once_in_order_and_counts_balance(chunks,
         for item in w.items:
             assert np.all(np.isfinite(np.asarray(item.payload, dtype=np.float64)))
             assert item.t_start <= item.t_end <= w.t_end + al.config.spans[item.modality].lookahead()
+
+
+def test_list_source_drives_the_aligner_like_a_real_source():
+    from sources.memory import ListSource
+
+    src = ListSource([imu(0.0, 1.0), imu(1.0, 2.5)], error=RuntimeError("tail corrupt"))
+    al = Aligner("s", {"imu": "imu"}, AlignConfig(hop=1.0, origin=0.0))
+    out = []
+    with pytest.raises(RuntimeError, match="tail corrupt"):
+        for chunk in src:
+            out += al.push(chunk)
+    out += al.end_stream("imu", error="tail corrupt")
+    assert released(out) == [0, 1, 2]
