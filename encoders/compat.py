@@ -12,8 +12,9 @@ They reproduce the reference numerics, quirks included (see docs/preprocessing.m
   overlap, so later clips see samples already shifted by earlier clips' means; for stereo
   files the mean is taken over both channels and the filter bank reads channel 0 only;
 * video: frames decoded with PyAV instead of decord, the reference's frame choice
-  (ConstantClipsPerVideoSampler, 2 frames per clip), bilinear short-side scale without
-  antialiasing and 3 spatial crops (left/centre/right or top/centre/bottom).
+  (ConstantClipsPerVideoSampler, decord's frame rate/count, first and last frame of each
+  clip), bilinear short-side scale without antialiasing and 3 spatial crops
+  (left/centre/right or top/centre/bottom); only the chosen frames are kept in memory.
 
 These loaders are for offline use and migration; the streaming pipeline uses
 :mod:`encoders.preprocess`.
@@ -21,6 +22,7 @@ These loaders are for offline use and migration; the streaming pipeline uses
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from fractions import Fraction
@@ -48,6 +50,8 @@ __all__ = [
     "load_and_transform_video_data",
     "clip_timepoints",
 ]
+
+logger = logging.getLogger(__name__)
 
 _VIDEO_FRAMES_PER_CLIP = 2  # reference: UniformTemporalSubsample(num_samples=clip_duration)
 
@@ -158,7 +162,13 @@ def load_and_transform_audio_data(
     mean: float = AUDIO_MEAN,
     std: float = AUDIO_STD,
 ) -> torch.Tensor | None:
-    """Audio files -> ``float32 [B, clips_per_video, 1, num_mel_bins, target_length]``."""
+    """Audio files -> ``float32 [B, clips_per_video, 1, num_mel_bins, target_length]``.
+
+    The same float32 torch/torchaudio calls as the reference, in its order. Matches the fixture
+    within 1e-4 wherever a mel bin's log energy is >= -13; in bins near the fbank floor the
+    result carries the rounding of this CPU's FFT/convolution kernels (up to ~3e-4 between
+    CPUs), see docs/preprocessing.md.
+    """
     if audio_paths is None:
         return None
     import torchaudio
@@ -182,23 +192,81 @@ def load_and_transform_audio_data(
     return torch.stack(outputs, dim=0)
 
 
-def _decode_video(path: str | Path) -> tuple[torch.Tensor, float]:
-    """All frames as uint8 ``[T, H, W, 3]`` and the average frame rate."""
+def _video_meta(stream, container, path: str | Path) -> tuple[float, int]:
+    """Average frame rate and frame count as decord (behind pytorchvideo's EncodedVideo) reports them.
+
+    decord's ``get_avg_fps`` is the stream's ``avg_frame_rate`` and ``len(reader)`` is the
+    container's ``nb_frames``, estimated as ``avg_frame_rate * duration`` when absent.
+    """
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+        raise ValueError(f"{path}: video stream has no frame rate")
+    fps = float(rate)
+    n = int(stream.frames or 0)
+    if n < 1 and container.duration:
+        n = int(fps * container.duration / 1_000_000)
+    return fps, n
+
+
+def _clip_frame_indices(
+    fps: float, n: int, clip_duration: float, clips_per_video: int, path: str | Path
+) -> list[list[int]]:
+    """Per temporal clip, the 2 frame indices the reference keeps.
+
+    pytorchvideo ``EncodedVideoDecord.get_clip(start, end)`` returns frames
+    ``ceil(fps * start)`` .. ``min(ceil(fps * end), n) - 1``; ``UniformTemporalSubsample(2)``
+    then keeps ``linspace(0, t - 1, 2).long()`` of those t frames, i.e. the first and the last.
+    """
+    clips = []
+    for start, end in clip_timepoints(n / fps, clip_duration, clips_per_video):
+        first = math.ceil(fps * start)
+        stop = min(math.ceil(fps * end), n)
+        if stop <= first:
+            raise ValueError(f"{path}: no frames between {float(start):.3f} s and {float(end):.3f} s")
+        t = stop - first
+        sub = torch.linspace(0, t - 1, _VIDEO_FRAMES_PER_CLIP).clamp(0, t - 1).long() + first
+        clips.append(sub.tolist())
+    return clips
+
+
+def _decode_frames(path: str | Path, clip_duration: float, clips_per_video: int) -> list[torch.Tensor]:
+    """The reference's frames per temporal clip, each uint8 ``[2, H, W, 3]``.
+
+    Only the selected frames are converted to RGB and kept, so memory does not grow with the
+    length of the video (decord also decodes only what ``get_batch`` asks for).
+    """
     import av
 
-    frames: list[np.ndarray] = []
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        rate = stream.average_rate
-        for frame in container.decode(stream):
-            frames.append(frame.to_ndarray(format="rgb24"))
-    if not frames:
-        raise ValueError(f"{path}: video stream holds no frames")
-    fps = float(rate) if rate else 30.0
-    return torch.from_numpy(np.stack(frames)), fps
+        fps, n = _video_meta(stream, container, path)
+        if n < 1:
+            raise ValueError(f"{path}: video stream holds no frames")
+        clips = _clip_frame_indices(fps, n, clip_duration, clips_per_video, path)
+        wanted = {i for clip in clips for i in clip}
+        last_wanted = max(wanted)
+        got: dict[int, np.ndarray] = {}
+        last = None
+        for i, frame in enumerate(container.decode(stream)):
+            last = frame
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i >= last_wanted:
+                break
+        else:
+            # Fewer decodable frames than the container declares: repeat the last decoded one.
+            if last is None:
+                raise ValueError(f"{path}: video stream holds no decodable frames")
+            missing = sorted(wanted - set(got))
+            logger.warning("%s: frames %s not decodable (container declares %d); repeating the last one",
+                           path, missing, n)
+            tail = last.to_ndarray(format="rgb24")
+            for i in missing:
+                got[i] = tail
+    return [torch.from_numpy(np.stack([got[i] for i in clip])) for clip in clips]
 
 
 def _short_side_scale(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -240,19 +308,9 @@ def load_and_transform_video_data(
     del sample_rate
     outputs = []
     for path in video_paths:
-        frames, fps = _decode_video(path)
-        n = frames.shape[0]
-        duration = n / fps  # as pytorchvideo's decord-backed EncodedVideo computes it
         crops = []
-        for start, end in clip_timepoints(duration, clip_duration, clips_per_video):
-            first = math.ceil(float(start) * fps)
-            stop = min(math.ceil(float(end) * fps), n)
-            if stop <= first:
-                raise ValueError(f"{path}: no frames between {float(start):.3f} s and {float(end):.3f} s")
-            t = stop - first
-            # UniformTemporalSubsample: linspace over the clip's frames, truncated to ints.
-            idx = torch.linspace(0, t - 1, _VIDEO_FRAMES_PER_CLIP).clamp(0, t - 1).long() + first
-            x = frames[idx].permute(3, 0, 1, 2).to(torch.float32) / 255.0  # (C, T, H, W)
+        for frames in _decode_frames(path, clip_duration, clips_per_video):
+            x = frames.permute(3, 0, 1, 2).to(torch.float32) / 255.0  # (C, T, H, W)
             x = _normalise_chw(_short_side_scale(x, IMAGE_SIZE))
             crops.extend(_uniform_crop(x, IMAGE_SIZE, k) for k in range(3))
         outputs.append(torch.stack(crops, dim=0))
