@@ -117,11 +117,12 @@ class FrameFolderSource:
     frames before it were emitted.
     """
 
-    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0) -> None:
+    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, max_pixels: int | None = None) -> None:
         if spec.modality not in ("depth", "thermal") or not spec.source.is_dir():
             raise ValueError(f"{spec.label}: FrameFolderSource needs a depth/thermal PNG folder")
         self.spec = spec
         self.chunk_seconds = chunk_seconds
+        self.max_pixels = max_pixels
         self.dropped: dict[str, int] = {}
         self._frames = self._plan()
 
@@ -160,6 +161,11 @@ class FrameFolderSource:
 
     def _decode(self, path: Path) -> np.ndarray:
         spec = self.spec
+        if self.max_pixels is not None:
+            size = _png_size(path)
+            if size is not None and size[0] * size[1] > self.max_pixels:
+                raise SourceError(f"{spec.label}: frame {path} declares {size[0]}x{size[1]}, more than "
+                                  f"{self.max_pixels} pixels (max_pixels); not decoded")
         try:
             with av.open(str(path)) as c:
                 frame = next(c.decode(video=0))
@@ -177,6 +183,19 @@ class FrameFolderSource:
         except (av.FFmpegError, OSError, StopIteration) as e:
             raise SourceError(f"{spec.label}: cannot decode frame {path}: {e or 'no image'}") from e
         return _to_float(spec, raw, str(path))
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, read before any decoder sees the file (a
+    tiny file can declare a frame of gigabytes); ``None`` if it is not a PNG."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 class NpyFramesSource:

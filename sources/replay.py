@@ -39,7 +39,7 @@ def open_source(spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int
     if kind == "jsonl":
         return TextJsonlSource(spec, chunk_seconds=chunk_seconds)
     if kind == "png_dir":
-        return FrameFolderSource(spec, chunk_seconds=chunk_seconds)
+        return FrameFolderSource(spec, chunk_seconds=chunk_seconds, max_pixels=max_pixels)
     return NpyFramesSource(spec, chunk_seconds=chunk_seconds)
 
 

@@ -1,0 +1,176 @@
+"""Faults with real actors: encoders killed mid-replay (restarted by Ray), sources killed.
+
+Real Ray actors, real processes killed with ``ray.kill`` or SIGKILL, real sockets. A kill is
+made while the subscriber is still receiving (before the session's ``end``), and the test
+checks the kill landed that way; what is asserted is what a subscriber sees.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import signal
+import threading
+import time
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+
+from pipeline.demo import write_demo_session
+from pipeline.protocol import embedding_array
+from test_pipeline_e2e import Subscriber, _config, _expected_windows
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def session_dir(tmp_path_factory):
+    return write_demo_session(tmp_path_factory.mktemp("faults") / "s", seconds=5.0, seed=3, name="fault-s")
+
+
+def _reference_keys(session_dir, cfg) -> set[tuple[str, str, int]]:
+    """(session, modality, window) of every item the aligner makes from the session in process."""
+    spec, windows = _expected_windows(session_dir, cfg)
+    return {(spec.name, it.modality, it.window) for w in windows for it in w.items}
+
+
+def _find_actor(prefix: str, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        names = [n["name"] if isinstance(n, dict) else n for n in ray.util.list_named_actors(all_namespaces=False)]
+        hits = [n for n in names if n.startswith(prefix)]
+        if hits:
+            return ray.get_actor(hits[0])
+        time.sleep(0.05)
+    raise AssertionError(f"no actor named {prefix}*")
+
+
+def _pid_after_restart(actor, timeout_s: float = 90.0) -> int:
+    """The actor's pid once Ray restarted it (calls fail as 'unavailable' while it restarts)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.info.remote(), timeout=10)["pid"]
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _embeddings_so_far(sub: Subscriber) -> int:
+    return sum(1 for m in list(sub.messages) if m.topic.startswith("emb/"))
+
+
+def _ended(sub: Subscriber) -> bool:
+    return any(m.topic.startswith("ctl/") and m.payload["event"] == "end" for m in list(sub.messages))
+
+
+def _run_with_killer(cfg, kill):
+    """Run ``cfg``; ``kill(sub)`` runs in a thread once data flows. Returns (result, messages,
+    whether the kill happened before the subscriber saw the end)."""
+    from pipeline.run import run
+
+    sub = Subscriber(1)
+    state = {"mid_replay": None, "error": None}
+
+    def killer():
+        try:
+            deadline = time.monotonic() + 120
+            while _embeddings_so_far(sub) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            kill(sub)
+            state["mid_replay"] = not _ended(sub)
+        except BaseException as exc:  # surfaced below
+            state["error"] = exc
+
+    def on_ready(endpoint):
+        sub.start(endpoint)
+        threading.Thread(target=killer, daemon=True).start()
+
+    result = run(cfg, on_ready=on_ready)
+    sub.join()
+    if state["error"]:
+        raise state["error"]
+    return result, sub.messages, state["mid_replay"]
+
+
+def _published(messages) -> list[tuple[str, str, int]]:
+    return [(m.payload["session"], m.payload["modality"], m.payload["window"])
+            for m in messages if m.topic.startswith("emb/")]
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_killed_encoder_restarts_and_every_window_arrives_exactly_once(session_dir, how):
+    # Slow paced replay and long batch waits keep batches in flight inside the encoder.
+    cfg = _config([session_dir], replay={"rate": 4.0}, encoders={"max_batch": 16, "max_wait_ms": 150})
+    pids = {}
+
+    def kill(sub):
+        enc = _find_actor("bindstream.encoder.0.")
+        pids["before"] = ray.get(enc.info.remote())["pid"]
+        if how == "ray.kill":
+            ray.kill(enc, no_restart=False)
+        else:
+            os.kill(pids["before"], signal.SIGKILL)
+        pids["after"] = _pid_after_restart(enc)
+
+    result, messages, mid_replay = _run_with_killer(cfg, kill)
+    assert mid_replay, "the replay ended before the encoder was killed; the test proved nothing"
+    assert pids["after"] != pids["before"], "the encoder was not restarted in a new process"
+    published = _published(messages)
+    dupes = [k for k, n in collections.Counter(published).items() if n > 1]
+    assert not dupes, f"windows delivered twice: {dupes[:5]}"
+    assert set(published) == _reference_keys(session_dir, cfg), "windows lost"
+    (summary,) = result.sessions
+    assert result.exit_code == 0 and not summary["errors"]
+    assert not any(k.endswith("encoder_error") for k in summary["dropped"]), summary["dropped"]
+    # seq stays contiguous per topic: nothing lost from the subscriber's point of view
+    by_topic = collections.defaultdict(list)
+    for m in messages:
+        if m.topic.startswith("emb/"):
+            by_topic[m.topic].append(m.payload["seq"])
+    assert all(s == list(range(len(s))) for s in by_topic.values())
+    assert all(np.isfinite(embedding_array(m)).all() for m in messages if m.topic.startswith("emb/"))
+
+
+def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(session_dir):
+    from pipeline.__main__ import _print_summary
+
+    cfg = _config([session_dir], replay={"rate": 2.0})
+
+    def kill(sub):
+        # depth takes the frame nearest each window end: windows after its death lack it.
+        src = _find_actor("bindstream.source.fault-s.depth.")
+        os.kill(ray.get(src.pid.remote()), signal.SIGKILL)
+
+    result, messages, mid_replay = _run_with_killer(cfg, kill)
+    assert mid_replay, "the replay ended before the source was killed"
+    assert result.exit_code == 3
+    (summary,) = result.sessions
+    assert list(summary["errors"]) == ["depth"] and "died" in summary["errors"]["depth"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        _print_summary(result)
+    assert "FAILED stream 'depth'" in out.getvalue()
+
+    published = _published(messages)
+    assert len(published) == len(set(published))
+    expected = _reference_keys(session_dir, cfg)
+    for modality in ("vision", "audio", "imu", "thermal", "text"):
+        got = {k for k in published if k[1] == modality}
+        want = {k for k in expected if k[1] == modality}
+        assert got == want, f"{modality}: the other streams must complete"
+    depth = {k for k in published if k[1] == "depth"}
+    assert depth < {k for k in expected if k[1] == "depth"}, "the killed depth stream cannot have completed"
+    assert summary["missing"].get("depth", 0) >= 1
+    end = [m for m in messages if m.topic == "ctl/fault-s" and m.payload["event"] == "end"][0].payload
+    assert "depth" in end["errors"]
