@@ -111,10 +111,12 @@ class _Scene:
 
 
 def write_demo_session(dir: Path, *, seconds: float = 10.0, size: tuple[int, int] = (320, 240), fps: int = 15,
-                       seed: int = 0, name: str = "demo-ego") -> Path:
+                       seed: int = 0, name: str = "demo-ego", bitrate: int | None = None) -> Path:
     """Write the demo session into folder ``dir`` (created; existing demo files replaced).
 
-    ``size`` is the video (width, height). Returns ``dir``. Files are written to a temporary
+    ``size`` is the video (width, height). ``bitrate`` (bits/s) switches the video encoder from
+    constant quality (CRF 23, small files for flat synthetic frames) to that average bitrate, so
+    benchmarks can decode streams as heavy as a real camera's. Returns ``dir``. Files are written to a temporary
     sibling folder first and moved in at the end, so an interrupted run leaves no half session.
     """
     w, h = size
@@ -122,12 +124,14 @@ def write_demo_session(dir: Path, *, seconds: float = 10.0, size: tuple[int, int
         raise ValueError(f"demo session: size must be even and at least 16x16, got {size}")
     if not seconds > 0 or fps < 1:
         raise ValueError(f"demo session: need seconds > 0 and fps >= 1, got seconds={seconds}, fps={fps}")
+    if bitrate is not None and bitrate < 10_000:
+        raise ValueError(f"demo session: bitrate is in bits/s and must be >= 10000, got {bitrate}")
     dest = Path(dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     scene = _Scene.make(w, h, seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        _write_av(tmp / "video.mp4", scene, seconds, fps)
+        _write_av(tmp / "video.mp4", scene, seconds, fps, bitrate)
         _write_imu(tmp / "imu.csv", scene, seconds)
         _write_frames(tmp / "depth", scene, seconds, depth=True)
         _write_frames(tmp / "thermal", scene, seconds, depth=False)
@@ -184,7 +188,7 @@ def _video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def _write_av(path: Path, scene: _Scene, seconds: float, fps: int) -> None:
+def _write_av(path: Path, scene: _Scene, seconds: float, fps: int, bitrate: int | None = None) -> None:
     n_frames = max(1, round(seconds * fps))
     # bitexact keeps version strings and other build-dependent bytes out of the file.
     with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as out:
@@ -193,8 +197,11 @@ def _write_av(path: Path, scene: _Scene, seconds: float, fps: int) -> None:
         v.width, v.height, v.pix_fmt = scene.w, scene.h, "yuv420p"
         v.codec_context.thread_count = 1  # threaded encoders are not byte-reproducible
         v.codec_context.flags |= av.codec.context.Flags.bitexact
+        if bitrate is not None:
+            v.bit_rate = int(bitrate)
         if codec == "libx264":
-            v.codec_context.options = {"preset": "veryfast", "crf": "23", "x264-params": "threads=1"}
+            rc = {"b": str(int(bitrate))} if bitrate is not None else {"crf": "23"}
+            v.codec_context.options = {"preset": "veryfast", **rc, "x264-params": "threads=1"}
         a = out.add_stream("aac", rate=_AUDIO_RATE, layout="mono")
         a.codec_context.flags |= av.codec.context.Flags.bitexact
         a.codec_context.thread_count = 1

@@ -1,0 +1,88 @@
+"""The one-process runtime (no Ray): same windows and embeddings as the aligner + model directly,
+published through a real sink, with per-stage latencies for every embedding."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.align import AlignConfig, Aligner
+from pipeline.demo import write_demo_session
+from pipeline.inprocess import run_inprocess
+from pipeline.metrics import STAGES
+from pipeline.session import load_session
+from sinks.memory import ListSink
+from sources.replay import open_source
+
+
+@pytest.fixture(scope="module")
+def session_dir(tmp_path_factory):
+    return write_demo_session(tmp_path_factory.mktemp("s") / "a", seconds=4.0, seed=3, name="inproc-a")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from encoders.imagebind import load
+
+    return load("imagebind_tiny", "none", device="cpu", precision="fp32", seed=0)
+
+
+def _expected(session_dir):
+    spec = load_session(session_dir)
+    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, AlignConfig())
+    its = {s.id: iter(open_source(s, chunk_seconds=0.5)) for s in spec.streams}
+    windows = []
+    while its:
+        for sid in list(its):
+            c = next(its[sid], None)
+            if c is None:
+                del its[sid]
+                windows += al.end_stream(sid)
+            else:
+                windows += al.push(c)
+    return windows
+
+
+def test_every_window_is_published_once_in_order_with_the_direct_encoder_output(session_dir, model):
+    from encoders.preprocess import prepare
+
+    sink = ListSink(model_name="imagebind_tiny")
+    result = run_inprocess([load_session(session_dir)], model, sink, max_batch=3, max_wait_s=0.0)
+    windows = _expected(session_dir)
+    expected = {(it.modality, it.window): it for w in windows for it in w.items}
+    got = {}
+    for m in sink.embeddings():
+        key = (m.payload["modality"], m.payload["window"])
+        assert key not in got, f"duplicate {key}"
+        got[key] = np.frombuffer(m.payload["embedding"], dtype="<f4")
+    assert set(got) == set(expected)
+    by_modality = collections.defaultdict(list)
+    for m in sink.embeddings():
+        by_modality[m.payload["modality"]].append(m.payload["window"])
+    assert all(ws == sorted(ws) for ws in by_modality.values())
+    for (modality, window), it in expected.items():
+        direct = model.encode(modality, prepare(modality, [it.payload], "cpu")).numpy()[0]
+        np.testing.assert_allclose(got[(modality, window)], direct, atol=1e-5, err_msg=f"{modality}/{window}")
+
+    (summary,) = result.sessions
+    assert summary["windows"] == len(windows) and summary["errors"] == {}
+    end = [m for m in sink.messages if m.topic == "ctl/inproc-a" and m.payload["event"] == "end"][0].payload
+    assert end["windows"] == len(windows) and end["counts"] == summary["counts"]
+    assert set(result.stages) == set(STAGES)
+    assert result.stages["total"]["n"] == len(expected)
+    assert max(result.batch_sizes["vision"]) <= 3
+
+
+def test_a_broken_stream_is_reported_and_the_others_complete(tmp_path, session_dir, model):
+    sess = tmp_path / "broken"
+    shutil.copytree(session_dir, sess)
+    video = sess / "video.mp4"
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 3])
+    sink = ListSink(model_name="imagebind_tiny")
+    result = run_inprocess([load_session(sess)], model, sink)
+    (summary,) = result.sessions
+    assert "cam" in summary["errors"] or "mic" in summary["errors"]
+    assert summary["counts"].get("imu", 0) == summary["windows"] > 0
