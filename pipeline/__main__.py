@@ -58,6 +58,14 @@ def _print_summary(result) -> None:
             print("    dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())))
         for stream, err in sorted(s["errors"].items()):
             print(f"    FAILED stream '{stream}': {err}")
+        if s.get("recording"):
+            print(f"    recorded to {s['recording']}")
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    """``record CONFIG --out DIR``: ``run`` with ``record: DIR`` (live sessions, docs/live.md)."""
+    args.set = list(args.set) + [f"record={Path(args.out).resolve()}"]
+    return _cmd_run(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -78,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config key, e.g. --set replay.rate=0 (repeatable)")
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("record", help="run a config with live sessions and record them as session folders")
+    p.add_argument("config", help="run config YAML with live sessions (see docs/live.md)")
+    p.add_argument("--out", required=True, metavar="DIR", help="recordings go to DIR/<session>/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key")
+    p.set_defaults(fn=_cmd_record)
 
     p = sub.add_parser("demo-session", help="write the deterministic synthetic demo session")
     p.add_argument("dir")

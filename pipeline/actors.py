@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,27 +45,43 @@ class SourceActor:
         self._stop = False
         self.chunks = 0
         self.samples = 0
+        self._live: Any = None  # live source (issue 4): stop() ends it
+        self._recorder: Any = None  # live recording (issue 4): written as chunks are pushed
 
     def stop(self) -> None:
         self._stop = True
+        if self._live is not None:
+            self._live.stop()
+
+    def pid(self) -> int:
+        """The process id (fault tests kill it; the driver then ends the stream, see run.py)."""
+        return os.getpid()
 
     def run(self, rate: float, max_inflight: int) -> dict[str, Any]:
+        from pipeline.guard import StreamGuard
         from sources.replay import open_source
 
         stream = self.spec.id
         error: str | None = None
         inflight: collections.deque = collections.deque()
         source = None
+        guard = None
+        cpu0, wall_start = time.process_time(), time.time()  # this actor is the stream's own process
         try:
-            source = open_source(self.spec, **self.options)
+            # max_gap_s belongs to the guard (pipeline/guard.py), not to the source readers.
+            opts = {k: v for k, v in self.options.items() if k != "max_gap_s"}
+            guard = StreamGuard(self.session, stream, self.spec.modality,
+                                max_gap_s=float(self.options.get("max_gap_s") or 0.0))
+            source = open_source(self.spec, **opts) if self.spec.live is None else self._open_live(opts)
             t_first: float | None = None
             wall0 = time.time()
             for chunk in source:
-                if self._stop:
+                if self._stop and self._live is None:  # a live source drains what it holds, then ends
                     break
+                chunk = guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
                 if len(chunk) == 0:
                     continue
-                if rate > 0:
+                if rate > 0 and self._live is None:
                     # Pace on the newest sample of the chunk, relative to the stream's first one.
                     if t_first is None:
                         t_first = float(np.nanmin(chunk.t))
@@ -76,6 +93,8 @@ class SourceActor:
                 while len(inflight) >= max_inflight:
                     ray.get(inflight.popleft())  # raises if the aligner refused the chunk
                 inflight.append(self.aligner.push.remote(chunk, self.chunks))
+                if self._recorder is not None:
+                    self._recorder.write(chunk)
                 self.chunks += 1
                 self.samples += len(chunk)
             while inflight:
@@ -84,13 +103,48 @@ class SourceActor:
             error = f"{type(exc).__name__}: {exc}"
             log.error("session '%s' stream '%s' failed: %s", self.session, stream, error)
         dropped = dict(getattr(source, "dropped", {}) or {})
+        if guard is not None:
+            dropped = guard.merge_into(dropped)
         for ref in inflight:
             try:
                 ray.get(ref)
             except Exception:
                 pass
         ray.get(self.aligner.end_stream.remote(stream, error, dropped, self.chunks))
-        return {"stream": stream, "chunks": self.chunks, "samples": self.samples, "error": error, "dropped": dropped}
+        return {"stream": stream, "chunks": self.chunks, "samples": self.samples, "error": error, "dropped": dropped,
+                "cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall_start, "t_start": wall_start,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                **self._close_record()}
+
+    # -- live streams (issue 4, docs/live.md) -------------------------------------------------
+    def _open_live(self, opts: dict[str, Any]) -> Any:
+        """The live source for the stream, and its recorder when the run records.
+        ``opts`` carries ``epoch`` (the session clock) and ``record_dir`` besides the usual ones."""
+        from pipeline.clock import SessionClock
+        from sources.live import open_live_source
+
+        opts = dict(opts)
+        epoch = opts.pop("epoch")
+        record_dir = opts.pop("record_dir", None)
+        self._live = open_live_source(self.spec, SessionClock(epoch), **opts)
+        if self._stop:
+            self._live.stop()
+        if record_dir:
+            from pipeline.record import StreamRecorder
+
+            self._recorder = StreamRecorder(record_dir, self.spec.id, self.spec.modality)
+        return self._live
+
+    def _close_record(self) -> dict[str, Any]:
+        if self._recorder is None:
+            return {}
+        try:
+            entry = self._recorder.close()
+        except Exception as exc:
+            log.error("session '%s' stream '%s': closing the recording failed: %s", self.session, self.spec.id, exc)
+            entry = None
+        return {"record": entry, "session": self.session,
+                "clock_offsets": list(self._live.clock.applied) if self._live else []}
 
 
 @ray.remote(num_cpus=0)
@@ -121,6 +175,7 @@ class EncoderActor:
         # One thread runs forwards, so towers never compete for the device or the cores.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._queues: dict[str, BatchQueue] = {}
+        self._metrics: Any = None  # pipeline.metrics.RayMetrics, made on the first batch
         self.items = collections.Counter()
         self.forward_s = collections.Counter()
 
@@ -131,6 +186,7 @@ class EncoderActor:
             "device": str(self.device),
             "dtype": str(self.model.dtype).replace("torch.", ""),
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "modalities": list(self.model.modalities),
         }
 
@@ -139,6 +195,7 @@ class EncoderActor:
             "items": dict(self.items),
             "forward_s": dict(self.forward_s),
             "batch_sizes": {m: list(q.batch_sizes) for m, q in self._queues.items()},
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     def _forward(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
@@ -155,11 +212,23 @@ class EncoderActor:
         self.forward_s[modality] += time.perf_counter() - t0
         return list(rows)
 
-    async def _run_batch(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._forward, modality, payloads)
+    # -- stage timing (issue 5): every row travels with its batch's forward start/end time --
+    def _forward_timed(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
+        t0 = time.time()
+        rows = self._forward(modality, payloads)
+        t1 = time.time()
+        return [(r, t0, t1) for r in rows]
 
-    async def encode(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
+    async def _run_batch(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
+        loop = asyncio.get_running_loop()
+        if self._metrics is None:
+            from pipeline.metrics import RayMetrics
+
+            self._metrics = RayMetrics()
+        self._metrics.batch(modality, len(payloads), len(self._queues[modality]))
+        return await loop.run_in_executor(self._pool, self._forward_timed, modality, payloads)
+
+    async def _submit(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
         q = self._queues.get(modality)
         if q is None:
             q = BatchQueue(
@@ -170,6 +239,14 @@ class EncoderActor:
             )
             self._queues[modality] = q
         return await q.submit_many(payloads)
+
+    async def encode(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
+        return [row for row, _, _ in await self._submit(modality, payloads)]
+
+    async def encode_timed(self, modality: str, payloads: list[Any]) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
+        """``encode`` plus, per row, the wall-clock start and end of the forward that made it."""
+        out = await self._submit(modality, payloads)
+        return [row for row, _, _ in out], [(t0, t1) for _, t0, t1 in out]
 
 
 @ray.remote(num_cpus=0)
@@ -222,6 +299,7 @@ class AlignerActor:
         max_inflight_windows: int = 64,
         heartbeat_s: float = 2.0,
         retries: int = 2,
+        live: dict[str, Any] | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.session = session
@@ -233,6 +311,7 @@ class AlignerActor:
         self.max_inflight = max_inflight_windows
         self.heartbeat_s = heartbeat_s
         self.retries = retries
+        self._live_init(live)  # bounded latency for live sessions (issue 4)
         self._pending: collections.deque = collections.deque()  # (window, [(item, task, row)])
         self._pending_changed: asyncio.Event | None = None
         self._pump_task: asyncio.Task | None = None
@@ -245,9 +324,24 @@ class AlignerActor:
         self.source_errors: dict[str, str] = {}
         self.latencies: list[float] = []
         self.t_started = time.time()
+        # Stage timing and Ray metrics (issue 5): item id -> [t_release, t_fwd0, t_fwd1] until published.
+        from pipeline.metrics import RayMetrics, StageRecorder
+
+        self._metrics = RayMetrics()
+        self.stages = StageRecorder(keep=20_000, metrics=self._metrics, session=session)
+        self._stamps: dict[int, list[float]] = {}
+        self._dropped_exported: collections.Counter[str] = collections.Counter()
         self._held: dict[str, dict[int, Any]] = collections.defaultdict(dict)
         self._next_seq: collections.Counter[str] = collections.Counter()
-        self._ends: dict[str, tuple[int, str | None]] = {}
+        self._ends: dict[str, tuple[int | None, str | None]] = {}
+        # Fault handling (issue 6): streams whose end was applied, the newest window published
+        # per stream (a session may hold two streams of one modality; windows go out in order, so anything at or below it is a duplicate:
+        # exactly-once whatever happened upstream), encoders found dead.
+        self._ended: set[str] = set()
+        self._last_window: dict[str, int] = {}  # stream -> newest window published
+        self._dead_encoders: set[int] = set()
+        self.encode_retries = 0
+        self.restart_timeout_s = 120.0  # how long a batch waits for a restarting encoder
 
     # -- lifecycle -------------------------------------------------------------------------
     def _ensure_tasks(self) -> None:
@@ -259,6 +353,10 @@ class AlignerActor:
 
     async def push(self, chunk: Any, seq: int) -> None:
         self._ensure_tasks()
+        if chunk.stream in self._ended:
+            # Its source was declared dead (end_stream with chunks=None): too late to apply.
+            self.source_dropped[f"{chunk.stream}:after_source_failure"] += len(chunk)
+            return
         # An async actor may start calls out of submission order; chunks carry a per-stream
         # sequence number and are applied strictly in order.
         held = self._held[chunk.stream]
@@ -275,8 +373,13 @@ class AlignerActor:
             await self._pending_changed.wait()
 
     async def end_stream(self, stream: str, error: str | None = None, dropped: dict[str, int] | None = None,
-                         chunks: int = 0) -> None:
+                         chunks: int | None = 0) -> None:
+        """The stream sent ``chunks`` chunks and stops. ``chunks=None``: its source died (the
+        driver saw the actor fail) and the count is unknown: the stream ends at once with the
+        chunks applied so far; held and later chunks are dropped as ``after_source_failure``."""
         self._ensure_tasks()
+        if stream in self._ended:
+            return  # already ended (e.g. the source ended cleanly, then its process died)
         if error:
             self.source_errors[stream] = error
         for reason, n in (dropped or {}).items():
@@ -286,9 +389,13 @@ class AlignerActor:
 
     def _maybe_end(self, stream: str) -> None:
         end = self._ends.get(stream)
-        if end is None or self._next_seq[stream] < end[0]:
+        if end is None or (end[0] is not None and self._next_seq[stream] < end[0]):
             return  # chunks still on their way
         del self._ends[stream]
+        self._ended.add(stream)
+        held = self._held.pop(stream, {})
+        if held:
+            self.source_dropped[f"{stream}:after_source_failure"] += sum(len(c) for c in held.values())
         self._dispatch(self.aligner.end_stream(stream, end[1]))
         self._pending_changed.set()
 
@@ -316,6 +423,8 @@ class AlignerActor:
             "errors": dict(self.source_errors),
             "latency_p50_s": float(np.percentile(lat, 50)),
             "latency_p99_s": float(np.percentile(lat, 99)),
+            "encode_retries": self.encode_retries,
+            "stages": self.stages.summary(),
         }
 
     def _dropped(self) -> dict[str, int]:
@@ -323,6 +432,7 @@ class AlignerActor:
         for (stream, reason), n in self.aligner.dropped.items():
             out[f"{stream}:{reason}"] += n
         out.update(self.source_dropped)
+        out.update(self._shed)
         for m, n in self.encode_errors.items():
             out[f"{m}:encoder_error"] += n
         return dict(out)
@@ -332,6 +442,10 @@ class AlignerActor:
         return min(range(len(self.encoders)), key=lambda i: self._load[i])
 
     def _dispatch(self, windows: list[Window]) -> None:
+        if self._live is not None and not self._feeding:
+            self._backlog.extend(windows)  # live: admitted by _live_feed, which may shed
+            self._live_feed()
+            return
         if not windows:
             return
         by_modality: dict[str, list[WindowItem]] = collections.defaultdict(list)
@@ -345,35 +459,84 @@ class AlignerActor:
             fut = loop.create_task(self._encode(modality, items))
             for row, item in enumerate(items):
                 results[id(item)] = (fut, row)
+        t_release = time.time()
         for w in windows:
             self._pending.append((w, [(item, *results[id(item)]) for item in w.items]))
+            for item in w.items:
+                self._stamps[id(item)] = [t_release, math.nan, math.nan]
         self._pending_changed.set()
 
     async def _encode(self, modality: str, items: list[WindowItem]) -> list[np.ndarray | None]:
+        """Results for ``items``, retried until they come back. A dead or restarting encoder
+        (Ray restarts it, ``max_restarts``) is not the batch's fault: the batch is re-sent, to
+        another replica where there is one, for up to ``restart_timeout_s``. A batch the encoder
+        itself refuses (an exception inside ``encode``) is retried ``retries`` times. Encoders are
+        pure functions of their input, so a batch run twice gives the same rows, and each
+        window's result is used once: delivery stays exactly-once."""
+        from ray.exceptions import ActorDiedError, RayActorError
+
         payloads = [it.payload for it in items]
         last_exc: Exception | None = None
-        for attempt in range(self.retries + 1):
-            i = self._pick_encoder()
+        failures = 0
+        attempt = 0
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:
+            live = [i for i in range(len(self.encoders)) if i not in self._dead_encoders]
+            if not live:
+                break
+            i = min(live, key=lambda j: self._load[j])
+            attempt += 1
             self._load[i] += len(items)
             try:
-                return await self.encoders[i].encode.remote(modality, payloads)
-            except Exception as exc:  # actor died/restarting, or the batch failed
+                rows, spans = await self.encoders[i].encode_timed.remote(modality, payloads)
+                self._note_forward(items, spans)
+                return rows
+            except RayActorError as exc:  # the actor died, or is restarting
                 last_exc = exc
+                self.encode_retries += 1
+                log.warning("session '%s': encoder %d lost a %s batch of %d (attempt %d), re-sending: %s",
+                            self.session, i, modality, len(items), attempt, str(exc).splitlines()[0])
+                if isinstance(exc, ActorDiedError) and await self._encoder_dead(i):
+                    self._dead_encoders.add(i)
+                    log.error("session '%s': encoder %d is dead (restarts exhausted)", self.session, i)
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(min(2.0, 0.2 * attempt))
+            except Exception as exc:  # the batch failed inside the encoder
+                last_exc = exc
+                failures += 1
                 log.warning("session '%s': %s batch of %d failed on encoder %d (attempt %d): %s",
-                            self.session, modality, len(items), i, attempt + 1, exc)
-                await asyncio.sleep(0.5 * (attempt + 1))
+                            self.session, modality, len(items), i, attempt, exc)
+                if failures > self.retries:
+                    break
+                self.encode_retries += 1
+                await asyncio.sleep(0.5 * failures)
             finally:
                 self._load[i] -= len(items)
         log.error("session '%s': dropping %d %s items after %d attempts: %s",
-                  self.session, len(items), modality, self.retries + 1, last_exc)
+                  self.session, len(items), modality, attempt, last_exc)
         self.encode_errors[modality] += len(items)
         return [None] * len(items)
+
+    async def _encoder_dead(self, i: int) -> bool:
+        """True when encoder ``i`` is gone for good; False while it is alive or restarting."""
+        from ray.exceptions import ActorDiedError
+
+        try:
+            await asyncio.wait_for(self.encoders[i].info.remote(), 60.0)
+            return False
+        except ActorDiedError:
+            return True
+        except Exception:
+            return False
 
     # -- publish ---------------------------------------------------------------------------
     async def _pump(self) -> None:
         from pipeline.protocol import EmbeddingRecord
 
         while True:
+            if self._live is not None:
+                self._live_feed()
             if not self._pending:
                 if self.aligner.done:
                     break
@@ -382,6 +545,7 @@ class AlignerActor:
                 continue
             # Publish every window whose results are in, in window order, in one call.
             records = []
+            stamped: list[WindowItem] = []  # the items behind ``records``, for stage timing
             while self._pending:
                 w, entries = self._pending[0]
                 if not all(f.done() for _, f, _ in entries):
@@ -390,10 +554,19 @@ class AlignerActor:
                     await asyncio.gather(*(f for _, f, _ in entries))
                     continue
                 self._pending.popleft()
+                if self._live is not None:
+                    self._live_served(w)
                 for item, fut, row in entries:
                     emb = fut.result()[row]
                     if emb is None:
                         continue
+                    if self._live is not None and self._live_late(item):
+                        continue  # would break the latency bound: counted, not published
+                    if item.window <= self._last_window.get(item.stream, -1):
+                        self.source_dropped[f"{item.stream}:duplicate_window"] += 1
+                        continue  # never twice
+                    self._last_window[item.stream] = item.window
+                    stamped.append(item)
                     records.append(EmbeddingRecord(
                         session=self.session, stream=item.stream, modality=item.modality,
                         window=item.window, t_start=item.t_start, t_end=item.t_end,
@@ -402,6 +575,7 @@ class AlignerActor:
             self._pending_changed.set()
             if records:
                 await self.publisher.publish.remote(records)
+                self._note_published(stamped, time.time())
                 now = time.time()
                 for r in records:
                     self.counts[r.modality] += 1
@@ -433,6 +607,104 @@ class AlignerActor:
                     "dropped": self._dropped(),
                     "pending": len(self._pending),
                     "buffered_samples": self.aligner.buffered_samples(),
+                    **self._metrics_tick(),
                 })
             except Exception as exc:
                 log.warning("session '%s': heartbeat failed: %s", self.session, exc)
+
+    # -- stage timing and metrics (issue 5) -----------------------------------------------------
+    def _note_forward(self, items: list[WindowItem], spans: list[tuple[float, float]]) -> None:
+        for item, (t0, t1) in zip(items, spans):
+            st = self._stamps.get(id(item))
+            if st is not None:
+                st[1], st[2] = t0, t1
+
+    def _note_published(self, items: list[WindowItem], t_pub: float) -> None:
+        by_modality: collections.Counter[str] = collections.Counter()
+        for item in items:
+            st = self._stamps.pop(id(item), None)
+            by_modality[item.modality] += 1
+            if st is not None:
+                self.stages.record(item.t_ingest, st[0], st[1], st[2], t_pub)
+        self._metrics.embeddings(self.session, by_modality)
+        # Items never published (encoder errors, duplicates) leave with their window.
+        if len(self._stamps) > 4 * (self.max_inflight + 1) * max(1, len(self.streams)):
+            live = {id(it) for _, entries in self._pending for it, _, _ in entries}
+            self._stamps = {k: v for k, v in self._stamps.items() if k in live}
+
+    def _metrics_tick(self) -> dict[str, Any]:
+        """Export gauges and drop deltas; return the heartbeat's stage summary."""
+        self._metrics.pending(self.session, len(self._pending))
+        for reason, n in self._dropped().items():
+            delta = n - self._dropped_exported[reason]
+            if delta > 0:
+                self._metrics.dropped(self.session, reason, delta)
+                self._dropped_exported[reason] = n
+        return {"latency": self.stages.brief()}
+
+    # -- live: bounded publish latency (issue 4, docs/live.md) ----------------------------------
+    # Released windows wait in a backlog; at most ``inflight`` of them are with the encoders.
+    # Before admitting one, windows that can no longer be published within max_latency_s (their
+    # age plus the recent dispatch-to-publish time) are shed, oldest first, counted per stream as
+    # ``shed_latency``; with ``shed: subsample`` the ``subsample`` modalities of every other
+    # window are dropped first once half the bound is used (``subsampled``). A result older
+    # than 90 % of the bound when its turn to publish comes is dropped as ``late_publish``.
+    def _live_init(self, live: dict[str, Any] | None) -> None:
+        self._live = live
+        self._feeding = False
+        self._backlog: collections.deque = collections.deque()
+        self._shed: collections.Counter[str] = collections.Counter()
+        self._served_s = 0.0  # EWMA of dispatch -> publish time of one window
+        self._dispatched_at: dict[int, float] = {}
+        self._thin = 0
+
+    @staticmethod
+    def _age(w: Window, now: float) -> float:
+        return now - max((it.t_ingest for it in w.items), default=now)
+
+    def _live_feed(self) -> None:
+        live = self._live
+        assert live is not None
+        bound = float(live.get("max_latency_s") or 0.0)
+        cap = max(1, int(live.get("inflight", 2)))
+        now = time.time()
+        subsample = set(live.get("subsample") or ()) if live.get("shed") == "subsample" else set()
+        admit: list[Window] = []
+        while self._backlog and len(self._pending) + len(admit) < cap:
+            w = self._backlog.popleft()
+            if bound > 0:
+                expected = self._age(w, now) + self._served_s
+                if expected > bound:
+                    for it in w.items:
+                        self._shed[f"{it.stream}:shed_latency"] += 1
+                    continue
+                if subsample and expected > bound / 2:
+                    self._thin += 1
+                    if self._thin % 2:
+                        keep = [it for it in w.items if it.modality not in subsample]
+                        for it in w.items:
+                            if it.modality in subsample:
+                                self._shed[f"{it.stream}:subsampled"] += 1
+                        w.items = keep
+            admit.append(w)
+        for w in admit:
+            self._dispatched_at[id(w)] = now
+        if admit:
+            self._feeding = True
+            try:
+                self._dispatch(admit)
+            finally:
+                self._feeding = False
+
+    def _live_served(self, w: Window) -> None:
+        t0 = self._dispatched_at.pop(id(w), None)
+        if t0 is not None:
+            self._served_s = 0.7 * self._served_s + 0.3 * (time.time() - t0)
+
+    def _live_late(self, item: WindowItem) -> bool:
+        bound = float(self._live.get("max_latency_s") or 0.0) if self._live else 0.0
+        # 10 % of the bound is left for the publish call and the socket.
+        if bound > 0 and time.time() - item.t_ingest > 0.9 * bound:
+            self._shed[f"{item.stream}:late_publish"] += 1
+            return True
+        return False

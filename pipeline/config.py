@@ -50,16 +50,22 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
     "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64},
-    "sources": {"video_size": 224, "max_pixels": 8192 * 8192},
+    "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0},
     "publish": {
         "endpoint": "tcp://127.0.0.1:5555",
         "wait_for_subscribers": 0,
         "wait_timeout_s": 60.0,
         "hwm": 1000,
         "heartbeat_s": 2.0,
+        "curve": {"server_secret_key": None, "authorized_clients": None},
     },
-    "ray": {"address": None, "num_cpus": None},
+    "ray": {"address": None, "num_cpus": None, "source_resources": None, "encoder_resources": None,
+            "publisher_resources": None},
     "progress": "auto",
+    # Live sessions (docs/live.md).
+    "stop_after": None,
+    "record": None,
+    "live": {"max_latency_s": 2.0, "shed": "drop_oldest", "subsample": ["vision"]},
 }
 
 # Keys that take a word or a value of another type ("auto" or a number, auto/true/false);
@@ -70,6 +76,13 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "demo_session": (str,),
     "ray.address": (str,),
     "ray.num_cpus": (int,),
+    "ray.source_resources": (dict,),
+    "ray.encoder_resources": (dict,),
+    "ray.publisher_resources": (dict,),
+    "stop_after": (float, int),
+    "record": (str,),
+    "publish.curve.server_secret_key": (str,),
+    "publish.curve.authorized_clients": (str,),
 }
 
 
@@ -173,6 +186,48 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"config key '{key}': expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
 
 
+def _check_curve(curve: dict[str, Any]) -> None:
+    """publish.curve: both keys or neither; the files are loaded (and checked) by the run."""
+    given = [k for k, v in curve.items() if v is not None]
+    if given and len(given) != len(curve):
+        missing = sorted(set(curve) - set(given))[0]
+        raise ConfigError(f"config key 'publish.curve.{missing}': required when publish.curve.{given[0]} is set")
+
+
+SHED_POLICIES = ("drop_oldest", "subsample")
+
+
+def _check_live(merged: dict[str, Any]) -> None:
+    """stop_after, record and live.* (read from ``RunConfig.raw`` by the run; docs/live.md)."""
+    stop = merged["stop_after"]
+    if stop is not None and (isinstance(stop, bool) or not stop > 0 or not math.isfinite(stop)):
+        raise ConfigError(f"config key 'stop_after': expected a positive number of seconds, got {stop!r}")
+    if merged["record"] is not None and not str(merged["record"]).strip():
+        raise ConfigError("config key 'record': expected a folder path")
+    live = merged["live"]
+    _positive(live["max_latency_s"], "live.max_latency_s", allow_zero=True)
+    if live["shed"] not in SHED_POLICIES:
+        raise ConfigError(f"config key 'live.shed': expected one of {', '.join(SHED_POLICIES)}, got {live['shed']!r}")
+    from sources.base import MODALITIES
+
+    bad = [m for m in live["subsample"] if m not in MODALITIES]
+    if bad:
+        raise ConfigError(f"config key 'live.subsample': expected modalities ({', '.join(MODALITIES)}), got {bad[0]!r}")
+
+
+def _check_resources(ray_cfg: dict[str, Any]) -> None:
+    """ray.*_resources: Ray custom resources (name -> amount) the actor must be placed on."""
+    for key in ("source_resources", "encoder_resources", "publisher_resources"):
+        res = ray_cfg.get(key)
+        if res is None:
+            continue
+        for name, amount in res.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"config key 'ray.{key}': resource names must be strings, got {name!r}")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount >= 0:
+                raise ConfigError(f"config key 'ray.{key}.{name}': expected a non-negative number, got {amount!r}")
+
+
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     merged = _merge(DEFAULTS, data, "")
     sessions = merged["sessions"]
@@ -237,6 +292,10 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     _positive(p["wait_for_subscribers"], "publish.wait_for_subscribers", allow_zero=True)
     _positive(p["hwm"], "publish.hwm")
     _positive(p["heartbeat_s"], "publish.heartbeat_s")
+    _check_curve(p["curve"])
+    _positive(merged["sources"]["max_gap_s"], "sources.max_gap_s", allow_zero=True)
+    _check_live(merged)
+    _check_resources(merged["ray"])
     if merged["progress"] not in ("auto", True, False):
         raise ConfigError(f"config key 'progress': expected auto, true or false, got {merged['progress']!r}")
 

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.session import SessionSpec, load_session, session_from_dict
 
-__all__ = ["RunResult", "prepare_sessions", "resolve_model_options", "run"]
+__all__ = ["RunResult", "curve_server_config", "prepare_sessions", "resolve_model_options", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class RunResult:
     model: dict[str, Any]
     elapsed_s: float
     encoder_stats: list[dict[str, Any]] = field(default_factory=list)
+    # What each source actor's run returned (stream, chunks, samples, error, dropped, cpu_s, wall_s).
+    source_stats: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -117,7 +120,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     from pipeline.actors import AlignerActor, EncoderActor, PublisherActor, SourceActor
 
     specs = prepare_sessions(cfg)
+    live = _live_settings(cfg, specs)  # None unless a session is live (issue 4)
     model_opts = resolve_model_options(cfg)
+    curve = curve_server_config(cfg)
     started_ray = _ray_init(cfg)
     t0 = time.time()
     actors: list[Any] = []
@@ -128,24 +133,29 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             num_gpus = 1 if str(model_opts["device"]).startswith("cuda") else 0
         if num_gpus:
             enc_opts["num_gpus"] = num_gpus
+        enc_opts.update(_placement(cfg, "encoder_resources"))
+        # Named (unique per run) so operators and fault tests can find them: ray.get_actor(name).
+        uid = uuid.uuid4().hex[:8]
         encoders = [
-            EncoderActor.options(max_restarts=2, max_task_retries=0, **enc_opts).remote(
+            EncoderActor.options(name=f"bindstream.encoder.{i}.{uid}", max_restarts=2, max_task_retries=0,
+                                 **enc_opts).remote(
                 model_opts, int(cfg.encoders["max_batch"]), float(cfg.encoders["max_wait_ms"])
             )
-            for _ in range(int(cfg.encoders["replicas"]))
+            for i in range(int(cfg.encoders["replicas"]))
         ]
         actors += encoders
         infos = ray.get([e.info.remote() for e in encoders])
         info = infos[0]
         pub_opts = {
             "endpoint": cfg.publish["endpoint"],
-            "mode": "replay",
+            "mode": "live" if live else "replay",
             "wait_for_subscribers": int(cfg.publish["wait_for_subscribers"]),
             "wait_timeout_s": cfg.publish["wait_timeout_s"],
             "hwm": int(cfg.publish["hwm"]),
             "model_name": info["model"],
+            "curve": curve,
         }
-        publisher = PublisherActor.remote(pub_opts)
+        publisher = PublisherActor.options(**_placement(cfg, "publisher_resources")).remote(pub_opts)
         actors.append(publisher)
         endpoint = ray.get(publisher.endpoint.remote())
         log.info("publishing on %s (model %s, dim %d, %s %s)", endpoint, info["model"], info["dim"],
@@ -155,10 +165,12 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         ray.get(publisher.wait_for_subscribers.remote())
 
         aligners, sources, runs = [], [], []
+        watch = _SourceWatch()
         src_opts = {
             "chunk_seconds": cfg.chunk_seconds,
             "video_size": int(cfg.sources["video_size"]),
             "max_pixels": int(cfg.sources["max_pixels"]),
+            "max_gap_s": float(cfg.sources["max_gap_s"]),
         }
         for spec in specs:
             streams = {s.id: s.modality for s in spec.streams}
@@ -169,23 +181,31 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 spec.name, streams, cfg.align, encoders, publisher,
                 max_inflight_windows=int(cfg.encoders["max_inflight_windows"]),
                 heartbeat_s=float(cfg.publish["heartbeat_s"]),
+                live=live["aligner"] if live and spec.live else None,
             )
             aligners.append(al)
             ray.get(publisher.start_session.remote(
                 spec.name, streams, info["model"], info["dim"]))
             for s in spec.streams:
-                src = SourceActor.remote(spec.name, s, al, src_opts)
+                src = SourceActor.options(name=f"bindstream.source.{spec.name}.{s.id}.{uid}",
+                                          **_placement(cfg, "source_resources")).remote(
+                    spec.name, s, al, _live_source_options(src_opts, live, spec) if spec.live else src_opts)
                 sources.append(src)
+                watch.add(src, al, spec.name, s.id)
         actors += aligners + sources
         done_refs = [al.wait_done.remote() for al in aligners]
         for src in sources:
             runs.append(src.run.remote(cfg.rate, cfg.max_inflight_chunks))
+        watch.started(runs)
 
-        summaries = _wait(done_refs, aligners, specs, sources, progress)
-        ray.get(runs)
+        summaries = _wait(done_refs, aligners, specs, sources, progress, watch=watch,
+                          stop_after=cfg.raw.get("stop_after") if live else None)
+        watch.poll(final=True)
+        if live:
+            _write_recordings(live, specs, watch.results, summaries)
         enc_stats = ray.get([e.stats.remote() for e in encoders])
         ray.get(publisher.close.remote())
-        return RunResult(summaries, endpoint, info, time.time() - t0, enc_stats)
+        return RunResult(summaries, endpoint, info, time.time() - t0, enc_stats, source_stats=list(watch.results))
     finally:
         for a in actors:
             try:
@@ -197,7 +217,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
 
 
 def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], sources: list[Any],
-          progress: bool | None) -> list[dict[str, Any]]:
+          progress: bool | None, watch: "_SourceWatch | None" = None,
+          stop_after: float | None = None) -> list[dict[str, Any]]:
     import ray
 
     bars = _progress_bars(specs, progress)
@@ -217,8 +238,16 @@ def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], s
             old[sig] = signal.signal(sig, on_signal)
     try:
         pending = list(done_refs)
+        stop_at = None if stop_after is None else time.monotonic() + float(stop_after)
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            if stop_at is not None and time.monotonic() >= stop_at:  # live: stop_after reached
+                log.info("stop_after %.1f s reached: stopping the live sources", stop_after)
+                stop_at = None
+                for s in sources:
+                    s.stop.remote()
+            if watch is not None:
+                watch.poll()
             if bars:
                 for bar, p in zip(bars, ray.get([a.progress.remote() for a in aligners])):
                     bar.n = p["windows"]
@@ -230,6 +259,103 @@ def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], s
             signal.signal(sig, handler)
         for bar in bars:
             bar.close()
+
+
+def curve_server_config(cfg: RunConfig) -> Any:
+    """The publisher's CurveZMQ identity from ``publish.curve`` (``None`` when unset); unreadable
+    or invalid key files are a :class:`ConfigError` naming the key, raised before Ray starts."""
+    curve = cfg.publish.get("curve") or {}
+    if not curve.get("server_secret_key"):
+        return None
+    from pipeline.keys import CurveServerConfig
+
+    try:
+        return CurveServerConfig.from_files(curve["server_secret_key"], curve["authorized_clients"])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config key 'publish.curve': {exc}") from None
+
+
+class _SourceWatch:
+    """Notices source actors that died (SIGKILL, node loss: no ``end_stream`` ever comes) and
+    ends their stream at the aligner with the error, so the session finishes without them
+    and the run exits 3. A source that fails cleanly reports itself; this is for the rest."""
+
+    def __init__(self) -> None:
+        self._owners: list[tuple[Any, Any, str, str]] = []  # (source, aligner, session, stream)
+        self._refs: dict[Any, tuple[Any, str, str]] = {}
+        self.results: list[dict[str, Any]] = []
+
+    def add(self, source: Any, aligner: Any, session: str, stream: str) -> None:
+        self._owners.append((source, aligner, session, stream))
+
+    def started(self, runs: list[Any]) -> None:
+        self._refs = {ref: owner[1:] for ref, owner in zip(runs, self._owners)}
+
+    def poll(self, final: bool = False) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        if not self._refs:
+            return
+        ready, _ = ray.wait(list(self._refs), num_returns=len(self._refs), timeout=None if final else 0)
+        for ref in ready:
+            aligner, session, stream = self._refs.pop(ref)
+            try:
+                self.results.append(ray.get(ref))
+            except RayActorError as exc:
+                error = f"source actor died: {str(exc).splitlines()[0]}"
+                log.error("session '%s' stream '%s': %s", session, stream, error)
+                # chunks=None: the count is unknown; the aligner ends the stream with what it has.
+                ray.get(aligner.end_stream.remote(stream, error, None, None))
+                self.results.append({"stream": stream, "error": error})
+
+
+# -- live sessions (issue 4, docs/live.md) ---------------------------------------------------------
+def _live_settings(cfg: RunConfig, specs: list[SessionSpec]) -> dict[str, Any] | None:
+    """What live sessions need from the config, or ``None`` for an all-replay run."""
+    if not any(s.live for s in specs):
+        return None
+    live = dict(cfg.raw.get("live") or {})
+    live["inflight"] = 2 * int(cfg.encoders["replicas"])
+    record = cfg.raw.get("record")
+    return {"aligner": live, "record": Path(record).resolve() if record else None, "epoch": None}
+
+
+def _live_source_options(src_opts: dict[str, Any], live: dict[str, Any], spec: SessionSpec) -> dict[str, Any]:
+    if live["epoch"] is None:
+        live["epoch"] = time.time()  # the session clock's zero: Unix time as the first source starts
+        log.info("live session clock epoch %.6f (Unix time)", live["epoch"])
+    opts = dict(src_opts, epoch=live["epoch"])
+    if live["record"] is not None:
+        opts["record_dir"] = str(live["record"] / spec.name)
+    return opts
+
+
+def _write_recordings(live: dict[str, Any], specs: list[SessionSpec], results: list[dict[str, Any]],
+                      summaries: list[dict[str, Any]]) -> None:
+    if live["record"] is None:
+        return
+    from pipeline.record import write_session_yaml
+
+    for spec in specs:
+        if not spec.live:
+            continue
+        mine = {r["stream"]: r for r in results if r.get("session") == spec.name}
+        entries = [mine[s.id]["record"] for s in spec.streams if mine.get(s.id, {}).get("record")]
+        offsets = {sid: r.get("clock_offsets") or [] for sid, r in mine.items()}
+        path = write_session_yaml(live["record"] / spec.name, spec.name, entries, offsets)
+        if path is not None:
+            log.info("session '%s' recorded to %s", spec.name, path.parent)
+            for s in summaries:
+                if s.get("session") == spec.name:
+                    s["recording"] = str(path.parent)
+
+
+def _placement(cfg: RunConfig, key: str) -> dict[str, Any]:
+    """``.options(resources=...)`` for ``ray.<key>`` (custom resources, e.g. ``{"camera_node": 1}``):
+    Ray places the actor only on a node that offers them (``ray start --resources``)."""
+    res = cfg.ray.get(key)
+    return {"resources": {str(k): float(v) for k, v in res.items()}} if res else {}
 
 
 def _is_main_thread() -> bool:

@@ -32,6 +32,8 @@ __all__ = [
     "SessionSpec",
     "load_session",
     "session_from_dict",
+    "LIVE_KINDS",
+    "CLOCKS",
 ]
 
 FORMAT = "bindstream.session/1"
@@ -76,6 +78,25 @@ _MODALITY_KEYS: dict[str, frozenset[str]] = {
 }
 _TOP_KEYS = frozenset({"format", "name", "streams", "description"})
 
+# Live streams (docs/live.md): a stream with a ``kind`` is read from a device or socket instead
+# of a file. Per kind: the modalities it can carry, its options, and the clock rules it allows
+# (the first is the default).
+LIVE_KINDS: dict[str, dict[str, Any]] = {
+    "zmq": {"modalities": ("imu", "depth", "thermal", "vision"),
+            "keys": frozenset({"endpoint", "bind", "topic", "max_bytes"}), "clocks": ("device", "session", "arrival")},
+    "imagezmq": {"modalities": ("vision",), "keys": frozenset({"endpoint", "mode", "color"}), "clocks": ("arrival",)},
+    "url": {"modalities": ("vision", "audio", "thermal"),
+            "keys": frozenset({"url", "format", "options", "timeout_s", "max_backoff_s", "track"}),
+            "clocks": ("device", "arrival")},
+    "device": {"modalities": ("vision", "audio"),
+               "keys": frozenset({"format", "device", "size", "rate", "options", "timeout_s", "track"}),
+               "clocks": ("device", "arrival")},
+}
+# device: the stream's own clock, offset to the session clock estimated from arrival times;
+# session: timestamps are already Unix time (the shared clock); arrival: stamped on arrival.
+CLOCKS = ("device", "session", "arrival")
+_LIVE_COMMON_KEYS = frozenset({"id", "modality", "kind", "clock", "offset"})
+
 
 @dataclass(frozen=True)
 class StreamSpec:
@@ -101,6 +122,13 @@ class StreamSpec:
     gyro_unit: str = "rad/s"
     timestamps: Path | None = None
     depth_unit: str | None = None
+    live: str | None = None  # the live kind (zmq, imagezmq, url, device); None for a recording
+    clock: str = "session"  # live only: device, session or arrival (see CLOCKS)
+    options: tuple[tuple[str, Any], ...] = ()  # live only: the kind's options, validated
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """A live option by name (``default`` when not given)."""
+        return dict(self.options).get(name, default)
 
     @property
     def label(self) -> str:
@@ -110,7 +138,9 @@ class StreamSpec:
     @property
     def kind(self) -> str:
         """How the source is stored: ``media`` (a container PyAV opens), ``csv``, ``jsonl``,
-        ``png_dir`` or ``npy``."""
+        ``png_dir`` or ``npy``; for a live stream its live kind."""
+        if self.live is not None:
+            return self.live
         if self.modality in ("depth", "thermal"):
             if self.source.is_dir():
                 return "png_dir"
@@ -128,6 +158,11 @@ class SessionSpec:
     root: Path
     streams: tuple[StreamSpec, ...]
     description: str = ""
+
+    @property
+    def live(self) -> bool:
+        """True when the streams are live (declared with a ``kind``), not recordings."""
+        return any(s.live is not None for s in self.streams)
 
     def stream(self, stream_id: str) -> StreamSpec:
         """The stream with id ``stream_id``; ``KeyError`` naming the known ids otherwise."""
@@ -177,7 +212,7 @@ def session_from_dict(d: Any, root: str | Path, *, origin: str = "<inline sessio
         raise ConfigError(f"{origin}: expected a mapping with keys format, name, streams; got {_tname(d)}")
     _check_keys(d, _TOP_KEYS, origin)
     fmt = d.get("format")
-    if fmt != FORMAT:
+    if fmt != FORMAT and not (fmt is None and _all_live(d.get("streams"))):
         raise ConfigError(f"{origin}: key 'format': expected '{FORMAT}', got {fmt!r}")
     name = d.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
@@ -197,6 +232,9 @@ def session_from_dict(d: Any, root: str | Path, *, origin: str = "<inline sessio
             raise ConfigError(f"{where}: stream id '{spec.id}' is used twice (stream ids must be unique)")
         seen.add(spec.id)
         streams.append(spec)
+    if len({s.live is None for s in streams}) > 1:
+        raise ConfigError(f"{where}: mixes live streams (with 'kind') and recorded streams; a session is either "
+                          f"live or a recording")
     return SessionSpec(name=name, root=root_p, streams=tuple(streams), description=description)
 
 
@@ -211,6 +249,8 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
     modality = raw.get("modality")
     if modality not in MODALITIES:
         raise ConfigError(f"{at}: key 'modality': expected one of {', '.join(MODALITIES)}, got {modality!r}")
+    if "kind" in raw:
+        return _parse_live_stream(raw, sid, modality, session, root, at)
     _check_keys(raw, _COMMON_KEYS | _MODALITY_KEYS[modality], at)
 
     offset = raw.get("offset", 0.0)
@@ -245,6 +285,82 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
     elif modality in ("depth", "thermal"):
         kw.update(_parse_frames(raw, modality, source, root, at))
     return StreamSpec(id=sid, modality=modality, source=source, session=session, offset=offset, **kw)
+
+
+def _all_live(streams: Any) -> bool:
+    return isinstance(streams, list) and bool(streams) and all(isinstance(s, Mapping) and "kind" in s for s in streams)
+
+
+def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root: Path, at: str) -> StreamSpec:
+    kind = _choice(raw["kind"], tuple(LIVE_KINDS), f"{at}: key 'kind'")
+    rule = LIVE_KINDS[kind]
+    _check_keys(raw, _LIVE_COMMON_KEYS | rule["keys"], at)
+    if modality not in rule["modalities"]:
+        raise ConfigError(f"{at}: key 'modality': kind '{kind}' carries {', '.join(rule['modalities'])}, not {modality!r}")
+    clock = _choice(raw.get("clock", rule["clocks"][0]), rule["clocks"], f"{at}: key 'clock'")
+    offset = raw.get("offset", 0.0)
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ConfigError(f"{at}: key 'offset': expected a finite number of seconds, got {_tname(offset)}")
+    opts: dict[str, Any] = {}
+
+    def text(key: str, required: bool = False) -> None:
+        if key not in raw:
+            if required:
+                raise ConfigError(f"{at}: key '{key}' is missing (kind '{kind}' needs it)")
+            return
+        v = raw[key]
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise ConfigError(f"{at}: key '{key}': expected a non-empty string, got {_tname(v)}")
+        opts[key] = v
+
+    def number(key: str, lo: float, integer: bool = False) -> None:
+        if key in raw:
+            v = raw[key]
+            ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+            if not ok or not math.isfinite(v) or v < lo:
+                raise ConfigError(f"{at}: key '{key}': expected {'an integer' if integer else 'a number'} >= {lo}, "
+                                  f"got {_tname(v)}")
+            opts[key] = v
+
+    if kind in ("zmq", "imagezmq"):
+        text("endpoint", required=True)
+        if "://" not in opts["endpoint"]:
+            raise ConfigError(f"{at}: key 'endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5560, "
+                              f"got {opts['endpoint']!r}")
+    if kind == "zmq":
+        if "bind" in raw:
+            if not isinstance(raw["bind"], bool):
+                raise ConfigError(f"{at}: key 'bind': expected true/false, got {_tname(raw['bind'])}")
+            opts["bind"] = raw["bind"]
+        if "topic" in raw:
+            if not isinstance(raw["topic"], str):
+                raise ConfigError(f"{at}: key 'topic': expected a string, got {_tname(raw['topic'])}")
+            opts["topic"] = raw["topic"]
+        number("max_bytes", 1, integer=True)
+    elif kind == "imagezmq":
+        opts["mode"] = _choice(raw.get("mode", "reqrep"), ("reqrep", "pubsub"), f"{at}: key 'mode'")
+        opts["color"] = _choice(raw.get("color", "bgr"), ("bgr", "rgb"), f"{at}: key 'color'")
+    else:
+        text("url", required=kind == "url")
+        text("format", required=kind == "device")
+        text("device", required=kind == "device")
+        text("size")
+        if "size" in opts and not re.fullmatch(r"[0-9]+x[0-9]+", opts["size"]):
+            raise ConfigError(f"{at}: key 'size': expected WIDTHxHEIGHT like 640x480, got {opts['size']!r}")
+        number("rate", 0)
+        number("timeout_s", 0)
+        number("max_backoff_s", 0)
+        number("track", 0, integer=True)
+        if "options" in raw:
+            o = raw["options"]
+            if not isinstance(o, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                    for k, v in o.items()):
+                raise ConfigError(f"{at}: key 'options': expected a mapping of FFmpeg option names to strings or "
+                                  f"numbers, got {_tname(o)}")
+            opts["options"] = tuple((k, str(v)) for k, v in o.items())
+    return StreamSpec(id=sid, modality=modality, source=root, session=session, offset=float(offset),
+                      live=kind, clock=clock, options=tuple(sorted(opts.items())))
 
 
 def _parse_imu(raw: Mapping, at: str) -> dict[str, Any]:
