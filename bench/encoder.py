@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# bench/pipeline.py would shadow the pipeline package, here and in Ray workers (Ray copies the
+# script directory to workers only while it is on sys.path): take it off, put the repo root first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoders.config import MODALITIES, ImageBindConfig, TowerConfig, get_config  # noqa: E402

@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+# bench/pipeline.py would shadow the pipeline package, here and in Ray workers (Ray copies the
+# script directory to workers only while it is on sys.path): take it off, put the repo root first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align import AlignConfig, Aligner  # noqa: E402
