@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -304,6 +305,9 @@ class AlignerActor:
         logging.basicConfig(level=logging.INFO)
         self.session = session
         self.streams = streams
+        if live and live.get("idle_timeout_s"):
+            # Live: a silent sensor holds the session's windows back at most this long.
+            align = dataclasses.replace(align, idle_after=float(live["idle_timeout_s"]))
         self.aligner = Aligner(session, streams, align)
         self.encoders = encoders
         self._load = [0] * len(encoders)  # items in flight per replica, from this session

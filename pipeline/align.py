@@ -26,6 +26,11 @@ The rule (also in ``docs/alignment.md``):
   window is released without it and lists the stream in ``missing``.
 * When every stream has ended, windows are released up to the last one whose end passes the
   latest timestamp seen: ``K = ceil((t_last - origin) / hop)`` windows in all (at least one).
+* Live sessions only (``idle_after`` set): a stream that has fallen ``idle_after`` seconds
+  behind the newest timestamp of any stream of the session is *idle*: it counts as having passed
+  up to ``newest - idle_after`` (and stops holding back the origin), so a silent sensor delays
+  the others by at most ``idle_after``. Its samples for windows already released are then
+  dropped as ``late``. Replay never sets it: there, waiting is what makes delivery lossless.
 """
 
 from __future__ import annotations
@@ -81,12 +86,15 @@ class AlignConfig:
     origin: float | None = None  # None: earliest first timestamp over all streams
     allowed_lateness: float = 0.0
     spans: Mapping[str, ModalitySpan] = field(default_factory=lambda: dict(DEFAULT_SPANS))
+    idle_after: float | None = None  # live only: see the module docstring
 
     def __post_init__(self) -> None:
         if not (self.hop > 0 and math.isfinite(self.hop)):
             raise ValueError(f"window.hop must be a positive number of seconds, got {self.hop!r}")
         if self.allowed_lateness < 0:
             raise ValueError(f"window.allowed_lateness must be >= 0, got {self.allowed_lateness!r}")
+        if self.idle_after is not None and not self.idle_after > 0:
+            raise ValueError(f"idle_after must be a positive number of seconds, got {self.idle_after!r}")
 
 
 @dataclass
@@ -295,10 +303,22 @@ class Aligner:
         # Windows up to the first whose end passes the last sample; at least one.
         return max(1, math.ceil((self._t_last - self.origin) / self.config.hop - 1e-9))
 
+    def _idle_horizon(self) -> float:
+        """Time up to which an idle stream counts as passed (live only; -inf otherwise)."""
+        if self.config.idle_after is None or not math.isfinite(self._t_last):
+            return -math.inf
+        return self._t_last - self.config.idle_after
+
     def _fix_origin(self) -> bool:
         if self.origin is not None:
             return True
         bufs = self._buffers.values()
+        horizon = self._idle_horizon()
+        firsts_known = [b.first for b in bufs if b.first is not None]
+        if firsts_known and horizon >= min(firsts_known):
+            # A stream that stayed silent this long does not hold back the grid (live).
+            self.origin = min(firsts_known)
+            return True
         if all(b.first is not None or b.ended for b in bufs):
             firsts = [b.first for b in bufs if b.first is not None]
             if firsts:
@@ -312,14 +332,16 @@ class Aligner:
         out: list[Window] = []
         lateness = self.config.allowed_lateness
         final = self._final_count()
+        horizon = self._idle_horizon()
         while True:
             k = self.next_window
             if final is not None and k >= final:
                 break
             e = self._window_end(k)
             ready = all(
-                b.passed(e + self.config.spans[b.modality].lookahead(), lateness)
+                b.passed(x, lateness) or horizon >= x
                 for b in self._buffers.values()
+                for x in (e + self.config.spans[b.modality].lookahead(),)
             )
             if not ready:
                 break

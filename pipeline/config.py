@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     # Live sessions (docs/live.md).
     "stop_after": None,
     "record": None,
-    "live": {"max_latency_s": 2.0, "shed": "drop_oldest", "subsample": ["vision"]},
+    "live": {"max_latency_s": 2.0, "shed": "drop_oldest", "subsample": ["vision"], "idle_timeout_s": 2.0},
 }
 
 # Keys that take a word or a value of another type ("auto" or a number, auto/true/false);
@@ -206,6 +206,7 @@ def _check_live(merged: dict[str, Any]) -> None:
         raise ConfigError("config key 'record': expected a folder path")
     live = merged["live"]
     _positive(live["max_latency_s"], "live.max_latency_s", allow_zero=True)
+    _positive(live["idle_timeout_s"], "live.idle_timeout_s", allow_zero=True)
     if live["shed"] not in SHED_POLICIES:
         raise ConfigError(f"config key 'live.shed': expected one of {', '.join(SHED_POLICIES)}, got {live['shed']!r}")
     from sources.base import MODALITIES

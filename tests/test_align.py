@@ -242,3 +242,26 @@ def test_list_source_drives_the_aligner_like_a_real_source():
             out += al.push(chunk)
     out += al.end_stream("imu", error="tail corrupt")
     assert released(out) == [0, 1, 2]
+
+
+def test_live_idle_stream_holds_the_others_back_at_most_idle_after_seconds():
+    cfg = AlignConfig(hop=1.0, origin=0.0, idle_after=2.0)
+    al = Aligner("s", {"cam": "vision", "d": "depth"}, cfg)
+    out = al.push(Chunk("d", "depth", np.array([0.9]), np.ones((1, 2, 2), np.float32)))
+    out += al.push(frames(0, 6, 10))  # depth goes silent; vision reaches 5.9 s
+    # depth counts as passed up to 5.9 - 2 = 3.9 s: windows needing up to end + 0.5 <= 3.9 go out
+    assert released(out) == [0, 1, 2]
+    assert [w.missing for w in out] == [[], ["d"], ["d"]]
+    late = al.push(Chunk("d", "depth", np.array([1.9]), np.ones((1, 2, 2), np.float32)))
+    assert late == [] and al.dropped[("d", "late")] == 1  # its window is gone: counted, not lost silently
+    # replay (idle_after unset) waits for every stream instead: nothing is lost
+    al2 = Aligner("s", {"cam": "vision", "d": "depth"}, AlignConfig(hop=1.0, origin=0.0))
+    al2.push(Chunk("d", "depth", np.array([0.9]), np.ones((1, 2, 2), np.float32)))
+    assert released(al2.push(frames(0, 6, 10))) == []
+
+
+def test_live_silent_stream_does_not_hold_back_the_origin():
+    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, idle_after=1.5))
+    out = al.push(frames(10.0, 13.0, 10))  # the microphone never says anything
+    assert al.origin == pytest.approx(10.0)
+    assert released(out) == [0] and out[0].missing == ["mic"]
