@@ -83,7 +83,8 @@ _TOP_KEYS = frozenset({"format", "name", "streams", "description"})
 # (the first is the default).
 LIVE_KINDS: dict[str, dict[str, Any]] = {
     "zmq": {"modalities": ("imu", "depth", "thermal", "vision"),
-            "keys": frozenset({"endpoint", "bind", "topic", "max_bytes"}), "clocks": ("device", "session", "arrival")},
+            "keys": frozenset({"endpoint", "bind", "topic", "max_bytes", "curve_server_key", "curve_client_key"}),
+            "clocks": ("device", "session", "arrival")},
     "imagezmq": {"modalities": ("vision",), "keys": frozenset({"endpoint", "mode", "color"}), "clocks": ("arrival",)},
     "url": {"modalities": ("vision", "audio", "thermal"),
             "keys": frozenset({"url", "format", "options", "timeout_s", "max_backoff_s", "track"}),
@@ -291,6 +292,27 @@ def _all_live(streams: Any) -> bool:
     return isinstance(streams, list) and bool(streams) and all(isinstance(s, Mapping) and "kind" in s for s in streams)
 
 
+def _parse_curve_client(raw: Mapping, opts: dict[str, Any], at: str) -> None:
+    """``curve_server_key`` (the rig's public ``.key``) + ``curve_client_key`` (our ``.key_secret``):
+    the SUB socket connects as a CurveZMQ client; both or neither, checked before anything runs."""
+    given = [k for k in ("curve_server_key", "curve_client_key") if k in raw]
+    if not given:
+        return
+    if len(given) == 1:
+        missing = ({"curve_server_key", "curve_client_key"} - set(given)).pop()
+        raise ConfigError(f"{at}: key '{given[0]}' needs '{missing}' too")
+    if opts.get("bind"):
+        raise ConfigError(f"{at}: CurveZMQ keys need the stream to connect to the rig (bind: false)")
+    from pipeline.keys import CurveClientConfig
+
+    try:
+        CurveClientConfig.from_files(raw["curve_server_key"], raw["curve_client_key"])
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{at}: CurveZMQ keys: {e}") from None
+    opts["curve_server_key"] = str(raw["curve_server_key"])
+    opts["curve_client_key"] = str(raw["curve_client_key"])
+
+
 def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root: Path, at: str) -> StreamSpec:
     kind = _choice(raw["kind"], tuple(LIVE_KINDS), f"{at}: key 'kind'")
     rule = LIVE_KINDS[kind]
@@ -337,6 +359,7 @@ def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root
                 raise ConfigError(f"{at}: key 'topic': expected a string, got {_tname(raw['topic'])}")
             opts["topic"] = raw["topic"]
         number("max_bytes", 1, integer=True)
+        _parse_curve_client(raw, opts, at)
     elif kind == "imagezmq":
         opts["mode"] = _choice(raw.get("mode", "reqrep"), ("reqrep", "pubsub"), f"{at}: key 'mode'")
         opts["color"] = _choice(raw.get("color", "bgr"), ("bgr", "rgb"), f"{at}: key 'color'")

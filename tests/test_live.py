@@ -140,6 +140,55 @@ def test_zmq_source_counts_malformed_messages_and_keeps_going(tmp_path):
     assert src.dropped["bad_message"] >= 40
 
 
+def test_zmq_input_with_curve_keys_reads_only_from_the_rig_it_trusts(tmp_path):
+    from zmq.auth.thread import ThreadAuthenticator
+
+    from pipeline.keys import CurveServerConfig, generate_keys
+
+    keys = generate_keys(tmp_path / "keys", clients=("bindstream",))
+    rig = CurveServerConfig.from_files(keys["server"], tmp_path / "keys" / "authorized_clients")
+    ctx = zmq.Context.instance()
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(tmp_path / "keys" / "authorized_clients"))
+    pub = ctx.socket(zmq.PUB)
+    pub.curve_secretkey, pub.curve_publickey, pub.curve_server = rig.secret_key, rig.public_key, True
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    clock = SessionClock()
+    base = dict(modality="imu", kind="zmq", endpoint=f"tcp://127.0.0.1:{port}", clock="session")
+    trusted = open_live_source(_spec(tmp_path, **base, curve_server_key=str(tmp_path / "keys" / "server.key"),
+                                     curve_client_key=str(keys["bindstream"])), clock, chunk_seconds=0.1)
+    plain = open_live_source(_spec(tmp_path, **base), clock, chunk_seconds=0.1)
+    stop = threading.Event()
+
+    def send():
+        i = 0
+        while not stop.is_set():
+            pub.send(msgpack.packb({"t": clock.epoch + i * 0.01, "shape": [6], "dtype": "float32",
+                                    "data": np.ones(6, np.float32).tobytes()}))
+            i += 1
+            time.sleep(0.005)
+
+    th = threading.Thread(target=send, daemon=True)
+    th.start()
+    try:
+        got_plain = []
+        plain_thread = threading.Thread(target=lambda: got_plain.extend(plain), daemon=True)
+        plain_thread.start()
+        got = _collect(trusted, lambda cs: sum(len(c) for c in cs) >= 20)
+        plain.stop()
+        plain_thread.join(10)
+    finally:
+        stop.set()
+        th.join(5)
+        pub.close(linger=0)
+        auth.stop()
+    assert sum(len(c) for c in got) >= 20
+    assert sum(len(c) for c in got_plain) == 0  # a socket without the keys never completes the handshake
+    with pytest.raises(ConfigError, match="needs 'curve_client_key' too"):
+        _spec(tmp_path, **base, curve_server_key=str(tmp_path / "keys" / "server.key"))
+
+
 # -- imagezmq ---------------------------------------------------------------------------------------
 @needs_video
 @pytest.mark.parametrize("reqrep,jpeg", [(True, False), (False, False), (True, True)],

@@ -49,6 +49,11 @@ class ZmqSensorSource(LiveSource):
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt(zmq.LINGER, 0)
             sock.subscribe(spec.option("topic", "").encode())
+            if spec.option("curve_server_key"):
+                from pipeline.keys import CurveClientConfig
+
+                CurveClientConfig.from_files(spec.option("curve_server_key"),
+                                             spec.option("curve_client_key")).apply(sock)
             endpoint = spec.option("endpoint")
             try:
                 sock.bind(endpoint) if spec.option("bind", False) else sock.connect(endpoint)
