@@ -60,6 +60,12 @@ def _print_summary(result) -> None:
             print(f"    FAILED stream '{stream}': {err}")
         if s.get("recording"):
             print(f"    recorded to {s['recording']}")
+        if s.get("publisher_restarts"):
+            print(f"    publisher restarted: resumed {s['publisher_restarts']} time(s); seq gaps mark what was lost")
+    # Live mode: messages the publisher refused at a subscriber's high-water mark, per topic.
+    pub_dropped = {k: v for k, v in (getattr(result, "publisher_stats", None) or {}).get("dropped", {}).items() if v}
+    if pub_dropped:
+        print("  publisher dropped (hwm): " + ", ".join(f"{k} {v}" for k, v in sorted(pub_dropped.items())))
 
 
 def _cmd_record(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +30,7 @@ import ray
 from pipeline.align import AlignConfig, Aligner, Window, WindowItem
 from pipeline.batching import BatchQueue
 
-__all__ = ["SourceActor", "AlignerActor", "EncoderActor", "PublisherActor"]
+__all__ = ["SourceActor", "AlignerActor", "EncoderActor", "PublisherActor", "PublisherRestartedError"]
 
 log = logging.getLogger(__name__)
 
@@ -250,36 +251,93 @@ class EncoderActor:
         return [row for row, _, _ in out], [(t0, t1) for _, t0, t1 in out]
 
 
+class PublisherRestartedError(RuntimeError):
+    """A restarted publisher got a call for a session it has not been handed yet: the caller
+    must :meth:`PublisherActor.resume` the session (with the seqs to continue from) and retry."""
+
+
 @ray.remote(num_cpus=0)
 class PublisherActor:
-    """Owns the ZeroMQ socket. Calls from one aligner run in the order they were made."""
+    """Owns the ZeroMQ socket. Calls from one aligner run in the order they were made.
+
+    Restartable (``max_restarts``, see run.py): Ray re-runs ``__init__`` with the same options,
+    so the socket binds the same concrete endpoint again (the driver resolves a ``*`` port
+    once). A restarted publisher knows no session: calls for one raise
+    :class:`PublisherRestartedError` until its aligner calls :meth:`resume`. The session-level
+    calls return the session's ``next_seq`` table (topic -> next seq) so aligners can resume it.
+    """
 
     def __init__(self, options: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO)
         from sinks.zmq_publisher import Publisher
 
         self.pub = Publisher(**options)
+        self._known: set[str] = set()  # sessions started or resumed by this incarnation
+        with warnings.catch_warnings():  # Ray's own property uses a deprecated one inside
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self._waited = False
+        if self._restarted:
+            log.warning("publisher restarted (pid %d), bound again to %s; sessions resume on their "
+                        "aligner's next call", os.getpid(), self.pub.bound_endpoint)
 
     def endpoint(self) -> str:
         return self.pub.bound_endpoint
 
+    def pid(self) -> int:
+        """The process id (fault tests kill it; Ray restarts it)."""
+        return os.getpid()
+
     def wait_for_subscribers(self) -> None:
         self.pub.wait_for_subscribers()
 
-    def start_session(self, session: str, streams: dict[str, str], model: str, dim: int) -> None:
+    def start_session(self, session: str, streams: dict[str, str], model: str, dim: int) -> dict[str, int]:
         self.pub.start_session(session, streams, model, dim)
+        self._known.add(session)
+        return self.pub.next_seqs(session)
 
-    def publish(self, records: list[Any]) -> None:
+    def resume(self, session: str, streams: dict[str, str], model: str, dim: int,
+               next_seq: dict[str, int]) -> dict[str, int]:
+        """Take ``session`` over after a restart, continuing ``seq`` at ``next_seq`` (no ``start``
+        is re-sent). In replay mode the first resume of an incarnation waits (up to
+        ``wait_timeout_s``) for the configured subscribers to reconnect, so what is published
+        from here on is not sent into the void."""
+        self.pub.resume_session(session, streams, model, dim, next_seq)
+        self._known.add(session)
+        if self.pub.mode == "replay" and not self._waited:
+            self._waited = True
+            try:
+                self.pub.wait_for_subscribers()
+            except TimeoutError as exc:
+                log.warning("session '%s': %s; publishing anyway", session, exc)
+        log.info("session '%s': resumed on %s at %s", session, self.pub.bound_endpoint, next_seq)
+        return self.pub.next_seqs(session)
+
+    def _require(self, session: str) -> None:
+        if session not in self._known and self._restarted:
+            raise PublisherRestartedError(f"publisher restarted: session '{session}' must be resumed first")
+
+    def publish(self, records: list[Any]) -> dict[str, int]:
+        """Publish ``records`` (all of one session); returns that session's ``next_seq`` table."""
+        sessions = {r.session for r in records}
+        for s in sessions:
+            self._require(s)
         self.pub.publish(records)
+        return {t: n for s in sessions for t, n in self.pub.next_seqs(s).items()}
 
-    def heartbeat(self, session: str, counters: dict[str, Any]) -> None:
+    def heartbeat(self, session: str, counters: dict[str, Any]) -> dict[str, int]:
+        self._require(session)
         self.pub.heartbeat(session, counters)
+        return self.pub.next_seqs(session)
 
-    def end_session(self, session: str, **fields: Any) -> None:
+    def end_session(self, session: str, **fields: Any) -> dict[str, int]:
+        self._require(session)
         self.pub.end_session(session, **fields)
+        return self.pub.next_seqs(session)
 
     def stats(self) -> dict[str, Any]:
-        return self.pub.stats()
+        """:meth:`Publisher.stats` plus this incarnation's ``pid`` and whether it is a ``restarted`` one."""
+        return {**self.pub.stats(), "pid": os.getpid(), "restarted": self._restarted}
 
     def close(self) -> None:
         self.pub.close()
@@ -301,6 +359,7 @@ class AlignerActor:
         heartbeat_s: float = 2.0,
         retries: int = 2,
         live: dict[str, Any] | None = None,
+        publish_start: dict[str, Any] | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.session = session
@@ -345,7 +404,8 @@ class AlignerActor:
         self._last_window: dict[str, int] = {}  # stream -> newest window published
         self._dead_encoders: set[int] = set()
         self.encode_retries = 0
-        self.restart_timeout_s = 120.0  # how long a batch waits for a restarting encoder
+        self.restart_timeout_s = 120.0  # how long a batch waits for a restarting encoder (or publisher)
+        self._publisher_init(publish_start)  # publisher restarts (issue 6)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _ensure_tasks(self) -> None:
@@ -372,7 +432,7 @@ class AlignerActor:
         self._next_seq[chunk.stream] = nxt
         self._maybe_end(chunk.stream)
         # Backpressure: the source waits on this call while too much is in flight.
-        while len(self._pending) > self.max_inflight:
+        while len(self._pending) > self.max_inflight and not self._finished:  # finished: publisher lost
             self._pending_changed.clear()
             await self._pending_changed.wait()
 
@@ -428,6 +488,7 @@ class AlignerActor:
             "latency_p50_s": float(np.percentile(lat, 50)),
             "latency_p99_s": float(np.percentile(lat, 99)),
             "encode_retries": self.encode_retries,
+            "publisher_restarts": self.publisher_restarts,
             "stages": self.stages.summary(),
         }
 
@@ -578,7 +639,8 @@ class AlignerActor:
                     ))
             self._pending_changed.set()
             if records:
-                await self.publisher.publish.remote(records)
+                if not await self._publisher_call("publish", records, claims=self._claims(records)):
+                    break  # the publisher is gone for good: the session ends with the error
                 self._note_published(stamped, time.time())
                 now = time.time()
                 for r in records:
@@ -586,15 +648,19 @@ class AlignerActor:
                     self.latencies.append(now - r.t_ingest)
                 if len(self.latencies) > 100_000:
                     self.latencies = self.latencies[-50_000:]
-        await self.publisher.end_session.remote(
-            self.session,
-            counts=dict(self.counts),
-            windows=self.aligner.windows_released,
-            dropped=self._dropped(),
-            missing=dict(self.aligner.missing),
-            errors=dict(self.source_errors),
-        )
+        if "publisher" not in self.source_errors:
+            await self._publisher_call(
+                "end_session",
+                self.session,
+                counts=dict(self.counts),
+                windows=self.aligner.windows_released,
+                dropped=self._dropped(),
+                missing=dict(self.aligner.missing),
+                errors=dict(self.source_errors),
+                claims={self._ctl_topic: 1},
+            )
         self._finished = True
+        self._pending_changed.set()  # releases pushes held by backpressure (publisher lost)
         if self._hb_task:
             self._hb_task.cancel()
         self._done.set()
@@ -604,17 +670,109 @@ class AlignerActor:
             await asyncio.sleep(self.heartbeat_s)
             if self._finished:
                 return
+            if "publisher" in self.source_errors:
+                return
             try:
-                await self.publisher.heartbeat.remote(self.session, {
+                await self._publisher_call("heartbeat", self.session, {
                     "windows": self.aligner.windows_released,
                     "counts": dict(self.counts),
                     "dropped": self._dropped(),
                     "pending": len(self._pending),
                     "buffered_samples": self.aligner.buffered_samples(),
                     **self._metrics_tick(),
-                })
+                }, claims={self._ctl_topic: 1})
             except Exception as exc:
                 log.warning("session '%s': heartbeat failed: %s", self.session, exc)
+
+    # -- publisher restarts (issue 6, docs/guarantees.md) ---------------------------------------
+    # Every topic of this session (ctl/<session>, emb/<session>/<modality>) is written by this
+    # aligner alone (plus the driver's ``start``, whose seqs come in ``publish_start``). Before
+    # each call the aligner adds the seqs the call will consume (one per record of a topic, one
+    # per control message) to ``_pub_seq``; so ``_pub_seq`` is always at or past what the
+    # publisher used, even for a call that died half-way. A restarted publisher is resumed at
+    # ``_pub_seq``: seqs never repeat; the ones a dead call burned show up as a gap.
+    def _publisher_init(self, start: dict[str, Any] | None) -> None:
+        from pipeline.protocol import ctl_topic
+
+        start = dict(start or {})
+        self._pub_start = start  # model, dim: what a restarted publisher needs to accept records
+        self._pub_seq: dict[str, int] = {str(k): int(v) for k, v in (start.get("seqs") or {}).items()}
+        self._ctl_topic = ctl_topic(self.session)
+        self._pub_lock: asyncio.Lock | None = None
+        self.publisher_restarts = 0
+
+    def _claims(self, records: list[Any]) -> dict[str, int]:
+        from pipeline.protocol import emb_topic
+
+        return dict(collections.Counter(emb_topic(r.session, r.modality) for r in records))
+
+    async def _publisher_call(self, method: str, *args: Any, claims: dict[str, int], **kwargs: Any) -> bool:
+        """``publisher.<method>(*args, **kwargs)``, surviving a publisher restart: a call lost
+        with the process (``RayActorError``) or refused by the new incarnation
+        (:class:`PublisherRestartedError`) is re-sent after :meth:`_resume_publisher`, for up to
+        ``restart_timeout_s``. False (and the error recorded as ``errors["publisher"]``, so the
+        run exits 3) when the publisher is gone for good."""
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        if self._pub_lock is None:
+            self._pub_lock = asyncio.Lock()
+        deadline = time.monotonic() + self.restart_timeout_s
+        attempt = 0
+        async with self._pub_lock:  # one call at a time: _pub_seq is exact when resuming
+            while True:
+                attempt += 1
+                for topic, n in claims.items():
+                    self._pub_seq[topic] = self._pub_seq.get(topic, 0) + n
+                try:
+                    seqs = await getattr(self.publisher, method).remote(*args, **kwargs)
+                except (RayActorError, PublisherRestartedError) as exc:
+                    if isinstance(exc, PublisherRestartedError):  # refused: consumed no seq
+                        for topic, n in claims.items():
+                            self._pub_seq[topic] -= n
+                    log.warning("session '%s': publisher %s failed (attempt %d), resuming and re-sending: %s",
+                                self.session, method, attempt, str(exc).splitlines()[0])
+                    if (isinstance(exc, ActorDiedError) and await self._publisher_dead()) \
+                            or time.monotonic() > deadline or not await self._resume_publisher(deadline):
+                        self._publisher_lost(exc)
+                        return False
+                    continue
+                for topic, n in (seqs or {}).items():
+                    self._pub_seq[topic] = max(self._pub_seq.get(topic, 0), int(n))
+                return True
+
+    async def _resume_publisher(self, deadline: float) -> bool:
+        """Hand the (restarted) publisher this session and the seqs to continue from."""
+        from ray.exceptions import RayActorError
+
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
+            try:
+                await self.publisher.resume.remote(
+                    self.session, self.streams, self._pub_start.get("model"), int(self._pub_start.get("dim") or 1024),
+                    dict(self._pub_seq))
+                self.publisher_restarts += 1
+                log.warning("session '%s': publisher resumed at %s", self.session, self._pub_seq)
+                return True
+            except RayActorError:  # still restarting
+                await asyncio.sleep(min(2.0, 0.2 * attempt))
+        return False
+
+    async def _publisher_dead(self) -> bool:
+        from ray.exceptions import ActorDiedError
+
+        try:
+            await asyncio.wait_for(self.publisher.pid.remote(), 60.0)
+            return False
+        except ActorDiedError:
+            return True
+        except Exception:
+            return False
+
+    def _publisher_lost(self, exc: Exception) -> None:
+        error = f"publisher lost: {str(exc).splitlines()[0]}"
+        log.error("session '%s': %s", self.session, error)
+        self.source_errors["publisher"] = error
 
     # -- stage timing and metrics (issue 5) -----------------------------------------------------
     def _note_forward(self, items: list[WindowItem], spans: list[tuple[float, float]]) -> None:

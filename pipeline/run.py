@@ -20,11 +20,12 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.session import SessionSpec, load_session, session_from_dict
 
-__all__ = ["RunResult", "curve_server_config", "prepare_sessions", "resolve_model_options", "run"]
+__all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepare_sessions", "resolve_model_options", "run"]
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG, EXIT_STREAM_FAILED = 0, 2, 3
+PUBLISHER_MAX_RESTARTS = 2  # Ray restarts of the publisher actor (docs/guarantees.md)
 
 
 @dataclass
@@ -36,6 +37,9 @@ class RunResult:
     encoder_stats: list[dict[str, Any]] = field(default_factory=list)
     # What each source actor's run returned (stream, chunks, samples, error, dropped, cpu_s, wall_s).
     source_stats: list[dict[str, Any]] = field(default_factory=list)
+    # The publisher's stats() just before close: next_seq, published, dropped (topic -> live-mode
+    # ``hwm`` drops), endpoint, mode, subscriptions. After a publisher restart: the last incarnation's.
+    publisher_stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -147,7 +151,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         infos = ray.get([e.info.remote() for e in encoders])
         info = infos[0]
         pub_opts = {
-            "endpoint": cfg.publish["endpoint"],
+            "endpoint": _fixed_endpoint(cfg.publish["endpoint"]),  # a restart binds the same port
             "mode": "live" if live else "replay",
             "wait_for_subscribers": int(cfg.publish["wait_for_subscribers"]),
             "wait_timeout_s": cfg.publish["wait_timeout_s"],
@@ -155,7 +159,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             "model_name": info["model"],
             "curve": curve,
         }
-        publisher = PublisherActor.options(**_placement(cfg, "publisher_resources")).remote(pub_opts)
+        publisher = PublisherActor.options(name=f"bindstream.publisher.{uid}", max_restarts=PUBLISHER_MAX_RESTARTS,
+                                           max_task_retries=0,
+                                           **_placement(cfg, "publisher_resources")).remote(pub_opts)
         actors.append(publisher)
         endpoint = ray.get(publisher.endpoint.remote())
         log.info("publishing on %s (model %s, dim %d, %s %s)", endpoint, info["model"], info["dim"],
@@ -177,15 +183,17 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             unsupported = sorted({m for m in streams.values() if m not in info["modalities"]})
             if unsupported:
                 raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
+            # start first: its seqs go to the aligner, which resumes a restarted publisher from them.
+            start_seqs = ray.get(publisher.start_session.remote(
+                spec.name, streams, info["model"], info["dim"]))
             al = AlignerActor.remote(
                 spec.name, streams, cfg.align, encoders, publisher,
                 max_inflight_windows=int(cfg.encoders["max_inflight_windows"]),
                 heartbeat_s=float(cfg.publish["heartbeat_s"]),
                 live=live["aligner"] if live and spec.live else None,
+                publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
             )
             aligners.append(al)
-            ray.get(publisher.start_session.remote(
-                spec.name, streams, info["model"], info["dim"]))
             for s in spec.streams:
                 src = SourceActor.options(name=f"bindstream.source.{spec.name}.{s.id}.{uid}",
                                           **_placement(cfg, "source_resources")).remote(
@@ -204,8 +212,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         if live:
             _write_recordings(live, specs, watch.results, summaries)
         enc_stats = ray.get([e.stats.remote() for e in encoders])
-        ray.get(publisher.close.remote())
-        return RunResult(summaries, endpoint, info, time.time() - t0, enc_stats, source_stats=list(watch.results))
+        pub_stats = _close_publisher(publisher)
+        return RunResult(summaries, endpoint, info, time.time() - t0, enc_stats, source_stats=list(watch.results),
+                         publisher_stats=pub_stats)
     finally:
         for a in actors:
             try:
@@ -214,6 +223,41 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 pass
         if started_ray:
             ray.shutdown()
+
+
+def _fixed_endpoint(endpoint: str) -> str:
+    """``endpoint`` with a ``*`` port replaced by a free concrete one, picked once here so that a
+    restarted publisher binds the same port and subscribers reconnect to it by themselves. The
+    port is free on this (the driver's) host; it is bound again by the publisher at once."""
+    if not endpoint.startswith("tcp://") or not endpoint.endswith(":*"):
+        return endpoint
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XPUB)
+    try:
+        sock.bind(endpoint)
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    except zmq.ZMQError as exc:
+        raise OSError(f"publisher: cannot bind {endpoint!r}: {exc}") from exc
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def _close_publisher(publisher: Any) -> dict[str, Any]:
+    """The publisher's stats, then close it (flushes queued messages). A publisher that is gone
+    (restarts exhausted; the sessions already report it) gives empty stats."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        stats = ray.get(publisher.stats.remote())
+        ray.get(publisher.close.remote())
+        return stats
+    except RayActorError as exc:
+        log.error("publisher unavailable at the end of the run: %s", str(exc).splitlines()[0])
+        return {}
 
 
 def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], sources: list[Any],

@@ -44,6 +44,12 @@ class _Session:
     ended: bool = False
 
 
+def _of_session(session: str, topic: str) -> bool:
+    """Whether ``topic`` is ``ctl/<session>`` or ``emb/<session>/<modality>``."""
+    emb = f"emb/{session}/"
+    return topic == ctl_topic(session) or (topic.startswith(emb) and len(topic) > len(emb) and "/" not in topic[len(emb):])
+
+
 class SinkBase:
     """Turns sessions and :class:`EmbeddingRecord` batches into protocol v1 messages.
 
@@ -198,6 +204,34 @@ class SinkBase:
             **extra,
         )
         sess.ended = True  # even if the end message itself was dropped (counted), the session is over
+
+    def resume_session(
+        self,
+        session: str,
+        streams: Mapping[str, str],
+        model: str | None = None,
+        dim: int = 1024,
+        next_seq: Mapping[str, int] | None = None,
+    ) -> None:
+        """Take over ``session`` from a previous publisher (after a restart) without sending
+        ``start`` again: its records are accepted from now on, and ``seq`` continues at
+        ``next_seq`` (topic -> next seq, topics of this session only). Counters only move
+        forward, so a seq is never reused; calling it twice is harmless."""
+        for topic, seq in (next_seq or {}).items():
+            if not _of_session(session, str(topic)):
+                raise ValueError(f"session {session!r}: resume topic {topic!r} is not one of this session's")
+            if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 0:
+                raise ValueError(f"session {session!r}: resume seq for {topic!r} must be an integer >= 0, got {seq!r}")
+            self._next_seq[str(topic)] = max(self._next_seq.get(str(topic), 0), int(seq))
+        if session not in self._sessions or self._sessions[session].ended:
+            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+                raise ValueError(f"session {session!r}: dim must be a positive integer, got {dim!r}")
+            self._sessions[session] = _Session(streams={str(k): str(v) for k, v in dict(streams).items()},
+                                               model=model or self._model_name, dim=int(dim))
+
+    def next_seqs(self, session: str) -> dict[str, int]:
+        """The ``next_seq`` entries of ``session``'s topics (``ctl/<session>``, ``emb/<session>/*``)."""
+        return {t: s for t, s in self._next_seq.items() if _of_session(session, t)}
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring and for resuming: ``next_seq`` (topic -> next seq, pass it
