@@ -198,6 +198,7 @@ class EncoderActor:
             "forward_s": dict(self.forward_s),
             "batch_sizes": {m: list(q.batch_sizes) for m, q in self._queues.items()},
             "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),  # a restarted encoder reports its new process
         }
 
     def _forward(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
