@@ -45,7 +45,7 @@ import numpy as np
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.align import AlignConfig, Aligner  # noqa: E402
+from pipeline.align import AlignConfig  # noqa: E402
 from pipeline.metrics import percentiles  # noqa: E402
 
 __all__ = ["main"]
@@ -341,22 +341,10 @@ def bench_single_process(sessions: list[Path], args: argparse.Namespace, model: 
 
 
 def _windows_of(session: Path, video_size: int) -> list[Any]:
+    from pipeline.inprocess import session_windows
     from pipeline.session import load_session
-    from sources.replay import open_source
 
-    spec = load_session(session)
-    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, AlignConfig())
-    its = {s.id: iter(open_source(s, chunk_seconds=0.5, video_size=video_size)) for s in spec.streams}
-    windows = []
-    while its:
-        for sid in list(its):
-            c = next(its[sid], None)
-            if c is None:
-                del its[sid]
-                windows += al.end_stream(sid)
-            else:
-                windows += al.push(c)
-    return windows
+    return session_windows(load_session(session), chunk_seconds=0.5, video_size=video_size)
 
 
 def bench_raw_encoder(session: Path, args: argparse.Namespace, model: Any, gflops: dict[str, float]) -> dict[str, Any]:

@@ -33,9 +33,29 @@ from pipeline.metrics import StageRecorder
 from pipeline.protocol import EmbeddingRecord
 from pipeline.session import SessionSpec
 
-__all__ = ["InProcessResult", "run_inprocess"]
+__all__ = ["InProcessResult", "run_inprocess", "session_windows"]
 
 log = logging.getLogger(__name__)
+
+
+def session_windows(spec: SessionSpec, align: AlignConfig | None = None, **source_options: Any) -> list[Window]:
+    """Every window of a recorded session, aligned in this process: the reference for what the
+    graph publishes (tests, benchmarks). Streams are read round-robin, one chunk at a time, as
+    concurrent source actors would deliver them; the windows do not depend on that order."""
+    from sources.replay import open_source
+
+    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, align or AlignConfig())
+    readers = {s.id: iter(open_source(s, **source_options)) for s in spec.streams}
+    windows: list[Window] = []
+    while readers:
+        for sid in list(readers):
+            chunk = next(readers[sid], None)
+            if chunk is None:
+                del readers[sid]
+                windows += al.end_stream(sid)
+            else:
+                windows += al.push(chunk)
+    return windows
 
 
 @dataclass

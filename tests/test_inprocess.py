@@ -9,13 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.align import AlignConfig, Aligner
 from pipeline.demo import write_demo_session
-from pipeline.inprocess import run_inprocess
+from pipeline.inprocess import run_inprocess, session_windows
 from pipeline.metrics import STAGES
 from pipeline.session import load_session
 from sinks.memory import ListSink
-from sources.replay import open_source
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +29,7 @@ def model():
 
 
 def _expected(session_dir):
-    spec = load_session(session_dir)
-    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, AlignConfig())
-    its = {s.id: iter(open_source(s, chunk_seconds=0.5)) for s in spec.streams}
-    windows = []
-    while its:
-        for sid in list(its):
-            c = next(its[sid], None)
-            if c is None:
-                del its[sid]
-                windows += al.end_stream(sid)
-            else:
-                windows += al.push(c)
-    return windows
+    return session_windows(load_session(session_dir), chunk_seconds=0.5)
 
 
 def test_every_window_is_published_once_in_order_with_the_direct_encoder_output(session_dir, model):

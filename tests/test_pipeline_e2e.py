@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline.align import Aligner
 from pipeline.config import parse_config
 from pipeline.demo import write_demo_session
 from pipeline.protocol import decode, embedding_array
 from pipeline.session import load_session
-from sources.replay import open_source
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -112,20 +111,10 @@ def _replay(sessions, **over):
 
 def _expected_windows(session_dir: Path, cfg):
     """The windows the aligner makes from the same sources, in process: the reference."""
+    from pipeline.inprocess import session_windows
+
     spec = load_session(session_dir)
-    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, cfg.align)
-    sources = {s.id: iter(open_source(s, chunk_seconds=0.5)) for s in spec.streams}
-    windows = []
-    # Round-robin over streams, like concurrent source actors would deliver them.
-    while sources:
-        for sid in list(sources):
-            chunk = next(sources[sid], None)
-            if chunk is None:
-                del sources[sid]
-                windows += al.end_stream(sid)
-            else:
-                windows += al.push(chunk)
-    return spec, windows
+    return spec, session_windows(spec, cfg.align, chunk_seconds=0.5)
 
 
 def _embeddings(messages):
