@@ -208,13 +208,6 @@ def test_property_run_config_of_any_shape_raises_only_config_error(doc, key, inn
 
 # -- a broken session through the real graph --------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def _break_session(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
     (dst / "session.yaml").write_text((dst / "session.yaml").read_text().replace("name: good", "name: bad"))

@@ -21,14 +21,8 @@ from pipeline.protocol import decode
 from test_pipeline_e2e import _config, _expected_windows
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq lacks CURVE")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq lacks CURVE"),
+              pytest.mark.usefixtures("ray_cluster")]  # one Ray per module: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

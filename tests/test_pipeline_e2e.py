@@ -29,11 +29,7 @@ SHARED = REPO.parent / "shared"
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # one Ray per module: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,6 @@ needs_video = pytest.mark.skipif(not REAL_VIDEO.exists(), reason=f"{REAL_VIDEO} 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def _subscriber(sessions: int = 1):
     from test_pipeline_e2e import Subscriber
 
