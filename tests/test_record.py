@@ -263,3 +263,117 @@ progress: false
     assert replay.exit_code == 0 and set(live) <= set(again)
     for k in live:
         np.testing.assert_allclose(again[k], live[k], atol=1e-5, err_msg=str(k))
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc: Ray's gcs, raylet and workers of a CLI run)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@needs_video
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the run's Ray processes")
+def test_second_sigint_stops_at_once_without_draining_and_leaves_no_ray_processes(tmp_path):
+    """Ctrl-C twice on a live run whose encoder is far behind: the first starts a drain of the
+    backlog, the second stops at once (exit 130, `interrupted`), before the drain could publish
+    `end`, and the run's Ray processes (gcs, raylet, workers) are gone afterwards."""
+    import threading
+
+    cam, imu, out_port = free_port(), free_port(), free_port()
+    feeder = ImageZmqFeeder(f"tcp://127.0.0.1:{cam}", real_frames(36), reqrep=True, fps=20)
+    pub = ImuPublisher(imu, time.time(), rate=100, jitter_s=0.0, batch=5)
+    cfg = tmp_path / "live.yaml"
+    # No latency bound: nothing is shed, so the slow encoder's backlog grows and a drain is long.
+    cfg.write_text(f"""
+sessions:
+  - name: rig-01
+    streams:
+      - {{id: cam, modality: vision, kind: imagezmq, endpoint: "tcp://127.0.0.1:{cam}", mode: reqrep}}
+      - {{id: imu, modality: imu, kind: zmq, endpoint: "tcp://127.0.0.1:{imu}", clock: device}}
+replay: {{chunk_seconds: 0.25}}
+window: {{hop: 0.1, spans: {{vision: {{span: 1.0}}, imu: {{span: 1.0}}}}}}
+model: {{config: {_slow_model_json(tmp_path)}, checkpoint: none, precision: fp32, device: cpu, threads: 1}}
+encoders: {{replicas: 1, max_batch: 2, max_wait_ms: 0}}
+publish: {{endpoint: "tcp://127.0.0.1:{out_port}", heartbeat_s: 0.5}}
+live: {{max_latency_s: 0}}
+stop_after: 120
+ray: {{num_cpus: 2}}
+progress: false
+""")
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVTIMEO, 500)
+    sock.connect(f"tcp://127.0.0.1:{out_port}")
+    sock.subscribe(b"")
+    feeder.start()
+    pub.start()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    draining = threading.Event()
+
+    def read_output() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "stopping: draining" in line:
+                draining.set()
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
+    messages, ray_pids = [], set()
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                messages.append(decode(sock.recv_multipart()))
+            except zmq.Again:
+                continue
+            hb = [m.payload for m in messages if m.topic.startswith("ctl/") and m.payload["event"] == "heartbeat"]
+            if hb and hb[-1]["counters"].get("windows", 0) >= 20:  # a backlog: released >> encoded
+                break
+        assert proc.poll() is None, "".join(lines)
+        ray_pids = _descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        assert draining.wait(60), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+        while True:  # whatever the publisher sent before it was stopped
+            try:
+                messages.append(decode(sock.recv_multipart()))
+            except zmq.Again:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        feeder.halt.set()
+        pub.halt.set()
+        sock.close(linger=0)
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    assert not any(m.topic.startswith("ctl/") and m.payload["event"] == "end" for m in messages), out
+    assert ray_pids, "the run started no Ray processes?"
+    deadline = time.time() + 30  # the raylet reaps its workers as it exits
+    while time.time() < deadline and any(_alive(p) for p in ray_pids):
+        time.sleep(0.5)
+    assert not [p for p in ray_pids if _alive(p)], out
