@@ -788,7 +788,7 @@ class AlignerActor:
             st = self._stamps.pop(id(item), None)
             by_modality[item.modality] += 1
             if st is not None:
-                self.stages.record(item.t_ingest, st[0], st[1], st[2], t_pub)
+                self.stages.record(item.t_ingest, st[0], st[1], st[2], t_pub, t_first_ingest=item.t_first_ingest)
         self._metrics.embeddings(self.session, by_modality)
         # Items never published (encoder errors, duplicates) leave with their window.
         if len(self._stamps) > 4 * (self.max_inflight + 1) * max(1, len(self.streams)):

@@ -109,6 +109,7 @@ class WindowItem:
     t_end: float
     payload: Any  # see encoders.preprocess.prepare for the layout per modality
     t_ingest: float  # wall time the newest sample used entered the pipeline
+    t_first_ingest: float = float("nan")  # wall time the oldest sample used entered (window fill)
 
 
 @dataclass
@@ -371,8 +372,9 @@ class Aligner:
         spec = self.config.spans[b.modality]
 
         def item(lo: int, hi: int, payload: Any, t0: float, t1: float) -> WindowItem:
+            ing = b.ingest[lo:hi]
             return WindowItem(self.session, b.stream, b.modality, k, float(t0), float(t1), payload,
-                              float(b.ingest[lo:hi].max()))
+                              float(ing.max()), float(ing.min()))
 
         if spec.nearest:
             if not len(b):

@@ -167,7 +167,7 @@ def run_inprocess(
             t_pub = clock()
             for it in w.items:
                 t0, t1 = fwd[id(it)]
-                recorder.record(it.t_ingest, t_rel, t0, t1, t_pub)
+                recorder.record(it.t_ingest, t_rel, t0, t1, t_pub, t_first_ingest=it.t_first_ingest)
                 latencies.append(t_pub - it.t_ingest)
                 counts[w.session][it.modality] += 1
         released.clear()

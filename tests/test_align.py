@@ -174,13 +174,15 @@ def test_text_in_the_hop_is_joined():
     assert [w.items[0].payload for w in out] == ["a dog barks", "a car"]
 
 
-def test_ingest_time_of_the_newest_sample_used_is_carried():
+def test_ingest_times_of_the_newest_and_oldest_samples_used_are_carried():
     clock = FakeClock()
     al = Aligner("s", {"imu": "imu"}, AlignConfig(hop=1.0, origin=0.0), clock=clock)
     al.push(imu(0.0, 0.5))
     clock.now = 1005.0
     out = al.push(imu(0.5, 1.5))
     assert out[0].items[0].t_ingest == 1005.0
+    # the oldest sample used came with the first chunk: the window took 5 s to fill
+    assert out[0].items[0].t_ingest - out[0].items[0].t_first_ingest == 5.0
 
 
 def test_memory_is_bounded_by_the_spans_not_the_session_length():

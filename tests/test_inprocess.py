@@ -58,7 +58,8 @@ def test_every_window_is_published_once_in_order_with_the_direct_encoder_output(
     end = [m for m in sink.messages if m.topic == "ctl/inproc-a" and m.payload["event"] == "end"][0].payload
     assert end["windows"] == len(windows) and end["counts"] == summary["counts"]
     assert set(result.stages) == set(STAGES)
-    assert result.stages["total"]["n"] == len(expected)
+    assert result.stages["total"]["n"] == result.stages["fill"]["n"] == len(expected)
+    assert result.stages["fill"]["p50"] >= 0.0
     assert max(result.batch_sizes["vision"]) <= 3
 
 
