@@ -84,10 +84,12 @@ class SourceActor:
                 if len(chunk) == 0:
                     continue
                 if rate > 0 and self._live is None:
-                    # Pace on the newest sample of the chunk, relative to the stream's first one.
+                    # Pace on the time the chunk is known complete (the next sample's, else its
+                    # newest sample's), relative to the stream's first sample: what a live
+                    # source could send at that moment.
                     if t_first is None:
                         t_first = float(np.nanmin(chunk.t))
-                    due = wall0 + (float(np.nanmax(chunk.t)) - t_first) / rate
+                    due = wall0 + (chunk.known_at() - t_first) / rate
                     delay = due - time.time()
                     if delay > 0:
                         time.sleep(delay)

@@ -14,7 +14,8 @@ The rule (also in ``docs/alignment.md``):
   ``[e_k - hop, e_k)`` (joined with spaces). Depth and thermal take the single frame nearest to
   ``e_k`` within ``tolerance`` seconds on either side.
 * Stream ``s`` has *passed* time ``x`` when it has ended, or when its watermark (largest
-  timestamp seen) minus ``allowed_lateness`` is >= ``x``. Window ``k`` is released when every
+  timestamp seen, or promised by a chunk's ``passed``: the time before which its source has no
+  more samples) minus ``allowed_lateness`` is >= ``x``. Window ``k`` is released when every
   stream has passed the last time the window needs from it: ``e_k`` for span modalities,
   ``e_k + tolerance`` for nearest-frame modalities. Windows are released in index order.
 * A sample older than ``watermark - allowed_lateness`` of its stream, or older than what the
@@ -247,13 +248,17 @@ class Aligner:
         if not keep.all():
             t = t[keep]
             data = [d for d, k in zip(data, keep) if k] if buf.modality == "text" else data[keep]
+        if chunk.passed is not None and math.isfinite(chunk.passed):
+            # The source's promise: no more samples before it. Not a sample: _t_last (the last
+            # window at the end) stays with the real timestamps.
+            buf.watermark = max(buf.watermark, float(chunk.passed))
         if len(t) == 0:
             return self._release()
         buf.samples_in += len(t)
         if buf.first is None:
             buf.first = float(t.min())
         buf.watermark = max(buf.watermark, float(t.max()))
-        self._t_last = max(self._t_last, buf.watermark)
+        self._t_last = max(self._t_last, float(t.max()))
         buf.insert(t, data, chunk.t_ingest or self.clock())
         return self._release()
 

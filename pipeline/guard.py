@@ -76,7 +76,7 @@ class StreamGuard:
         data = chunk.data
         data = [d for d, k in zip(data, keep) if k] if isinstance(data, list) else np.asarray(data)[keep]
         return Chunk(stream=chunk.stream, modality=chunk.modality, t=t[keep], data=data,
-                     t_ingest=chunk.t_ingest, meta=chunk.meta)
+                     t_ingest=chunk.t_ingest, meta=chunk.meta, passed=chunk.passed)
 
     def _clock(self, t: np.ndarray, keep: np.ndarray) -> np.ndarray:
         ok = np.ones(len(t), dtype=bool)

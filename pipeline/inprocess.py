@@ -200,7 +200,7 @@ def run_inprocess(
             if rate > 0:
                 if st.t_first is None:
                     st.t_first = float(np.nanmin(chunk.t))
-                delay = wall0 + (float(np.nanmax(chunk.t)) - st.t_first) / rate - clock()
+                delay = wall0 + (chunk.known_at() - st.t_first) / rate - clock()
                 if delay > 0:
                     time.sleep(delay)
             chunk.t_ingest = clock()

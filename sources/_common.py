@@ -59,7 +59,12 @@ class _Batcher:
     def add(self, t: float, item: Any) -> Chunk | None:
         out = None
         if self._t and abs(t - self._t[0]) >= self._span:
+            newest = max(self._t)
             out = self.flush()
+            # The sample that closes the chunk bounds it, if the stream moves forward by less
+            # than a chunk (a jump is left to the clock guard and the next chunk's watermark).
+            if out is not None and newest <= t <= newest + self._span:
+                out.passed = float(t)
         self._t.append(t)
         self._items.append(item)
         return out

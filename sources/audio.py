@@ -55,7 +55,9 @@ class AudioSource:
                 n_pending -= out.size
                 t = t0 + (emitted + np.arange(out.size, dtype=np.float64)) / AUDIO_RATE + spec.offset
                 emitted += out.size
-                return _chunk(spec, t, np.ascontiguousarray(out, dtype=np.float32))
+                chunk = _chunk(spec, t, np.ascontiguousarray(out, dtype=np.float32))
+                chunk.passed = t0 + emitted / AUDIO_RATE + spec.offset  # contiguous: the next sample's time
+                return chunk
 
             try:
                 for frame in _demux_decode(spec, container, stream, "audio"):

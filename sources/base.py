@@ -49,6 +49,17 @@ class Chunk:
     # publish latency is measured from here.
     t_ingest: float = 0.0
     meta: dict = field(default_factory=dict)
+    # Session-clock time before which the stream has no more samples, when the source knows it
+    # (the next sample's time: a file reader has read it; contiguous audio). It lets the aligner
+    # release a window as soon as its end is covered instead of one chunk later; ``None`` when
+    # unknown (live sources). See docs/alignment.md.
+    passed: float | None = None
 
     def __len__(self) -> int:
         return len(self.t)
+
+    def known_at(self) -> float:
+        """Session time at which a live source could have sent this chunk: when the sample
+        after it existed (``passed``), else its newest sample. Replay paces on it."""
+        newest = float(np.nanmax(self.t))
+        return newest if self.passed is None else max(newest, float(self.passed))

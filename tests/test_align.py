@@ -53,6 +53,21 @@ def test_windows_wait_for_every_stream_then_release_in_order():
     assert released(out) == [2]
 
 
+def test_a_chunk_that_promises_its_end_releases_the_window_without_waiting_for_the_next():
+    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0))
+    al.push(audio(0, 2.0))  # audio passed 1.99994 only: window 1 (end 2.0) waits
+    a = audio(2.0, 3.0)
+    assert released(al.push(frames(0, 2, 10))) == [0]
+    c = frames(2, 3, 10)
+    c.passed = 3.0  # the source read the frame at 3.0 already
+    a.passed = 3.0
+    assert released(al.push(c)) == []
+    assert released(al.push(a)) == [1, 2]  # window 2 (end 3.0) too, one chunk earlier than before
+    # a promise is not a sample: the session still ends at its last real timestamp
+    out = al.end_stream("cam") + al.end_stream("mic")
+    assert released(out) == [] and al.windows_released == 3
+
+
 def test_vision_takes_first_and_last_frame_of_its_two_second_span():
     al = Aligner("s", {"cam": "vision"}, AlignConfig(hop=1.0, origin=0.0))
     out = al.push(frames(0, 5, 10))

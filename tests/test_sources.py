@@ -77,6 +77,8 @@ def test_real_video_decodes_every_frame_downscaled_to_short_side_224(tmp_path: P
     assert np.all(np.diff(t) > 0)
     assert all(c.t[-1] - c.t[0] < 0.5 for c in chunks) and len(chunks) == 3
     assert frames.std() > 10  # a real picture, not a constant frame
+    # each chunk names the time of the frame that closed it: the aligner need not wait for it
+    assert [c.passed for c in chunks[:-1]] == [c.t[0] for c in chunks[1:]] and chunks[-1].passed is None
 
 
 def test_real_audio_track_of_mp4_resamples_to_16k_mono(tmp_path: Path) -> None:
@@ -89,6 +91,8 @@ def test_real_audio_track_of_mp4_resamples_to_16k_mono(tmp_path: Path) -> None:
     assert abs(len(pcm) / AUDIO_RATE - 1.17) < 0.05
     assert np.allclose(np.diff(t), 1 / AUDIO_RATE)
     assert np.abs(pcm).max() <= 1.0 and pcm.std() > 1e-4
+    assert [c.passed for c in chunks[:-1]] == pytest.approx([c.t[0] for c in chunks[1:]], abs=1e-9)
+    assert chunks[-1].passed == pytest.approx(t[-1] + 1 / AUDIO_RATE)
 
 
 def test_real_wav_speech_is_resampled_and_offset(tmp_path: Path) -> None:
