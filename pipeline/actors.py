@@ -842,6 +842,10 @@ class AlignerActor:
                 if expected > bound:
                     for it in w.items:
                         self._shed[f"{it.stream}:shed_latency"] += 1
+                    if not self._pending and not admit and self._age(w, now) <= bound:
+                        # Nothing in flight can refresh an estimate taken during a stall (a
+                        # publisher restart): let it decay, or every window is shed from now on.
+                        self._served_s *= 0.5
                     continue
                 if subsample and expected > bound / 2:
                     self._thin += 1

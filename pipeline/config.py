@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "wait_for_subscribers": 0,
         "wait_timeout_s": 60.0,
         "hwm": 1000,
+        "sndbuf": 0,  # bytes of OS send buffer per subscriber connection; 0 = the OS default
         "heartbeat_s": 2.0,
         "curve": {"server_secret_key": None, "authorized_clients": None},
     },
@@ -292,6 +293,7 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"config key 'publish.endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {p['endpoint']!r}")
     _positive(p["wait_for_subscribers"], "publish.wait_for_subscribers", allow_zero=True)
     _positive(p["hwm"], "publish.hwm")
+    _positive(p["sndbuf"], "publish.sndbuf", allow_zero=True)
     _positive(p["heartbeat_s"], "publish.heartbeat_s")
     _check_curve(p["curve"])
     _positive(merged["sources"]["max_gap_s"], "sources.max_gap_s", allow_zero=True)

@@ -156,6 +156,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             "wait_for_subscribers": int(cfg.publish["wait_for_subscribers"]),
             "wait_timeout_s": cfg.publish["wait_timeout_s"],
             "hwm": int(cfg.publish["hwm"]),
+            "sndbuf": int(cfg.publish["sndbuf"]),
             "model_name": info["model"],
             "curve": curve,
         }

@@ -8,10 +8,12 @@ Two delivery rules (docs/protocol.md, "Delivery"):
   subscriptions arrived, so nothing is published into the void.
 * ``live``: never blocks. Sends are non-blocking; when a matching subscriber's queue is full
   libzmq refuses the message (``XPUB_NODROP`` + ``NOBLOCK`` -> ``zmq.Again``) and we count an
-  ``hwm`` drop on that topic. The message is then dropped for every subscriber of the topic:
-  libzmq's XPUB sends a message to all matching pipes or to none. The ``seq`` it consumed
-  leaves a gap subscribers can see. (Plain PUB/XPUB without NODROP would drop silently per
-  subscriber and the publisher could not count anything.)
+  ``hwm`` drop on that topic. NODROP is all-or-none (libzmq's XPUB sends a message to all
+  matching pipes or to none), so the refused message is then sent once more with NODROP off:
+  every subscriber with room gets it and only the full ones miss it, so one stalled subscriber
+  costs the others nothing. The ``seq`` it consumed leaves a gap the stalled subscriber can
+  see. (Plain XPUB without NODROP would drop silently per subscriber and the publisher could
+  not count anything; the NODROP attempt first is what tells us a queue was full.)
 
 XPUB rather than PUB so the publisher sees subscriptions (``XPUB_VERBOSER``: every subscribe
 and unsubscribe, duplicates included), which is how it counts subscribers.
@@ -61,10 +63,13 @@ class Publisher(SinkBase):
     ZeroMQ sockets are not thread safe). ``endpoint`` may use port ``*``
     (``tcp://127.0.0.1:*``); :attr:`bound_endpoint` then tells the real one.
 
-    ``hwm`` is the per-subscriber queue length (messages) before replay blocks or live drops.
+    ``hwm`` is the per-subscriber queue length (messages) before replay blocks or live drops;
+    ``sndbuf`` (bytes, 0 = OS default) the OS send buffer of each subscriber connection, which
+    holds messages on top of it.
     ``send_timeout_s`` bounds how long a replay send may block (``None``: forever) and
     ``control_timeout_s`` how long live mode retries a control message (start/heartbeat/end are
-    rare and matter) before counting it dropped. ``linger_s`` is how long :meth:`close` keeps
+    rare and matter) before counting it dropped (once per stall: until a message reaches every
+    subscriber again, control messages do not wait). ``linger_s`` is how long :meth:`close` keeps
     flushing queued messages.
     """
 
@@ -76,6 +81,7 @@ class Publisher(SinkBase):
         wait_for_subscribers: int = 0,
         wait_timeout_s: float | None = None,
         hwm: int = 1000,
+        sndbuf: int = 0,
         curve: CurveServerConfig | None = None,
         model_name: str = DEFAULT_MODEL,
         resume_seqs: Mapping[str, int] | None = None,
@@ -97,11 +103,15 @@ class Publisher(SinkBase):
         self._control_timeout_s = control_timeout_s
         self._linger_ms = max(0, int(linger_s * 1000))
         self._subscriptions = 0
+        # Live: a control message waited control_timeout_s for a full queue in vain. Until a
+        # message goes through to every subscriber again, later control messages do not wait
+        # (a stalled subscriber would otherwise cost the run control_timeout_s per heartbeat).
+        self._stalled = False
         self._ctx = zmq.Context()
         self._auth: ThreadAuthenticator | None = None
         self._sock = self._ctx.socket(zmq.XPUB)
         try:
-            self._configure(curve, hwm, send_timeout_s)
+            self._configure(curve, hwm, send_timeout_s, sndbuf)
             self._sock.bind(endpoint)
         except Exception as exc:
             self._teardown(linger_ms=0)
@@ -114,9 +124,14 @@ class Publisher(SinkBase):
                         "subscribe to the embeddings", self.bound_endpoint)
         log.info("publisher bound to %s (mode=%s, hwm=%d, curve=%s)", self.bound_endpoint, mode, hwm, curve is not None)
 
-    def _configure(self, curve: CurveServerConfig | None, hwm: int, send_timeout_s: float | None) -> None:
+    def _configure(self, curve: CurveServerConfig | None, hwm: int, send_timeout_s: float | None,
+                   sndbuf: int = 0) -> None:
         sock = self._sock
         sock.setsockopt(zmq.SNDHWM, hwm)
+        if sndbuf > 0:
+            # The OS buffers of each connection hold messages beyond the hwm (up to MiBs with
+            # TCP autotuning): a small one makes live loss bounded by hwm and noticed sooner.
+            sock.setsockopt(zmq.SNDBUF, sndbuf)
         sock.setsockopt(zmq.MAXMSGSIZE, _MAX_INBOUND_BYTES)
         sock.setsockopt(zmq.XPUB_NODROP, 1)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)
@@ -199,16 +214,32 @@ class Publisher(SinkBase):
                     f"send_timeout_s; a subscriber stopped reading"
                 ) from None
             return True
-        deadline = time.monotonic() + (self._control_timeout_s if control else 0.0)
+        wait_s = self._control_timeout_s if control and not self._stalled else 0.0
+        deadline = time.monotonic() + wait_s
         while True:
             try:
                 # NODROP + NOBLOCK: libzmq refuses the whole message (both frames) at the HWM.
                 self._sock.send_multipart([topic, payload], flags=zmq.NOBLOCK, copy=False)
+                self._stalled = False
                 return True
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    return False
+                    break
                 time.sleep(0.001)
+        if wait_s > 0:
+            self._stalled = True
+        self._send_lossy(topic, payload)
+        return False  # counted as an hwm drop: at least one subscriber misses this message
+
+    def _send_lossy(self, topic: bytes, payload: bytes) -> None:
+        """Send to every matching subscriber whose queue has room; the full ones miss it."""
+        self._sock.setsockopt(zmq.XPUB_NODROP, 0)
+        try:
+            self._sock.send_multipart([topic, payload], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # not expected without NODROP; the drop is counted either way
+            pass
+        finally:
+            self._sock.setsockopt(zmq.XPUB_NODROP, 1)
 
     def stats(self) -> dict[str, Any]:
         """:meth:`SinkBase.stats` plus ``endpoint``, ``mode`` and ``subscriptions``; ``dropped``

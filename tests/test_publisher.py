@@ -153,12 +153,14 @@ def test_live_mode_never_blocks_on_a_stalled_subscriber_and_counts_hwm_drops(ctx
         assert not worker.is_alive(), "live publish blocked on a stalled subscriber"
         dropped = pub.stats()["dropped"]["emb/s1/vision"]
         assert dropped > 0 and sum(sent) + dropped == n
-        # The subscriber wakes up: it gets exactly what was sent, and sees the gaps in seq.
+        # The subscriber wakes up: it gets what it had room for, and sees the gaps in seq.
         got = []
         while stalled.poll(1000):
             got.append(decode(stalled.recv_multipart()))
         emb = [m.seq for m in got if m.kind == "embedding"]
-        assert len(emb) == sum(sent) and emb == sorted(emb)
+        # At most what was sent: after its first counted drop libzmq skips the full subscriber
+        # (without telling the publisher) until it reads again; the seq gap still shows the loss.
+        assert 0 < len(emb) <= sum(sent) and emb == sorted(emb)
         # Dropped messages used their seq: whether the drops fell between received messages or
         # all after them, the next embedding that gets through shows the loss as a gap.
         assert pub.publish(_records("vision", "cam0", 1, dim=dim, start=n)) == 1
