@@ -148,7 +148,8 @@ class SourceActor:
             log.error("session '%s' stream '%s': closing the recording failed: %s", self.session, self.spec.id, exc)
             entry = None
         return {"record": entry, "session": self.session,
-                "clock_offsets": list(self._live.clock.applied) if self._live else []}
+                "clock_offsets": list(self._live.clock.applied) if self._live else [],
+                "clock_mapping": getattr(self._live, "clock_mapping", None)}  # url/device: rtcp, estimated, arrival
 
 
 @ray.remote(num_cpus=0)

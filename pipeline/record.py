@@ -6,7 +6,8 @@ samples and times the live run used:
 =========  ==============================================================================
 vision     ``<id>.nut``: FFV1 (lossless) RGB, pts in microseconds (live video times are
            rounded to whole microseconds, so the times come back exactly)
-audio      ``<id>.wav``: 32-bit float PCM, 16 kHz mono; ``offset`` = the first sample's time
+audio      ``<id>.wav``: 32-bit float PCM, 16 kHz mono; ``offset`` = the first sample's time;
+           a gap (a ``url``/``device`` reconnect) is written as silence
 imu        ``<id>.csv``: ``t,ax,ay,az,gx,gy,gz`` in s, m/s^2, rad/s, full float precision
 depth      ``<id>/NNNNNN.png`` 16-bit millimetres + ``<id>/timestamps.csv`` (exact for depth
            that arrived in mm; metres are rounded to the millimetre)
@@ -59,6 +60,7 @@ class StreamRecorder:
         self._raw: Any = None
         self._shape: tuple[int, ...] | None = None
         self._audio_t0: float | None = None
+        self._audio_written = 0  # samples in the WAV so far, silence of gaps included
         self._closed = False
 
     def write(self, chunk: Chunk) -> None:
@@ -95,11 +97,29 @@ class StreamRecorder:
             s.layout = "mono"
             self._vstream = s
             self._audio_t0 = float(chunk.t[0])
-        pcm = np.ascontiguousarray(chunk.data, dtype=np.float32).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(pcm, format="flt", layout="mono")
+            self._audio_written = 0
+        # A WAV has no timestamps: sample i replays at t0 + i / 16000. Live audio stays on that
+        # grid across a reconnect (sources/live/av_input.py) and skips the samples of the gap,
+        # so the gap is written as silence; otherwise every later sample would replay early.
+        assert self._audio_t0 is not None
+        at = np.rint((np.asarray(chunk.t, dtype=np.float64) - self._audio_t0) * AUDIO_RATE).astype(np.int64)
+        pcm_all = np.ascontiguousarray(chunk.data, dtype=np.float32).reshape(-1)
+        cuts = np.flatnonzero(np.diff(at) != 1) + 1
+        for start, end in zip(np.r_[0, cuts], np.r_[cuts, at.size]):
+            gap = int(at[start]) - self._audio_written
+            if gap > 0:
+                log.info("recording '%s': %.3f s gap in the audio at %.3f s written as silence",
+                         self.stream, gap / AUDIO_RATE, float(chunk.t[start]))
+                for n in range(0, gap, AUDIO_RATE):  # a long outage: one second of silence at a time
+                    self._encode_audio(np.zeros(min(AUDIO_RATE, gap - n), dtype=np.float32))
+            self._encode_audio(pcm_all[start:end])
+
+    def _encode_audio(self, pcm: np.ndarray) -> None:
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="flt", layout="mono")
         frame.sample_rate = AUDIO_RATE
         for p in self._vstream.encode(frame):
             self._container.mux(p)
+        self._audio_written += pcm.size
 
     def _write_imu(self, chunk: Chunk) -> None:
         if self._csv is None:
@@ -180,9 +200,11 @@ def _write_png16(path: Path, mm: np.ndarray) -> None:
 
 
 def write_session_yaml(folder: str | Path, name: str, entries: list[dict[str, Any]],
-                       clock_offsets: dict[str, list[float]] | None = None) -> Path | None:
+                       clock_offsets: dict[str, list[float]] | None = None,
+                       clock_mappings: dict[str, str] | None = None) -> Path | None:
     """Write ``session.yaml`` for the recorded ``entries`` (file order); ``None`` and the folder
-    removed when no stream recorded anything."""
+    removed when no stream recorded anything. ``clock_mappings``: how a ``url``/``device``
+    stream's times were mapped (``rtcp``, ``estimated``, ``arrival``), noted with its offsets."""
     folder = Path(folder)
     entries = [e for e in entries if e]
     if not entries:
@@ -190,9 +212,11 @@ def write_session_yaml(folder: str | Path, name: str, entries: list[dict[str, An
         shutil.rmtree(folder, ignore_errors=True)
         return None
     lines = [f"Recorded live by bindstream. Times are on the session clock (offsets applied)."]
+    how = {"rtcp": " (from RTCP sender reports)", "estimated": " (estimated from arrival times)"}
     for sid, offs in sorted((clock_offsets or {}).items()):
         if offs:
-            lines.append(f"stream {sid}: device clock offset applied {offs[0]:.6f} s at start, {offs[-1]:.6f} s at end")
+            lines.append(f"stream {sid}: device clock offset applied {offs[0]:.6f} s at start, {offs[-1]:.6f} s at end"
+                         + how.get((clock_mappings or {}).get(sid, ""), ""))
     doc = {"format": FORMAT, "name": name, "description": "\n".join(lines), "streams": entries}
     path = folder / "session.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -388,7 +388,8 @@ def _write_recordings(live: dict[str, Any], specs: list[SessionSpec], results: l
         mine = {r["stream"]: r for r in results if r.get("session") == spec.name}
         entries = [mine[s.id]["record"] for s in spec.streams if mine.get(s.id, {}).get("record")]
         offsets = {sid: r.get("clock_offsets") or [] for sid, r in mine.items()}
-        path = write_session_yaml(live["record"] / spec.name, spec.name, entries, offsets)
+        mappings = {sid: r["clock_mapping"] for sid, r in mine.items() if r.get("clock_mapping")}
+        path = write_session_yaml(live["record"] / spec.name, spec.name, entries, offsets, mappings)
         if path is not None:
             log.info("session '%s' recorded to %s", spec.name, path.parent)
             for s in summaries:

@@ -3,39 +3,72 @@
 ``url``: anything FFmpeg opens by URL (``rtsp://``, ``rtmp://``, ``http(s)://``, ``udp://``,
 ``srt://``). ``timeout_s`` bounds opening and every read (PyAV's interrupt callback), so a
 silent peer never hangs the source; a lost stream is reopened with exponential backoff (0.5 s
-doubling up to ``max_backoff_s``), each attempt counted as ``reconnect`` in ``dropped``.
+doubling up to ``max_backoff_s``), each attempt counted as ``reconnect`` in ``dropped``. An
+RTSP receiver in listen mode (``options: {rtsp_flags: listen}``, a sender pushes to us) gets
+``listen_timeout`` = ``timeout_s`` unless it sets one: FFmpeg's default (-1, "forever") fails
+the open with ERANGE.
 
 ``device``: a camera or microphone by FFmpeg input format (``v4l2``, ``alsa``, ``pulse``,
 ``avfoundation``, ``dshow``, or ``lavfi`` for a synthetic one) and device name; ``size``
 (``640x480``) and ``rate`` map to the format's ``video_size``/``framerate`` (video) or
 ``sample_rate`` (audio) options. Extra FFmpeg options go in ``options``.
 
-Timestamps: with ``clock: device`` (default) a frame's pts time is the device time, mapped onto
-the session clock by :class:`pipeline.clock.StreamClock`; ``clock: arrival`` stamps frames on
-arrival. Audio is resampled to 16 kHz mono; its samples are timed from the first frame's
-session time plus the sample count (like the replay source), restarted on each reconnect.
+Timestamps (``clock: device``, the default), per connection:
+
+* **RTCP** when the input carries a wall-clock reference: FFmpeg's RTSP/RTP demuxer sets
+  ``start_time_realtime`` (Unix microseconds) from the first RTCP sender report's NTP time,
+  and frame pts are relative to it, so a frame's Unix time is
+  ``start_time_realtime / 1e6 + pts * time_base``; session time = that minus the epoch. The
+  sender's wall clock is trusted as the session clock (as ``clock: session`` does), so it must
+  be NTP-synced; ``clock: arrival`` opts out.
+* otherwise the pts are the device time, mapped onto the session clock by
+  :class:`pipeline.clock.StreamClock` (offset estimated from arrival times).
+
+Which one a connection uses is logged and kept in :attr:`AvLiveSource.clock_mapping`. Each
+connection starts a fresh mapping (a reopened stream has new pts and a new sender clock).
+
+Audio is resampled to 16 kHz mono; its samples are timed from the first frame's session time
+plus the sample count (like the replay source). After a reconnect the first frame's session
+time places the new samples on the same 16 kHz grid, the skipped sample count being the gap:
+a reconnect leaves a gap in the times, never a shift, and the recorder (pipeline/record.py)
+can store the gap as silence so a replay reproduces the times exactly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Iterator
 
 import av
 import numpy as np
 
+from pipeline.clock import OffsetEstimator
 from pipeline.errors import SourceError
 from sources.base import AUDIO_RATE
-from sources.live.base import LiveSource
+from sources.live.base import POLL_S, LiveSource
 
-__all__ = ["AvLiveSource"]
+__all__ = ["AvLiveSource", "RTCP", "ESTIMATED", "ARRIVAL"]
 
 log = logging.getLogger("sources.live")
 
 _INITIAL_BACKOFF_S = 0.5
+RTCP = "rtcp"  # clock_mapping values: times from RTCP sender reports,
+ESTIMATED = "estimated"  # stream pts with an offset estimated from arrival times,
+ARRIVAL = "arrival"  # or arrival times (clock: arrival, or frames without pts).
 
 
 class AvLiveSource(LiveSource):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.clock_mapping: str | None = None  # how the latest connection maps times
+        self._connection = 0
+        self._noted: tuple[int, str] | None = None  # (connection, mapping) last logged
+        self._last_t = -math.inf
+        # Audio sample clock, kept across reconnects: sample i is at anchor + i / AUDIO_RATE.
+        self._audio_anchor: float | None = None
+        self._audio_emitted = 0
+
     def _open_args(self) -> tuple[str, dict[str, Any]]:
         spec = self.spec
         opts = dict(spec.option("options", ()))
@@ -48,12 +81,24 @@ class AvLiveSource(LiveSource):
                 opts.setdefault(key, str(spec.option("rate")))
         else:
             target = spec.option("url")
+        t = float(spec.option("timeout_s", 5.0))
+        if "listen" in str(opts.get("rtsp_flags", "")):
+            opts.setdefault("listen_timeout", str(max(1, math.ceil(t))))
         kw: dict[str, Any] = {"options": opts}
         if spec.option("format"):
             kw["format"] = spec.option("format")
-        t = float(spec.option("timeout_s", 5.0))
         kw["timeout"] = (t, t)
         return target, kw
+
+    def _wait(self, seconds: float) -> Iterator[None]:
+        """Wait ``seconds`` (less when stopped), yielding ``None`` every :data:`POLL_S` so a
+        chunk held from before a lost connection still goes out on time."""
+        end = self.session_clock.now() + seconds
+        while not self.stopped:
+            left = end - self.session_clock.now()
+            if left <= 0 or self._stop.wait(min(POLL_S, left)):
+                return
+            yield None
 
     def _samples(self) -> Iterator[tuple[float, Any] | None]:
         spec = self.spec
@@ -69,11 +114,12 @@ class AvLiveSource(LiveSource):
                 if spec.live == "device" and attempts == 1 and isinstance(e, (FileNotFoundError,)):
                     raise SourceError(f"{spec.label}: cannot open device {target!r}: {e}") from e
                 self.drop("reconnect", f"cannot open {target}: {e}; retrying in {backoff:.1f} s")
-                if self._stop.wait(backoff):
-                    return
+                yield from self._wait(backoff)
                 backoff = min(max_backoff, backoff * 2)
                 continue
+            self._new_connection()
             got_any = False
+            why = "ended"
             try:
                 for s in self._read(container):
                     got_any = True
@@ -81,19 +127,54 @@ class AvLiveSource(LiveSource):
                     if self.stopped:
                         return
             except (av.FFmpegError, OSError) as e:
-                self.drop("reconnect", f"{target} failed: {e}")
+                why = f"failed: {e}"
             finally:
                 container.close()
             if self.stopped:
                 return
             if got_any:
                 backoff = _INITIAL_BACKOFF_S
-            else:
-                self.drop("reconnect", f"{target} ended; reopening in {backoff:.1f} s")
-            if self._stop.wait(backoff):
-                return
+            self.drop("reconnect", f"{target} {why}; reopening in {backoff:.1f} s")
+            yield from self._wait(backoff)
             backoff = min(max_backoff, backoff * 2)
 
+    # -- time mapping ---------------------------------------------------------------------------
+    def _new_connection(self) -> None:
+        """A reopened stream has new pts (and maybe a new sender): forget the old mapping."""
+        self._connection += 1
+        if self._connection > 1:
+            self.clock.estimator = OffsetEstimator()
+
+    def _map(self, container: Any, frame_time: float | None, arrival: float) -> float:
+        """Session time of a frame with pts time ``frame_time`` that arrived at ``arrival``."""
+        srt = container.start_time_realtime if self.spec.clock != "arrival" else None
+        if srt and frame_time is not None:  # None: AV_NOPTS_VALUE; 0: never set
+            off = srt / 1e6 - self.session_clock.epoch
+            if not self.clock.applied:
+                self.clock.applied = [off, off]
+            self.clock.applied[-1] = off
+            t = frame_time + off + self.clock.extra
+            self._note_mapping(RTCP, f"sender wall clock minus arrival {t - arrival - self.clock.extra:+.3f} s")
+        else:
+            t = self.clock.map(frame_time, arrival)
+            self._note_mapping(ARRIVAL if self.spec.clock == "arrival" or frame_time is None else ESTIMATED, "")
+        if t <= self._last_t:  # never backwards, across mappings and connections too
+            t = self._last_t + 1e-6
+        self._last_t = t
+        return t
+
+    def _note_mapping(self, mapping: str, detail: str) -> None:
+        self.clock_mapping = mapping
+        if self._noted == (self._connection, mapping):
+            return
+        self._noted = (self._connection, mapping)
+        what = {RTCP: "RTCP sender reports (start_time_realtime + pts)",
+                ESTIMATED: "stream pts with an offset estimated from arrival times",
+                ARRIVAL: "arrival times"}[mapping]
+        log.info("%s: connection %d timestamps from %s%s", self.spec.label, self._connection, what,
+                 f" ({detail})" if detail else "")
+
+    # -- reading --------------------------------------------------------------------------------
     def _read(self, container: Any) -> Iterator[tuple[float, Any] | None]:
         spec = self.spec
         track = int(spec.option("track", 0))
@@ -111,7 +192,7 @@ class AvLiveSource(LiveSource):
                 arrival = self.session_clock.now()
                 if self.too_big(frame.width, frame.height):
                     continue
-                t = self.clock.map(frame.time, arrival)
+                t = self._map(container, frame.time, arrival)
                 if spec.modality == "thermal":
                     img = frame.reformat(format="gray").to_ndarray().astype(np.float32) / np.float32(255.0)
                     yield t, img
@@ -122,18 +203,32 @@ class AvLiveSource(LiveSource):
 
     def _audio(self, container: Any, stream: Any) -> Iterator[tuple[Any, Any] | None]:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
-        anchor: float | None = None
-        emitted = 0
+        placed = False
         for packet in container.demux(stream):
             for frame in packet.decode():
-                arrival = self.session_clock.now()
-                if anchor is None:
-                    anchor = self.clock.map(frame.time, arrival)
+                if not placed:
+                    self._place_audio(self._map(container, frame.time, self.session_clock.now()))
+                    placed = True
+                anchor = self._audio_anchor
+                assert anchor is not None  # placed above
                 for out in resampler.resample(frame):
                     pcm = out.to_ndarray().reshape(-1).astype(np.float32)
                     # Same arithmetic as the replay AudioSource, so a recording replays exactly.
-                    t = 0.0 + (emitted + np.arange(pcm.size, dtype=np.float64)) / AUDIO_RATE + anchor
-                    emitted += pcm.size
+                    t = 0.0 + (self._audio_emitted + np.arange(pcm.size, dtype=np.float64)) / AUDIO_RATE + anchor
+                    self._audio_emitted += pcm.size
                     yield t, pcm
             if self.stopped:
                 return
+
+    def _place_audio(self, t: float) -> None:
+        """Place a connection's first sample, at session time ``t``, on the stream's sample grid."""
+        if self._audio_anchor is None:
+            self._audio_anchor, self._audio_emitted = t, 0
+            return
+        gap = round((t - self._audio_anchor) * AUDIO_RATE) - self._audio_emitted
+        if gap >= 0:
+            self._audio_emitted += gap
+            log.info("%s: audio resumes after a gap of %.3f s", self.spec.label, gap / AUDIO_RATE)
+        else:  # the new connection's first sample maps before the last one emitted
+            log.warning("%s: audio after reconnect would overlap the previous %.3f s; appended instead",
+                        self.spec.label, -gap / AUDIO_RATE)
