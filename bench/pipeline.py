@@ -13,6 +13,11 @@ Workload: N synthetic sessions written deterministically with PyAV (``pipeline.d
 * ``naive``: one window and one modality at a time, batch 1, fp32, full-size decode and the
   reference transforms of ``encoders.compat`` (the floor).
 
+Per stream, CPU core-seconds per second of run (per session): the source actor's whole process
+(``cpu_core_s_per_s_per_stream``) and its source split into decode / resize / other
+(``cpu_split_core_s_per_s_per_stream``; decode and resize include FFmpeg's own decoder and
+scaler threads, see ``pipeline.metrics.source_cpu_split``; the rest of the process is Ray's).
+
     python bench/pipeline.py                       # short CPU run (tiny model, 2 sessions x 8 s)
     python bench/pipeline.py --json                # one JSON object on stdout
     python bench/pipeline.py --realtime 3          # also: 3 sessions at rate 1.0, does latency hold?
@@ -53,6 +58,7 @@ __all__ = ["main"]
 log = logging.getLogger("bench.pipeline")
 
 MODALITIES = ("vision", "audio", "imu", "depth", "thermal", "text")
+_SPLIT_PARTS = ("decode_s", "resize_s", "other_s", "total_s")  # SourceActor end stats' cpu_split
 
 
 # -- workload ---------------------------------------------------------------------------------
@@ -267,8 +273,11 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         for k, v in (s.get("stages") or {}).items():
             stages[k].append(v)
     cpu_stream: dict[str, float] = collections.defaultdict(float)
+    split_stream: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for s in result.source_stats:
         cpu_stream[s["stream"]] += float(s.get("cpu_s") or 0.0)
+        split = s.get("cpu_split") or {}
+        split_stream[s["stream"]].update({k[:-2]: float(split.get(k) or 0.0) for k in _SPLIT_PARTS})
     enc_items: collections.Counter = collections.Counter()
     enc_fwd: collections.Counter = collections.Counter()
     batch_sizes: dict[str, list[int]] = collections.defaultdict(list)
@@ -285,6 +294,10 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "stages": {k: {q: float(np.nanmedian([v[q] for v in vs])) for q in ("p50", "p99", "mean")}
                    for k, vs in stages.items()},
         "cpu_core_s_per_s_per_stream": {k: v / elapsed / len(sessions) for k, v in sorted(cpu_stream.items())},
+        # The source thread's CPU (plus FFmpeg's decoder and scaler threads) split by part; the
+        # source process's cpu_s above also holds Ray's own threads (pipeline/metrics.py).
+        "cpu_split_core_s_per_s_per_stream": {k: {part: v / elapsed / len(sessions) for part, v in parts.items()}
+                                              for k, parts in sorted(split_stream.items())},
         "cpu_core_s_per_s_total": res["cpu_s"] / res["cpu_wall_s"],
         "encoder_forward_s": dict(enc_fwd), "encoder_items": dict(enc_items),
         "mean_batch": {m: float(np.mean(b)) for m, b in batch_sizes.items() if b},
@@ -514,6 +527,10 @@ def _table(out: dict[str, Any]) -> str:
         lines.append(f"{mode} stages p50/p99 ms: {st}")
         cpu = " ".join(f"{k}={v:.3f}" for k, v in r["cpu_core_s_per_s_per_stream"].items())
         lines.append(f"{mode} CPU core-s/s per stream: {cpu}; all processes {r['cpu_core_s_per_s_total']:.2f}")
+        if r.get("cpu_split_core_s_per_s_per_stream"):
+            split = " ".join(f"{k}={v['decode']:.3f}/{v['resize']:.3f}/{v['other']:.3f}"
+                             for k, v in r["cpu_split_core_s_per_s_per_stream"].items())
+            lines.append(f"{mode} source CPU core-s/s per stream, decode/resize/other: {split}")
         lines.append(f"{mode} peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB"
                      + (f", object store peak {r['object_store_peak_bytes'] / 2**20:.0f} MiB"
                         if "object_store_peak_bytes" in r else "")
@@ -645,6 +662,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     "target_p99_s": args.target_p99,
                     "held": bool(r["latency"]["p99"] <= args.target_p99 and r["windows"] >= expected),
                     "cpu_core_s_per_s_total": r["cpu_core_s_per_s_total"],
+                    "cpu_split_core_s_per_s_per_stream": r["cpu_split_core_s_per_s_per_stream"],
                 }
         finally:
             ray.shutdown()

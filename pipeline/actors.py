@@ -61,6 +61,7 @@ class SourceActor:
 
     def run(self, rate: float, max_inflight: int) -> dict[str, Any]:
         from pipeline.guard import StreamGuard
+        from pipeline.metrics import source_cpu_split
         from sources.replay import open_source
 
         stream = self.spec.id
@@ -69,6 +70,7 @@ class SourceActor:
         source = None
         guard = None
         cpu0, wall_start = time.process_time(), time.time()  # this actor is the stream's own process
+        thread0 = time.thread_time()  # this method's thread: the base of the decode/resize/other split
         try:
             # max_gap_s belongs to the guard (pipeline/guard.py), not to the source readers.
             opts = {k: v for k, v in self.options.items() if k != "max_gap_s"}
@@ -117,6 +119,7 @@ class SourceActor:
         ray.get(self.aligner.end_stream.remote(stream, error, dropped, self.chunks))
         return {"stream": stream, "chunks": self.chunks, "samples": self.samples, "error": error, "dropped": dropped,
                 "cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall_start, "t_start": wall_start,
+                "cpu_split": source_cpu_split(source, time.thread_time() - thread0),
                 "node_id": ray.get_runtime_context().get_node_id(),
                 **self._close_record()}
 

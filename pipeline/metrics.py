@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["STAGES", "StageRecorder", "RayMetrics", "percentiles"]
+__all__ = ["STAGES", "StageRecorder", "RayMetrics", "percentiles", "source_cpu_split"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,39 @@ def percentiles(values: Iterable[float], qs: tuple[float, ...] = (50, 99)) -> di
     out["mean"] = float(arr.mean())
     out["n"] = int(arr.size)
     return out
+
+
+def source_cpu_split(source: Any, thread_s: float) -> dict[str, Any]:
+    """CPU seconds of one stream's source by part, for the source actor's end stats.
+
+    ``thread_s`` is the ``time.thread_time()`` of the thread that iterated ``source`` (opening
+    it, reading, pacing, pushing chunks). A replay source's ``cpu`` meter
+    (:class:`sources._common._CpuMeter`) says how much of it went to demux + decode and to
+    resizing / pixel-format conversion / resampling, and how much CPU FFmpeg's own decoder and
+    scaler threads used besides. Result (seconds)::
+
+        decode_s   in-thread demux + decode, plus the decoder threads' CPU
+        resize_s   PyAV reformat / to_ndarray / audio resampling, plus the scaler threads' CPU
+        other_s    the rest of the thread: parsing, the guard, pacing, Ray pushes
+        total_s    thread_s + the helper threads' CPU = decode_s + resize_s + other_s
+
+    The source actor's process CPU (``cpu_s``) is larger: it also holds Ray's own threads.
+
+    A source without a meter (the live sources; the CSV, JSONL and ``.npy`` readers, which
+    neither decode media nor resize) reports all of its thread as ``other_s``, ``measured: False``.
+    """
+    meter = getattr(source, "cpu", None)
+    parts = meter.as_dict() if meter is not None and hasattr(meter, "as_dict") else None
+    thread_s = max(0.0, float(thread_s))
+    if parts is None:
+        return {"decode_s": 0.0, "resize_s": 0.0, "other_s": thread_s, "total_s": thread_s, "measured": False}
+    in_thread = float(parts["decode_s"]) + float(parts["resize_s"])
+    codec = float(parts.get("codec_threads_s", 0.0))
+    scaler = float(parts.get("scaler_threads_s", 0.0))
+    return {"decode_s": float(parts["decode_s"]) + codec, "resize_s": float(parts["resize_s"]) + scaler,
+            # Both parts are intervals of the same thread's clock inside thread_s; the clamp only
+            # absorbs float rounding.
+            "other_s": max(0.0, thread_s - in_thread), "total_s": thread_s + codec + scaler, "measured": True}
 
 
 class StageRecorder:

@@ -35,7 +35,8 @@ class RunResult:
     model: dict[str, Any]
     elapsed_s: float
     encoder_stats: list[dict[str, Any]] = field(default_factory=list)
-    # What each source actor's run returned (stream, chunks, samples, error, dropped, cpu_s, wall_s).
+    # What each source actor's run returned (stream, chunks, samples, error, dropped, cpu_s, wall_s,
+    # cpu_split: decode/resize/other seconds, see pipeline.metrics.source_cpu_split).
     source_stats: list[dict[str, Any]] = field(default_factory=list)
     # The publisher's stats() just before close: next_seq, published, dropped (topic -> live-mode
     # ``hwm`` drops), endpoint, mode, subscriptions. After a publisher restart: the last incarnation's.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -38,6 +39,93 @@ class _Drops:
     def summary(self) -> None:
         if self.counts:
             logger.warning("%s: dropped in total %s from %s", self._spec.label, self.counts, self._spec.source)
+
+
+class _HelperThreads:
+    """Threads a library started on behalf of one source, and their CPU seconds.
+
+    Adopted as the threads that appear during one call (the call that starts them); their CPU
+    clocks are read while they are alive (:meth:`sample`), since a thread's time is gone once
+    it ends. ``prefix``: when some adopted threads carry a name starting with it, only those
+    count (FFmpeg's decoder threads name themselves "av:<codec>:..."; a thread another library
+    started during the same call is then left out). Linux only; elsewhere the total stays 0.
+    """
+
+    def __init__(self, prefix: str = "") -> None:
+        self._prefix = prefix
+        self._tids: set[int] = set()
+        self._cpu: dict[int, float] = {}
+
+    def adopt(self, before: set[int]) -> None:
+        """Adopt the threads created since ``before`` (a :func:`_thread_ids` snapshot)."""
+        self._tids |= _thread_ids() - before
+
+    def sample(self) -> None:
+        if not self._tids:
+            return
+        stats = {tid: _thread_stat(tid) for tid in self._tids}
+        alive = {tid: st for tid, st in stats.items() if st is not None}
+        named = {tid: st for tid, st in alive.items() if self._prefix and st[0].startswith(self._prefix)}
+        chosen = named or alive
+        for tid in [t for t in self._cpu if t in alive and t not in chosen]:
+            del self._cpu[tid]  # counted before the library's threads had named themselves
+        for tid, (_, cpu) in chosen.items():
+            self._cpu[tid] = cpu
+
+    @property
+    def cpu_s(self) -> float:
+        self.sample()
+        return sum(self._cpu.values())
+
+
+class _CpuMeter:
+    """CPU seconds a replay source spends decoding and resizing, for the per-stream split.
+
+    ``decode_s`` and ``resize_s`` are ``time.thread_time()`` of the thread iterating the source
+    (demux + decode of packets; PyAV ``reformat`` / ``to_ndarray`` / resampling).
+    ``codec_threads_s`` and ``scaler_threads_s`` are the CPU of FFmpeg's own threads: with
+    ``thread_type = "AUTO"`` video is decoded in worker threads, and swscale scales in slice
+    threads, while the iterating thread only waits; thread time alone would leave most of the
+    work out of the split. They are the threads that appear during the decoder's first
+    ``decode()`` (PyAV opens the codec there) and the scaler's first call.
+    """
+
+    def __init__(self) -> None:
+        self.decode_s = 0.0
+        self.resize_s = 0.0
+        self.codec_threads = _HelperThreads("av:")
+        self.scaler_threads = _HelperThreads()
+
+    def sample_threads(self) -> None:
+        """Read the helper threads' CPU now (call before the decoder or scaler closes)."""
+        self.codec_threads.sample()
+        self.scaler_threads.sample()
+
+    def as_dict(self) -> dict[str, float]:
+        return {"decode_s": self.decode_s, "resize_s": self.resize_s,
+                "codec_threads_s": self.codec_threads.cpu_s, "scaler_threads_s": self.scaler_threads.cpu_s}
+
+
+def _thread_ids() -> set[int]:
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:  # no procfs: codec threads are not measured
+        return set()
+
+
+def _thread_stat(tid: int) -> tuple[str, float] | None:
+    """(name, CPU seconds) of one thread of this process; ``None`` once it ended.
+
+    The CPU time is read from the thread's own CPU clock (Linux encodes a thread id into a
+    clock id as ``(~tid << 3) | 6``, glibc's MAKE_THREAD_CPUCLOCK): exact, where
+    ``/proc/.../stat`` counts 10 ms scheduler ticks and undercounts threads that run in bursts.
+    """
+    try:
+        with open(f"/proc/self/task/{tid}/comm", encoding="ascii", errors="replace") as f:
+            name = f.read().strip()
+        return name, time.clock_gettime((~tid << 3) | 6)
+    except (OSError, ValueError, OverflowError, AttributeError):  # ended, or not Linux
+        return None
 
 
 class _Batcher:
@@ -101,23 +189,44 @@ def _open_media(spec: StreamSpec) -> av.container.InputContainer:
         raise SourceError(f"{spec.label}: cannot open {spec.source}: {e}") from e
 
 
-def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stream: Any, what: str) -> Iterator[Any]:
+def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stream: Any, what: str,
+                  cpu: _CpuMeter | None = None) -> Iterator[Any]:
     """Decoded frames of ``stream``; :class:`SourceError` on corrupt data or a short file.
 
     The caller has already emitted every frame yielded before the error, so the good prefix
-    of a damaged file still reaches the pipeline.
+    of a damaged file still reaches the pipeline. ``cpu`` is charged with the demux and decode
+    time (the consumer's work between frames is not).
     """
     packets = 0
     frames = 0
+    cpu = cpu if cpu is not None else _CpuMeter()
+    opened = False
     try:
-        for packet in container.demux(stream):
+        demux = container.demux(stream)
+        while True:
+            t0 = time.thread_time()
+            packet = next(demux, None)
+            if packet is None:
+                cpu.decode_s += time.thread_time() - t0
+                break
             if packet.size:  # the final flush packet is empty
                 packets += 1
-            for frame in packet.decode():
+            if not opened:
+                # PyAV opens the codec, and FFmpeg starts its decoder threads, at the first decode.
+                before = _thread_ids()
+                decoded = packet.decode()
+                cpu.codec_threads.adopt(before)
+                opened = True
+            else:
+                decoded = packet.decode()
+            cpu.decode_s += time.thread_time() - t0
+            for frame in decoded:
                 frames += 1
                 yield frame
     except (av.FFmpegError, OSError) as e:
         raise SourceError(f"{spec.label}: {what} decoding failed in {spec.source} after {frames} frames: {e}") from e
+    finally:
+        cpu.sample_threads()  # before the container closes and the threads with it
     # A file cut short after its index (moov first) demuxes without error; the index still
     # says how many packets there should have been.
     declared = stream.frames

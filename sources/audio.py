@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import av
@@ -9,7 +10,7 @@ import numpy as np
 
 from pipeline.errors import SourceError
 from pipeline.session import StreamSpec
-from sources._common import _chunk, _demux_decode, _open_media
+from sources._common import _chunk, _CpuMeter, _demux_decode, _open_media
 from sources.base import AUDIO_RATE, Chunk
 
 __all__ = ["AudioSource"]
@@ -21,7 +22,8 @@ class AudioSource:
     Sample ``i`` (counted from the first decoded sample) is at
     ``first frame pts time + i / 16000 + spec.offset``: the resampler's output is a
     continuous sample stream, so per-sample times are derived from the count rather than
-    from resampled frame pts, which drift by rounding.
+    from resampled frame pts, which drift by rounding. ``cpu`` accumulates the CPU seconds spent
+    decoding and resampling (resampling is the audio source's ``resize_s``).
     """
 
     def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0) -> None:
@@ -32,6 +34,7 @@ class AudioSource:
         self.spec = spec
         self.chunk_seconds = chunk_seconds
         self.dropped: dict[str, int] = {}
+        self.cpu = _CpuMeter()
 
     def __iter__(self) -> Iterator[Chunk]:
         spec = self.spec
@@ -60,17 +63,17 @@ class AudioSource:
                 return chunk
 
             try:
-                for frame in _demux_decode(spec, container, stream, "audio"):
+                for frame in _demux_decode(spec, container, stream, "audio", self.cpu):
                     if t0 is None:
                         t0 = frame.time if frame.time is not None else 0.0
                     for out in self._resample(resampler, frame):
-                        pending.append(out.to_ndarray().reshape(-1))
+                        pending.append(self._pcm(out))
                         n_pending += out.samples
                     while n_pending >= per_chunk:
                         yield take(per_chunk)
                 # Flush: the resampler holds back its filter delay until told the input ended.
                 for out in self._resample(resampler, None):
-                    pending.append(out.to_ndarray().reshape(-1))
+                    pending.append(self._pcm(out))
                     n_pending += out.samples
             except SourceError:
                 while n_pending > 0:
@@ -80,7 +83,16 @@ class AudioSource:
                 yield take(min(per_chunk, n_pending))
 
     def _resample(self, resampler: av.AudioResampler, frame: av.AudioFrame | None) -> list[av.AudioFrame]:
+        t0 = time.thread_time()
         try:
             return resampler.resample(frame)
         except (av.FFmpegError, ValueError) as e:  # e.g. the track changes layout mid-file
             raise SourceError(f"{self.spec.label}: resampling audio from {self.spec.source} failed: {e}") from e
+        finally:
+            self.cpu.resize_s += time.thread_time() - t0
+
+    def _pcm(self, frame: av.AudioFrame) -> np.ndarray:
+        t0 = time.thread_time()
+        out = frame.to_ndarray().reshape(-1)
+        self.cpu.resize_s += time.thread_time() - t0
+        return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from pipeline.errors import SourceError
 from pipeline.session import StreamSpec
-from sources._common import _batched, _Batcher, _file_to_session
+from sources._common import _batched, _Batcher, _CpuMeter, _file_to_session
 from sources.base import Chunk
 
 __all__ = ["FrameFolderSource", "NpyFramesSource", "read_timestamps"]
@@ -124,6 +125,7 @@ class FrameFolderSource:
         self.chunk_seconds = chunk_seconds
         self.max_pixels = max_pixels
         self.dropped: dict[str, int] = {}
+        self.cpu = _CpuMeter()  # PNG decode; pixel-format conversion as resize_s
         self._frames = self._plan()
 
     def _plan(self) -> list[tuple[float, Path]]:
@@ -167,8 +169,11 @@ class FrameFolderSource:
                 raise SourceError(f"{spec.label}: frame {path} declares {size[0]}x{size[1]}, more than "
                                   f"{self.max_pixels} pixels (max_pixels); not decoded")
         try:
+            t0 = time.thread_time()  # opening (probing) the PNG is part of decoding it
             with av.open(str(path)) as c:
                 frame = next(c.decode(video=0))
+                t1 = time.thread_time()
+                self.cpu.decode_s += t1 - t0
                 fmt = frame.format.name
                 if spec.modality == "depth":
                     if fmt not in ("gray16be", "gray16le"):
@@ -180,6 +185,7 @@ class FrameFolderSource:
                 else:
                     deep = any(d in fmt for d in ("16", "48", "64"))
                     raw = frame.reformat(format="gray16le" if deep else "gray").to_ndarray()
+                self.cpu.resize_s += time.thread_time() - t1
         except (av.FFmpegError, OSError, StopIteration) as e:
             raise SourceError(f"{spec.label}: cannot decode frame {path}: {e or 'no image'}") from e
         return _to_float(spec, raw, str(path))
