@@ -134,7 +134,10 @@ def test_overload_keeps_publish_latency_under_the_bound_and_counts_drops(ray_clu
     feeder.start()
     pub.start()
     sub = _subscriber()
-    bound = 1.0
+    # The bound leaves room for one slow batch on a loaded 2-core machine (the first forward
+    # also pays the model's warm-up): with less, a CI run shed every window, which is correct
+    # behaviour but proves nothing about the bound.
+    bound = 2.0
     # Stopped (as Ctrl-C would) once 25 windows were released, whatever the machine's load;
     # stop_after is only a safety net.
     cfg = _cfg([_live_session(cam, imu)], stop_after=90.0,
