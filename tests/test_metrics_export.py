@@ -126,7 +126,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> dict:
     session = write_demo_session(root / "sess", seconds=3.0, size=(160, 120), fps=15)
     out = root / "out.json"
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "RAY_enable_metrics_collection": "1"}  # conftest.py turns it off for everything else
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(port), str(session), str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
