@@ -59,6 +59,16 @@ class SourceActor:
         """The process id (fault tests kill it; the driver then ends the stream, see run.py)."""
         return os.getpid()
 
+    def ready(self) -> int:
+        """Import what :meth:`run` needs and return the pid. The driver waits for every source
+        of the run before starting any, so the streams start reading together and a slow actor
+        start (a fresh Python process importing PyAV and numpy) is not taken for a lagging stream."""
+        import pipeline.guard  # noqa: F401
+        import sources.live  # noqa: F401
+        import sources.replay  # noqa: F401
+
+        return os.getpid()
+
     def run(self, rate: float, max_inflight: int) -> dict[str, Any]:
         from pipeline.guard import StreamGuard
         from pipeline.metrics import source_cpu_split

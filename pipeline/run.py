@@ -203,6 +203,10 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 sources.append(src)
                 watch.add(src, al, spec.name, s.id)
         actors += aligners + sources
+        # Every actor started before any stream reads (SourceActor.ready). Failures are left to
+        # the run calls below, which report them per stream.
+        starting = [s.ready.remote() for s in sources] + [a.progress.remote() for a in aligners]
+        ray.wait(starting, num_returns=len(starting), timeout=120)
         done_refs = [al.wait_done.remote() for al in aligners]
         for src in sources:
             runs.append(src.run.remote(cfg.rate, cfg.max_inflight_chunks))
