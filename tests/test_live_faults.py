@@ -66,6 +66,18 @@ def _cfg(sessions: list[Any], **over: Any):
     return parse_config(data)
 
 
+def _run_then_join(run: Any, cfg: Any, on_ready: Any, threads: list[threading.Thread],
+                   run_over: threading.Event) -> Any:
+    """``run(cfg)``; then, even if it raised, tell the controller threads the run is over (so a
+    late SIGINT cannot hit the next test) and wait for them."""
+    try:
+        return run(cfg, on_ready=on_ready)
+    finally:
+        run_over.set()
+        for th in threads:
+            th.join(60)
+
+
 class _Reader:
     """A real SUB socket read in a thread, each message stamped with its arrival time.
 
@@ -273,12 +285,7 @@ def test_live_stalled_subscriber_never_stalls_the_run_and_its_losses_are_counted
         threads[-1].start()
 
     try:
-        try:
-            result = run(cfg, on_ready=on_ready)
-        finally:
-            run_over.set()
-            for th in threads:
-                th.join(60)
+        result = _run_then_join(run, cfg, on_ready, threads, run_over)
         stopped_in = time.monotonic() - state["sigint_at"]
         healthy.join()
         stalled.join()
@@ -395,12 +402,7 @@ def test_live_publisher_killed_with_two_live_sessions_restarts_and_every_loss_is
         threads[-1].start()
 
     try:
-        try:
-            result = run(cfg, on_ready=on_ready)
-        finally:
-            run_over.set()
-            for th in threads:
-                th.join(60)
+        result = _run_then_join(run, cfg, on_ready, threads, run_over)
         reader.join()
     finally:
         for peer in peers:

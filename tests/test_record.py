@@ -191,6 +191,27 @@ def test_overload_keeps_publish_latency_under_the_bound_and_counts_drops(ray_clu
         assert any(k.endswith(":subsampled") and k.startswith("cam") for k in shed_counts)
 
 
+def _live_yaml(tmp_path: Path, cam: int, imu: int, out_port: int, *, hop: float, model: str,
+               extra: str = "") -> Path:
+    """A run config file for the CLI: the imagezmq camera and the skewed IMU of one rig, published
+    on ``out_port``; ``extra`` YAML lines are appended."""
+    cfg = tmp_path / "live.yaml"
+    cfg.write_text(f"""
+sessions:
+  - name: rig-01
+    streams:
+      - {{id: cam, modality: vision, kind: imagezmq, endpoint: "tcp://127.0.0.1:{cam}", mode: reqrep}}
+      - {{id: imu, modality: imu, kind: zmq, endpoint: "tcp://127.0.0.1:{imu}", clock: device}}
+replay: {{chunk_seconds: 0.25}}
+window: {{hop: {hop}, spans: {{vision: {{span: 1.0}}, imu: {{span: 1.0}}}}}}
+model: {{config: {model}, checkpoint: none, precision: fp32, device: cpu, threads: 1}}
+publish: {{endpoint: "tcp://127.0.0.1:{out_port}", heartbeat_s: 0.5}}
+ray: {{num_cpus: 2}}
+progress: false
+{extra}""")
+    return cfg
+
+
 @needs_video
 def test_sigint_drains_publishes_end_and_the_recording_replays_to_the_same_embeddings(ray_cluster, tmp_path):
     """kill -INT of `python -m pipeline record`: the subscriber gets `end`, the process exits 0,
@@ -201,20 +222,7 @@ def test_sigint_drains_publishes_end_and_the_recording_replays_to_the_same_embed
     cam, imu, out_port = free_port(), free_port(), free_port()
     feeder = ImageZmqFeeder(f"tcp://127.0.0.1:{cam}", real_frames(36), reqrep=True, fps=15)
     pub = ImuPublisher(imu, time.time(), rate=100, jitter_s=0.002, batch=2)
-    cfg = tmp_path / "live.yaml"
-    cfg.write_text(f"""
-sessions:
-  - name: rig-01
-    streams:
-      - {{id: cam, modality: vision, kind: imagezmq, endpoint: "tcp://127.0.0.1:{cam}", mode: reqrep}}
-      - {{id: imu, modality: imu, kind: zmq, endpoint: "tcp://127.0.0.1:{imu}", clock: device}}
-replay: {{chunk_seconds: 0.25}}
-window: {{hop: 0.5, spans: {{vision: {{span: 1.0}}, imu: {{span: 1.0}}}}}}
-model: {{config: imagebind_tiny, checkpoint: none, precision: fp32, device: cpu, threads: 1}}
-publish: {{endpoint: "tcp://127.0.0.1:{out_port}", heartbeat_s: 0.5}}
-ray: {{num_cpus: 2}}
-progress: false
-""")
+    cfg = _live_yaml(tmp_path, cam, imu, out_port, hop=0.5, model="imagebind_tiny")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVTIMEO, 1000)
@@ -303,23 +311,11 @@ def test_second_sigint_stops_at_once_without_draining_and_leaves_no_ray_processe
     cam, imu, out_port = free_port(), free_port(), free_port()
     feeder = ImageZmqFeeder(f"tcp://127.0.0.1:{cam}", real_frames(36), reqrep=True, fps=20)
     pub = ImuPublisher(imu, time.time(), rate=100, jitter_s=0.0, batch=5)
-    cfg = tmp_path / "live.yaml"
     # No latency bound: nothing is shed, so the slow encoder's backlog grows and a drain is long.
-    cfg.write_text(f"""
-sessions:
-  - name: rig-01
-    streams:
-      - {{id: cam, modality: vision, kind: imagezmq, endpoint: "tcp://127.0.0.1:{cam}", mode: reqrep}}
-      - {{id: imu, modality: imu, kind: zmq, endpoint: "tcp://127.0.0.1:{imu}", clock: device}}
-replay: {{chunk_seconds: 0.25}}
-window: {{hop: 0.1, spans: {{vision: {{span: 1.0}}, imu: {{span: 1.0}}}}}}
-model: {{config: {_slow_model_json(tmp_path)}, checkpoint: none, precision: fp32, device: cpu, threads: 1}}
-encoders: {{replicas: 1, max_batch: 2, max_wait_ms: 0}}
-publish: {{endpoint: "tcp://127.0.0.1:{out_port}", heartbeat_s: 0.5}}
-live: {{max_latency_s: 0}}
+    cfg = _live_yaml(tmp_path, cam, imu, out_port, hop=0.1, model=_slow_model_json(tmp_path), extra="""
+encoders: {replicas: 1, max_batch: 2, max_wait_ms: 0}
+live: {max_latency_s: 0}
 stop_after: 120
-ray: {{num_cpus: 2}}
-progress: false
 """)
     import zmq
 
