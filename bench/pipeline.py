@@ -256,7 +256,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "model": {"config": args.model, "checkpoint": args.checkpoint, "precision": args.precision,
                   "device": args.device, "threads": args.threads},
         "encoders": {"replicas": args.replicas, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
-        "sources": {"video_size": 224},
+        "sources": {"video_size": 224, "select_frames": args.select_frames},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "wait_for_subscribers": 1, "wait_timeout_s": 120,
                     "heartbeat_s": 2.0},
         "progress": False,
@@ -275,7 +275,9 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
             stages[k].append(v)
     cpu_stream: dict[str, float] = collections.defaultdict(float)
     split_stream: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    skipped: collections.Counter = collections.Counter()
     for s in result.source_stats:
+        skipped[s["stream"]] += int(s.get("frames_skipped") or 0)
         cpu_stream[s["stream"]] += float(s.get("cpu_s") or 0.0)
         split = s.get("cpu_split") or {}
         split_stream[s["stream"]].update({k[:-2]: float(split.get(k) or 0.0) for k in _SPLIT_PARTS})
@@ -303,6 +305,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "encoder_forward_s": dict(enc_fwd), "encoder_items": dict(enc_items),
         "mean_batch": {m: float(np.mean(b)) for m, b in batch_sizes.items() if b},
         "peak_rss_bytes": res["peak_rss_bytes"], "object_store_peak_bytes": res["object_store_peak_bytes"],
+        "frames_skipped": {k: v for k, v in sorted(skipped.items()) if v},
         "errors": {s["session"]: s["errors"] for s in result.sessions if s["errors"]},
     }
 
@@ -340,7 +343,8 @@ def bench_single_process(sessions: list[Path], args: argparse.Namespace, model: 
     sampler = _Sampler(ray_workers=False)
     try:
         r = run_inprocess(specs, model, pub, align=_align_config(args), chunk_seconds=args.chunk_seconds, video_size=224,
-                          max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0)
+                          max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000.0,
+                          select_frames=args.select_frames)
     finally:
         pub.close()
     sub.join()
@@ -516,7 +520,8 @@ def _device_name(device: str) -> str:
 def _table(out: dict[str, Any]) -> str:
     lines = [f"bindstream pipeline bench  {out['date']}  device: {out['device']}  model: {out['model']} "
              f"{out['precision']}  max_batch {out['max_batch']}",
-             f"workload: {out['sessions']} session(s) x {out['seconds']:g} s, {out['video']}, hop 1 s"]
+             f"workload: {out['sessions']} session(s) x {out['seconds']:g} s, {out['video']}, hop 1 s, "
+             f"frame selection {'on' if out.get('select_frames', True) else 'off'}"]
     if out.get("note"):
         lines.append(f"NOTE: {out['note']}")
     lines.append(f"{'mode':16} {'windows/s':>10} {'vs single':>10} {'lat p50':>8} {'lat p99':>8}  embeddings/s")
@@ -541,6 +546,9 @@ def _table(out: dict[str, Any]) -> str:
             split = " ".join(f"{k}={v['decode']:.3f}/{v['resize']:.3f}/{v['other']:.3f}"
                              for k, v in r["cpu_split_core_s_per_s_per_stream"].items())
             lines.append(f"{mode} source CPU core-s/s per stream, decode/resize/other: {split}")
+        if r.get("frames_skipped"):
+            lines.append(f"{mode} frames skipped by selection: "
+                         + " ".join(f"{k}={v}" for k, v in r["frames_skipped"].items()))
         lines.append(f"{mode} peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB"
                      + (f", object store peak {r['object_store_peak_bytes'] / 2**20:.0f} MiB"
                         if "object_store_peak_bytes" in r else "")
@@ -593,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.5,
                    help="depth/thermal nearest-frame tolerance, s (default 0.5 as in the config; a "
                         "window waits until these streams pass its end + tolerance)")
+    p.add_argument("--no-select-frames", dest="select_frames", action="store_false",
+                   help="scale / decode every video and depth/thermal frame (sources.select_frames: "
+                        "false), in pipeline and single_process alike; the default selects")
     p.add_argument("--realtime", type=int, default=0, metavar="N",
                    help="also replay N sessions at rate 1.0 and report whether latency held")
     p.add_argument("--target-p99", type=float, default=0.25, help="realtime latency target, s (default 0.25)")
@@ -640,7 +651,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "precision": args.precision, "max_batch": args.max_batch,
         "sessions": args.sessions, "seconds": args.seconds,
         "video": f"{w}x{h} {args.fps} fps H.264 {args.bitrate / 1e6:g} Mbit/s + AAC, IMU 200 Hz, depth/thermal 10 Hz",
-        "torch_threads_per_encoder": args.threads, "modes": {},
+        "torch_threads_per_encoder": args.threads, "select_frames": args.select_frames, "modes": {},
     }
     if args.device == "cpu":
         out["note"] = (f"CPU run: {args.model}, {args.sessions} x {args.seconds:g} s sessions, torch threads "

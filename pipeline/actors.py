@@ -79,14 +79,20 @@ class SourceActor:
         inflight: collections.deque = collections.deque()
         source = None
         guard = None
+        select = None
         cpu0, wall_start = time.process_time(), time.time()  # this actor is the stream's own process
         thread0 = time.thread_time()  # this method's thread: the base of the decode/resize/other split
         try:
-            # max_gap_s belongs to the guard (pipeline/guard.py), not to the source readers.
-            opts = {k: v for k, v in self.options.items() if k != "max_gap_s"}
+            # max_gap_s belongs to the guard (pipeline/guard.py), not to the source readers;
+            # align/select_frames to the frame selector (replay only: a live frame is already here).
+            opts = {k: v for k, v in self.options.items() if k not in ("max_gap_s", "align", "select_frames")}
             guard = StreamGuard(self.session, stream, self.spec.modality,
                                 max_gap_s=float(self.options.get("max_gap_s") or 0.0))
-            source = open_source(self.spec, **opts) if self.spec.live is None else self._open_live(opts)
+            if self.spec.live is None:
+                select = self._selector()
+                source = open_source(self.spec, select=select, **opts)
+            else:
+                source = self._open_live(opts)
             t_first: float | None = None
             wall0 = time.time()
             for chunk in source:
@@ -107,8 +113,13 @@ class SourceActor:
                         time.sleep(delay)
                 chunk.t_ingest = time.time()
                 while len(inflight) >= max_inflight:
-                    ray.get(inflight.popleft())  # raises if the aligner refused the chunk
+                    self._origin(select, ray.get(inflight.popleft()))  # raises if the aligner refused the chunk
                 inflight.append(self.aligner.push.remote(chunk, self.chunks))
+                if select is not None and select.origin is None:
+                    # The selector keeps every frame until it knows the grid: ask early.
+                    done, _ = ray.wait([inflight[0]], timeout=0)
+                    if done:
+                        self._origin(select, ray.get(inflight.popleft()))
                 if self._recorder is not None:
                     self._recorder.write(chunk)
                 self.chunks += 1
@@ -130,8 +141,23 @@ class SourceActor:
         return {"stream": stream, "chunks": self.chunks, "samples": self.samples, "error": error, "dropped": dropped,
                 "cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall_start, "t_start": wall_start,
                 "cpu_split": source_cpu_split(source, time.thread_time() - thread0),
+                "frames_skipped": select.skipped if select is not None else 0,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 **self._close_record()}
+
+    def _selector(self) -> Any:
+        """The stream's frame selector (docs/alignment.md), or ``None``: off, or every frame counts."""
+        from pipeline.align import frame_selector
+
+        if not self.options.get("select_frames") or self.options.get("align") is None:
+            return None
+        return frame_selector(self.spec.modality, self.options["align"])
+
+    @staticmethod
+    def _origin(select: Any, reply: Any) -> None:
+        """``AlignerActor.push`` replies with the session's window origin once it is fixed."""
+        if select is not None and select.origin is None and reply is not None:
+            select.origin = float(reply)
 
     # -- live streams (issue 4, docs/live.md) -------------------------------------------------
     def _open_live(self, opts: dict[str, Any]) -> Any:
@@ -432,12 +458,14 @@ class AlignerActor:
             self._pump_task = asyncio.get_running_loop().create_task(self._pump())
             self._hb_task = asyncio.get_running_loop().create_task(self._heartbeats())
 
-    async def push(self, chunk: Any, seq: int) -> None:
+    async def push(self, chunk: Any, seq: int) -> float | None:
+        """Apply ``chunk`` (the ``seq``-th of its stream); returns the session's window origin
+        once it is fixed (the sources' frame selectors need it), else ``None``."""
         self._ensure_tasks()
         if chunk.stream in self._ended:
             # Its source was declared dead (end_stream with chunks=None): too late to apply.
             self.source_dropped[f"{chunk.stream}:after_source_failure"] += len(chunk)
-            return
+            return self.aligner.origin
         # An async actor may start calls out of submission order; chunks carry a per-stream
         # sequence number and are applied strictly in order.
         held = self._held[chunk.stream]
@@ -452,6 +480,7 @@ class AlignerActor:
         while len(self._pending) > self.max_inflight and not self._finished:  # finished: publisher lost
             self._pending_changed.clear()
             await self._pending_changed.wait()
+        return self.aligner.origin
 
     async def end_stream(self, stream: str, error: str | None = None, dropped: dict[str, int] | None = None,
                          chunks: int | None = 0) -> None:

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
     "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64},
-    "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0},
+    "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0, "select_frames": True},
     "publish": {
         "endpoint": "tcp://127.0.0.1:5555",
         "wait_for_subscribers": 0,

@@ -38,14 +38,19 @@ __all__ = ["InProcessResult", "run_inprocess", "session_windows"]
 log = logging.getLogger(__name__)
 
 
-def session_windows(spec: SessionSpec, align: AlignConfig | None = None, **source_options: Any) -> list[Window]:
+def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, select_frames: bool = False,
+                    **source_options: Any) -> list[Window]:
     """Every window of a recorded session, aligned in this process: the reference for what the
     graph publishes (tests, benchmarks). Streams are read round-robin, one chunk at a time, as
-    concurrent source actors would deliver them; the windows do not depend on that order."""
+    concurrent source actors would deliver them; the windows do not depend on that order.
+    Every frame is read unless ``select_frames`` (the graph's default, which must give the same
+    windows: docs/alignment.md)."""
     from sources.replay import open_source
 
-    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, align or AlignConfig())
-    readers = {s.id: iter(open_source(s, **source_options)) for s in spec.streams}
+    align = align or AlignConfig()
+    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, align)
+    selectors = _selectors(spec, align) if select_frames else {}
+    readers = {s.id: iter(open_source(s, select=selectors.get(s.id), **source_options)) for s in spec.streams}
     windows: list[Window] = []
     while readers:
         for sid in list(readers):
@@ -55,7 +60,23 @@ def session_windows(spec: SessionSpec, align: AlignConfig | None = None, **sourc
                 windows += al.end_stream(sid)
             else:
                 windows += al.push(chunk)
+                _tell_origin(selectors, al)
     return windows
+
+
+def _selectors(spec: SessionSpec, align: AlignConfig) -> dict[str, Any]:
+    from pipeline.align import frame_selector
+
+    out = {s.id: frame_selector(s.modality, align) for s in spec.streams}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _tell_origin(selectors: dict[str, Any], al: Aligner) -> None:
+    """Selectors learn the window origin once the session's aligner has fixed it."""
+    if al.origin is not None:
+        for sel in selectors.values():
+            if sel.origin is None:
+                sel.origin = al.origin
 
 
 @dataclass
@@ -100,10 +121,13 @@ def run_inprocess(
     rate: float = 0.0,
     device: Any = None,
     clock: Callable[[], float] = time.time,
+    select_frames: bool = True,
 ) -> InProcessResult:
     """Replay ``specs`` through ``model`` into ``sink`` (already bound/constructed; not closed here).
 
     A stream that fails is ended with its error and the others go on, as in the Ray graph.
+    ``select_frames``: only frames some window can pick are scaled / decoded, as the graph's
+    ``sources.select_frames`` (docs/alignment.md).
     """
     import torch
 
@@ -115,13 +139,16 @@ def run_inprocess(
     info_model = model.config.name
     dim = int(model.out_dim)
     aligners: dict[str, Aligner] = {}
+    selectors: dict[str, dict[str, Any]] = {}
     streams: list[_Stream] = []
     for spec in specs:
         sm = {s.id: s.modality for s in spec.streams}
         aligners[spec.name] = Aligner(spec.name, sm, align, clock=clock)
+        selectors[spec.name] = _selectors(spec, align) if select_frames else {}
         sink.start_session(spec.name, sm, info_model, dim)
         for s in spec.streams:
-            src = open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels)
+            src = open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels,
+                              select=selectors[spec.name].get(s.id))
             streams.append(_Stream(spec.name, s, src))
 
     recorder = StageRecorder()
@@ -205,6 +232,7 @@ def run_inprocess(
                     time.sleep(delay)
             chunk.t_ingest = clock()
             windows = al.push(chunk)
+            _tell_origin(selectors[st.session], al)
             t_rel = clock()
             released.extend((w, t_rel) for w in windows)
         # The encoders' batching rule: a full batch, or the oldest released window waited long enough.

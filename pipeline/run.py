@@ -36,7 +36,8 @@ class RunResult:
     elapsed_s: float
     encoder_stats: list[dict[str, Any]] = field(default_factory=list)
     # What each source actor's run returned (stream, chunks, samples, error, dropped, cpu_s, wall_s,
-    # cpu_split: decode/resize/other seconds, see pipeline.metrics.source_cpu_split).
+    # cpu_split: decode/resize/other seconds, see pipeline.metrics.source_cpu_split; frames_skipped:
+    # frames left out by frame selection, docs/alignment.md).
     source_stats: list[dict[str, Any]] = field(default_factory=list)
     # The publisher's stats() just before close: next_seq, published, dropped (topic -> live-mode
     # ``hwm`` drops), endpoint, mode, subscriptions. After a publisher restart: the last incarnation's.
@@ -179,6 +180,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             "video_size": int(cfg.sources["video_size"]),
             "max_pixels": int(cfg.sources["max_pixels"]),
             "max_gap_s": float(cfg.sources["max_gap_s"]),
+            "select_frames": bool(cfg.sources["select_frames"]),  # docs/alignment.md
+            "align": cfg.align,
         }
         for spec in specs:
             streams = {s.id: s.modality for s in spec.streams}

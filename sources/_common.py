@@ -157,6 +157,17 @@ class _Batcher:
         self._items.append(item)
         return out
 
+    def skip(self, t: float) -> Chunk | None:
+        """A sample at ``t`` that is not emitted (frame selection): it closes the open chunk by
+        the same rule as :meth:`add`, so chunks keep their cadence when most frames are skipped."""
+        if not self._t or abs(t - self._t[0]) < self._span:
+            return None
+        newest = max(self._t)
+        out = self.flush()
+        if out is not None and newest <= t <= newest + self._span:
+            out.passed = float(t)
+        return out
+
     def flush(self) -> Chunk | None:
         if not self._t:
             return None
@@ -236,11 +247,16 @@ def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stre
         raise SourceError(f"{spec.label}: no {what} frames decoded from {spec.source}")
 
 
+# What a frame source yields for a frame the selector skipped: its time, and this as the item.
+SKIPPED = object()
+
+
 def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]]) -> Iterator[Chunk]:
-    """Chunks of ``samples``; on :class:`SourceError` the buffered tail is emitted first."""
+    """Chunks of ``samples``; on :class:`SourceError` the buffered tail is emitted first.
+    An item ``SKIPPED`` is a frame left out by frame selection (only its time counts)."""
     try:
         for t, item in samples:
-            chunk = batch.add(t, item)
+            chunk = batch.skip(t) if item is SKIPPED else batch.add(t, item)
             if chunk is not None:
                 yield chunk
     except SourceError:

@@ -16,14 +16,14 @@ import csv
 import math
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import av
 import numpy as np
 
 from pipeline.errors import SourceError
 from pipeline.session import StreamSpec
-from sources._common import _batched, _Batcher, _CpuMeter, _file_to_session
+from sources._common import SKIPPED, _batched, _Batcher, _CpuMeter, _file_to_session
 from sources.base import Chunk
 
 __all__ = ["FrameFolderSource", "NpyFramesSource", "read_timestamps"]
@@ -116,14 +116,19 @@ class FrameFolderSource:
     [0, 1]. PNGs are decoded with PyAV. A frame that does not decode, has the wrong bit depth
     or a different size from the first raises :class:`SourceError` naming it, after the
     frames before it were emitted.
+
+    ``select``: a :class:`pipeline.align.FrameSelector`; a frame no window can pick is not
+    decoded at all (its file is not opened, so a broken PNG there goes unnoticed).
     """
 
-    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, max_pixels: int | None = None) -> None:
+    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, max_pixels: int | None = None,
+                 select: Any = None) -> None:
         if spec.modality not in ("depth", "thermal") or not spec.source.is_dir():
             raise ValueError(f"{spec.label}: FrameFolderSource needs a depth/thermal PNG folder")
         self.spec = spec
         self.chunk_seconds = chunk_seconds
         self.max_pixels = max_pixels
+        self.select = select
         self.dropped: dict[str, int] = {}
         self.cpu = _CpuMeter()  # PNG decode; pixel-format conversion as resize_s
         self._frames = self._plan()
@@ -150,9 +155,13 @@ class FrameFolderSource:
         batch = _Batcher(self.spec, self.chunk_seconds, np.stack)
         yield from _batched(batch, self._decode_all())
 
-    def _decode_all(self) -> Iterator[tuple[float, np.ndarray]]:
+    def _decode_all(self) -> Iterator[tuple[float, Any]]:
         shape: tuple[int, ...] | None = None
-        for t, path in self._frames:
+        plan = self._frames
+        for i, (t, path) in enumerate(plan):
+            if self.select is not None and not self.select.keep(t, plan[i + 1][0] if i + 1 < len(plan) else None):
+                yield t, SKIPPED
+                continue
             img = self._decode(path)
             if shape is None:
                 shape = img.shape

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 from pipeline.session import SessionSpec, StreamSpec
 from sources.audio import AudioSource
@@ -26,20 +26,23 @@ class Source(Protocol):
 
 
 def open_source(spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = 224,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
+                max_pixels: int = DEFAULT_MAX_PIXELS, select: Any = None) -> Source:
     """The replay source for ``spec``. Nothing is decoded until it is iterated, except that
-    frame folders and ``.npy`` arrays check their timestamps file here (``SourceError``)."""
+    frame folders and ``.npy`` arrays check their timestamps file here (``SourceError``).
+    ``select``: a :class:`pipeline.align.FrameSelector` for the stream (video and PNG-folder
+    frames only; see :func:`pipeline.align.frame_selector`), or ``None`` for every frame."""
     kind = spec.kind
     if kind == "media":
         if spec.modality == "audio":
             return AudioSource(spec, chunk_seconds=chunk_seconds)
-        return VideoSource(spec, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels)
+        return VideoSource(spec, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels,
+                           select=select)
     if kind == "csv":
         return ImuCsvSource(spec, chunk_seconds=chunk_seconds)
     if kind == "jsonl":
         return TextJsonlSource(spec, chunk_seconds=chunk_seconds)
     if kind == "png_dir":
-        return FrameFolderSource(spec, chunk_seconds=chunk_seconds, max_pixels=max_pixels)
+        return FrameFolderSource(spec, chunk_seconds=chunk_seconds, max_pixels=max_pixels, select=select)
     return NpyFramesSource(spec, chunk_seconds=chunk_seconds)
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from pipeline.errors import SourceError
 from pipeline.session import StreamSpec
-from sources._common import _Batcher, _batched, _CpuMeter, _demux_decode, _open_media, _thread_ids
+from sources._common import SKIPPED, _Batcher, _batched, _CpuMeter, _demux_decode, _open_media, _thread_ids
 from sources.base import Chunk
 
 __all__ = ["VideoSource", "DEFAULT_MAX_PIXELS", "scaled_size"]
@@ -35,10 +35,14 @@ class VideoSource:
     size RGB arrays). ``thermal``: float32 ``[N, H, W]`` luma in [0, 1] at native size.
     Sample time = frame pts * time_base + ``spec.offset``. ``cpu`` accumulates the CPU seconds
     spent decoding and scaling (see :class:`sources._common._CpuMeter`).
+
+    ``select``: a :class:`pipeline.align.FrameSelector`. Every frame is still decoded (later
+    frames depend on it), but only those some window can pick are scaled and emitted; the
+    decision needs the next frame's time, so each frame waits for the next one to decode.
     """
 
     def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = 224,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, select: Any = None) -> None:
         if spec.modality not in ("vision", "thermal"):
             raise ValueError(f"{spec.label}: VideoSource reads vision or thermal, not {spec.modality}")
         if video_size < 2:
@@ -47,6 +51,7 @@ class VideoSource:
         self.chunk_seconds = chunk_seconds
         self.video_size = video_size
         self.max_pixels = max_pixels
+        self.select = select
         self.dropped: dict[str, int] = {}
         self.cpu = _CpuMeter()
 
@@ -70,7 +75,7 @@ class VideoSource:
             stream.thread_type = "AUTO"
             yield from _batched(batch, self._frames(container, stream, out_w, out_h, gray))
 
-    def _frames(self, container, stream, out_w: int, out_h: int, gray: bool) -> Iterator[tuple[float, np.ndarray]]:
+    def _frames(self, container, stream, out_w: int, out_h: int, gray: bool) -> Iterator[tuple[float, Any]]:
         spec = self.spec
         rate = float(stream.average_rate) if stream.average_rate else 30.0
         last_ft: float | None = None
@@ -79,15 +84,12 @@ class VideoSource:
         # count its threads (same output; the same ~1.7 ms/720p frame once warm, measured).
         scaler = VideoReformatter()
         first = True
-        for frame in _demux_decode(spec, container, stream, "video", self.cpu):
-            ft = frame.time
-            if ft is None:
-                # Raw elementary streams carry no pts; assume the nominal rate.
-                ft = 0.0 if last_ft is None else last_ft + 1.0 / rate
-            last_ft = ft
-            # Fixed output size: a mid-file resolution change is rescaled to the first size.
+
+        def convert(frame: Any) -> np.ndarray:
+            nonlocal first
             t0 = time.thread_time()
             before = _thread_ids() if first else None
+            # Fixed output size: a mid-file resolution change is rescaled to the first size.
             if gray:
                 img = scaler.reformat(frame, width=out_w, height=out_h, format="gray").to_ndarray()
             else:
@@ -97,4 +99,29 @@ class VideoSource:
                 self.cpu.scaler_threads.adopt(before)  # swscale starts its slice threads here
                 first = False
             self.cpu.resize_s += time.thread_time() - t0
-            yield ft + spec.offset, img
+            return img
+
+        held: tuple[float, Any] | None = None  # selection: the frame waiting for the next one's time
+        try:
+            for frame in _demux_decode(spec, container, stream, "video", self.cpu):
+                ft = frame.time
+                if ft is None:
+                    # Raw elementary streams carry no pts; assume the nominal rate.
+                    ft = 0.0 if last_ft is None else last_ft + 1.0 / rate
+                last_ft = ft
+                t = ft + spec.offset
+                if self.select is None:
+                    yield t, convert(frame)
+                    continue
+                if held is not None:
+                    ht, hframe = held
+                    yield ht, (convert(hframe) if self.select.keep(ht, t) else SKIPPED)
+                held = (t, frame)
+        except SourceError:
+            if held is not None:  # the last good frame before a decoding error still goes out
+                self.select.keep(held[0], None)
+                yield held[0], convert(held[1])
+            raise
+        if held is not None:  # the last frame: always kept
+            self.select.keep(held[0], None)
+            yield held[0], convert(held[1])

@@ -167,14 +167,22 @@ def test_replay_delivers_every_window_once_in_order_equal_to_the_direct_encoder_
                 assert abs(np.linalg.norm(emb) - 1) < 1e-5
 
 
-def test_two_replays_with_different_batching_give_the_same_embeddings(demo_dirs):
+def test_two_replays_with_different_batching_and_frame_selection_give_the_same_embeddings(demo_dirs):
+    """Every frame scaled and pushed at batch 1, against frame selection (docs/alignment.md)
+    at batch 32 over two replicas. The origin is configured (the demo's streams start at 0, as
+    with ``auto``), so the sources select from their first frame on."""
     a, _ = demo_dirs
-    _, m1 = _replay([a], encoders={"max_batch": 1, "max_wait_ms": 0})
-    _, m2 = _replay([a], encoders={"max_batch": 32, "max_wait_ms": 50, "replicas": 2})
+    r1, m1 = _replay([a], encoders={"max_batch": 1, "max_wait_ms": 0}, sources={"select_frames": False})
+    r2, m2 = _replay([a], encoders={"max_batch": 32, "max_wait_ms": 50, "replicas": 2}, window={"origin": 0.0})
     e1, e2 = _embeddings(m1), _embeddings(m2)
     assert e1.keys() == e2.keys() and len(e1) > 20
     for k in e1:
         np.testing.assert_allclose(e1[k], e2[k], atol=1e-5, err_msg=str(k))
+    skipped = [{s["stream"]: s["frames_skipped"] for s in r.source_stats} for r in (r1, r2)]
+    assert set(skipped[0].values()) == {0}
+    # 5 s at 15 fps / 10 Hz: about 2 camera frames and 1 depth / thermal frame per window stay.
+    assert skipped[1]["cam"] >= 50 and skipped[1]["depth"] >= 35 and skipped[1]["thermal"] >= 35, skipped[1]
+    assert skipped[1]["mic"] == skipped[1]["imu"] == skipped[1]["captions"] == 0
 
 
 @pytest.mark.skipif(not (SHARED / "fixtures" / "real").is_dir(), reason="../shared/fixtures/real is absent")
