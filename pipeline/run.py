@@ -152,6 +152,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         actors += encoders
         infos = ray.get([e.info.remote() for e in encoders])
         info = infos[0]
+        # Each tower's one-off first-call costs are paid here, not by the first windows.
+        warm = ray.get([e.warmup.remote() for e in encoders])
+        log.info("encoders warmed up in %.2f s", max(warm))
         pub_opts = {
             "endpoint": _fixed_endpoint(cfg.publish["endpoint"]),  # a restart binds the same port
             "mode": "live" if live else "replay",

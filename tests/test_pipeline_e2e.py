@@ -132,6 +132,11 @@ def test_replay_delivers_every_window_once_in_order_equal_to_the_direct_encoder_
     a, b = demo_dirs
     result, messages = _replay([a, b])
     assert result.exit_code == 0
+    # Every item was encoded once; the encoders' start-up warm-up forwards are not counted.
+    encoded = collections.Counter()
+    for e in result.encoder_stats:
+        encoded.update(e["items"])
+    assert encoded == collections.Counter(m.payload["modality"] for m in messages if m.topic.startswith("emb/"))
     cfg = _config([a, b])
     model = load("imagebind_tiny", "none", device="cpu", precision="fp32", seed=0)
     got = _embeddings(messages)
