@@ -72,7 +72,8 @@ class SourceActor:
     def run(self, rate: float, max_inflight: int) -> dict[str, Any]:
         from pipeline.guard import StreamGuard
         from pipeline.metrics import source_cpu_split
-        from sources.replay import open_source
+        from sources.base import Chunk
+        from sources.replay import ReplayPacer, open_source
 
         stream = self.spec.id
         error: str | None = None
@@ -93,24 +94,13 @@ class SourceActor:
                 source = open_source(self.spec, select=select, **opts)
             else:
                 source = self._open_live(opts)
-            t_first: float | None = None
-            wall0 = time.time()
-            for chunk in source:
-                if self._stop and self._live is None:  # a live source drains what it holds, then ends
-                    break
-                chunk = guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
-                if len(chunk) == 0:
-                    continue
-                if rate > 0 and self._live is None:
-                    # Pace on the time the chunk is known complete (the next sample's, else its
-                    # newest sample's), relative to the stream's first sample: what a live
-                    # source could send at that moment.
-                    if t_first is None:
-                        t_first = float(np.nanmin(chunk.t))
-                    due = wall0 + (chunk.known_at() - t_first) / rate
-                    delay = due - time.time()
-                    if delay > 0:
-                        time.sleep(delay)
+            pacer = None
+            if rate > 0 and self._live is None:
+                pacer = ReplayPacer(rate, float(self.options.get("chunk_seconds") or 1.0))
+            sent_upto = -math.inf  # stream time up to which the aligner has every sample
+
+            def send(chunk: Any) -> None:
+                nonlocal sent_upto
                 chunk.t_ingest = time.time()
                 while len(inflight) >= max_inflight:
                     self._origin(select, ray.get(inflight.popleft()))  # raises if the aligner refused the chunk
@@ -120,10 +110,30 @@ class SourceActor:
                     done, _ = ray.wait([inflight[0]], timeout=0)
                     if done:
                         self._origin(select, ray.get(inflight.popleft()))
-                if self._recorder is not None:
+                if self._recorder is not None and len(chunk):
                     self._recorder.write(chunk)
                 self.chunks += 1
                 self.samples += len(chunk)
+                if len(chunk):
+                    sent_upto = max(sent_upto, float(np.nanmax(chunk.t)))
+                if chunk.passed is not None:
+                    sent_upto = max(sent_upto, float(chunk.passed))
+
+            for chunk in source:
+                if self._stop and self._live is None:  # a live source drains what it holds, then ends
+                    break
+                chunk = guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
+                if len(chunk) == 0:
+                    continue
+                if pacer is not None:
+                    # Paced replay (sources.replay.ReplayPacer): the chunk waits until a live
+                    # source could send it; watermark-only chunks tell the aligner meanwhile
+                    # that a sparse stream has nothing before the replay clock.
+                    for x in pacer.wait(chunk, lambda: sent_upto):
+                        send(Chunk(stream=stream, modality=self.spec.modality, t=np.empty(0, dtype=np.float64),
+                                   data=[] if self.spec.modality == "text" else np.empty(0, dtype=np.float32),
+                                   meta={"session": self.session}, passed=x))
+                send(chunk)
             while inflight:
                 ray.get(inflight.popleft())
         except Exception as exc:  # reported with the stream id; other streams go on

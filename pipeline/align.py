@@ -219,6 +219,11 @@ class Aligner:
         data = chunk.data
         n = len(t)
         if n == 0:
+            # A watermark-only chunk (a paced replay source between sparse samples): no samples,
+            # only the promise that none will come before ``passed``.
+            if chunk.passed is not None and math.isfinite(chunk.passed):
+                buf.watermark = max(buf.watermark, float(chunk.passed))
+                return self._release()
             return []
         keep = np.isfinite(t)
         self._count(chunk.stream, "bad_timestamp", int(n - keep.sum()))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, runtime_checkable
+import math
+import time
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
 
 from pipeline.session import SessionSpec, StreamSpec
 from sources.audio import AudioSource
@@ -12,7 +16,7 @@ from sources.imu import ImuCsvSource
 from sources.text import TextJsonlSource
 from sources.video import DEFAULT_MAX_PIXELS, VideoSource
 
-__all__ = ["Source", "open_source", "open_session"]
+__all__ = ["Source", "ReplayPacer", "open_source", "open_session"]
 
 
 @runtime_checkable
@@ -51,3 +55,55 @@ def open_session(session: SessionSpec, *, chunk_seconds: float = 1.0, video_size
     """One replay source per stream of ``session``, keyed by stream id, in file order."""
     return {s.id: open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels)
             for s in session.streams}
+
+
+class ReplayPacer:
+    """When a replay at ``rate`` > 0 sends each chunk of one stream, as a live source could.
+
+    Stream time maps to wall time from the stream's first sample: ``wall0 + (x - t_first) / rate``.
+    A chunk goes out once the sample after it exists (its ``passed``), but at most ``every``
+    seconds of stream time after its newest sample; ``passed`` is cut to that send time, so it
+    never promises what a live source could not know yet. While a stream waits for its next
+    chunk (captions seconds apart, the gaps of frame selection), :meth:`wait` yields a
+    watermark every ``every`` seconds of stream time: the stream holds no sample before it (the
+    next samples are in the chunk waited for), and the aligner need not wait for the next one.
+    ``clock`` and ``sleep`` are injected for tests.
+    """
+
+    def __init__(self, rate: float, every: float, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not rate > 0 or not every > 0:
+            raise ValueError(f"ReplayPacer: rate and every must be > 0, got {rate!r}, {every!r}")
+        self.rate = rate
+        self.every = every
+        self.clock = clock
+        self.sleep = sleep
+        self.wall0 = clock()
+        self.t_first: float | None = None
+
+    def _wall(self, x: float) -> float:
+        assert self.t_first is not None
+        return self.wall0 + (x - self.t_first) / self.rate
+
+    def wait(self, chunk: Chunk, sent_upto: Callable[[], float]) -> Iterator[float]:
+        """Sleep until ``chunk`` is due, yielding watermark times to send on the way.
+        ``sent_upto()``: stream time up to which the aligner has every sample of the stream."""
+        if self.t_first is None:
+            self.t_first = float(np.nanmin(chunk.t))
+        x_send = min(chunk.known_at(), float(np.nanmax(chunk.t)) + self.every)
+        if chunk.passed is not None:
+            chunk.passed = min(float(chunk.passed), x_send)
+        cap = min(float(np.nanmin(chunk.t)), x_send)  # nothing is promised past an unsent sample
+        due = self._wall(x_send)
+        while True:
+            now = self.clock()
+            if now >= due:
+                return
+            x_beat = sent_upto() + self.every
+            if not math.isfinite(x_beat) or x_beat >= cap:
+                self.sleep(due - now)
+                return
+            t_beat = self._wall(x_beat)
+            if t_beat > now:
+                self.sleep(t_beat - now)
+            yield x_beat

@@ -182,6 +182,19 @@ def test_nearest_frame_needs_the_watermark_past_the_tolerance():
     assert out[0].items[0].t_start == pytest.approx(1.2)
 
 
+def test_a_watermark_only_chunk_lets_windows_go_before_a_sparse_stream_s_next_sample():
+    al = Aligner("s", {"cam": "vision", "tx": "text"}, AlignConfig(hop=1.0, origin=0.0))
+    al.push(Chunk("tx", "text", np.array([0.5]), ["hello"]))
+    assert released(al.push(frames(0, 3.5, 10))) == []  # text has said nothing past 0.5
+    beat = Chunk("tx", "text", np.empty(0), [], passed=2.0)  # no caption before 2.0
+    assert released(al.push(beat)) == [0, 1]
+    assert released(al.push(Chunk("tx", "text", np.empty(0), []))) == []  # no promise: nothing changes
+    out = al.push(Chunk("tx", "text", np.array([3.2]), ["bye"]))
+    assert released(out) == [2]
+    assert [it.payload for w in out for it in w.items if it.modality == "text"] == []  # [2, 3) holds no caption
+    assert al.dropped_by_reason() == {}
+
+
 def test_text_in_the_hop_is_joined():
     al = Aligner("s", {"tx": "text"}, AlignConfig(hop=1.0, origin=0.0))
     out = al.push(Chunk("tx", "text", np.array([0.2, 0.7, 1.5]), ["a dog", "barks", "a car"]))

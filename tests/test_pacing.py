@@ -1,0 +1,76 @@
+"""Paced replay (sources.replay.ReplayPacer): when each chunk of a stream goes out at rate > 0,
+and the watermark-only chunks in between, on a fake clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sources.base import Chunk
+from sources.replay import ReplayPacer
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        assert s >= 0
+        self.now += s
+
+
+def _replay(chunks: list[Chunk], rate: float = 1.0, every: float = 0.5):
+    """[(wall seconds since the first chunk was waited for, 'chunk' | 'beat', passed or newest)] as a source actor sends."""
+    ft = FakeTime()
+    pacer = ReplayPacer(rate, every, clock=ft.clock, sleep=ft.sleep)
+    sent_upto = -np.inf
+    out = []
+    for c in chunks:
+        for x in pacer.wait(c, lambda: sent_upto):
+            assert x > sent_upto
+            out.append((round(ft.now - 100.0, 6), "beat", x))
+            sent_upto = x
+        out.append((round(ft.now - 100.0, 6), "chunk", c.passed))
+        sent_upto = max(sent_upto, float(c.t.max()), c.passed if c.passed is not None else -np.inf)
+    return out
+
+
+def _caption(t: float, nxt: float | None) -> Chunk:
+    return Chunk("tx", "text", np.array([t]), ["x"], passed=nxt)
+
+
+def test_sparse_captions_go_out_a_chunk_after_them_with_watermarks_in_between():
+    got = _replay([_caption(0.5, 3.0), _caption(3.0, 5.5), _caption(5.5, None)])
+    assert got == [
+        (0.5, "chunk", 1.0),  # sent 0.5 s after its sample (not at 3.0, when the next is read); passed cut to 1.0
+        (1.0, "beat", 1.5), (1.5, "beat", 2.0), (2.0, "beat", 2.5),  # never at or past the unsent 3.0
+        (3.0, "chunk", 3.5),
+        (3.5, "beat", 4.0), (4.0, "beat", 4.5), (4.5, "beat", 5.0),
+        (5.0, "chunk", None),  # the last: at its own time (5.5 s of stream time is 5.0 s after the first)
+    ]
+
+
+def test_dense_chunks_go_out_when_the_next_sample_exists_without_watermarks():
+    t = np.arange(0, 3, 0.1)
+    chunks = [Chunk("imu", "imu", t[i:i + 5], np.zeros((5, 6)), passed=float(t[i + 5]) if i + 5 < len(t) else None)
+              for i in range(0, len(t), 5)]
+    got = _replay(chunks)
+    assert [k for _, k, _ in got] == ["chunk"] * 6
+    assert [w for w, _, _ in got] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5, 2.9])  # relative to the first sample
+    assert [p for _, _, p in got][:-1] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5])
+
+
+def test_twice_as_fast_halves_every_wall_time():
+    slow = _replay([_caption(0.5, 3.0), _caption(3.0, None)])
+    fast = _replay([_caption(0.5, 3.0), _caption(3.0, None)], rate=2.0)
+    assert [(w / 2, k, p) for w, k, p in slow] == fast
+
+
+def test_rate_and_every_must_be_positive():
+    with pytest.raises(ValueError):
+        ReplayPacer(0.0, 0.5)
+    with pytest.raises(ValueError):
+        ReplayPacer(1.0, 0.0)
