@@ -18,6 +18,13 @@ Per stream, CPU core-seconds per second of run (per session): the source actor's
 (``cpu_split_core_s_per_s_per_stream``; decode and resize include FFmpeg's own decoder and
 scaler threads, see ``pipeline.metrics.source_cpu_split``; the rest of the process is Ray's).
 
+Latency is per embedding, from the newest sample it used entering the pipeline (its chunk being
+sent) to its arrival at the subscriber, also split by modality (``latency_by_modality``): audio
+and IMU end at the window end, so theirs is the latency beyond the window's span; a caption can
+lie up to its 1 s span before the window end, and a video frame's chunk is sent up to
+``chunk_seconds`` after the frame, which those modalities' figures include or leave out.
+``--no-select-frames`` turns frame selection off (docs/alignment.md) in both graph modes.
+
     python bench/pipeline.py                       # short CPU run (tiny model, 2 sessions x 8 s)
     python bench/pipeline.py --json                # one JSON object on stdout
     python bench/pipeline.py --realtime 3          # also: 3 sessions at rate 1.0, does latency hold?
@@ -154,6 +161,7 @@ class _Subscriber:
         self.sessions = sessions
         self.counts: collections.Counter[str] = collections.Counter()
         self.latency: list[float] = []
+        self.latency_by_modality: dict[str, list[float]] = collections.defaultdict(list)
         self.windows = 0
         self.t_first_emb: float | None = None
         self.t_last_end: float | None = None
@@ -187,7 +195,9 @@ class _Subscriber:
                         if self.on_first is not None:
                             self.on_first()
                     self.counts[msg.payload["modality"]] += 1
-                    self.latency.append(float(msg.payload["latency_s"]))
+                    lat = float(msg.payload["latency_s"])
+                    self.latency.append(lat)
+                    self.latency_by_modality[msg.payload["modality"]].append(lat)
                 elif msg.payload["event"] == "end":
                     ends += 1
                     self.windows += int(msg.payload["windows"])
@@ -293,6 +303,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "windows": sub.windows, "elapsed_s": elapsed, "windows_per_s": sub.windows / elapsed,
         "embeddings_per_s": {m: n / elapsed for m, n in sorted(sub.counts.items())},
         "counts": dict(sub.counts), "latency": percentiles(sub.latency),
+        "latency_by_modality": {m: percentiles(v) for m, v in sorted(sub.latency_by_modality.items())},
         # stage percentiles: the median over sessions of each session's p50/p99
         "stages": {k: {q: float(np.nanmedian([v[q] for v in vs])) for q in ("p50", "p99", "mean")}
                    for k, vs in stages.items()},
@@ -565,6 +576,9 @@ def _table(out: dict[str, Any]) -> str:
                      f"p99 {r['latency']['p99']:.3f} s, windows {r['windows']}/{r['expected_windows']}, "
                      f"held (p99 <= {r['target_p99_s']} s, all windows): {r['held']} "
                      f"(chunk_seconds {r['chunk_seconds']}, depth/thermal tolerance {r['tolerance_s']} s)")
+        lines.append("realtime embedding latency p50/p99 s: "
+                     + "  ".join(f"{m} {v['p50']:.2f}/{v['p99']:.2f}" for m, v in r["latency_by_modality"].items())
+                     + f"  all {r['latency']['p50']:.2f}/{r['latency']['p99']:.2f}")
         st = "  ".join(f"{k} {v['p50'] * 1000:.0f}/{v['p99'] * 1000:.0f}" for k, v in r["stages"].items())
         lines.append(f"realtime stages p50/p99 ms: {st}")
     if "memory_check" in out:
@@ -687,7 +701,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 r = bench_pipeline(rt, args, rate=1.0)
                 expected = sum(int(np.ceil(args.seconds)) for _ in rt)
                 out["realtime"] = {
-                    "sessions": args.realtime, "latency": r["latency"], "stages": r["stages"],
+                    "sessions": args.realtime, "latency": r["latency"],
+                    "latency_by_modality": r["latency_by_modality"], "stages": r["stages"],
                     "windows": r["windows"], "expected_windows": expected, "elapsed_s": r["elapsed_s"],
                     "target_p99_s": args.target_p99, "chunk_seconds": args.chunk_seconds,
                     "tolerance_s": args.tolerance,

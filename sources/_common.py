@@ -158,9 +158,10 @@ class _Batcher:
         return out
 
     def skip(self, t: float) -> Chunk | None:
-        """A sample at ``t`` that is not emitted (frame selection): it closes the open chunk by
-        the same rule as :meth:`add`, so chunks keep their cadence when most frames are skipped."""
-        if not self._t or abs(t - self._t[0]) < self._span:
+        """A sample at ``t`` that is not emitted (frame selection). It closes the open chunk at
+        once: selected frames come in short runs (the frames around a window end), and the
+        window they serve need not wait a chunk length for skipped frames to fill the chunk."""
+        if not self._t:
             return None
         newest = max(self._t)
         out = self.flush()
