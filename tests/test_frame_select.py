@@ -141,3 +141,40 @@ def test_a_real_phone_video_gives_the_same_windows_with_and_without_selection(tm
     some = session_windows(sess, cfg, chunk_seconds=0.5, select_frames=True)
     assert len(every) >= 4
     _same_windows(every, some)
+
+
+def test_a_truncated_video_still_emits_its_last_good_frame_with_selection(tmp_path):
+    import av
+
+    from pipeline.errors import SourceError
+    from sources.replay import open_source
+
+    d = write_demo_session(tmp_path / "d", seconds=4.0, seed=4, name="cut")
+    # Index first (faststart), then cut: the file opens, and ends early.
+    fs = tmp_path / "fs.mp4"
+    with av.open(str(d / "video.mp4")) as i, av.open(str(fs), "w", format="mp4",
+                                                     options={"movflags": "+faststart"}) as o:
+        vin = i.streams.video[0]
+        vout = o.add_stream_from_template(vin)
+        for pkt in i.demux(vin):
+            if pkt.dts is not None:
+                pkt.stream = vout
+                o.mux(pkt)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "v.mp4").write_bytes(fs.read_bytes()[: int(fs.stat().st_size * 0.6)])
+    (cut / "session.yaml").write_text(
+        "format: bindstream.session/1\nname: cut\nstreams:\n  - {id: cam, modality: vision, source: v.mp4}\n")
+    (cam,) = load_session(cut).streams
+
+    def read(select):
+        times = []
+        with pytest.raises(SourceError, match="truncated"):
+            for chunk in open_source(cam, chunk_seconds=0.5, select=select):
+                times += chunk.t.tolist()
+        return times
+
+    every = read(None)
+    some = read(frame_selector("vision", AlignConfig(origin=0.0)))
+    assert len(every) > 10 and set(some) < set(every)
+    assert some[-1] == every[-1]  # the last good frame goes out before the error
