@@ -1,6 +1,7 @@
 """The whole pipeline in one process, without Ray: decode -> align -> preprocess -> encode -> publish.
 
-The same parts as the Ray graph (``sources.replay.open_source``, :class:`pipeline.align.Aligner`,
+The same parts as the Ray graph (``sources.replay.open_source`` with its frame selection, the
+:class:`pipeline.guard.StreamGuard` of every stream, :class:`pipeline.align.Aligner`,
 :func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.memory.SinkBase` such as
 the ZeroMQ :class:`sinks.zmq_publisher.Publisher`) driven by one loop. It is what the Ray graph
 must beat (``bench/pipeline.py`` measures both on the same work), and a library entry point for
@@ -39,18 +40,20 @@ log = logging.getLogger(__name__)
 
 
 def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, select_frames: bool = False,
-                    **source_options: Any) -> list[Window]:
+                    max_gap_s: float = 60.0, **source_options: Any) -> list[Window]:
     """Every window of a recorded session, aligned in this process: the reference for what the
     graph publishes (tests, benchmarks). Streams are read round-robin, one chunk at a time, as
     concurrent source actors would deliver them; the windows do not depend on that order.
     Every frame is read unless ``select_frames`` (the graph's default, which must give the same
-    windows: docs/alignment.md)."""
+    windows: docs/alignment.md). ``max_gap_s``: the clock-jump guard, as ``sources.max_gap_s``."""
+    from pipeline.guard import StreamGuard
     from sources.replay import open_source
 
     align = align or AlignConfig()
     al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, align)
     selectors = _selectors(spec, align) if select_frames else {}
     readers = {s.id: iter(open_source(s, select=selectors.get(s.id), **source_options)) for s in spec.streams}
+    guards = {s.id: StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s) for s in spec.streams}
     windows: list[Window] = []
     while readers:
         for sid in list(readers):
@@ -59,7 +62,7 @@ def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, sele
                 del readers[sid]
                 windows += al.end_stream(sid)
             else:
-                windows += al.push(chunk)
+                windows += al.push(guards[sid].apply(chunk))
                 _tell_origin(selectors, al)
     return windows
 
@@ -96,11 +99,12 @@ class InProcessResult:
 
 
 class _Stream:
-    def __init__(self, session: str, spec: Any, source: Any) -> None:
+    def __init__(self, session: str, spec: Any, source: Any, guard: Any) -> None:
         self.session = session
         self.spec = spec
         self.it = iter(source)
         self.source = source
+        self.guard = guard
         self.t_first: float | None = None
         self.cpu_s = 0.0
         self.done = False
@@ -122,16 +126,20 @@ def run_inprocess(
     device: Any = None,
     clock: Callable[[], float] = time.time,
     select_frames: bool = True,
+    max_gap_s: float = 60.0,
 ) -> InProcessResult:
     """Replay ``specs`` through ``model`` into ``sink`` (already bound/constructed; not closed here).
 
     A stream that fails is ended with its error and the others go on, as in the Ray graph.
     ``select_frames``: only frames some window can pick are scaled / decoded, as the graph's
-    ``sources.select_frames`` (docs/alignment.md).
+    ``sources.select_frames`` (docs/alignment.md). ``max_gap_s``: the clock-jump and
+    non-finite-data guard of every stream, as the graph's ``sources.max_gap_s``
+    (pipeline/guard.py; its drops are counted with the source's).
     """
     import torch
 
     from encoders.preprocess import prepare
+    from pipeline.guard import StreamGuard
     from sources.replay import open_source
 
     align = align or AlignConfig()
@@ -149,7 +157,7 @@ def run_inprocess(
         for s in spec.streams:
             src = open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels,
                               select=selectors[spec.name].get(s.id))
-            streams.append(_Stream(spec.name, s, src))
+            streams.append(_Stream(spec.name, s, src, StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s)))
 
     recorder = StageRecorder()
     latencies: collections.deque = collections.deque(maxlen=100_000)
@@ -217,11 +225,12 @@ def run_inprocess(
                 live.remove(st)
                 if st.error:
                     errors[st.session][st.spec.id] = st.error
-                for reason, n in (getattr(st.source, "dropped", {}) or {}).items():
+                for reason, n in st.guard.merge_into(getattr(st.source, "dropped", {}) or {}).items():
                     source_dropped[st.session][f"{st.spec.id}:{reason}"] += int(n)
                 t_rel = clock()
                 released.extend((w, t_rel) for w in al.end_stream(st.spec.id, st.error))
                 continue
+            chunk = st.guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
             if len(chunk) == 0:
                 continue
             if rate > 0:

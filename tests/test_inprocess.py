@@ -73,3 +73,20 @@ def test_a_broken_stream_is_reported_and_the_others_complete(tmp_path, session_d
     (summary,) = result.sessions
     assert "cam" in summary["errors"] or "mic" in summary["errors"]
     assert summary["counts"].get("imu", 0) == summary["windows"] > 0
+
+
+def test_the_stream_guard_runs_in_process_too(tmp_path, session_dir, model):
+    """A clock jump in the IMU file is dropped and counted as in the Ray graph (pipeline/guard.py)."""
+    sess = tmp_path / "jump"
+    shutil.copytree(session_dir, sess)
+    imu = sess / "imu.csv"
+    lines = imu.read_text().splitlines()
+    row = lines[100].split(",")
+    row[0] = str(float(row[0]) + 1e6)  # one wild timestamp, far beyond max_gap_s
+    lines[100] = ",".join(row)
+    imu.write_text("\n".join(lines) + "\n")
+    sink = ListSink(model_name="imagebind_tiny")
+    result = run_inprocess([load_session(sess)], model, sink)
+    (summary,) = result.sessions
+    assert summary["dropped"].get("imu:jump") == 1, summary["dropped"]
+    assert summary["errors"] == {} and summary["counts"]["imu"] == summary["windows"]
