@@ -49,6 +49,7 @@ class SourceActor:
         self.samples = 0
         self._live: Any = None  # live source (issue 4): stop() ends it
         self._recorder: Any = None  # live recording (issue 4): written as chunks are pushed
+        self._grid_origin: float | None = None  # the session's window origin, once the aligner says
 
     def stop(self) -> None:
         self._stop = True
@@ -94,9 +95,12 @@ class SourceActor:
                 source = open_source(self.spec, select=select, **opts)
             else:
                 source = self._open_live(opts)
+            align = self.options.get("align")
+            if align is not None and align.origin is not None:
+                self._grid_origin = float(align.origin)
             pacer = None
             if rate > 0 and self._live is None:
-                pacer = ReplayPacer(rate, float(self.options.get("chunk_seconds") or 1.0))
+                pacer = ReplayPacer(rate, float(self.options.get("chunk_seconds") or 1.0), next_need=self._next_need)
             sent_upto = -math.inf  # stream time up to which the aligner has every sample
 
             def send(chunk: Any) -> None:
@@ -105,8 +109,9 @@ class SourceActor:
                 while len(inflight) >= max_inflight:
                     self._origin(select, ray.get(inflight.popleft()))  # raises if the aligner refused the chunk
                 inflight.append(self.aligner.push.remote(chunk, self.chunks))
-                if select is not None and select.origin is None:
-                    # The selector keeps every frame until it knows the grid: ask early.
+                if self._grid_origin is None:
+                    # The selector keeps every frame, and paced replay cannot aim its watermarks
+                    # at window ends, until the grid is known: ask early.
                     done, _ = ray.wait([inflight[0]], timeout=0)
                     if done:
                         self._origin(select, ray.get(inflight.popleft()))
@@ -163,11 +168,22 @@ class SourceActor:
             return None
         return frame_selector(self.spec.modality, self.options["align"])
 
-    @staticmethod
-    def _origin(select: Any, reply: Any) -> None:
+    def _origin(self, select: Any, reply: Any) -> None:
         """``AlignerActor.push`` replies with the session's window origin once it is fixed."""
-        if select is not None and select.origin is None and reply is not None:
-            select.origin = float(reply)
+        if reply is None or self._grid_origin is not None:
+            return
+        self._grid_origin = float(reply)
+        if select is not None and select.origin is None:
+            select.origin = self._grid_origin
+
+    def _next_need(self, x: float) -> float | None:
+        """When the aligner next waits for this stream (paced replay aims its watermarks there)."""
+        from pipeline.align import next_need
+
+        align = self.options.get("align")
+        if align is None or self._grid_origin is None or self.spec.modality not in align.spans:
+            return None
+        return next_need(align, self.spec.modality, self._grid_origin, x)
 
     # -- live streams (issue 4, docs/live.md) -------------------------------------------------
     def _open_live(self, opts: dict[str, Any]) -> Any:

@@ -46,7 +46,7 @@ import numpy as np
 from sources.base import AUDIO_RATE, MODALITIES, Chunk
 
 __all__ = ["ModalitySpan", "AlignConfig", "WindowItem", "Window", "Aligner", "DEFAULT_SPANS", "FrameSelector",
-           "frame_selector"]
+           "frame_selector", "next_need"]
 
 
 @dataclass(frozen=True)
@@ -515,3 +515,13 @@ def frame_selector(modality: str, config: AlignConfig) -> FrameSelector | None:
     if spec.nearest or (modality == "vision" and 1 <= spec.frames <= 2):
         return FrameSelector(modality, config)
     return None
+
+
+def next_need(config: AlignConfig, modality: str, origin: float, x: float) -> float:
+    """The first stream time after ``x`` up to which a window waits for a stream of ``modality``
+    to have passed: ``e_k + lookahead`` (docs/alignment.md). Paced replay sends its watermarks then."""
+    la = config.spans[modality].lookahead()
+    k = max(0, math.floor((x - la - origin) / config.hop) - 1)
+    while origin + (k + 1) * config.hop + la <= x:
+        k += 1
+    return origin + (k + 1) * config.hop + la

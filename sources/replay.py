@@ -67,17 +67,21 @@ class ReplayPacer:
     chunk (captions seconds apart, the gaps of frame selection), :meth:`wait` yields a
     watermark every ``every`` seconds of stream time: the stream holds no sample before it (the
     next samples are in the chunk waited for), and the aligner need not wait for the next one.
-    ``clock`` and ``sleep`` are injected for tests.
+    ``next_need(x)``, when given, is the first stream time after ``x`` that a window waits for
+    (its end, plus the modality's tolerance), or ``None``: a watermark is sent then, not only
+    every ``every``. ``clock`` and ``sleep`` are injected for tests.
     """
 
     def __init__(self, rate: float, every: float, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 next_need: Callable[[float], float | None] | None = None) -> None:
         if not rate > 0 or not every > 0:
             raise ValueError(f"ReplayPacer: rate and every must be > 0, got {rate!r}, {every!r}")
         self.rate = rate
         self.every = every
         self.clock = clock
         self.sleep = sleep
+        self.next_need = next_need
         self.wall0 = clock()
         self.t_first: float | None = None
 
@@ -99,7 +103,11 @@ class ReplayPacer:
             now = self.clock()
             if now >= due:
                 return
-            x_beat = sent_upto() + self.every
+            upto = sent_upto()
+            x_beat = upto + self.every
+            need = self.next_need(upto) if self.next_need is not None and math.isfinite(upto) else None
+            if need is not None and upto < need < x_beat:
+                x_beat = need
             if not math.isfinite(x_beat) or x_beat >= cap:
                 self.sleep(due - now)
                 return

@@ -74,3 +74,23 @@ def test_rate_and_every_must_be_positive():
         ReplayPacer(0.0, 0.5)
     with pytest.raises(ValueError):
         ReplayPacer(1.0, 0.0)
+
+
+def test_watermarks_are_aimed_at_the_times_windows_wait_for():
+    """Depth with a 0.1 s tolerance: a window ending at e waits for the stream to pass e + 0.1,
+    so a sparse stream's watermarks go out exactly then (and every ``every`` at the latest)."""
+    from pipeline.align import AlignConfig, ModalitySpan, next_need
+
+    cfg = AlignConfig(hop=1.0, spans={"depth": ModalitySpan(tolerance=0.1)})
+    need = lambda x: next_need(cfg, "depth", 0.0, x)  # noqa: E731
+    assert [need(x) for x in (0.0, 1.05, 1.1, 1.2, 7.0)] == pytest.approx([1.1, 1.1, 2.1, 2.1, 7.1])
+    ft = FakeTime()
+    pacer = ReplayPacer(1.0, 5.0, clock=ft.clock, sleep=ft.sleep, next_need=need)
+    first = Chunk("d", "depth", np.array([0.0]), np.zeros((1, 2, 2)), passed=0.1)
+    list(pacer.wait(first, lambda: -np.inf))
+    sent = 0.1
+    beats = []
+    for x in pacer.wait(Chunk("d", "depth", np.array([4.0]), np.zeros((1, 2, 2))), lambda: sent):
+        beats.append((round(ft.now - 100.0, 6), round(x, 6)))
+        sent = x
+    assert beats == [(1.1, 1.1), (2.1, 2.1), (3.1, 3.1)]  # then the chunk itself, at 4.0
