@@ -746,6 +746,9 @@ class AlignerActor:
                     self.latencies.append(now - r.t_ingest)
                 if len(self.latencies) > 100_000:
                     self.latencies = self.latencies[-50_000:]
+        # The last gauges and drop counts: a session shorter than heartbeat_s has had no tick yet,
+        # and drops since the last one would be lost.
+        self._metrics_tick()
         if "publisher" not in self.source_errors:
             await self._publisher_call(
                 "end_session",
