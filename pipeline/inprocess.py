@@ -15,8 +15,10 @@ notebooks and small jobs that want embeddings without starting Ray::
 The loop reads one chunk from every stream in turn (as concurrent source actors would deliver
 them), releases windows, encodes released items per modality in batches of ``max_batch``
 once ``max_batch`` windows are waiting or the oldest waited ``max_wait_s`` (the encoders' rule),
-and publishes them in window order. At ``rate > 0`` reading is paced on the session clock like
-the source actors. Memory is bounded: at most ``max_batch`` windows (plus one round) are held.
+and publishes them in window order. At ``rate > 0`` each chunk is read when it is known
+complete (``Chunk.known_at``) on the session clock; unlike the source actors there are no
+watermark-only chunks between a sparse stream's samples. Memory is bounded: at most
+``max_batch`` windows (plus one round) are held.
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ class Chunk:
 
     def known_at(self) -> float:
         """Session time at which a live source could have sent this chunk: when the sample
-        after it existed (``passed``), else its newest sample. Replay paces on it."""
+        after it existed (``passed``), else its newest sample. Paced replay sends the chunk then,
+        or a chunk length after its newest sample if that is earlier (``ReplayPacer``)."""
         newest = float(np.nanmax(self.t))
         return newest if self.passed is None else max(newest, float(self.passed))
