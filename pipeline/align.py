@@ -302,7 +302,7 @@ class Aligner:
 
     def _window_end(self, k: int) -> float:
         assert self.origin is not None
-        return self.origin + (k + 1) * self.config.hop
+        return window_end(self.origin, self.config.hop, k)
 
     def _earliest_needed(self, modality: str) -> float:
         return self._window_end(self.next_window) - self.config.spans[modality].lookback()
@@ -421,6 +421,12 @@ class Aligner:
         raise AssertionError(b.modality)
 
 
+def window_end(origin: float, hop: float, k: int) -> float:
+    """``e_k``, computed one way everywhere (the aligner, the frame selector, paced replay), so
+    their float comparisons agree exactly."""
+    return origin + (k + 1) * hop
+
+
 # -- decode-side frame selection (docs/alignment.md, "Frames no window picks") ---------------------
 # Gaps between neighbouring frames above this are left alone: frames next to a gap are always
 # kept, so the source guard's clock-jump rule (which drops the first sample after a jump) sees
@@ -482,18 +488,18 @@ class FrameSelector:
         if spec.nearest:
             # argmin |t_i - e| picks this frame for e in about ((tp+t)/2, (t+tn)/2].
             for k in _ks(o, h, tp, tn):
-                e = o + (k + 1) * h
+                e = window_end(o, h, k)
                 if abs(t - e) < abs(tp - e) and abs(t - e) <= abs(tn - e):
                     return True
             return False
         # Vision: the first frame with time >= e - span and the last before e (the payload with
         # frames == 2; with frames == 1 the last still gives the published t_end).
         for k in _ks(o, h, tp + spec.span, t + spec.span):
-            start = (o + (k + 1) * h) - spec.span
+            start = window_end(o, h, k) - spec.span
             if tp < start <= t:
                 return True
         for k in _ks(o, h, t, tn):
-            e = o + (k + 1) * h
+            e = window_end(o, h, k)
             if t < e <= tn:
                 return True
         return False
@@ -522,6 +528,6 @@ def next_need(config: AlignConfig, modality: str, origin: float, x: float) -> fl
     to have passed: ``e_k + lookahead`` (docs/alignment.md). Paced replay sends its watermarks then."""
     la = config.spans[modality].lookahead()
     k = max(0, math.floor((x - la - origin) / config.hop) - 1)
-    while origin + (k + 1) * config.hop + la <= x:
+    while window_end(origin, config.hop, k) + la <= x:
         k += 1
-    return origin + (k + 1) * config.hop + la
+    return window_end(origin, config.hop, k) + la

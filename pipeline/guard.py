@@ -79,16 +79,14 @@ class StreamGuard:
                      t_ingest=chunk.t_ingest, meta=chunk.meta, passed=chunk.passed)
 
     def _clock(self, t: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        ok = np.ones(len(t), dtype=bool)
-        gap = self.max_gap_s
         if self._watermark is not None and keep.all():
             # Fast path (audio: 16000 samples a second): every sample lies within the gap of the
-            # running watermark, so each is accepted and the loop below would change nothing else.
+            # running watermark, so each is accepted and the loop would change nothing else.
             wm = np.maximum.accumulate(np.concatenate([[self._watermark], t]))[:-1]
-            if np.all(np.abs(t - wm) <= gap):
-                self._watermark = float(max(self._watermark, float(t.max())))
+            if np.all(np.abs(t - wm) <= self.max_gap_s):
+                self._watermark = max(self._watermark, float(t.max()))
                 self._candidate = None
-                return ok
+                return np.ones(len(t), dtype=bool)
         return self._clock_each(t, keep)
 
     def _clock_each(self, t: np.ndarray, keep: np.ndarray) -> np.ndarray:

@@ -92,12 +92,12 @@ class ReplayPacer:
     def wait(self, chunk: Chunk, sent_upto: Callable[[], float]) -> Iterator[float]:
         """Sleep until ``chunk`` is due, yielding watermark times to send on the way.
         ``sent_upto()``: stream time up to which the aligner has every sample of the stream."""
+        cap = float(np.nanmin(chunk.t))  # nothing is promised past an unsent sample
         if self.t_first is None:
-            self.t_first = float(np.nanmin(chunk.t))
+            self.t_first = cap
         x_send = min(chunk.known_at(), float(np.nanmax(chunk.t)) + self.every)
         if chunk.passed is not None:
             chunk.passed = min(float(chunk.passed), x_send)
-        cap = min(float(np.nanmin(chunk.t)), x_send)  # nothing is promised past an unsent sample
         due = self._wall(x_send)
         while True:
             now = self.clock()

@@ -144,25 +144,15 @@ def test_a_real_phone_video_gives_the_same_windows_with_and_without_selection(tm
 
 
 def test_a_truncated_video_still_emits_its_last_good_frame_with_selection(tmp_path):
-    import av
+    from media_files import faststart_cut
 
     from pipeline.errors import SourceError
     from sources.replay import open_source
 
     d = write_demo_session(tmp_path / "d", seconds=4.0, seed=4, name="cut")
-    # Index first (faststart), then cut: the file opens, and ends early.
-    fs = tmp_path / "fs.mp4"
-    with av.open(str(d / "video.mp4")) as i, av.open(str(fs), "w", format="mp4",
-                                                     options={"movflags": "+faststart"}) as o:
-        vin = i.streams.video[0]
-        vout = o.add_stream_from_template(vin)
-        for pkt in i.demux(vin):
-            if pkt.dts is not None:
-                pkt.stream = vout
-                o.mux(pkt)
     cut = tmp_path / "cut"
     cut.mkdir()
-    (cut / "v.mp4").write_bytes(fs.read_bytes()[: int(fs.stat().st_size * 0.6)])
+    (cut / "v.mp4").write_bytes(faststart_cut(d / "video.mp4", tmp_path / "fs.mp4"))
     (cut / "session.yaml").write_text(
         "format: bindstream.session/1\nname: cut\nstreams:\n  - {id: cam, modality: vision, source: v.mp4}\n")
     (cam,) = load_session(cut).streams

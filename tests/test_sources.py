@@ -15,6 +15,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from media_files import faststart_cut
 
 from pipeline.errors import ConfigError, SourceError
 from pipeline.session import FORMAT, StreamSpec, load_session
@@ -297,17 +298,7 @@ def test_truncated_mp4_without_index_is_a_source_error(tmp_path: Path) -> None:
 
 def test_truncated_faststart_mp4_emits_the_good_frames_then_errors(tmp_path: Path) -> None:
     # Remux with the index first, then cut: the file opens, and ends early.
-    fs = tmp_path / "fs.mp4"
-    with av.open(str(_real("realshort.mp4"))) as i, av.open(str(fs), "w", format="mp4",
-                                                              options={"movflags": "+faststart"}) as o:
-        vin = i.streams.video[0]
-        vout = o.add_stream_from_template(vin)
-        for p in i.demux(vin):
-            if p.dts is not None:
-                p.stream = vout
-                o.mux(p)
-    data = fs.read_bytes()
-    spec = _video_spec(tmp_path / "s", data[: int(len(data) * 0.6)])
+    spec = _video_spec(tmp_path / "s", faststart_cut(_real("realshort.mp4"), tmp_path / "fs.mp4"))
     got = []
     with pytest.raises(SourceError, match=r"stream 'cam'.*v.mp4 is truncated"):
         for c in open_source(spec, chunk_seconds=0.25):
