@@ -123,6 +123,52 @@ class Window:
     missing: list[str]  # stream ids with no data in this window
 
 
+class _Rows:
+    """A stream's buffered sample rows, kept as the arrays they arrived in.
+
+    A chunk is never copied into one growing array: at rate 0 a fast stream runs seconds ahead
+    of the slowest one, and concatenating its whole buffer again on every chunk cost the
+    aligner a fifth of its CPU (py-spy, bench/RESULTS.md). Only the rows a window takes are
+    gathered. ``starts[i]`` is the first row of block ``i``; ``starts[-1]`` the row count.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+        self.starts = np.zeros(1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def append(self, rows: np.ndarray) -> None:
+        self.blocks.append(rows)
+        self.starts = np.append(self.starts, self.starts[-1] + len(rows))
+
+    def all(self) -> np.ndarray:
+        return np.concatenate(self.blocks, axis=0) if len(self.blocks) != 1 else self.blocks[0]
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (sorted indices), as a new array."""
+        block = np.searchsorted(self.starts, idx, side="right") - 1
+        if block[0] == block[-1]:
+            return self.blocks[block[0]][idx - self.starts[block[0]]]
+        return np.stack([self.blocks[b][i - self.starts[b]] for b, i in zip(block, idx)])
+
+    def slice(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi``: a view where they lie in one block."""
+        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        last = int(np.searchsorted(self.starts, hi - 1, side="right")) - 1
+        parts = [self.blocks[b][max(lo - self.starts[b], 0):hi - self.starts[b]] for b in range(first, last + 1)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def drop_front(self, n: int) -> None:
+        whole = int(np.searchsorted(self.starts, n, side="right")) - 1  # blocks that end by row n
+        self.blocks = self.blocks[whole:]
+        self.starts = self.starts[whole:] - n
+        if self.blocks and self.starts[0] < 0:
+            self.blocks[0] = self.blocks[0][-self.starts[0]:]
+            self.starts[0] = 0
+
+
 class _StreamBuffer:
     """Time-sorted samples of one stream, with the wall time each chunk arrived."""
 
@@ -131,7 +177,7 @@ class _StreamBuffer:
         self.modality = modality
         self.t = np.empty(0, dtype=np.float64)
         self.ingest = np.empty(0, dtype=np.float64)
-        self.data: Any = [] if modality == "text" else None
+        self.data: Any = [] if modality == "text" else _Rows()  # text: a list of utterances
         self.watermark = -math.inf
         self.first: float | None = None
         self.ended = False
@@ -144,24 +190,31 @@ class _StreamBuffer:
     def insert(self, t: np.ndarray, data: Any, ingest: float) -> None:
         if len(t) == 0:
             return
-        ing = np.full(len(t), ingest, dtype=np.float64)
-        if self.modality == "text":
-            merged_data: Any = list(self.data) + list(data)
-        elif self.data is None:
-            merged_data = np.asarray(data)
-        else:
-            merged_data = np.concatenate([self.data, np.asarray(data)], axis=0)
+        in_order = not ((len(self.t) and t.min() < self.t[-1]) or np.any(np.diff(t) < 0))
         merged_t = np.concatenate([self.t, t])
-        merged_ing = np.concatenate([self.ingest, ing])
-        if (len(self.t) and t.min() < self.t[-1]) or np.any(np.diff(t) < 0):
+        merged_ing = np.concatenate([self.ingest, np.full(len(t), ingest, dtype=np.float64)])
+        if self.modality == "text":
+            merged: Any = list(self.data) + list(data)
+        else:
+            self.data.append(np.asarray(data))
+        if not in_order:  # rare: samples inside the lateness bound, re-sorted
             order = np.argsort(merged_t, kind="stable")
-            merged_t = merged_t[order]
-            merged_ing = merged_ing[order]
+            merged_t, merged_ing = merged_t[order], merged_ing[order]
             if self.modality == "text":
-                merged_data = [merged_data[i] for i in order]
+                merged = [merged[i] for i in order]
             else:
-                merged_data = merged_data[order]
-        self.t, self.ingest, self.data = merged_t, merged_ing, merged_data
+                rows = _Rows()
+                rows.append(self.data.all()[order])
+                self.data = rows
+        if self.modality == "text":
+            self.data = merged
+        self.t, self.ingest = merged_t, merged_ing
+
+    def rows(self, idx: np.ndarray) -> Any:
+        return [self.data[i] for i in idx] if self.modality == "text" else self.data.take(idx)
+
+    def span(self, lo: int, hi: int) -> Any:
+        return self.data[lo:hi] if self.modality == "text" else self.data.slice(lo, hi)
 
     def evict_before(self, t_keep: float) -> None:
         """Forget samples older than ``t_keep``; no unreleased window can use them."""
@@ -170,7 +223,10 @@ class _StreamBuffer:
             return
         self.t = self.t[n:]
         self.ingest = self.ingest[n:]
-        self.data = self.data[n:]
+        if self.modality == "text":
+            self.data = self.data[n:]
+        else:
+            self.data.drop_front(n)
 
     def passed(self, x: float, lateness: float) -> bool:
         return self.ended or self.watermark - lateness >= x
@@ -393,7 +449,7 @@ class Aligner:
             i = int(np.argmin(np.abs(b.t - e)))
             if abs(b.t[i] - e) > spec.tolerance:
                 return None
-            return item(i, i + 1, np.array(b.data[i]), b.t[i], b.t[i])
+            return item(i, i + 1, b.rows(np.array([i]))[0], b.t[i], b.t[i])
         start = e - spec.span
         lo = int(np.searchsorted(b.t, start, side="left"))
         hi = int(np.searchsorted(b.t, e, side="left"))
@@ -403,21 +459,21 @@ class Aligner:
         ts = b.t[lo:hi]
         if b.modality == "vision":
             pick = np.linspace(lo, hi - 1, spec.frames).round().astype(int)
-            return item(lo, hi, np.ascontiguousarray(b.data[pick]), ts[0], ts[-1])
+            return item(lo, hi, np.ascontiguousarray(b.rows(pick)), ts[0], ts[-1])
         if b.modality == "audio":
             n_out = int(round(spec.span * AUDIO_RATE))
             wave = np.zeros(n_out, dtype=np.float32)
             # Place each sample at its own offset in the span, so gaps stay gaps.
             pos = np.floor((ts - start) * AUDIO_RATE + 0.5).astype(np.int64)
             ok = (pos >= 0) & (pos < n_out)
-            wave[pos[ok]] = b.data[lo:hi][ok]
+            wave[pos[ok]] = b.span(lo, hi)[ok]
             return item(lo, hi, wave, ts[0], ts[-1])
         if b.modality == "imu":
             rel = (ts - start)[:, None]
-            payload = np.concatenate([rel, np.asarray(b.data[lo:hi], dtype=np.float64)], axis=1)
+            payload = np.concatenate([rel, np.asarray(b.span(lo, hi), dtype=np.float64)], axis=1)
             return item(lo, hi, payload, ts[0], ts[-1])
         if b.modality == "text":
-            return item(lo, hi, " ".join(b.data[lo:hi]), ts[0], ts[-1])
+            return item(lo, hi, " ".join(b.span(lo, hi)), ts[0], ts[-1])
         raise AssertionError(b.modality)
 
 

@@ -296,3 +296,30 @@ def test_live_silent_stream_does_not_hold_back_the_origin():
     out = al.push(frames(10.0, 13.0, 10))  # the microphone never says anything
     assert al.origin == pytest.approx(10.0)
     assert released(out) == [0] and out[0].missing == ["mic"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=1, max_size=6), data=st.data())
+def test_buffered_rows_match_one_array(sizes, data):
+    """The aligner keeps a stream's rows as the chunks they came in (no copy per chunk); every
+    way a window reads them (rows, spans, eviction) gives what one concatenated array gives."""
+    from pipeline.align import _Rows
+
+    rows, ref, nxt = _Rows(), np.empty((0, 2)), 0
+    for n in sizes:
+        block = np.arange(nxt, nxt + n, dtype=np.float64)[:, None].repeat(2, axis=1)
+        nxt += n
+        rows.append(block)
+        ref = np.concatenate([ref, block])
+        if data.draw(st.booleans()):
+            drop = data.draw(st.integers(0, len(ref)))
+            rows.drop_front(drop)
+            ref = ref[drop:]
+        assert len(rows) == len(ref)
+        if len(ref):
+            lo = data.draw(st.integers(0, len(ref) - 1))
+            hi = data.draw(st.integers(lo + 1, len(ref)))
+            np.testing.assert_array_equal(rows.slice(lo, hi), ref[lo:hi])
+            idx = np.sort(np.array(data.draw(st.lists(st.integers(0, len(ref) - 1), min_size=1, max_size=4))))
+            np.testing.assert_array_equal(rows.take(idx), ref[idx])
+            np.testing.assert_array_equal(rows.all(), ref)
