@@ -23,7 +23,8 @@ sent) to its arrival at the subscriber, also split by modality (``latency_by_mod
 and IMU end at the window end, so theirs is the latency beyond the window's span; a caption can
 lie up to its 1 s span before the window end, and a video frame's chunk is sent up to
 ``chunk_seconds`` after the frame, which those modalities' figures include or leave out.
-``--no-select-frames`` turns frame selection off (docs/alignment.md) in both graph modes.
+``--realtime`` judges the latency beyond the window's span (``latency_beyond_window``: audio and
+IMU) against ``--target-p99``. ``--no-select-frames`` turns frame selection off (docs/alignment.md) in both graph modes.
 
     python bench/pipeline.py                       # short CPU run (tiny model, 2 sessions x 8 s)
     python bench/pipeline.py --json                # one JSON object on stdout
@@ -304,6 +305,8 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "embeddings_per_s": {m: n / elapsed for m, n in sorted(sub.counts.items())},
         "counts": dict(sub.counts), "latency": percentiles(sub.latency),
         "latency_by_modality": {m: percentiles(v) for m, v in sorted(sub.latency_by_modality.items())},
+        # Audio and IMU end at the window end: their latency is the latency beyond the window's span.
+        "latency_beyond_window": percentiles(sub.latency_by_modality["audio"] + sub.latency_by_modality["imu"]),
         # stage percentiles: the median over sessions of each session's p50/p99
         "stages": {k: {q: float(np.nanmedian([v[q] for v in vs])) for q in ("p50", "p99", "mean")}
                    for k, vs in stages.items()},
@@ -572,9 +575,10 @@ def _table(out: dict[str, Any]) -> str:
         lines.append("decode CPU ms/frame: " + "  ".join(f"{k}={v:.1f}" for k, v in out["decode"].items()))
     if "realtime" in out:
         r = out["realtime"]
-        lines.append(f"realtime: {r['sessions']} session(s) at rate 1.0: latency p50 {r['latency']['p50']:.3f} "
-                     f"p99 {r['latency']['p99']:.3f} s, windows {r['windows']}/{r['expected_windows']}, "
-                     f"held (p99 <= {r['target_p99_s']} s, all windows): {r['held']} "
+        beyond = r["latency_beyond_window"]
+        lines.append(f"realtime: {r['sessions']} session(s) at rate 1.0: latency beyond the window's span "
+                     f"(audio, IMU) p50 {beyond['p50']:.3f} p99 {beyond['p99']:.3f} s, windows "
+                     f"{r['windows']}/{r['expected_windows']}, held (p99 <= {r['target_p99_s']} s, all windows): {r['held']} "
                      f"(chunk_seconds {r['chunk_seconds']}, depth/thermal tolerance {r['tolerance_s']} s)")
         lines.append("realtime embedding latency p50/p99 s: "
                      + "  ".join(f"{m} {v['p50']:.2f}/{v['p99']:.2f}" for m, v in r["latency_by_modality"].items())
@@ -706,7 +710,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     "windows": r["windows"], "expected_windows": expected, "elapsed_s": r["elapsed_s"],
                     "target_p99_s": args.target_p99, "chunk_seconds": args.chunk_seconds,
                     "tolerance_s": args.tolerance,
-                    "held": bool(r["latency"]["p99"] <= args.target_p99 and r["windows"] >= expected),
+                    "latency_beyond_window": r["latency_beyond_window"],
+                    "held": bool(r["latency_beyond_window"]["p99"] <= args.target_p99 and r["windows"] >= expected),
                     "cpu_core_s_per_s_total": r["cpu_core_s_per_s_total"],
                     "cpu_split_core_s_per_s_per_stream": r["cpu_split_core_s_per_s_per_stream"],
                 }

@@ -22,7 +22,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -70,7 +70,9 @@ class SourceActor:
 
         return os.getpid()
 
-    def run(self, rate: float, max_inflight: int) -> dict[str, Any]:
+    def run(self, rate: float, max_inflight: int, start_at: float | None = None) -> dict[str, Any]:
+        """Read the stream to its end, pushing chunks to the aligner. ``start_at``: the wall time
+        (``time.time()``) at which every stream of the run starts, for paced replay."""
         from pipeline.guard import StreamGuard
         from pipeline.metrics import source_cpu_split
         from sources.base import Chunk
@@ -100,7 +102,8 @@ class SourceActor:
                 self._grid_origin = float(align.origin)
             pacer = None
             if rate > 0 and self._live is None:
-                pacer = ReplayPacer(rate, float(self.options.get("chunk_seconds") or 1.0), next_need=self._next_need)
+                pacer = ReplayPacer(rate, float(self.options.get("chunk_seconds") or 1.0), next_need=self._next_need,
+                                    wall0=start_at)
             sent_upto = -math.inf  # stream time up to which the aligner has every sample
 
             def send(chunk: Any) -> None:
@@ -130,15 +133,19 @@ class SourceActor:
                 chunk = guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
                 if len(chunk) == 0:
                     continue
-                if pacer is not None:
-                    # Paced replay (sources.replay.ReplayPacer): the chunk waits until a live
-                    # source could send it; watermark-only chunks tell the aligner meanwhile
-                    # that a sparse stream has nothing before the replay clock.
-                    for x in pacer.wait(chunk, lambda: sent_upto):
+                if pacer is None:
+                    send(chunk)
+                    continue
+                # Paced replay (sources.replay.ReplayPacer): the chunk is cut where windows wait
+                # for the stream, and each piece waits until a live source could send it;
+                # watermark-only chunks tell the aligner meanwhile that a sparse stream has
+                # nothing before the replay clock.
+                for piece in self._paced_pieces(pacer, chunk, select):
+                    for x in pacer.wait(piece, lambda: sent_upto):
                         send(Chunk(stream=stream, modality=self.spec.modality, t=np.empty(0, dtype=np.float64),
                                    data=[] if self.spec.modality == "text" else np.empty(0, dtype=np.float32),
                                    meta={"session": self.session}, passed=x))
-                send(chunk)
+                    send(piece)
             while inflight:
                 ray.get(inflight.popleft())
         except Exception as exc:  # reported with the stream id; other streams go on
@@ -159,6 +166,19 @@ class SourceActor:
                 "frames_skipped": select.skipped if select is not None else 0,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 **self._close_record()}
+
+    def _paced_pieces(self, pacer: Any, chunk: Any, select: Any) -> Iterator[Any]:
+        """``chunk`` in the pieces paced replay sends (``ReplayPacer.split``). The stream's very
+        first sample goes alone, and the source then waits briefly for the session's grid (every
+        stream starts at the same moment, so it is fixed within milliseconds): without it the
+        rest of the first chunk could not be cut at the first window's end."""
+        from sources.replay import cut_chunk
+
+        if self._grid_origin is None and self.chunks == 0 and len(chunk) > 1:
+            head, chunk = cut_chunk(chunk, 1)
+            yield head
+            self._origin(select, ray.get(self.aligner.wait_origin.remote(0.25)))
+        yield from pacer.split(chunk)
 
     def _selector(self) -> Any:
         """The stream's frame selector (docs/alignment.md), or ``None``: off, or every frame counts."""
@@ -532,6 +552,13 @@ class AlignerActor:
         while len(self._pending) > self.max_inflight and not self._finished:  # finished: publisher lost
             self._pending_changed.clear()
             await self._pending_changed.wait()
+        return self.aligner.origin
+
+    async def wait_origin(self, timeout_s: float) -> float | None:
+        """The session's window origin, waiting up to ``timeout_s`` for it to be fixed."""
+        deadline = time.monotonic() + timeout_s
+        while self.aligner.origin is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
         return self.aligner.origin
 
     async def end_stream(self, stream: str, error: str | None = None, dropped: dict[str, int] | None = None,

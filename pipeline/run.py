@@ -214,8 +214,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         starting = [s.ready.remote() for s in sources] + [a.progress.remote() for a in aligners]
         ray.wait(starting, num_returns=len(starting), timeout=120)
         done_refs = [al.wait_done.remote() for al in aligners]
+        # Paced replay keeps one clock for every stream: each maps its first sample to this
+        # wall time, however late its run call lands (a little ahead, so the first does not).
+        start_at = time.time() + 0.1
         for src in sources:
-            runs.append(src.run.remote(cfg.rate, cfg.max_inflight_chunks))
+            runs.append(src.run.remote(cfg.rate, cfg.max_inflight_chunks, start_at))
         watch.started(runs)
 
         summaries = _wait(done_refs, aligners, specs, sources, progress, watch=watch,

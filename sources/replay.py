@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
@@ -16,7 +17,7 @@ from sources.imu import ImuCsvSource
 from sources.text import TextJsonlSource
 from sources.video import DEFAULT_MAX_PIXELS, VideoSource
 
-__all__ = ["Source", "ReplayPacer", "open_source", "open_session"]
+__all__ = ["Source", "ReplayPacer", "cut_chunk", "open_source", "open_session"]
 
 
 @runtime_checkable
@@ -57,10 +58,20 @@ def open_session(session: SessionSpec, *, chunk_seconds: float = 1.0, video_size
             for s in session.streams}
 
 
+def cut_chunk(chunk: Chunk, i: int) -> tuple[Chunk, Chunk]:
+    """``chunk`` as its first ``i`` samples, bounded by the next sample's time (``passed``),
+    and the rest, which keeps the chunk's own ``passed``."""
+    head = dataclasses.replace(chunk, t=chunk.t[:i], data=chunk.data[:i], meta=dict(chunk.meta),
+                               passed=float(chunk.t[i]))
+    return head, dataclasses.replace(chunk, t=chunk.t[i:], data=chunk.data[i:], meta=dict(chunk.meta))
+
+
 class ReplayPacer:
     """When a replay at ``rate`` > 0 sends each chunk of one stream, as a live source could.
 
-    Stream time maps to wall time from the stream's first sample: ``wall0 + (x - t_first) / rate``.
+    Stream time maps to wall time from the stream's first sample: ``wall0 + (x - t_first) / rate``;
+    ``wall0`` is the run's common start (``time.time()`` seconds, so that streams whose actors
+    came up at different moments still keep time together), else when the pacer is made.
     A chunk goes out once the sample after it exists (its ``passed``), but at most ``every``
     seconds of stream time after its newest sample; ``passed`` is cut to that send time, so it
     never promises what a live source could not know yet. While a stream waits for its next
@@ -74,7 +85,8 @@ class ReplayPacer:
 
     def __init__(self, rate: float, every: float, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep,
-                 next_need: Callable[[float], float | None] | None = None) -> None:
+                 next_need: Callable[[float], float | None] | None = None,
+                 wall0: float | None = None) -> None:
         if not rate > 0 or not every > 0:
             raise ValueError(f"ReplayPacer: rate and every must be > 0, got {rate!r}, {every!r}")
         self.rate = rate
@@ -82,8 +94,27 @@ class ReplayPacer:
         self.clock = clock
         self.sleep = sleep
         self.next_need = next_need
-        self.wall0 = clock()
+        self.wall0 = clock() if wall0 is None else wall0
         self.t_first: float | None = None
+
+    def split(self, chunk: Chunk) -> list[Chunk]:
+        """``chunk`` cut where a window waits for the stream (``next_need``), so the samples up
+        to a window's end go out when the replay clock reaches it, not with the rest of the
+        chunk: chunks can stay long (few actor calls) without holding windows back. Each piece
+        but the last is bounded by the next piece's first sample (its ``passed``). A chunk whose
+        times are not increasing, or any chunk before the window grid is known, stays whole."""
+        t = chunk.t
+        if self.next_need is None or len(t) < 2 or not bool(np.all(np.diff(t) > 0)):
+            return [chunk]
+        pieces: list[Chunk] = []
+        while len(chunk) > 1:
+            need = self.next_need(float(chunk.t[0]))  # > t[0], so every piece holds a sample
+            cut = len(chunk) if need is None else int(np.searchsorted(chunk.t, need, side="left"))
+            if cut >= len(chunk):
+                break
+            piece, chunk = cut_chunk(chunk, cut)
+            pieces.append(piece)
+        return pieces + [chunk]
 
     def _wall(self, x: float) -> float:
         assert self.t_first is not None

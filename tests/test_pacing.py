@@ -94,3 +94,27 @@ def test_watermarks_are_aimed_at_the_times_windows_wait_for():
         beats.append((round(ft.now - 100.0, 6), round(x, 6)))
         sent = x
     assert beats == [(1.1, 1.1), (2.1, 2.1), (3.1, 3.1)]  # then the chunk itself, at 4.0
+
+
+def test_chunks_are_cut_where_windows_wait_so_a_long_chunk_holds_no_window_back():
+    """A 1 s IMU chunk spanning the end of window 0 (e_0 = 1.0): the samples before 1.0 go out
+    when the replay clock reaches 1.0, bounded by the next sample, not at the chunk's end."""
+    from pipeline.align import AlignConfig, next_need
+
+    cfg = AlignConfig(hop=1.0)
+    ft = FakeTime()
+    pacer = ReplayPacer(1.0, 1.0, clock=ft.clock, sleep=ft.sleep, next_need=lambda x: next_need(cfg, "imu", 0.0, x))
+    t = np.round(np.arange(0.5, 1.5, 0.1), 6)
+    chunk = Chunk("imu", "imu", t, np.arange(len(t) * 6, dtype=np.float32).reshape(-1, 6), passed=1.5, meta={"s": 1})
+    pieces = pacer.split(chunk)
+    assert [p.t.tolist() for p in pieces] == [[0.5, 0.6, 0.7, 0.8, 0.9], [1.0, 1.1, 1.2, 1.3, 1.4]]
+    assert [p.passed for p in pieces] == [1.0, 1.5]
+    np.testing.assert_array_equal(np.concatenate([p.data for p in pieces]), chunk.data)
+    sent = []
+    for p in pieces:
+        list(pacer.wait(p, lambda: -np.inf))
+        sent.append(round(ft.now - 100.0, 6))
+    assert sent == [0.5, 1.0]  # relative to the first sample: at stream times 1.0 and 1.5
+    # Unknown grid (no next_need), or times that go back: the chunk stays whole.
+    assert ReplayPacer(1.0, 1.0).split(chunk) == [chunk]
+    assert pacer.split(Chunk("imu", "imu", t[::-1].copy(), chunk.data))[0].t.tolist() == t[::-1].tolist()

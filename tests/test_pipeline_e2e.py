@@ -153,23 +153,51 @@ def test_replay_delivers_every_window_once_in_order_equal_to_the_direct_encoder_
             assert msgs[0].payload["event"] == "start" and msgs[-1].payload["event"] == "end"
 
     for session_dir in (a, b):
-        spec, windows = _expected_windows(session_dir, cfg)
-        end = [m for m in by_topic[f"ctl/{spec.name}"] if m.payload["event"] == "end"][0].payload
-        expected = {(spec.name, it.modality, it.window): it for w in windows for it in w.items}
-        received = {k for k in got if k[0] == spec.name}
-        assert received == set(expected), "windows missing or extra"
-        assert end["windows"] == len(windows)
-        counts = collections.Counter(k[1] for k in received)
-        assert end["counts"] == dict(counts)
-        assert set(counts) == {"vision", "audio", "imu", "depth", "thermal", "text"}
-        for modality in counts:
-            items = [expected[k] for k in sorted(expected) if k[1] == modality]
-            with torch.no_grad():
-                direct = model.encode(modality, prepare(modality, [it.payload for it in items], "cpu")).numpy()
-            for it, row in zip(items, direct):
-                emb = got[(spec.name, modality, it.window)]
-                np.testing.assert_allclose(emb, row, atol=1e-5, err_msg=f"{spec.name}/{modality}/{it.window}")
-                assert abs(np.linalg.norm(emb) - 1) < 1e-5
+        _assert_equals_direct_encoder(session_dir, cfg, messages, model)
+
+
+def _assert_equals_direct_encoder(session_dir, cfg, messages, model):
+    """The session's published windows are exactly the in-process reference windows, each
+    embedding equal to the model's own output for that window, and its end event agrees."""
+    import torch
+
+    from encoders.preprocess import prepare
+
+    got = _embeddings(messages)
+    spec, windows = _expected_windows(session_dir, cfg)
+    end = [m for m in messages if m.topic == f"ctl/{spec.name}" and m.payload["event"] == "end"][0].payload
+    expected = {(spec.name, it.modality, it.window): it for w in windows for it in w.items}
+    received = {k for k in got if k[0] == spec.name}
+    assert received == set(expected), "windows missing or extra"
+    assert end["windows"] == len(windows)
+    counts = collections.Counter(k[1] for k in received)
+    assert end["counts"] == dict(counts)
+    assert set(counts) == {"vision", "audio", "imu", "depth", "thermal", "text"}
+    for modality in counts:
+        items = [expected[k] for k in sorted(expected) if k[1] == modality]
+        with torch.no_grad():
+            direct = model.encode(modality, prepare(modality, [it.payload for it in items], "cpu")).numpy()
+        for it, row in zip(items, direct):
+            emb = got[(spec.name, modality, it.window)]
+            np.testing.assert_allclose(emb, row, atol=1e-5, err_msg=f"{spec.name}/{modality}/{it.window}")
+            assert abs(np.linalg.norm(emb) - 1) < 1e-5
+
+
+def test_paced_replay_cut_at_window_ends_delivers_the_same_windows(demo_dirs):
+    """Paced replay (rate > 0) sends each stream's first sample alone, cuts 1.5 s chunks where
+    windows wait and sends watermarks between captions: every window still arrives once, equal
+    to the reference, and the chunks were cut."""
+    from encoders.imagebind import load
+
+    a, _ = demo_dirs
+    result, messages = _replay([a], replay={"rate": 5.0, "chunk_seconds": 1.5})
+    assert result.exit_code == 0
+    cfg = _config([a], replay={"rate": 5.0, "chunk_seconds": 1.5})
+    _assert_equals_direct_encoder(a, cfg, messages, load("imagebind_tiny", "none", device="cpu", precision="fp32", seed=0))
+    chunks = {s["stream"]: s["chunks"] for s in result.source_stats}
+    # 5 s of IMU in 1.5 s chunks: 4 whole. Pieces: the first sample, then each chunk but the
+    # last cut at the window end inside it (1, 2 and 4 s): 8.
+    assert chunks["imu"] == 8, chunks
 
 
 def test_two_replays_with_different_batching_and_frame_selection_give_the_same_embeddings(demo_dirs):
