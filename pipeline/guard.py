@@ -83,7 +83,9 @@ class StreamGuard:
             # Fast path (audio: 16000 samples a second): every sample lies within the gap of the
             # running watermark, so each is accepted and the loop would change nothing else.
             wm = np.maximum.accumulate(np.concatenate([[self._watermark], t]))[:-1]
-            if np.all(np.abs(t - wm) <= self.max_gap_s):
+            with np.errstate(invalid="ignore"):  # inf - inf: a non-finite time, left to the loop
+                fast = bool(np.all(np.abs(t - wm) <= self.max_gap_s))
+            if fast:
                 self._watermark = max(self._watermark, float(t.max()))
                 self._candidate = None
                 return np.ones(len(t), dtype=bool)
