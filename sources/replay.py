@@ -73,8 +73,9 @@ class ReplayPacer:
     ``wall0`` is the run's common start (``time.time()`` seconds, so that streams whose actors
     came up at different moments still keep time together), else when the pacer is made.
     A chunk goes out once the sample after it exists (its ``passed``), but at most ``every``
-    seconds of stream time after its newest sample; ``passed`` is cut to that send time, so it
-    never promises what a live source could not know yet. While a stream waits for its next
+    seconds of stream time after its newest sample, and at the first time after it that a
+    window waits for (``next_need``) when that comes sooner; ``passed`` is cut to that send
+    time, so it never promises what a live source could not know yet. While a stream waits for its next
     chunk (captions seconds apart, the gaps of frame selection), :meth:`wait` yields a
     watermark every ``every`` seconds of stream time: the stream holds no sample before it (the
     next samples are in the chunk waited for), and the aligner need not wait for the next one.
@@ -126,7 +127,14 @@ class ReplayPacer:
         cap = float(np.nanmin(chunk.t))  # nothing is promised past an unsent sample
         if self.t_first is None:
             self.t_first = cap
-        x_send = min(chunk.known_at(), float(np.nanmax(chunk.t)) + self.every)
+        newest = float(np.nanmax(chunk.t))
+        x_send = min(chunk.known_at(), newest + self.every)
+        need = self.next_need(newest) if self.next_need is not None else None
+        if need is not None and need < x_send:
+            # A window waits for the stream before the next sample exists (a depth frame at
+            # e_k, the next 0.1 s later, tolerance 0.05): by then a live source knows that
+            # nothing came in between, as a watermark-only chunk would say.
+            x_send = need
         if chunk.passed is not None:
             chunk.passed = min(float(chunk.passed), x_send)
         due = self._wall(x_send)

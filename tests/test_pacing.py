@@ -118,3 +118,19 @@ def test_chunks_are_cut_where_windows_wait_so_a_long_chunk_holds_no_window_back(
     # Unknown grid (no next_need), or times that go back: the chunk stays whole.
     assert ReplayPacer(1.0, 1.0).split(chunk) == [chunk]
     assert pacer.split(Chunk("imu", "imu", t[::-1].copy(), chunk.data))[0].t.tolist() == t[::-1].tolist()
+
+
+def test_a_frame_goes_out_when_its_window_waits_not_when_the_next_frame_exists():
+    """Depth at 10 Hz, tolerance 0.05: the frame at e_0 = 1.0 is bounded by the next at 1.1, but
+    the window waits only until 1.05, when a live sensor's silence since 1.0 is known."""
+    from pipeline.align import AlignConfig, ModalitySpan, next_need
+
+    cfg = AlignConfig(hop=1.0, spans={"depth": ModalitySpan(tolerance=0.05)})
+    ft = FakeTime()
+    pacer = ReplayPacer(1.0, 0.5, clock=ft.clock, sleep=ft.sleep, next_need=lambda x: next_need(cfg, "depth", 0.0, x))
+    sent = []
+    for t, nxt in ((0.0, 0.5), (1.0, 1.1)):
+        c = Chunk("d", "depth", np.array([t]), np.zeros((1, 2, 2)), passed=nxt)
+        list(pacer.wait(c, lambda: -np.inf))
+        sent.append((round(ft.now - 100.0, 6), c.passed))
+    assert sent == [(0.5, 0.5), (1.05, 1.05)]
