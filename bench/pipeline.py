@@ -287,8 +287,10 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
     cpu_stream: dict[str, float] = collections.defaultdict(float)
     split_stream: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     skipped: collections.Counter = collections.Counter()
+    chunks: collections.Counter = collections.Counter()
     for s in result.source_stats:
         skipped[s["stream"]] += int(s.get("frames_skipped") or 0)
+        chunks[s["stream"]] += int(s.get("chunks") or 0)
         cpu_stream[s["stream"]] += float(s.get("cpu_s") or 0.0)
         split = s.get("cpu_split") or {}
         split_stream[s["stream"]].update({k[:-2]: float(split.get(k) or 0.0) for k in _SPLIT_PARTS})
@@ -320,6 +322,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "mean_batch": {m: float(np.mean(b)) for m, b in batch_sizes.items() if b},
         "peak_rss_bytes": res["peak_rss_bytes"], "object_store_peak_bytes": res["object_store_peak_bytes"],
         "frames_skipped": {k: v for k, v in sorted(skipped.items()) if v},
+        "chunks_per_session": {k: v / len(sessions) for k, v in sorted(chunks.items())},  # actor calls to the aligner
         "errors": {s["session"]: s["errors"] for s in result.sessions if s["errors"]},
     }
 
