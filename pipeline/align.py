@@ -19,7 +19,8 @@ The rule (also in ``docs/alignment.md``):
   stream has passed the last time the window needs from it: ``e_k`` for span modalities,
   ``e_k + tolerance`` for nearest-frame modalities. Windows are released in index order.
 * A sample older than ``watermark - allowed_lateness`` of its stream, or older than what the
-  next unreleased window can still use, is dropped and counted as ``late``. Non-finite
+  next unreleased window can still use, is dropped and counted as ``late``; one before the first
+  window's reach (``e_0`` minus the span, or the tolerance) is not late: no window missed it. Non-finite
   timestamps are dropped as ``bad_timestamp``; a timestamp equal to one already buffered for
   that stream is dropped as ``duplicate``. Samples inside the lateness bound are re-sorted.
 * A modality is present in a window when its stream has at least one sample in the span (two
@@ -287,9 +288,14 @@ class Aligner:
         # Samples older than the lateness bound, or than anything an unreleased window can
         # still use, cannot be placed any more.
         floor = buf.watermark - lateness
+        before_grid = np.zeros_like(keep)
         if self.origin is not None:
             floor = max(floor, self._earliest_needed(buf.modality))
-        late = keep & (t < floor)
+            # Before the first window's reach no window was ever missed: not late (paced
+            # replay sends a stream's first sample alone, so the rest of its first chunk can
+            # arrive once the grid is fixed). Buffered, then evicted like any unused sample.
+            before_grid = keep & (t < self._window_end(0) - self.config.spans[buf.modality].lookback())
+        late = keep & (t < floor) & ~before_grid
         self._count(chunk.stream, "late", int(late.sum()))
         keep &= ~late
         # Duplicates of buffered timestamps, and repeats inside the chunk itself.

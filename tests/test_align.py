@@ -323,3 +323,22 @@ def test_buffered_rows_match_one_array(sizes, data):
             idx = np.sort(np.array(data.draw(st.lists(st.integers(0, len(ref) - 1), min_size=1, max_size=4))))
             np.testing.assert_array_equal(rows.take(idx), ref[idx])
             np.testing.assert_array_equal(rows.all(), ref)
+
+
+def test_a_sample_before_the_first_windows_reach_is_not_late():
+    """Paced replay sends a stream's first sample alone; the rest of its first chunk can arrive
+    once the grid is fixed. Depth frames before e_0 - tolerance were never usable by a window:
+    not counted as late. The same frames after window 0 went out are late, and counted."""
+    cfg = AlignConfig(hop=1.0, spans={"imu": ModalitySpan(span=1.0), "depth": ModalitySpan(tolerance=0.5)})
+    al = Aligner("s", {"i": "imu", "d": "depth"}, cfg)
+    frame = np.ones((1, 2, 2), np.float32)
+    al.push(Chunk("i", "imu", np.array([0.0]), np.zeros((1, 6), np.float32)))
+    al.push(Chunk("d", "depth", np.array([0.0]), frame))
+    assert al.origin == 0.0
+    al.push(Chunk("d", "depth", np.array([0.1, 0.2]), np.ones((2, 2, 2), np.float32)))  # before 1.0 - 0.5
+    assert al.dropped_by_reason() == {}
+    al.push(Chunk("d", "depth", np.array([1.0, 1.6]), np.ones((2, 2, 2), np.float32)))
+    out = al.push(Chunk("i", "imu", np.arange(0.01, 1.2, 0.01), np.zeros((119, 6), np.float32)))
+    assert [w.index for w in out] == [0] and out[0].missing == []
+    al.push(Chunk("d", "depth", np.array([1.3]), frame))  # within window 1's reach, but too late
+    assert al.dropped_by_reason() == {"late": 1}

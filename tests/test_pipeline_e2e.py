@@ -194,6 +194,8 @@ def test_paced_replay_cut_at_window_ends_delivers_the_same_windows(demo_dirs):
     assert result.exit_code == 0
     cfg = _config([a], replay={"rate": 5.0, "chunk_seconds": 1.5})
     _assert_equals_direct_encoder(a, cfg, messages, load("imagebind_tiny", "none", device="cpu", precision="fp32", seed=0))
+    end = next(m.payload for m in messages if m.topic.startswith("ctl/") and m.payload["event"] == "end")
+    assert end["dropped"] == {}, end["dropped"]  # in replay nothing is lost, the first chunks included
     chunks = {s["stream"]: s["chunks"] for s in result.source_stats}
     # 5 s of IMU in 1.5 s chunks: 4 whole. Pieces: the first sample, then each chunk but the
     # last cut at the window end inside it (1, 2 and 4 s): 8.
