@@ -169,15 +169,23 @@ class SourceActor:
 
     def _paced_pieces(self, pacer: Any, chunk: Any, select: Any) -> Iterator[Any]:
         """``chunk`` in the pieces paced replay sends (``ReplayPacer.split``). The stream's very
-        first sample goes alone, and the source then waits briefly for the session's grid (every
-        stream starts at the same moment, so it is fixed within milliseconds): without it the
-        rest of the first chunk could not be cut at the first window's end."""
+        first sample goes alone and at once (promising nothing past itself, so a sparse stream
+        does not hold it back for a watermark), and the source then waits briefly for the
+        session's grid: every stream starts at the same moment, so it is fixed within
+        milliseconds, and without it the rest of the first chunk could not be cut at the first
+        window's end."""
         from sources.replay import cut_chunk
 
-        if self._grid_origin is None and self.chunks == 0 and len(chunk) > 1:
-            head, chunk = cut_chunk(chunk, 1)
+        if self._grid_origin is None and self.chunks == 0:
+            if len(chunk) > 1:
+                head, chunk = cut_chunk(chunk, 1)
+            else:
+                head, chunk = chunk, None
+            head.passed = None
             yield head
             self._origin(select, ray.get(self.aligner.wait_origin.remote(0.25)))
+            if chunk is None:
+                return
         yield from pacer.split(chunk)
 
     def _selector(self) -> Any:
