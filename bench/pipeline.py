@@ -24,7 +24,8 @@ and IMU end at the window end, so theirs is the latency beyond the window's span
 lie up to its 1 s span before the window end, and a video frame's chunk is sent up to
 ``chunk_seconds`` after the frame, which those modalities' figures include or leave out.
 ``--realtime`` judges the latency beyond the window's span (``latency_beyond_window``: audio and
-IMU) against ``--target-p99``. ``--no-select-frames`` turns frame selection off (docs/alignment.md) in both graph modes.
+IMU) against ``--target-p99``. ``--no-select-frames`` turns frame selection off
+(docs/alignment.md) in both graph modes.
 
     python bench/pipeline.py                       # short CPU run (tiny model, 2 sessions x 8 s)
     python bench/pipeline.py --json                # one JSON object on stdout

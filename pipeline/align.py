@@ -130,7 +130,8 @@ class _Rows:
     A chunk is never copied into one growing array: at rate 0 a fast stream runs seconds ahead
     of the slowest one, and concatenating its whole buffer again on every chunk cost the
     aligner a fifth of its CPU (py-spy, bench/RESULTS.md). Only the rows a window takes are
-    gathered. ``starts[i]`` is the first row of block ``i``; ``starts[-1]`` the row count.
+    gathered (text: object arrays of utterances). ``starts[i]`` is the first row of block ``i``;
+    ``starts[-1]`` the row count.
     """
 
     def __init__(self) -> None:
@@ -178,7 +179,7 @@ class _StreamBuffer:
         self.modality = modality
         self.t = np.empty(0, dtype=np.float64)
         self.ingest = np.empty(0, dtype=np.float64)
-        self.data: Any = [] if modality == "text" else _Rows()  # text: a list of utterances
+        self.data = _Rows()  # text: object arrays of utterances
         self.watermark = -math.inf
         self.first: float | None = None
         self.ended = False
@@ -192,30 +193,15 @@ class _StreamBuffer:
         if len(t) == 0:
             return
         in_order = not ((len(self.t) and t.min() < self.t[-1]) or np.any(np.diff(t) < 0))
-        merged_t = np.concatenate([self.t, t])
-        merged_ing = np.concatenate([self.ingest, np.full(len(t), ingest, dtype=np.float64)])
-        if self.modality == "text":
-            merged: Any = list(self.data) + list(data)
-        else:
-            self.data.append(np.asarray(data))
+        self.t = np.concatenate([self.t, t])
+        self.ingest = np.concatenate([self.ingest, np.full(len(t), ingest, dtype=np.float64)])
+        self.data.append(np.asarray(data, dtype=object) if self.modality == "text" else np.asarray(data))
         if not in_order:  # rare: samples inside the lateness bound, re-sorted
-            order = np.argsort(merged_t, kind="stable")
-            merged_t, merged_ing = merged_t[order], merged_ing[order]
-            if self.modality == "text":
-                merged = [merged[i] for i in order]
-            else:
-                rows = _Rows()
-                rows.append(self.data.all()[order])
-                self.data = rows
-        if self.modality == "text":
-            self.data = merged
-        self.t, self.ingest = merged_t, merged_ing
-
-    def rows(self, idx: np.ndarray) -> Any:
-        return [self.data[i] for i in idx] if self.modality == "text" else self.data.take(idx)
-
-    def span(self, lo: int, hi: int) -> Any:
-        return self.data[lo:hi] if self.modality == "text" else self.data.slice(lo, hi)
+            order = np.argsort(self.t, kind="stable")
+            self.t, self.ingest = self.t[order], self.ingest[order]
+            rows = _Rows()
+            rows.append(self.data.all()[order])
+            self.data = rows
 
     def evict_before(self, t_keep: float) -> None:
         """Forget samples older than ``t_keep``; no unreleased window can use them."""
@@ -224,10 +210,7 @@ class _StreamBuffer:
             return
         self.t = self.t[n:]
         self.ingest = self.ingest[n:]
-        if self.modality == "text":
-            self.data = self.data[n:]
-        else:
-            self.data.drop_front(n)
+        self.data.drop_front(n)
 
     def passed(self, x: float, lateness: float) -> bool:
         return self.ended or self.watermark - lateness >= x
@@ -288,14 +271,14 @@ class Aligner:
         # Samples older than the lateness bound, or than anything an unreleased window can
         # still use, cannot be placed any more.
         floor = buf.watermark - lateness
-        before_grid = np.zeros_like(keep)
+        first_reach = -math.inf
         if self.origin is not None:
             floor = max(floor, self._earliest_needed(buf.modality))
             # Before the first window's reach no window was ever missed: not late (paced
             # replay sends a stream's first sample alone, so the rest of its first chunk can
             # arrive once the grid is fixed). Buffered, then evicted like any unused sample.
-            before_grid = keep & (t < self._window_end(0) - self.config.spans[buf.modality].lookback())
-        late = keep & (t < floor) & ~before_grid
+            first_reach = self._window_end(0) - self.config.spans[buf.modality].lookback()
+        late = keep & (t < floor) & (t >= first_reach)
         self._count(chunk.stream, "late", int(late.sum()))
         keep &= ~late
         # Duplicates of buffered timestamps, and repeats inside the chunk itself.
@@ -455,7 +438,7 @@ class Aligner:
             i = int(np.argmin(np.abs(b.t - e)))
             if abs(b.t[i] - e) > spec.tolerance:
                 return None
-            return item(i, i + 1, b.rows(np.array([i]))[0], b.t[i], b.t[i])
+            return item(i, i + 1, b.data.take(np.array([i]))[0], b.t[i], b.t[i])
         start = e - spec.span
         lo = int(np.searchsorted(b.t, start, side="left"))
         hi = int(np.searchsorted(b.t, e, side="left"))
@@ -465,21 +448,21 @@ class Aligner:
         ts = b.t[lo:hi]
         if b.modality == "vision":
             pick = np.linspace(lo, hi - 1, spec.frames).round().astype(int)
-            return item(lo, hi, np.ascontiguousarray(b.rows(pick)), ts[0], ts[-1])
+            return item(lo, hi, np.ascontiguousarray(b.data.take(pick)), ts[0], ts[-1])
         if b.modality == "audio":
             n_out = int(round(spec.span * AUDIO_RATE))
             wave = np.zeros(n_out, dtype=np.float32)
             # Place each sample at its own offset in the span, so gaps stay gaps.
             pos = np.floor((ts - start) * AUDIO_RATE + 0.5).astype(np.int64)
             ok = (pos >= 0) & (pos < n_out)
-            wave[pos[ok]] = b.span(lo, hi)[ok]
+            wave[pos[ok]] = b.data.slice(lo, hi)[ok]
             return item(lo, hi, wave, ts[0], ts[-1])
         if b.modality == "imu":
             rel = (ts - start)[:, None]
-            payload = np.concatenate([rel, np.asarray(b.span(lo, hi), dtype=np.float64)], axis=1)
+            payload = np.concatenate([rel, np.asarray(b.data.slice(lo, hi), dtype=np.float64)], axis=1)
             return item(lo, hi, payload, ts[0], ts[-1])
         if b.modality == "text":
-            return item(lo, hi, " ".join(b.span(lo, hi)), ts[0], ts[-1])
+            return item(lo, hi, " ".join(b.data.slice(lo, hi)), ts[0], ts[-1])
         raise AssertionError(b.modality)
 
 

@@ -75,8 +75,8 @@ class ReplayPacer:
     A chunk goes out once the sample after it exists (its ``passed``), but at most ``every``
     seconds of stream time after its newest sample, and at the first time after it that a
     window waits for (``next_need``) when that comes sooner; ``passed`` is cut to that send
-    time, so it never promises what a live source could not know yet. While a stream waits for its next
-    chunk (captions seconds apart, the gaps of frame selection), :meth:`wait` yields a
+    time, so it never promises what a live source could not know yet. While a stream waits for
+    its next chunk (captions seconds apart, the gaps of frame selection), :meth:`wait` yields a
     watermark every ``every`` seconds of stream time: the stream holds no sample before it (the
     next samples are in the chunk waited for), and the aligner need not wait for the next one.
     ``next_need(x)``, when given, is the first stream time after ``x`` that a window waits for
