@@ -157,6 +157,11 @@ def _merge(defaults: Any, given: Any, path: str) -> Any:
         return out
     if path in _LOOSE:
         return given
+    if given is None and defaults is not None:
+        # An empty value (`max_batch:`) or null where the key has a value of its own.
+        kind = ("true/false" if isinstance(defaults, bool) else "a number" if isinstance(defaults, (int, float))
+                else "a list" if isinstance(defaults, list) else "a string")
+        raise ConfigError(f"config key '{path}': expected {kind}, got null (leave the key out for its default)")
     if defaults is None or given is None:
         if given is not None and path in _TYPES and not isinstance(given, _TYPES[path]):
             raise ConfigError(f"config key '{path}': expected {_TYPES[path][0].__name__}, got {given!r}")

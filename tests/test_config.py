@@ -75,3 +75,12 @@ def test_set_overrides_apply_and_are_validated():
         load_config(REPO / "configs" / "demo.yaml", ["replay.speed=2"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(REPO / "configs" / "demo.yaml", ["replay.rate"])
+
+
+@pytest.mark.parametrize("section, key", [("encoders", "max_batch"), ("replay", "rate"), ("sources", "select_frames"),
+                                          ("model", "precision"), ("live", "subsample")])
+def test_null_for_a_key_with_a_value_of_its_own_names_the_key(section, key):
+    """`max_batch:` with nothing after it is null in YAML; it used to reach a numeric check and
+    fail with a TypeError (found by the property test in test_bad_input.py)."""
+    with pytest.raises(ConfigError, match=rf"'{section}\.{key}': expected .*, got null"):
+        parse_config({section: {key: None}})
