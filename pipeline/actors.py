@@ -373,6 +373,23 @@ class EncoderActor:
         out = await self._submit(modality, payloads)
         return [row for row, _, _ in out], [(t0, t1) for _, t0, t1 in out]
 
+    async def encode_many(self, groups: dict[str, list[Any]]) -> dict[str, Any]:
+        """:meth:`encode_timed` for several towers in one call: an aligner sends everything a
+        release of windows needs at once (one Ray call instead of one per modality; each tower
+        still batches with every other caller's items). Per modality the ``(rows, spans)`` pair,
+        or the error's text where that tower's batch failed; the other towers' rows still come."""
+        names = list(groups)
+        outs = await asyncio.gather(*(self._submit(m, groups[m]) for m in names), return_exceptions=True)
+        result: dict[str, Any] = {}
+        for m, out in zip(names, outs):
+            if isinstance(out, BaseException):
+                if not isinstance(out, Exception):
+                    raise out  # cancellation, interpreter exit
+                result[m] = f"{type(out).__name__}: {out}"
+            else:
+                result[m] = ([row for row, _, _ in out], [(t0, t1) for _, t0, t1 in out])
+        return result
+
 
 class PublisherRestartedError(RuntimeError):
     """A restarted publisher got a call for a session it has not been handed yet: the caller
@@ -650,13 +667,15 @@ class AlignerActor:
         for w in windows:
             for item in w.items:
                 by_modality[item.modality].append(item)
-        # item -> (the encode task of its modality, its row in that task's result)
+        # item -> (the encode task of the release, its row in that task's result: the rows of
+        # every modality, concatenated in ``by_modality`` order)
         results: dict[int, tuple[asyncio.Future, int]] = {}
-        loop = asyncio.get_running_loop()
-        for modality, items in by_modality.items():
-            fut = loop.create_task(self._encode(modality, items))
-            for row, item in enumerate(items):
+        fut = asyncio.get_running_loop().create_task(self._encode_group(dict(by_modality)))
+        row = 0
+        for items in by_modality.values():
+            for item in items:
                 results[id(item)] = (fut, row)
+                row += 1
         t_release = time.time()
         for w in windows:
             self._pending.append((w, [(item, *results[id(item)]) for item in w.items]))
@@ -664,21 +683,63 @@ class AlignerActor:
                 self._stamps[id(item)] = [t_release, math.nan, math.nan]
         self._pending_changed.set()
 
-    async def _encode(self, modality: str, items: list[WindowItem]) -> list[np.ndarray | None]:
+    async def _encode_group(self, by_modality: dict[str, list[WindowItem]]) -> list[np.ndarray | None]:
+        """The rows of every item of one release, concatenated in ``by_modality`` order: one call
+        to the least-loaded encoder carries every modality (:meth:`EncoderActor.encode_many`). A
+        modality whose batch failed there, or every modality when the call itself failed (a dead
+        or restarting encoder), goes through :meth:`_encode`, which retries it on its own."""
+        live = [i for i in range(len(self.encoders)) if i not in self._dead_encoders]
+        out: dict[str, Any] = {}
+        if live:
+            i = min(live, key=lambda j: self._load[j])
+            n = sum(len(items) for items in by_modality.values())
+            self._load[i] += n
+            try:
+                out = await self.encoders[i].encode_many.remote(
+                    {m: [it.payload for it in items] for m, items in by_modality.items()})
+            except Exception as exc:  # lost with the encoder, or refused: every modality on its own
+                log.warning("session '%s': encoder %d lost a release of %d items, re-sending per modality: %s",
+                            self.session, i, n, str(exc).splitlines()[0])
+                out = {}
+            finally:
+                self._load[i] -= n
+        rows: list[np.ndarray | None] = []
+        retried: dict[str, asyncio.Future] = {}
+        for m, items in by_modality.items():
+            got = out.get(m)
+            if isinstance(got, tuple):
+                self._note_forward(items, got[1])
+            else:
+                if got is not None:
+                    log.warning("session '%s': %s batch of %d failed on encoder %d: %s",
+                                self.session, m, len(items), i, got)
+                    self.encode_retries += int(self.retries > 0)
+                    last = RuntimeError(got)
+                retried[m] = asyncio.ensure_future(self._encode(m, items, failed=int(got is not None),
+                                                                last_exc=last if got is not None else None))
+        for m, items in by_modality.items():
+            got = out.get(m)
+            rows.extend(got[0] if isinstance(got, tuple) else await retried[m])
+        return rows
+
+    async def _encode(self, modality: str, items: list[WindowItem], failed: int = 0,
+                      last_exc: Exception | None = None) -> list[np.ndarray | None]:
         """Results for ``items``, retried until they come back. A dead or restarting encoder
         (Ray restarts it, ``max_restarts``) is not the batch's fault: the batch is re-sent, to
         another replica where there is one, for up to ``restart_timeout_s``. A batch the encoder
-        itself refuses (an exception inside ``encode``) is retried ``retries`` times. Encoders are
+        itself refuses (an exception inside ``encode``) is retried ``retries`` times (``failed``:
+        the attempts it already had, in :meth:`_encode_group`). Encoders are
         pure functions of their input, so a batch run twice gives the same rows, and each
         window's result is used once: delivery stays exactly-once."""
         from ray.exceptions import ActorDiedError, RayActorError
 
         payloads = [it.payload for it in items]
-        last_exc: Exception | None = None
-        failures = 0
-        attempt = 0
+        failures = failed
+        attempt = failed
         deadline = time.monotonic() + self.restart_timeout_s
-        while True:
+        if 0 < failures <= self.retries:
+            await asyncio.sleep(0.5 * failures)
+        while failures <= self.retries:
             live = [i for i in range(len(self.encoders)) if i not in self._dead_encoders]
             if not live:
                 break

@@ -289,10 +289,12 @@ class Aligner:
                 pos_c = np.clip(pos, 0, len(buf.t) - 1)
                 dup |= buf.t[pos_c] == t
             idx = np.flatnonzero(keep)
-            _, first = np.unique(t[idx], return_index=True)
-            repeated = np.ones(len(idx), dtype=bool)
-            repeated[first] = False
-            dup[idx[repeated]] = True
+            tk = t[idx]
+            if not np.all(tk[1:] > tk[:-1]):  # strictly increasing (the usual chunk): no repeats
+                _, first = np.unique(tk, return_index=True)
+                repeated = np.ones(len(idx), dtype=bool)
+                repeated[first] = False
+                dup[idx[repeated]] = True
             dup &= keep
             self._count(chunk.stream, "duplicate", int(dup.sum()))
             keep &= ~dup

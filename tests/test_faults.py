@@ -269,3 +269,24 @@ def test_summary_prints_publisher_hwm_drops():
     text = out.getvalue()
     assert "publisher dropped (hwm): emb/s/vision 4" in text and "ctl/s" not in text
     assert "publisher restarted" in text
+
+
+def test_one_encoder_call_carries_every_tower_and_a_refused_tower_spares_the_others():
+    # Aligners send a release's items of every modality in one call (EncoderActor.encode_many);
+    # a tower whose batch fails comes back as its error, and the other towers' rows still come.
+    from pipeline.actors import EncoderActor
+
+    enc = EncoderActor.remote({"config": "imagebind_tiny", "checkpoint": "none", "device": "cpu",
+                               "precision": "fp32", "threads": 1}, 8, 5.0)
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    audio = [rng.standard_normal(32000).astype(np.float32)]
+    out = ray.get(enc.encode_many.remote({"vision": clips, "audio": audio, "text": ["a dog", 7]}))
+    assert set(out) == {"vision", "audio", "text"}
+    assert isinstance(out["text"], str) and "expected str" in out["text"], out["text"]
+    alone, _ = ray.get(enc.encode_timed.remote("vision", clips))
+    rows, spans = out["vision"]
+    assert len(rows) == 3 and len(spans) == 3
+    np.testing.assert_allclose(np.stack(rows), np.stack(alone), atol=1e-5)
+    assert len(out["audio"][0]) == 1 and abs(float(np.linalg.norm(out["audio"][0][0])) - 1.0) < 1e-5
+    ray.kill(enc)
