@@ -528,8 +528,11 @@ class AlignerActor:
         self.latencies: list[float] = []
         self.t_started = time.time()
         # Stage timing and Ray metrics (issue 5): item id -> [t_release, t_fwd0, t_fwd1] until published.
-        from pipeline.metrics import RayMetrics, StageRecorder
+        from pipeline.metrics import RayMetrics, StageRecorder, percentiles
 
+        # np.percentile imports numpy.ma on its first call (tenths of a second on a loaded
+        # machine): paid here, not by the first heartbeat on the event loop that takes pushes.
+        percentiles([0.0])
         self._metrics = RayMetrics()
         self.stages = StageRecorder(keep=20_000, metrics=self._metrics, session=session)
         self._stamps: dict[int, list[float]] = {}
