@@ -7,6 +7,7 @@ replayed exactly; local runs keep exploring new examples (and its database remem
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 from hypothesis import settings
@@ -23,9 +24,20 @@ if os.environ.get("CI"):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray for the tests of one module (2 CPUs, as on the CI machine), shut down after it."""
+def ray_cluster(_ray_shutdown_at_exit):
+    """A local Ray (2 CPUs, as on the CI machine), shared by the modules that use it: the first
+    one starts it, and it stops at the end of the run (starting and stopping one per module cost
+    about 4 s each). A module that needs a cluster of its own (tests/test_cluster.py) shuts it
+    down first; the next module using this fixture starts a fresh one."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
-    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _ray_shutdown_at_exit():
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

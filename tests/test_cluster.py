@@ -17,6 +17,8 @@ from pipeline.protocol import decode  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
+    if ray.is_initialized():  # the local Ray other modules share (conftest.py)
+        ray.shutdown()
     c = cluster_utils.Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"data_node": 100}, "include_dashboard": False})
     gpu_like = c.add_node(num_cpus=1, resources={"encoder_node": 10})
