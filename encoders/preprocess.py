@@ -115,13 +115,15 @@ def resize_short_side(x: torch.Tensor, size: int = IMAGE_SIZE, mode: str = "bicu
     return F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
 
 
-def center_crop(x: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Centre crop the last two dims to ``size`` (torchvision CenterCrop offsets)."""
-    h, w = x.shape[-2:]
+def _crop_offsets(h: int, w: int, size: int) -> tuple[int, int]:
     if h < size or w < size:
         raise ValueError(f"center_crop: image {h}x{w} is smaller than the {size}x{size} crop")
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+
+
+def center_crop(x: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Centre crop the last two dims to ``size`` (torchvision CenterCrop offsets)."""
+    top, left = _crop_offsets(*x.shape[-2:], size)
     return x[..., top : top + size, left : left + size]
 
 
@@ -142,6 +144,13 @@ def image(frames: torch.Tensor) -> torch.Tensor:
     """
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"image: expected frames [B, H, W, 3], got shape {tuple(frames.shape)}")
+    h, w = frames.shape[1:3]
+    if _resized_hw(h, w, IMAGE_SIZE) == (h, w):
+        # Already at the model's size (the sources decode to a 224 short side): the resize is
+        # the identity and every step below acts per pixel, so cropping first gives the same
+        # values and converts ~40 % fewer pixels of a 16:9 frame.
+        top, left = _crop_offsets(h, w, IMAGE_SIZE)
+        frames = frames[:, top : top + IMAGE_SIZE, left : left + IMAGE_SIZE]
     x, is_uint8 = _to_unit_float(frames)
     x = x.permute(0, 3, 1, 2)  # (B, 3, H, W)
     x = resize_short_side(x)
@@ -326,6 +335,8 @@ def _grouped(items: list[torch.Tensor], fn) -> torch.Tensor:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, it in enumerate(items):
         groups.setdefault(tuple(it.shape), []).append(i)
+    if len(groups) == 1:  # the usual batch: one shape, already in order
+        return fn(torch.stack(items))
     results: list[torch.Tensor | None] = [None] * len(items)
     for idx in groups.values():
         out = fn(torch.stack([items[i] for i in idx]))

@@ -51,6 +51,24 @@ def test_clip_is_the_per_frame_image_transform() -> None:
     assert torch.allclose(out[0, :, 1], P.image(frames[0, 1:2])[0])
 
 
+@pytest.mark.parametrize("hw", [(224, 398), (398, 224), (224, 224)])
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_frames_already_at_224_are_cropped_first_with_the_same_values(hw, dtype) -> None:
+    # The sources decode to a 224 short side; image() then crops before converting. The values
+    # must be those of the general path (identity resize, per-pixel steps, then the crop).
+    rng = np.random.default_rng(2)
+    u8 = rng.integers(0, 256, (3, *hw, 3), dtype=np.uint8)
+    frames = torch.from_numpy(u8 if dtype == "uint8" else (u8 / 255.0).astype(np.float32))
+    x, is_uint8 = P._to_unit_float(frames)
+    x = P.resize_short_side(x.permute(0, 3, 1, 2))
+    x = x.clamp(0.0, 255.0).round().div(255.0) if is_uint8 else x.clamp(0.0, 1.0)
+    mean, std = P._mean_std(x.device, x.dtype)
+    general = (P.center_crop(x) - mean) / std
+    out = P.image(frames)
+    assert out.shape == (3, 3, 224, 224)
+    assert torch.equal(out, general)
+
+
 def test_float_frames_in_unit_range_match_uint8_frames() -> None:
     rng = np.random.default_rng(1)
     u8 = torch.from_numpy(rng.integers(0, 256, (1, 300, 240, 3), dtype=np.uint8))
