@@ -60,6 +60,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align import AlignConfig  # noqa: E402
+from pipeline.config import DEFAULTS  # noqa: E402
 from pipeline.metrics import percentiles  # noqa: E402
 
 __all__ = ["main"]
@@ -250,6 +251,15 @@ def _sync(device: Any) -> None:
 
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _ray_start(args: argparse.Namespace) -> None:
+    """Ray on every core of this machine, with call arguments inlined up to ``--max-inline-bytes``
+    as ``python -m pipeline run`` does (``ray.max_inline_bytes``, pipeline.run.ray_init_kwargs)."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             _system_config={"max_direct_call_object_size": args.max_inline_bytes})
 
 
 def _achieved(counts: dict[str, int], gflops: dict[str, float], seconds: float) -> float:
@@ -512,7 +522,7 @@ def memory_check(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for minutes in (1, 10):
         d = make_sessions(args.cache, 1, 60.0 * minutes, (320, 240), 15, None)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        _ray_start(args)
         try:
             r = bench_pipeline(d, args)
         finally:
@@ -617,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bitrate", type=int, default=2_000_000, help="video bits/s (default 2000000)")
     p.add_argument("--modes", nargs="+", default=["pipeline", "single_process", "raw_encoder", "naive"],
                    choices=["pipeline", "single_process", "raw_encoder", "naive"])
+    p.add_argument("--max-inline-bytes", type=int, default=DEFAULTS["ray"]["max_inline_bytes"],
+                   help="ray.max_inline_bytes: call arguments up to this size skip the object store "
+                        "(default %(default)s; Ray's own default is 102400)")
     p.add_argument("--chunk-seconds", type=float, default=0.5,
                    help="replay.chunk_seconds: stream time per source chunk (default 0.5; a chunk's "
                         "samples wait for it to close, so it bounds latency from below at rate 1)")
@@ -673,7 +686,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model, "precision": args.precision, "max_batch": args.max_batch,
         "sessions": args.sessions, "seconds": args.seconds,
         "video": f"{w}x{h} {args.fps} fps H.264 {args.bitrate / 1e6:g} Mbit/s + AAC, IMU 200 Hz, depth/thermal 10 Hz",
-        "torch_threads_per_encoder": args.threads, "select_frames": args.select_frames, "modes": {},
+        "torch_threads_per_encoder": args.threads, "select_frames": args.select_frames,
+        "max_inline_bytes": args.max_inline_bytes, "modes": {},
     }
     if args.device == "cpu":
         out["note"] = (f"CPU run: {args.model}, {args.sessions} x {args.seconds:g} s sessions, torch threads "
@@ -696,7 +710,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         r["model_flops_per_s"] = _achieved(r["counts"], gflops, r["elapsed_s"])
         out["modes"]["single_process"] = r
     if "pipeline" in args.modes or args.realtime:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        _ray_start(args)
         try:
             if "pipeline" in args.modes:
                 log.info("pipeline ...")

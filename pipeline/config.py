@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "curve": {"server_secret_key": None, "authorized_clients": None},
     },
     "ray": {"address": None, "num_cpus": None, "source_resources": None, "encoder_resources": None,
-            "publisher_resources": None},
+            "publisher_resources": None, "max_inline_bytes": 4 * 1024 * 1024},
     "progress": "auto",
     # Live sessions (docs/live.md).
     "stop_after": None,
@@ -304,6 +304,7 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     _positive(merged["sources"]["max_gap_s"], "sources.max_gap_s", allow_zero=True)
     _check_live(merged)
     _check_resources(merged["ray"])
+    _positive(merged["ray"]["max_inline_bytes"], "ray.max_inline_bytes")
     if merged["progress"] not in ("auto", True, False):
         raise ConfigError(f"config key 'progress': expected auto, true or false, got {merged['progress']!r}")
 

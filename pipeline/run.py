@@ -20,7 +20,8 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.session import SessionSpec, load_session, session_from_dict
 
-__all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepare_sessions", "resolve_model_options", "run"]
+__all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepare_sessions", "ray_init_kwargs",
+           "resolve_model_options", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +105,31 @@ def resolve_model_options(cfg: RunConfig) -> dict[str, Any]:
     return m
 
 
+def ray_init_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """``ray.init`` arguments for ``cfg``: join ``ray.address``, or start Ray here.
+
+    Starting here, calls carry arguments up to ``ray.max_inline_bytes`` inline (Ray's
+    ``max_direct_call_object_size``, 100 KiB by default) instead of through the object store:
+    the frames of a chunk or a release skip the raylet's create/seal/get round trips, which on a
+    loaded 2-core machine cut the aligner's wait for depth/thermal frames by a third (bench/RESULTS.md).
+    A cluster's nodes take it from ``RAY_max_direct_call_object_size`` at ``ray start`` (docs/deploy.md).
+    """
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if cfg.ray.get("address"):
+        kwargs["address"] = cfg.ray["address"]
+        return kwargs
+    if cfg.ray.get("num_cpus"):
+        kwargs["num_cpus"] = cfg.ray["num_cpus"]
+    kwargs["_system_config"] = {"max_direct_call_object_size": int(cfg.ray["max_inline_bytes"])}
+    return kwargs
+
+
 def _ray_init(cfg: RunConfig) -> bool:
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if cfg.ray.get("address"):
-        kwargs["address"] = cfg.ray["address"]
-    elif cfg.ray.get("num_cpus"):
-        kwargs["num_cpus"] = cfg.ray["num_cpus"]
-    ray.init(**kwargs)
+    ray.init(**ray_init_kwargs(cfg))
     return True
 
 

@@ -51,6 +51,7 @@ def test_bundled_configs_document_every_key():
         ({"sessions": []}, "at least one session"),
         ({"sessions": ["x"], "bogus": 1}, "unknown config key 'bogus'"),
         ({"sessions": "x"}, "'sessions': expected a list"),
+        ({"sessions": ["x"], "ray": {"max_inline_bytes": 0}}, "'ray.max_inline_bytes': expected a positive"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(data, message):
@@ -84,3 +85,16 @@ def test_null_for_a_key_with_a_value_of_its_own_names_the_key(section, key):
     fail with a TypeError (found by the property test in test_bad_input.py)."""
     with pytest.raises(ConfigError, match=rf"'{section}\.{key}': expected .*, got null"):
         parse_config({section: {key: None}})
+
+
+def test_ray_started_here_inlines_call_arguments_up_to_the_configured_size():
+    from pipeline.run import ray_init_kwargs
+
+    here = ray_init_kwargs(parse_config({"sessions": ["x"], "ray": {"num_cpus": 2, "max_inline_bytes": 2_000_000}}))
+    assert here["num_cpus"] == 2
+    assert here["_system_config"] == {"max_direct_call_object_size": 2_000_000}
+    assert ray_init_kwargs(parse_config({"sessions": ["x"]}))["_system_config"] == {
+        "max_direct_call_object_size": 4 * 1024 * 1024}
+    # Joining a cluster: its nodes' own settings apply (Ray refuses _system_config there).
+    joined = ray_init_kwargs(parse_config({"sessions": ["x"], "ray": {"address": "auto"}}))
+    assert joined["address"] == "auto" and "_system_config" not in joined
