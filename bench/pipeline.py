@@ -258,8 +258,10 @@ def _ray_start(args: argparse.Namespace) -> None:
     as ``python -m pipeline run`` does (``ray.max_inline_bytes``, pipeline.run.ray_init_kwargs)."""
     import ray
 
+    from pipeline.run import ray_system_config
+
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             _system_config={"max_direct_call_object_size": args.max_inline_bytes})
+             _system_config=ray_system_config(args.max_inline_bytes))
 
 
 def _achieved(counts: dict[str, int], gflops: dict[str, float], seconds: float) -> float:

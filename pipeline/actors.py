@@ -370,8 +370,7 @@ class EncoderActor:
 
     async def encode_timed(self, modality: str, payloads: list[Any]) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
         """``encode`` plus, per row, the wall-clock start and end of the forward that made it."""
-        out = await self._submit(modality, payloads)
-        return [row for row, _, _ in out], [(t0, t1) for _, t0, t1 in out]
+        return _rows_and_spans(await self._submit(modality, payloads))
 
     async def encode_many(self, groups: dict[str, list[Any]]) -> dict[str, Any]:
         """:meth:`encode_timed` for several towers in one call: an aligner sends everything a
@@ -387,8 +386,13 @@ class EncoderActor:
                     raise out  # cancellation, interpreter exit
                 result[m] = f"{type(out).__name__}: {out}"
             else:
-                result[m] = ([row for row, _, _ in out], [(t0, t1) for _, t0, t1 in out])
+                result[m] = _rows_and_spans(out)
         return result
+
+
+def _rows_and_spans(out: list[tuple[np.ndarray, float, float]]) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
+    """``EncoderActor._submit``'s ``(row, t0, t1)`` triples as rows and forward spans."""
+    return [row for row, _, _ in out], [(t0, t1) for _, t0, t1 in out]
 
 
 class PublisherRestartedError(RuntimeError):
@@ -706,23 +710,24 @@ class AlignerActor:
                 out = {}
             finally:
                 self._load[i] -= n
-        rows: list[np.ndarray | None] = []
-        retried: dict[str, asyncio.Future] = {}
+        # Per modality its rows, or the task retrying it (all retries run at once).
+        parts: list[Any] = []
         for m, items in by_modality.items():
             got = out.get(m)
             if isinstance(got, tuple):
                 self._note_forward(items, got[1])
-            else:
-                if got is not None:
-                    log.warning("session '%s': %s batch of %d failed on encoder %d: %s",
-                                self.session, m, len(items), i, got)
-                    self.encode_retries += int(self.retries > 0)
-                    last = RuntimeError(got)
-                retried[m] = asyncio.ensure_future(self._encode(m, items, failed=int(got is not None),
-                                                                last_exc=last if got is not None else None))
-        for m, items in by_modality.items():
-            got = out.get(m)
-            rows.extend(got[0] if isinstance(got, tuple) else await retried[m])
+                parts.append(got[0])
+                continue
+            failed, last = 0, None
+            if got is not None:  # the tower refused the batch: one attempt spent
+                log.warning("session '%s': %s batch of %d failed on encoder %d: %s",
+                            self.session, m, len(items), i, got)
+                self.encode_retries += int(self.retries > 0)
+                failed, last = 1, RuntimeError(got)
+            parts.append(asyncio.ensure_future(self._encode(m, items, failed=failed, last_exc=last)))
+        rows: list[np.ndarray | None] = []
+        for part in parts:
+            rows.extend(await part if isinstance(part, asyncio.Future) else part)
         return rows
 
     async def _encode(self, modality: str, items: list[WindowItem], failed: int = 0,

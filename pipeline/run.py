@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError
 from pipeline.session import SessionSpec, load_session, session_from_dict
 
 __all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepare_sessions", "ray_init_kwargs",
-           "resolve_model_options", "run"]
+           "ray_system_config", "resolve_model_options", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ def resolve_model_options(cfg: RunConfig) -> dict[str, Any]:
     return m
 
 
+def ray_system_config(max_inline_bytes: int) -> dict[str, Any]:
+    """Ray's ``_system_config`` when bindstream starts Ray (see :func:`ray_init_kwargs`)."""
+    return {"max_direct_call_object_size": int(max_inline_bytes)}
+
+
 def ray_init_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """``ray.init`` arguments for ``cfg``: join ``ray.address``, or start Ray here.
 
@@ -120,7 +125,7 @@ def ray_init_kwargs(cfg: RunConfig) -> dict[str, Any]:
         return kwargs
     if cfg.ray.get("num_cpus"):
         kwargs["num_cpus"] = cfg.ray["num_cpus"]
-    kwargs["_system_config"] = {"max_direct_call_object_size": int(cfg.ray["max_inline_bytes"])}
+    kwargs["_system_config"] = ray_system_config(cfg.ray["max_inline_bytes"])
     return kwargs
 
 
