@@ -276,7 +276,8 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
     cfg = parse_config({
         "sessions": [str(s) for s in sessions],
         "replay": {"rate": rate, "chunk_seconds": args.chunk_seconds},
-        "window": {"spans": {"depth": {"tolerance": args.tolerance}, "thermal": {"tolerance": args.tolerance}}},
+        "window": {"release": args.release,
+                   "spans": {"depth": {"tolerance": args.tolerance}, "thermal": {"tolerance": args.tolerance}}},
         "model": {"config": args.model, "checkpoint": args.checkpoint, "precision": args.precision,
                   "device": args.device, "threads": args.threads},
         "encoders": {"replicas": args.replicas, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
@@ -356,7 +357,7 @@ def _align_config(args: argparse.Namespace) -> Any:
 
     spans = dict(DEFAULT_SPANS, depth=ModalitySpan(tolerance=args.tolerance),
                  thermal=ModalitySpan(tolerance=args.tolerance))
-    return AlignConfig(spans=spans)
+    return AlignConfig(spans=spans, release=args.release)
 
 
 def bench_single_process(sessions: list[Path], args: argparse.Namespace, model: Any) -> dict[str, Any]:
@@ -635,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-seconds", type=float, default=0.5,
                    help="replay.chunk_seconds: stream time per source chunk (default 0.5; a chunk's "
                         "samples wait for it to close, so it bounds latency from below at rate 1)")
+    p.add_argument("--release", choices=("stream", "window"), default=DEFAULTS["window"]["release"],
+                   help="window.release: each stream's part of a window as soon as that stream is complete "
+                        "(stream, the default), or whole windows once every stream is (window)")
     p.add_argument("--tolerance", type=float, default=0.5,
                    help="depth/thermal nearest-frame tolerance, s (default 0.5 as in the config; a "
                         "window waits until these streams pass its end + tolerance)")
@@ -689,7 +693,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "sessions": args.sessions, "seconds": args.seconds,
         "video": f"{w}x{h} {args.fps} fps H.264 {args.bitrate / 1e6:g} Mbit/s + AAC, IMU 200 Hz, depth/thermal 10 Hz",
         "torch_threads_per_encoder": args.threads, "select_frames": args.select_frames,
-        "max_inline_bytes": args.max_inline_bytes, "modes": {},
+        "max_inline_bytes": args.max_inline_bytes, "release": args.release, "modes": {},
     }
     if args.device == "cpu":
         out["note"] = (f"CPU run: {args.model}, {args.sessions} x {args.seconds:g} s sessions, torch threads "

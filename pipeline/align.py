@@ -18,6 +18,15 @@ The rule (also in ``docs/alignment.md``):
   more samples) minus ``allowed_lateness`` is >= ``x``. Window ``k`` is released when every
   stream has passed the last time the window needs from it: ``e_k`` for span modalities,
   ``e_k + tolerance`` for nearest-frame modalities. Windows are released in index order.
+* ``release: stream`` (the default) releases each stream's part of window ``k`` as soon as that
+  stream has passed what the window needs from it, without waiting for the other streams: an
+  audio embedding does not wait for a depth frame's tolerance, or for a slower stream's
+  transport. Each stream's parts still come in index order, and a window's parts hold exactly
+  the items the whole window would (the cut depends only on the stream's own samples). A stream
+  that has ended gives its part of every window known to exist (one whose start some stream's
+  samples have reached: the count the end rule would give now). ``release: window`` waits for
+  every stream and releases the window whole. A window counts as released once every stream's
+  part is.
 * A sample older than ``watermark - allowed_lateness`` of its stream, or older than what the
   next unreleased window can still use, is dropped and counted as ``late``; one before the first
   window's reach (``e_0`` minus the span, or the tolerance) is not late: no window missed it. Non-finite
@@ -90,8 +99,11 @@ class AlignConfig:
     allowed_lateness: float = 0.0
     spans: Mapping[str, ModalitySpan] = field(default_factory=lambda: dict(DEFAULT_SPANS))
     idle_after: float | None = None  # live only: see the module docstring
+    release: str = "stream"  # "stream": each stream's part as soon as it is complete; "window": whole windows
 
     def __post_init__(self) -> None:
+        if self.release not in ("stream", "window"):
+            raise ValueError(f"window.release must be 'stream' or 'window', got {self.release!r}")
         if not (self.hop > 0 and math.isfinite(self.hop)):
             raise ValueError(f"window.hop must be a positive number of seconds, got {self.hop!r}")
         if self.allowed_lateness < 0:
@@ -117,11 +129,14 @@ class WindowItem:
 
 @dataclass
 class Window:
+    """Window ``index``, or with ``release: stream`` the part of it whose streams were released
+    together: ``items`` and ``missing`` then cover only those streams."""
+
     session: str
     index: int
     t_end: float  # e_k
     items: list[WindowItem]
-    missing: list[str]  # stream ids with no data in this window
+    missing: list[str]  # stream ids (of this part) with no data in this window
 
 
 class _Rows:
@@ -242,10 +257,9 @@ class Aligner:
                 raise ValueError(f"stream '{sid}': no window span configured for {modality!r}")
         self._buffers = {sid: _StreamBuffer(sid, m) for sid, m in streams.items()}
         self.origin: float | None = self.config.origin
-        self.next_window = 0
+        self._next = {sid: 0 for sid in streams}  # per stream: its first unreleased window
         self.dropped: Counter[tuple[str, str]] = Counter()  # (stream, reason) -> samples
         self.missing: Counter[str] = Counter()  # stream -> windows released without it
-        self.windows_released = 0
         self._t_last = -math.inf
 
     # -- input ---------------------------------------------------------------------------
@@ -273,7 +287,7 @@ class Aligner:
         floor = buf.watermark - lateness
         first_reach = -math.inf
         if self.origin is not None:
-            floor = max(floor, self._earliest_needed(buf.modality))
+            floor = max(floor, self._earliest_needed(buf))
             # Before the first window's reach no window was ever missed: not late (paced
             # replay sends a stream's first sample alone, so the rest of its first chunk can
             # arrive once the grid is fixed). Buffered, then evicted like any unused sample.
@@ -324,6 +338,16 @@ class Aligner:
 
     # -- state ---------------------------------------------------------------------------
     @property
+    def next_window(self) -> int:
+        """The first window not yet released whole (some of its parts may be)."""
+        return min(self._next.values(), default=0)
+
+    @property
+    def windows_released(self) -> int:
+        """Windows every stream has released its part of."""
+        return self.next_window
+
+    @property
     def done(self) -> bool:
         """Every stream ended and every window released."""
         return all(b.ended for b in self._buffers.values()) and self._final_count() is not None and (
@@ -351,15 +375,20 @@ class Aligner:
         assert self.origin is not None
         return window_end(self.origin, self.config.hop, k)
 
-    def _earliest_needed(self, modality: str) -> float:
-        return self._window_end(self.next_window) - self.config.spans[modality].lookback()
+    def _earliest_needed(self, b: _StreamBuffer) -> float:
+        """The oldest time the stream's first unreleased window can use."""
+        return self._window_end(self._next[b.stream]) - self.config.spans[b.modality].lookback()
 
     def _final_count(self) -> int | None:
         if not all(b.ended for b in self._buffers.values()):
             return None
+        return self._known_count()
+
+    def _known_count(self) -> int:
+        """Windows known to exist: up to the first whose end passes the latest sample so far
+        (at least one). Once every stream has ended, that is the final count."""
         if self.origin is None or not math.isfinite(self._t_last):
             return 0
-        # Windows up to the first whose end passes the last sample; at least one.
         return max(1, math.ceil((self._t_last - self.origin) / self.config.hop - 1e-9))
 
     def _idle_horizon(self) -> float:
@@ -388,43 +417,51 @@ class Aligner:
     def _release(self) -> list[Window]:
         if not self._fix_origin():
             return []
-        out: list[Window] = []
         lateness = self.config.allowed_lateness
         final = self._final_count()
         horizon = self._idle_horizon()
-        while True:
-            k = self.next_window
-            if final is not None and k >= final:
-                break
-            e = self._window_end(k)
-            ready = all(
-                b.passed(x, lateness) or horizon >= x
-                for b in self._buffers.values()
-                for x in (e + self.config.spans[b.modality].lookahead(),)
-            )
-            if not ready:
-                break
-            out.append(self._make_window(k, e))
-            self.next_window += 1
-            self.windows_released += 1
-            self._evict()
-        return out
+        spans = self.config.spans
+        bufs = self._buffers
 
-    def _evict(self) -> None:
-        for b in self._buffers.values():
-            b.evict_before(self._earliest_needed(b.modality))
+        def ready(b: _StreamBuffer, k: int) -> bool:
+            x = self._window_end(k) + spans[b.modality].lookahead()
+            return b.passed(x, lateness) or horizon >= x
 
-    def _make_window(self, k: int, e: float) -> Window:
-        items: list[WindowItem] = []
-        missing: list[str] = []
-        for sid, b in self._buffers.items():
-            item = self._cut(b, k, e)
-            if item is None:
-                missing.append(sid)
-                self.missing[sid] += 1
-            else:
-                items.append(item)
-        return Window(self.session, k, e, items, missing)
+        whole_ready: dict[int, bool] = {}
+
+        def whole(k: int) -> bool:
+            if k not in whole_ready:
+                whole_ready[k] = all(ready(b, k) for b in bufs.values())
+            return whole_ready[k]
+
+        by_stream = self.config.release == "stream"
+        known = self._known_count()
+        parts: dict[int, Window] = {}
+        for sid, b in bufs.items():
+            k = self._next[sid]
+            while final is None or k < final:
+                if not by_stream:
+                    go = whole(k)
+                elif b.ended:  # it has passed everything: its part of every window known to exist
+                    go = k < known
+                else:
+                    go = ready(b, k)
+                if not go:
+                    break
+                e = self._window_end(k)
+                w = parts.get(k)
+                if w is None:
+                    w = parts[k] = Window(self.session, k, e, [], [])
+                item = self._cut(b, k, e)
+                if item is None:
+                    w.missing.append(sid)
+                    self.missing[sid] += 1
+                else:
+                    w.items.append(item)
+                k += 1
+                self._next[sid] = k
+                b.evict_before(self._earliest_needed(b))
+        return [parts[k] for k in sorted(parts)]
 
     def _cut(self, b: _StreamBuffer, k: int, e: float) -> WindowItem | None:
         spec = self.config.spans[b.modality]

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "hop": 1.0,
         "origin": "auto",
         "allowed_lateness": 0.0,
+        "release": "stream",
         "spans": {
             "vision": {"span": 2.0, "frames": 2},
             "audio": {"span": 2.0},
@@ -274,7 +275,10 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
             if m == "vision" and frames != 2:
                 raise ConfigError("config key 'window.spans.vision.frames': ImageBind's video stem takes exactly 2 frames")
             spans[m] = ModalitySpan(span=float(spec["span"]), frames=frames)
-    align = AlignConfig(hop=float(w["hop"]), origin=origin, allowed_lateness=float(w["allowed_lateness"]), spans=spans)
+    if w["release"] not in ("stream", "window"):
+        raise ConfigError(f"config key 'window.release': expected 'stream' or 'window', got {w['release']!r}")
+    align = AlignConfig(hop=float(w["hop"]), origin=origin, allowed_lateness=float(w["allowed_lateness"]), spans=spans,
+                        release=w["release"])
 
     m = merged["model"]
     if m["precision"] not in PRECISIONS:

@@ -24,6 +24,7 @@ watermark-only chunks between a sparse stream's samples. Memory is bounded: at m
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, sele
     from sources.replay import open_source
 
     align = align or AlignConfig()
-    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, align)
+    # Whole windows, whatever the run releases: the parts of ``release: stream`` hold the same items.
+    al = Aligner(spec.name, {s.id: s.modality for s in spec.streams}, dataclasses.replace(align, release="window"))
     selectors = _selectors(spec, align) if select_frames else {}
     readers = {s.id: iter(open_source(s, select=selectors.get(s.id), **source_options)) for s in spec.streams}
     guards = {s.id: StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s) for s in spec.streams}

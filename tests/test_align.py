@@ -43,7 +43,7 @@ def released(windows):
 
 
 def test_windows_wait_for_every_stream_then_release_in_order():
-    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0))
+    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0, release="window"))
     assert al.push(frames(0, 3, 10)) == []  # audio has said nothing yet
     out = al.push(audio(0, 2.5))
     assert released(out) == [0, 1]  # audio passed 2.0 but not 3.0
@@ -53,8 +53,86 @@ def test_windows_wait_for_every_stream_then_release_in_order():
     assert released(out) == [2]
 
 
+
+def test_release_stream_sends_each_streams_part_as_soon_as_that_stream_has_passed():
+    """The default: audio does not wait for a depth frame's tolerance (or a slower stream); a
+    window counts as released once every stream's part is, and each stream's parts go in order."""
+    al = Aligner("s", {"cam": "vision", "mic": "audio", "d": "depth"}, AlignConfig(hop=1.0, origin=0.0))
+    out = al.push(frames(0, 3, 10))  # vision passed 2.9: its parts of windows 0 and 1
+    assert [(w.index, [it.stream for it in w.items]) for w in out] == [(0, ["cam"]), (1, ["cam"])]
+    assert al.windows_released == 0
+    out = al.push(audio(0, 2.5))
+    assert [(w.index, [it.stream for it in w.items]) for w in out] == [(0, ["mic"]), (1, ["mic"])]
+    depth = Chunk("d", "depth", np.array([0.95, 1.55]), np.ones((2, 2, 2), np.float32))
+    out = al.push(depth)  # passed 1.55 >= 1.0 + 0.5 (tolerance): window 0's frame, not yet window 1's
+    assert [(w.index, [it.stream for it in w.items], w.missing) for w in out] == [(0, ["d"], [])]
+    assert al.windows_released == 1 and al.next_window == 1
+    # an ended stream has passed everything, and gives its part of every window known to exist:
+    # the latest sample (the camera's 2.9) reaches window 2
+    out = al.end_stream("mic")
+    assert [(w.index, [it.stream for it in w.items]) for w in out] == [(2, ["mic"])]
+    out = al.push(Chunk("d", "depth", np.array([2.6]), np.ones((1, 2, 2), np.float32)))
+    assert [(w.index, [it.stream for it in w.items]) for w in out] == [(1, ["d"])]
+    assert [it.t_end for it in out[0].items] == [1.55]
+    assert al.windows_released == 2
+    assert [(w.index, [it.stream for it in w.items]) for w in al.end_stream("cam")] == [(2, ["cam"])]
+    out = al.end_stream("d")  # last sample 2.9: K = ceil(2.9) = 3 windows
+    assert [(w.index, [it.stream for it in w.items], w.missing) for w in out] == [(2, ["d"], [])]
+    assert al.done and al.windows_released == 3 and not al.missing
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_release_stream_and_window_cut_the_same_items(seed):
+    """Random timelines: merged by index, the parts are exactly the whole windows."""
+    rng = np.random.default_rng(seed)
+    streams = {"cam": "vision", "mic": "audio", "i": "imu", "d": "depth", "tx": "text"}
+    chunks = []
+    for sid, m in streams.items():
+        rate = {"vision": 10, "audio": 400, "imu": 50, "depth": 5, "text": 0.7}[m]
+        t = np.sort(rng.uniform(0, 12, size=int(12 * rate)))
+        cuts = np.sort(rng.choice(np.arange(1, len(t)), size=min(5, len(t) - 1), replace=False)) if len(t) > 1 else []
+        for part in np.split(t, cuts):
+            shape = {"vision": (4, 4, 3), "audio": (), "imu": (6,), "depth": (2, 2)}.get(m)
+            data = [f"w{x:.2f}" for x in part] if m == "text" else np.full((len(part), *shape), 0.5, np.float32)
+            if m == "vision":
+                data = np.zeros((len(part), 4, 4, 3), np.uint8)
+            chunks.append(Chunk(sid, m, part, data))
+    order = rng.permutation(len(chunks))
+    results = {}
+    for release in ("stream", "window"):
+        al = Aligner("s", streams, AlignConfig(hop=0.5, release=release), clock=lambda: 0.0)
+        got = []
+        # each stream's chunks in their own order, streams interleaved at random
+        queues = {sid: [c for c in chunks if c.stream == sid] for sid in streams}
+        for i in order:
+            got += al.push(queues[chunks[i].stream].pop(0))
+        for sid in streams:
+            got += al.end_stream(sid)
+        assert al.done
+        merged = {}
+        for w in got:
+            m = merged.setdefault(w.index, ({}, set()))
+            for it in w.items:
+                assert it.stream not in m[0]
+                m[0][it.stream] = it
+            m[1].update(w.missing)
+        if release == "stream":  # each stream's parts in index order, each once
+            for sid in streams:
+                idx = [w.index for w in got for it in w.items if it.stream == sid]
+                assert idx == sorted(set(idx))
+        results[release] = (merged, al.windows_released, dict(al.missing), dict(al.dropped))
+    (ms, ns, miss_s, drop_s), (mw, nw, miss_w, drop_w) = results["stream"], results["window"]
+    assert ns == nw == len(mw) and sorted(ms) == sorted(mw) and miss_s == miss_w and drop_s == drop_w
+    for k in mw:
+        assert ms[k][1] == mw[k][1]
+        assert sorted(ms[k][0]) == sorted(mw[k][0])
+        for sid, a in ms[k][0].items():
+            b = mw[k][0][sid]
+            assert (a.t_start, a.t_end) == (b.t_start, b.t_end)
+            np.testing.assert_array_equal(np.asarray(a.payload), np.asarray(b.payload))
+
 def test_a_chunk_that_promises_its_end_releases_the_window_without_waiting_for_the_next():
-    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0))
+    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0, release="window"))
     al.push(audio(0, 2.0))  # audio passed 1.99994 only: window 1 (end 2.0) waits
     a = audio(2.0, 3.0)
     assert released(al.push(frames(0, 2, 10))) == [0]
@@ -123,7 +201,7 @@ def test_duplicate_and_non_finite_timestamps_are_counted_by_reason():
 
 
 def test_missing_modality_is_released_without_it_and_named():
-    al = Aligner("s", {"cam": "vision", "imu": "imu"}, AlignConfig(hop=1.0, origin=0.0))
+    al = Aligner("s", {"cam": "vision", "imu": "imu"}, AlignConfig(hop=1.0, origin=0.0, release="window"))
     al.push(frames(0, 4, 10))
     al.push(imu(0.0, 1.0))
     al.push(imu(3.5, 4.0))  # nothing between 1 and 3.5 s... but the 5 s span still reaches back
@@ -131,7 +209,7 @@ def test_missing_modality_is_released_without_it_and_named():
     out = al.end_stream("imu")
     # IMU spans are 5 s: every window sees some IMU, so nothing is missing for it.
     assert all("imu" not in w.missing for w in out)
-    al2 = Aligner("s", {"cam": "vision", "d": "depth"}, AlignConfig(hop=1.0, origin=0.0))
+    al2 = Aligner("s", {"cam": "vision", "d": "depth"}, AlignConfig(hop=1.0, origin=0.0, release="window"))
     out = al2.push(frames(0, 4, 10))
     out += al2.push(Chunk("d", "depth", np.array([0.9, 3.1]), np.ones((2, 3, 3), np.float32)))
     out += al2.end_stream("d")
@@ -142,7 +220,7 @@ def test_missing_modality_is_released_without_it_and_named():
 
 
 def test_an_ended_stream_stops_holding_windows_back():
-    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0))
+    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, origin=0.0, release="window"))
     al.push(frames(0, 10, 10))
     assert al.push(audio(0, 1.5)) != []
     assert al.next_window == 1
@@ -183,7 +261,7 @@ def test_nearest_frame_needs_the_watermark_past_the_tolerance():
 
 
 def test_a_watermark_only_chunk_lets_windows_go_before_a_sparse_stream_s_next_sample():
-    al = Aligner("s", {"cam": "vision", "tx": "text"}, AlignConfig(hop=1.0, origin=0.0))
+    al = Aligner("s", {"cam": "vision", "tx": "text"}, AlignConfig(hop=1.0, origin=0.0, release="window"))
     al.push(Chunk("tx", "text", np.array([0.5]), ["hello"]))
     assert released(al.push(frames(0, 3.5, 10))) == []  # text has said nothing past 0.5
     beat = Chunk("tx", "text", np.empty(0), [], passed=2.0)  # no caption before 2.0
@@ -224,6 +302,7 @@ def test_memory_is_bounded_by_the_spans_not_the_session_length():
     assert peak <= 6 * 200 + 3 * AUDIO_RATE
 
 
+@pytest.mark.parametrize("release", ["stream", "window"])
 @settings(max_examples=60, deadline=None)
 @given(
     chunks=st.lists(
@@ -239,8 +318,8 @@ def test_memory_is_bounded_by_the_spans_not_the_session_length():
     hop=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
     lateness=st.sampled_from([0.0, 0.5, 3.0]),
 )
-def test_property_every_window_released_once_in_order_and_counts_balance(chunks, hop, lateness):
-    al = Aligner("s", {"a": "imu", "b": "depth"}, AlignConfig(hop=hop, allowed_lateness=lateness))
+def test_property_every_window_released_once_in_order_and_counts_balance(release, chunks, hop, lateness):
+    al = Aligner("s", {"a": "imu", "b": "depth"}, AlignConfig(hop=hop, allowed_lateness=lateness, release=release))
     got = []
     pushed = {"a": 0, "b": 0}
     for stream, ts in chunks:
@@ -251,7 +330,12 @@ def test_property_every_window_released_once_in_order_and_counts_balance(chunks,
     got += al.end_stream("a")
     got += al.end_stream("b")
     assert al.done
-    assert [w.index for w in got] == list(range(len(got)))
+    if release == "window":
+        assert [w.index for w in got] == list(range(len(got)))
+    else:  # each stream's part of every window, once, in order; indices ascending per call
+        for stream in ("a", "b"):
+            parts = [w.index for w in got for x in [*w.items, *w.missing] if getattr(x, "stream", x) == stream]
+            assert parts == list(range(al.windows_released))
     for stream in ("a", "b"):
         dropped = sum(n for (s, _), n in al.dropped.items() if s == stream)
         assert al._buffers[stream].samples_in + dropped == pushed[stream]
@@ -276,7 +360,7 @@ def test_list_source_drives_the_aligner_like_a_real_source():
 
 
 def test_live_idle_stream_holds_the_others_back_at_most_idle_after_seconds():
-    cfg = AlignConfig(hop=1.0, origin=0.0, idle_after=2.0)
+    cfg = AlignConfig(hop=1.0, origin=0.0, idle_after=2.0, release="window")
     al = Aligner("s", {"cam": "vision", "d": "depth"}, cfg)
     out = al.push(Chunk("d", "depth", np.array([0.9]), np.ones((1, 2, 2), np.float32)))
     out += al.push(frames(0, 6, 10))  # depth goes silent; vision reaches 5.9 s
@@ -286,13 +370,13 @@ def test_live_idle_stream_holds_the_others_back_at_most_idle_after_seconds():
     late = al.push(Chunk("d", "depth", np.array([1.9]), np.ones((1, 2, 2), np.float32)))
     assert late == [] and al.dropped[("d", "late")] == 1  # its window is gone: counted, not lost silently
     # replay (idle_after unset) waits for every stream instead: nothing is lost
-    al2 = Aligner("s", {"cam": "vision", "d": "depth"}, AlignConfig(hop=1.0, origin=0.0))
+    al2 = Aligner("s", {"cam": "vision", "d": "depth"}, AlignConfig(hop=1.0, origin=0.0, release="window"))
     al2.push(Chunk("d", "depth", np.array([0.9]), np.ones((1, 2, 2), np.float32)))
     assert released(al2.push(frames(0, 6, 10))) == []
 
 
 def test_live_silent_stream_does_not_hold_back_the_origin():
-    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, idle_after=1.5))
+    al = Aligner("s", {"cam": "vision", "mic": "audio"}, AlignConfig(hop=1.0, idle_after=1.5, release="window"))
     out = al.push(frames(10.0, 13.0, 10))  # the microphone never says anything
     assert al.origin == pytest.approx(10.0)
     assert released(out) == [0] and out[0].missing == ["mic"]

@@ -44,6 +44,7 @@ def test_bundled_configs_document_every_key():
         ({"sessions": ["x"], "window": {"hop": -1}}, "'window.hop'"),
         ({"sessions": ["x"], "window": {"spans": {"depth": {"span": 2}}}}, "window.spans.depth"),
         ({"sessions": ["x"], "window": {"spans": {"vision": {"frames": 4}}}}, "exactly 2 frames"),
+        ({"sessions": ["x"], "window": {"release": "all"}}, "'window.release': expected 'stream' or 'window'"),
         ({"sessions": ["x"], "model": {"precision": "int4"}}, "'model.precision'"),
         ({"sessions": ["x"], "model": {"device": "tpu"}}, "'model.device'"),
         ({"sessions": ["x"], "publish": {"endpoint": "localhost"}}, "'publish.endpoint'"),
