@@ -28,7 +28,7 @@ import numpy as np
 import ray
 
 from pipeline.align import AlignConfig, Aligner, Window, WindowItem
-from pipeline.batching import BatchQueue
+from pipeline.batching import TowerBatcher
 
 __all__ = ["SourceActor", "AlignerActor", "EncoderActor", "PublisherActor", "PublisherRestartedError"]
 
@@ -270,9 +270,10 @@ class EncoderActor:
         self.device = torch.device(device)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
-        # One thread runs forwards, so towers never compete for the device or the cores.
+        # One thread runs forwards, so towers never compete for the device or the cores; a
+        # tower's batch is formed when that thread is free (pipeline/batching.py).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        self._queues: dict[str, BatchQueue] = {}
+        self._batcher = TowerBatcher(self._run_batch, max_batch=max_batch, max_wait_s=self.max_wait_s, name="encoder")
         self._metrics: Any = None  # pipeline.metrics.RayMetrics, made on the first batch
         self.items = collections.Counter()
         self.forward_s = collections.Counter()
@@ -318,7 +319,7 @@ class EncoderActor:
         return {
             "items": dict(self.items),
             "forward_s": dict(self.forward_s),
-            "batch_sizes": {m: list(q.batch_sizes) for m, q in self._queues.items()},
+            "batch_sizes": {m: list(b) for m, b in self._batcher.batch_sizes.items()},
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),  # a restarted encoder reports its new process
         }
@@ -350,20 +351,11 @@ class EncoderActor:
             from pipeline.metrics import RayMetrics
 
             self._metrics = RayMetrics()
-        self._metrics.batch(modality, len(payloads), len(self._queues[modality]))
+        self._metrics.batch(modality, len(payloads), self._batcher.depth(modality))
         return await loop.run_in_executor(self._pool, self._forward_timed, modality, payloads)
 
     async def _submit(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
-        q = self._queues.get(modality)
-        if q is None:
-            q = BatchQueue(
-                lambda items, m=modality: self._run_batch(m, items),
-                max_batch=self.max_batch,
-                max_wait_s=self.max_wait_s,
-                name=f"encoder[{modality}]",
-            )
-            self._queues[modality] = q
-        return await q.submit_many(payloads)
+        return await self._batcher.submit_many(modality, payloads)
 
     async def encode(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
         return [row for row, _, _ in await self._submit(modality, payloads)]

@@ -1,29 +1,33 @@
-"""Dynamic batching: one small policy object, no Ray inside.
+"""Dynamic batching for an encoder's towers: one small policy object, no Ray inside.
 
-Like Ray Serve's ``@serve.batch``: callers ``await queue.submit(item)``; a background task
-gathers up to ``max_batch`` items, or whatever arrived within ``max_wait_s`` of the first one,
-and calls ``fn(list) -> list`` once. The output length is checked against the input length, and
-one failure is delivered to every item of its batch.
+Callers ``await batcher.submit_many(tower, items)``. Each tower has its own queue; one runner
+task runs one batch at a time through ``fn(tower, items) -> results`` (an encoder has one forward
+thread, so towers never compete for the device or the cores). A batch is formed **when the
+runner is free**, not when its first item arrives: the runner takes the tower whose oldest item
+has waited longest, and that tower's queued items up to ``max_batch``. Items that arrive while
+other batches run therefore join the next batch of their tower instead of queueing behind it
+one by one (several sessions' windows end at the same instant: their items all meet in one
+batch per tower). Only an idle runner waits, up to ``max_wait_s`` after a tower's first item,
+for more of it. The output length is checked against the input length; one failure is
+delivered to every item of its batch, and the other batches still run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from typing import Any, Awaitable, Callable, Generic, TypeVar
+from typing import Any, Awaitable, Callable
 
-__all__ = ["BatchQueue"]
+__all__ = ["TowerBatcher"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-R = TypeVar("R")
 
-
-class BatchQueue(Generic[T, R]):
+class TowerBatcher:
     def __init__(
         self,
-        fn: Callable[[list[T]], Awaitable[list[R]]],
+        fn: Callable[[str, list[Any]], Awaitable[list[Any]]],
         max_batch: int = 32,
         max_wait_s: float = 0.02,
         name: str = "batch",
@@ -36,56 +40,69 @@ class BatchQueue(Generic[T, R]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.name = name
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
+        # tower -> (arrival time, item, future), oldest first
+        self._queues: dict[str, collections.deque[tuple[float, Any, asyncio.Future]]] = {}
+        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self.batch_sizes: list[int] = []  # every batch run, for metrics and tests
+        self.batch_sizes: dict[str, list[int]] = collections.defaultdict(list)  # every batch run, per tower
 
-    def __len__(self) -> int:
-        return self._queue.qsize()
+    def depth(self, tower: str) -> int:
+        """Items of ``tower`` waiting for a batch."""
+        q = self._queues.get(tower)
+        return len(q) if q is not None else 0
 
-    async def submit(self, item: T) -> R:
+    async def submit_many(self, tower: str, items: list[Any]) -> list[Any]:
+        loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, fut))
-        return await fut
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        q = self._queues.setdefault(tower, collections.deque())
+        now = loop.time()
+        futs = [loop.create_future() for _ in items]
+        q.extend((now, item, fut) for item, fut in zip(items, futs))
+        self._wake.set()
+        return list(await asyncio.gather(*futs))
 
-    async def submit_many(self, items: list[T]) -> list[R]:
-        return list(await asyncio.gather(*(self.submit(i) for i in items)))
-
-    async def _take_batch(self) -> list[tuple[T, asyncio.Future[R]]]:
-        batch = [await self._queue.get()]
-        deadline = asyncio.get_running_loop().time() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            # Whatever is already queued joins without waiting.
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            remaining = deadline - asyncio.get_running_loop().time()
-            if len(batch) >= self.max_batch or remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
-        return batch
+    async def _next_batch(self) -> tuple[str, list[tuple[float, Any, asyncio.Future]]]:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            heads = [(q[0][0], tower) for tower, q in self._queues.items() if q]
+            if not heads:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            first, tower = min(heads)
+            q = self._queues[tower]
+            remaining = first + self.max_wait_s - loop.time()
+            if len(q) < self.max_batch and remaining > 0:
+                # Idle: give the oldest tower until its deadline to fill up (anything arriving
+                # wakes us to look again).
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            return tower, [q.popleft() for _ in range(min(len(q), self.max_batch))]
 
     async def _run(self) -> None:
         while True:
-            batch = await self._take_batch()
-            items = [b[0] for b in batch]
-            self.batch_sizes.append(len(items))
+            tower, batch = await self._next_batch()
+            items = [b[1] for b in batch]
+            self.batch_sizes[tower].append(len(items))
             try:
-                results = await self.fn(items)
+                results = await self.fn(tower, items)
                 if len(results) != len(items):
                     raise RuntimeError(
-                        f"{self.name}: batch function returned {len(results)} results for {len(items)} items"
+                        f"{self.name}[{tower}]: batch function returned {len(results)} results for {len(items)} items"
                     )
             except Exception as exc:  # delivered to every caller of this batch
-                log.exception("%s: batch of %d failed", self.name, len(items))
-                for _, fut in batch:
+                log.exception("%s[%s]: batch of %d failed", self.name, tower, len(items))
+                for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for (_, fut), res in zip(batch, results):
+            for (_, _, fut), res in zip(batch, results):
                 if not fut.done():
                     fut.set_result(res)
