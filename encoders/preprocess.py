@@ -303,8 +303,8 @@ _EXPECTED = {
     "vision": "uint8 [2, H, W, 3] (2-frame clip)",
     "audio": f"float32 [{AUDIO_CLIP_SAMPLES}] mono at 16 kHz",
     "imu": "float [N, 7] (t, ax, ay, az, gx, gy, gz)",
-    "depth": "float32 [H, W] metres",
-    "thermal": "float32 [H, W] in [0, 1]",
+    "depth": "uint16 [H, W] millimetres or float32 [H, W] metres",
+    "thermal": "uint8 / uint16 [H, W] (full range) or float32 [H, W] in [0, 1]",
     "text": "str",
 }
 
@@ -361,13 +361,15 @@ def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *
     vision       uint8 ``[2, H, W, 3]``             ``[B, 3, 2, 224, 224]``
     audio        float32 ``[32000]``                ``[B, 1, 128, 204]``
     imu          float ``[N, 7]``                   ``[B, 6, 2000]``
-    depth        float32 ``[H, W]`` metres          ``[B, 1, 224, 224]``
-    thermal      float32 ``[H, W]`` in [0, 1]       ``[B, 1, 224, 224]``
+    depth        uint16 mm / float32 m ``[H, W]``   ``[B, 1, 224, 224]``
+    thermal      uint8, uint16, float ``[H, W]``    ``[B, 1, 224, 224]``
     text         ``str``                            int64 ``[B, 77]``
     ===========  =================================  ==========================
 
     Payloads of one batch may differ in H, W (different sessions): they are grouped by shape
-    and each group is processed as one batch.
+    and each group is processed as one batch. Integer depth (millimetres) and thermal frames
+    (full range = [0, 1]) are converted to float on ``device``, with the same arithmetic as
+    ``sources.base.frame_values``.
     """
     if not payloads:
         raise ValueError(f"prepare: empty batch for modality '{modality}'")
@@ -395,4 +397,14 @@ def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *
         return imu_batch(items, duration=imu_duration)
     for i, t in enumerate(items):
         _check_shape(t, modality, i, t.ndim == 2)
+    items = [_frame_float(t, modality) for t in items]
     return _grouped(items, depth if modality == "depth" else thermal)
+
+
+def _frame_float(t: torch.Tensor, modality: str) -> torch.Tensor:
+    """A depth frame in metres or a thermal frame in [0, 1] from the type it travelled in."""
+    if modality == "depth" and t.dtype == torch.uint16:
+        return t.to(torch.float32) / 1000.0
+    if modality == "thermal" and t.dtype in (torch.uint8, torch.uint16):
+        return t.to(torch.float32) / (255.0 if t.dtype == torch.uint8 else 65535.0)
+    return t

@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from pipeline.session import FORMAT
-from sources.base import AUDIO_RATE, Chunk
+from sources.base import AUDIO_RATE, Chunk, frame_values
 
 __all__ = ["StreamRecorder", "write_session_yaml"]
 
@@ -137,8 +137,11 @@ class StreamRecorder:
             self._writer = csv.writer(self._csv)
             self._writer.writerow(["frame", "t"])
         for t, img in zip(chunk.t, chunk.data):
-            mm = np.where(np.isfinite(img), np.rint(np.asarray(img, np.float64) * 1000.0), 0)
-            mm = np.clip(mm, 0, 65535).astype(np.uint16)
+            if img.dtype == np.uint16:
+                mm = img  # millimetres as the source read them: written as they are
+            else:
+                mm = np.where(np.isfinite(img), np.rint(np.asarray(img, np.float64) * 1000.0), 0)
+                mm = np.clip(mm, 0, 65535).astype(np.uint16)
             name = f"{len(self._times):06d}.png"
             _write_png16(d / name, mm)
             self._times.append(float(t))
@@ -152,7 +155,7 @@ class StreamRecorder:
             if tuple(img.shape) != self._shape:
                 log.warning("recording '%s': thermal frame size changed; frame at %.6f s skipped", self.stream, t)
                 continue
-            self._raw.write(np.ascontiguousarray(img, dtype=np.float32).tobytes())
+            self._raw.write(np.ascontiguousarray(frame_values("thermal", img)).tobytes())
             self._times.append(float(t))
 
     # -- end ------------------------------------------------------------------------------

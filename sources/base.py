@@ -12,10 +12,17 @@ modality   ``data``                    meaning of one sample
 vision     uint8 ``[N, H, W, 3]``      one RGB frame, already downscaled at decode
 audio      float32 ``[N]``             one mono PCM sample at 16 kHz, in [-1, 1]
 imu        float32 ``[N, 6]``          ax, ay, az (m/s^2), gx, gy, gz (rad/s)
-depth      float32 ``[N, H, W]``       one depth frame in metres; 0 or non-finite = no reading
-thermal    float32 ``[N, H, W]``       one thermal frame scaled to [0, 1]
+depth      uint16 or float32           one depth frame: uint16 in millimetres, or float32 in metres;
+           ``[N, H, W]``               0 or non-finite = no reading
+thermal    uint8, uint16 or float32    one thermal frame: integers over their full range, or float32,
+           ``[N, H, W]``               meaning [0, 1]
 text       ``list[str]`` of length N   one timestamped utterance / caption
 =========  ==========================  =====================================================
+
+Depth and thermal frames travel in the integer type a PNG stores where they have one (a 16-bit
+depth frame is half the bytes of float32, an 8-bit thermal frame a quarter); the encoder
+converts them on its device (``encoders.preprocess.prepare``); :func:`frame_values` gives
+the float meaning on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MODALITIES", "Chunk", "AUDIO_RATE"]
+__all__ = ["MODALITIES", "Chunk", "AUDIO_RATE", "frame_values"]
 
 MODALITIES = ("vision", "audio", "imu", "depth", "thermal", "text")
 
@@ -64,3 +71,15 @@ class Chunk:
         or a chunk length after its newest sample if that is earlier (``ReplayPacer``)."""
         newest = float(np.nanmax(self.t))
         return newest if self.passed is None else max(newest, float(self.passed))
+
+
+def frame_values(modality: str, data: Any) -> np.ndarray:
+    """Depth or thermal frames (one, or a stack) as float32 in their meaning: depth in metres
+    (uint16 = millimetres), thermal in [0, 1] (uint8 / uint16 over their full range). The same
+    arithmetic as the encoder's (``encoders.preprocess``), so both give identical values."""
+    arr = np.asarray(data)
+    if modality == "depth" and arr.dtype == np.uint16:
+        return arr.astype(np.float32) / np.float32(1000.0)
+    if modality == "thermal" and arr.dtype in (np.uint8, np.uint16):
+        return arr.astype(np.float32) / np.float32(255.0 if arr.dtype == np.uint8 else 65535.0)
+    return arr.astype(np.float32, copy=False)

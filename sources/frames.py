@@ -90,20 +90,23 @@ def read_timestamps(spec: StreamSpec) -> tuple[list[str] | None, np.ndarray]:
     return (names if ncols == 2 else None), to_session(np.asarray(times, dtype=np.float64))
 
 
-def _to_float(spec: StreamSpec, arr: np.ndarray, where: str, *, integer_unit_default: str = "mm") -> np.ndarray:
-    """Convert one frame (or a stack) of raw values to the modality's float32 meaning."""
+def _frame_values(spec: StreamSpec, arr: np.ndarray, where: str, *, integer_unit_default: str = "mm") -> np.ndarray:
+    """One frame (or a stack) in the type it travels in (``sources.base``): 16-bit depth in
+    millimetres and 8/16-bit thermal stay the integers they were read as (2-4x smaller than
+    float32 on every hop to the encoder, which converts them: ``encoders.preprocess``); any
+    other depth becomes float32 metres, other thermal float32 in [0, 1]."""
     if spec.modality == "depth":
         unit = spec.depth_unit
         if unit is None:
             unit = integer_unit_default if np.issubdtype(arr.dtype, np.integer) else "m"
+        if unit == "mm" and arr.dtype == np.uint16:
+            return arr
         out = arr.astype(np.float32)
         # Division, not * 0.001: it is exactly rounded, so 3000 mm reads as 3.0 m.
         return out / np.float32(1000.0) if unit == "mm" else out
     # thermal: integer frames use their full range, floats are taken as already in [0, 1].
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / np.float32(65535.0)
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr
     if np.issubdtype(arr.dtype, np.floating):
         return arr.astype(np.float32)
     raise SourceError(f"{spec.label}: {where}: thermal values must be uint8, uint16 or float, got {arr.dtype}")
@@ -112,8 +115,9 @@ def _to_float(spec: StreamSpec, arr: np.ndarray, where: str, *, integer_unit_def
 class FrameFolderSource:
     """Depth (16-bit PNG) or thermal (8/16-bit PNG) frames from a folder plus timestamps file.
 
-    Output float32 ``[N, H, W]``: depth in metres (``depth_unit`` mm by default), thermal in
-    [0, 1]. PNGs are decoded with PyAV. A frame that does not decode, has the wrong bit depth
+    Output ``[N, H, W]``: depth as the PNG's uint16 millimetres (float32 metres when
+    ``depth_unit`` is ``m``), thermal as the PNG's uint8 / uint16 (their full range is [0, 1]);
+    ``sources.base.frame_values`` gives their float meaning. PNGs are decoded with PyAV. A frame that does not decode, has the wrong bit depth
     or a different size from the first raises :class:`SourceError` naming it, after the
     frames before it were emitted.
 
@@ -197,7 +201,7 @@ class FrameFolderSource:
                 self.cpu.resize_s += time.thread_time() - t1
         except (av.FFmpegError, OSError, StopIteration) as e:
             raise SourceError(f"{spec.label}: cannot decode frame {path}: {e or 'no image'}") from e
-        return _to_float(spec, raw, str(path))
+        return _frame_values(spec, raw, str(path))
 
 
 def _png_size(path: Path) -> tuple[int, int] | None:
@@ -217,7 +221,8 @@ class NpyFramesSource:
     """Depth or thermal frames from a ``[N, H, W]`` ``.npy`` array plus N timestamps.
 
     Depth: integer arrays are millimetres, float arrays metres, unless ``depth_unit`` says
-    otherwise. Thermal: uint8 / uint16 scaled by their full range, floats taken as [0, 1].
+    otherwise; uint16 millimetres travel as they are, anything else as float32 metres.
+    Thermal: uint8 / uint16 travel as they are (full range = [0, 1]), floats as float32.
     The array is memory-mapped, so only one chunk is in memory at a time.
     """
 
@@ -245,5 +250,5 @@ class NpyFramesSource:
 
     def __iter__(self) -> Iterator[Chunk]:
         batch = _Batcher(self.spec, self.chunk_seconds,
-                         lambda xs: _to_float(self.spec, np.stack(xs), str(self.spec.source)))
+                         lambda xs: _frame_values(self.spec, np.stack(xs), str(self.spec.source)))
         yield from _batched(batch, ((float(t), np.asarray(self._arr[i])) for i, t in enumerate(self._t)))

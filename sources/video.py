@@ -32,7 +32,7 @@ class VideoSource:
 
     ``vision``: uint8 ``[N, H, W, 3]`` RGB, scaled while decoding so the short side is
     ``video_size`` (scaling in swscale at decode keeps 4K input from ever existing as full
-    size RGB arrays). ``thermal``: float32 ``[N, H, W]`` luma in [0, 1] at native size.
+    size RGB arrays). ``thermal``: uint8 ``[N, H, W]`` luma at native size (255 = 1.0).
     Sample time = frame pts * time_base + ``spec.offset``. ``cpu`` accumulates the CPU seconds
     spent decoding and scaling (see :class:`sources._common._CpuMeter`).
 
@@ -58,8 +58,7 @@ class VideoSource:
     def __iter__(self) -> Iterator[Chunk]:
         spec = self.spec
         gray = spec.modality == "thermal"
-        pack = (lambda xs: np.stack(xs).astype(np.float32) / 255.0) if gray else np.stack
-        batch = _Batcher(spec, self.chunk_seconds, pack)
+        batch = _Batcher(spec, self.chunk_seconds, np.stack)
         with _open_media(spec) as container:
             if spec.track >= len(container.streams.video):
                 raise SourceError(f"{spec.label}: {spec.source} has {len(container.streams.video)} video tracks, "

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.demo import ensure_demo_session, write_demo_session
 from pipeline.session import load_session
+from sources.base import frame_values
 from sources.replay import open_session
 
 SECONDS = 2.0
@@ -63,10 +64,11 @@ def test_every_demo_stream_replays_over_the_whole_session(demo: Path) -> None:
     assert np.abs(data[:, 5]).max() > 0.05  # head yaw rate in rad/s
     t, depth = out["depth"]
     d = np.concatenate([c.data for c in depth])
-    assert len(t) == SECONDS * 10 and d.shape[1:] == (60, 80)
-    assert 0.8 < d[d > 0].min() and d.max() <= 3.0  # mm on disk, metres out
+    assert len(t) == SECONDS * 10 and d.shape[1:] == (60, 80) and d.dtype == np.uint16  # mm, as on disk
+    d = frame_values("depth", d)
+    assert 0.8 < d[d > 0].min() and d.max() <= 3.0  # metres
     t, thermal = out["thermal"]
-    th = np.concatenate([c.data for c in thermal])
+    th = frame_values("thermal", np.concatenate([c.data for c in thermal]))
     assert len(t) == SECONDS * 10 and 0.2 < th.min() and th.max() < 0.9
     t, caps = out["captions"]
     assert all(isinstance(x, str) and x for c in caps for x in c.data)

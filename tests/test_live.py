@@ -17,6 +17,7 @@ from live_peers import REAL_VIDEO, ImageZmqFeeder, ImuPublisher, UdpMpegTsServer
 from pipeline.clock import OffsetEstimator, SessionClock
 from pipeline.errors import ConfigError
 from pipeline.session import session_from_dict
+from sources.base import frame_values
 from sources.live import open_live_source
 
 needs_video = pytest.mark.skipif(not REAL_VIDEO.exists(), reason=f"{REAL_VIDEO} is absent")
@@ -136,7 +137,8 @@ def test_zmq_source_counts_malformed_messages_and_keeps_going(tmp_path):
     t = np.concatenate([c.t for c in chunks])
     np.testing.assert_allclose(t[:5], np.arange(5) + t[0] - round(t[0]), atol=1e-6)  # session clock = Unix - epoch
     assert round(t[0]) == t[0] or abs(t[0] - round(t[0])) < 1e-6
-    np.testing.assert_array_equal(chunks[0].data[0], good.astype(np.float32) / np.float32(1000))
+    assert chunks[0].data.dtype == np.uint16  # millimetres travel as sent
+    np.testing.assert_array_equal(frame_values("depth", chunks[0].data[0]), good.astype(np.float32) / np.float32(1000))
     assert src.dropped["bad_message"] >= 40
 
 

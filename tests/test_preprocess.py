@@ -151,6 +151,31 @@ def test_depth_on_real_middlebury_map() -> None:
     assert (out == 0).float().mean() < 0.5
 
 
+def test_integer_depth_and_thermal_give_exactly_the_floats_they_stand_for() -> None:
+    """Sources send 16-bit depth (mm) and 8/16-bit thermal as read; the encoder's conversion is
+    bit-identical to the float path (the real Middlebury map and every 16-bit value)."""
+    from PIL import Image
+
+    from sources.base import frame_values
+
+    with Image.open(_need(REAL / "motorcycle_depth_mm_u16.png")) as im:
+        mm = np.array(im).astype(np.uint16)
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    for frame in (mm, every):
+        as_int = P.prepare("depth", [frame, frame[::-1].copy()])
+        as_float = P.prepare("depth", [frame_values("depth", frame), frame_values("depth", frame[::-1].copy())])
+        assert torch.equal(as_int, as_float)
+    assert np.array_equal(P._frame_float(torch.from_numpy(every), "depth").numpy(), frame_values("depth", every))
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint8, np.uint16):
+        t = rng.integers(0, np.iinfo(dtype).max, size=(90, 120), endpoint=True).astype(dtype)
+        assert torch.equal(P.prepare("thermal", [t]), P.prepare("thermal", [frame_values("thermal", t)]))
+        assert np.array_equal(P._frame_float(torch.from_numpy(t), "thermal").numpy(), frame_values("thermal", t))
+    # one batch may mix sessions sending integers and floats
+    mixed = P.prepare("depth", [mm, frame_values("depth", mm)])
+    assert torch.equal(mixed[0], mixed[1])
+
+
 def test_thermal_keeps_unit_range() -> None:
     x = torch.linspace(0, 1, 480 * 640).reshape(1, 480, 640)
     out = P.thermal(x)

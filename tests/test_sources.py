@@ -19,7 +19,7 @@ from media_files import faststart_cut
 
 from pipeline.errors import ConfigError, SourceError
 from pipeline.session import FORMAT, StreamSpec, load_session
-from sources.base import AUDIO_RATE
+from sources.base import AUDIO_RATE, frame_values
 from sources.replay import open_source
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
@@ -128,8 +128,8 @@ def test_real_depth_png_as_one_frame_folder_reads_metres(tmp_path: Path) -> None
                  {"depth/000000.png": _real("motorcycle_depth_mm_u16.png"), "depth/ts.csv": "t\n0.25\n"})
     _, chunks = _drain(s.stream("depth"))
     (chunk,) = chunks
-    d = chunk.data
-    assert d.shape == (1, 500, 741) and d.dtype == np.float32 and chunk.t.tolist() == [0.25]
+    assert chunk.data.shape == (1, 500, 741) and chunk.data.dtype == np.uint16 and chunk.t.tolist() == [0.25]
+    d = frame_values("depth", chunk.data)  # the millimetres travel as read
     valid = d[d > 0]
     assert valid.min() == pytest.approx(2.110, abs=1e-3) and valid.max() == pytest.approx(5.017, abs=1e-3)
     assert (d == 0).any()  # pixels without ground truth stay "no reading"
@@ -213,10 +213,11 @@ def test_thermal_png_folder_scales_8_and_16_bit_to_unit_range(tmp_path: Path) ->
     ], {"t8.csv": "0\n100\n200\n", "t16.csv": "frame,t\n2.png,0.3\n0.png,0.1\n"})
     _, a = _drain(s.stream("a"))
     _, b = _drain(s.stream("b"))
-    a_data = np.concatenate([c.data for c in a])
+    assert a[0].data.dtype == np.uint8 and b[0].data.dtype == np.uint16  # travel as read
+    a_data = frame_values("thermal", np.concatenate([c.data for c in a]))
     assert a_data.shape == (3, 8, 8) and np.concatenate([c.t for c in a]).tolist() == pytest.approx([0, 0.1, 0.2])
     assert a_data[0, 0, 0] == 0.0 and a_data[0, 0, 7] == 1.0 and a_data[0, 7, 0] == pytest.approx(0.2)
-    b_data = np.concatenate([c.data for c in b])
+    b_data = frame_values("thermal", np.concatenate([c.data for c in b]))
     assert np.concatenate([c.t for c in b]).tolist() == [0.3, 0.1]  # only listed frames, in file order
     assert np.allclose(b_data, a_data[:2], atol=1e-6)
 
@@ -232,7 +233,7 @@ def test_eight_bit_png_in_a_depth_folder_is_an_error_naming_the_file(tmp_path: P
     with pytest.raises(SourceError, match=r"stream 'depth': depth frame .*1.png is gray, expected a 16-bit"):
         for c in open_source(s.stream("depth")):
             got.append(c)
-    assert len(got) == 1 and got[0].data[0, 0, 0] == pytest.approx(1.0)  # the good frame came first
+    assert len(got) == 1 and got[0].data[0, 0, 0] == 1000  # the good frame (millimetres) came first
 
 
 def test_timestamp_count_mismatch_is_a_source_error(tmp_path: Path) -> None:
@@ -256,9 +257,9 @@ def test_npy_depth_with_companion_times_integer_mm_and_float_m(tmp_path: Path) -
     _, mm = _drain(s.stream("mm"), chunk_seconds=0.5)
     assert [len(c) for c in mm] == [3, 2]
     assert np.concatenate([c.t for c in mm]).tolist() == pytest.approx([1.0, 1.2, 1.4, 1.6, 1.8])
-    assert mm[0].data.dtype == np.float32 and np.allclose(mm[0].data, 1.5)
+    assert mm[0].data.dtype == np.uint16 and np.allclose(frame_values("depth", mm[0].data), 1.5)
     _, m = _drain(s.stream("m"))
-    assert np.allclose(m[0].data, 1.25)
+    assert m[0].data.dtype == np.float32 and np.allclose(m[0].data, 1.25)
 
 
 def test_text_jsonl_keeps_good_lines_and_counts_bad_ones(tmp_path: Path, caplog) -> None:
@@ -336,7 +337,8 @@ def test_thermal_video_is_gray_in_unit_range(tmp_path: Path) -> None:
     spec = _video_spec(tmp_path, _real("realshort.mp4").read_bytes(), "thermal")
     chunks = list(open_source(spec))
     frames = np.concatenate([c.data for c in chunks])
-    assert frames.shape == (36, 240, 320) and frames.dtype == np.float32
+    assert frames.shape == (36, 240, 320) and frames.dtype == np.uint8  # luma as decoded
+    frames = frame_values("thermal", frames)
     assert 0.0 <= frames.min() and frames.max() <= 1.0 and frames.std() > 0.01
 
 

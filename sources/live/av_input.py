@@ -194,8 +194,7 @@ class AvLiveSource(LiveSource):
                     continue
                 t = self._map(container, frame.time, arrival)
                 if spec.modality == "thermal":
-                    img = frame.reformat(format="gray").to_ndarray().astype(np.float32) / np.float32(255.0)
-                    yield t, img
+                    yield t, frame.reformat(format="gray").to_ndarray()  # uint8: 255 = 1.0
                 else:
                     yield self.video_time(t), self.rgb(frame)
             if self.stopped:

@@ -27,7 +27,7 @@ import numpy as np
 import zmq
 
 from pipeline.protocol import ProtocolError, unpackb_bounded
-from sources.frames import _to_float
+from sources.frames import _frame_values
 from sources.live.base import POLL_S, LiveSource
 
 __all__ = ["ZmqSensorSource", "DTYPES", "DEFAULT_MAX_BYTES"]
@@ -91,7 +91,7 @@ class ZmqSensorSource(LiveSource):
                 yield self.video_time(self.clock.map(t, arrival)), self.rgb(img)
             return
         if self.spec.modality in ("depth", "thermal"):
-            arr = _to_float(self.spec, arr, "zmq message")
+            arr = _frame_values(self.spec, arr, "zmq message")
         else:
             arr = arr.astype(np.float32)
         for t, sample in zip(times, arr):
