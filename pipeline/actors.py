@@ -76,12 +76,14 @@ class SourceActor:
         from pipeline.guard import StreamGuard
         from pipeline.metrics import source_cpu_split
         from sources.base import Chunk
+        from sources._common import Prefetch
         from sources.replay import ReplayPacer, open_source
 
         stream = self.spec.id
         error: str | None = None
         inflight: collections.deque = collections.deque()
         source = None
+        prefetch = None
         guard = None
         select = None
         cpu0, wall_start = time.process_time(), time.time()  # this actor is the stream's own process
@@ -105,6 +107,13 @@ class SourceActor:
                 pacer = ReplayPacer(rate, float(self.options.get("chunk_seconds") or 1.0), next_need=self._next_need,
                                     wall0=start_at)
             sent_upto = -math.inf  # stream time up to which the aligner has every sample
+            reader = source
+            if pacer is not None:
+                # Paced replay: decode ahead in a thread of lower priority, in the slack before
+                # each chunk is due, not at the window ends where the encoder needs the cores.
+                prefetch = Prefetch(source, depth=2, niceness=4,
+                                    after_first=lambda: select is None or select.origin is not None)
+                reader = prefetch
 
             def send(chunk: Any) -> None:
                 nonlocal sent_upto
@@ -127,7 +136,7 @@ class SourceActor:
                 if chunk.passed is not None:
                     sent_upto = max(sent_upto, float(chunk.passed))
 
-            for chunk in source:
+            for chunk in reader:
                 if self._stop and self._live is None:  # a live source drains what it holds, then ends
                     break
                 chunk = guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
@@ -151,6 +160,8 @@ class SourceActor:
         except Exception as exc:  # reported with the stream id; other streams go on
             error = f"{type(exc).__name__}: {exc}"
             log.error("session '%s' stream '%s' failed: %s", self.session, stream, error)
+        if prefetch is not None:
+            prefetch.close()
         dropped = dict(getattr(source, "dropped", {}) or {})
         if guard is not None:
             dropped = guard.merge_into(dropped)
@@ -162,7 +173,8 @@ class SourceActor:
         ray.get(self.aligner.end_stream.remote(stream, error, dropped, self.chunks))
         return {"stream": stream, "chunks": self.chunks, "samples": self.samples, "error": error, "dropped": dropped,
                 "cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall_start, "t_start": wall_start,
-                "cpu_split": source_cpu_split(source, time.thread_time() - thread0),
+                "cpu_split": source_cpu_split(source, time.thread_time() - thread0
+                                              + (prefetch.thread_s if prefetch is not None else 0.0)),
                 "frames_skipped": select.skipped if select is not None else 0,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 **self._close_record()}

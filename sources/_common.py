@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import av
 import numpy as np
@@ -268,3 +270,94 @@ def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]]) -> Iterator[
     tail = batch.flush()
     if tail is not None:
         yield tail
+
+
+class Prefetch:
+    """Iterates ``source`` in a thread of its own, at most ``depth`` items ahead of the consumer.
+
+    Paced replay (``pipeline.actors.SourceActor``) holds each chunk until a live source could
+    send it. Read inline, the next chunk was decoded right after the previous one went out, i.e.
+    just after a window end, when every session's windows reach the encoder at once and need
+    the cores. Read here, decoding runs ahead in the slack, with ``niceness`` added to this
+    thread (Linux sets it per thread; FFmpeg's decoder threads, started from it, inherit it), so
+    it yields the cores to the latency-bound work. Items, then the source's end or its
+    exception, come out in order. ``thread_s``: this thread's CPU seconds, once it has ended;
+    ``close()`` stops it early. ``after_first``: called with no argument after the first item,
+    it is polled (up to ``after_first_s``) until it returns true before reading on: a frame
+    selector learns the window grid from the first chunk's reply, and frames read before it
+    would all be kept.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterable[Any], depth: int = 2, niceness: int = 0,
+                 after_first: Callable[[], bool] | None = None, after_first_s: float = 0.5) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._source = source
+        self._niceness = niceness
+        self._after_first = after_first
+        self._after_first_s = after_first_s
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.thread_s = 0.0
+        self.niceness_applied = False
+        self._thread = threading.Thread(target=self._work, name="source-prefetch", daemon=True)
+        self._thread.start()
+
+    def _renice(self) -> None:
+        if self._niceness <= 0 or not hasattr(os, "setpriority"):
+            return
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._niceness))
+            self.niceness_applied = True
+        except OSError as e:  # not permitted here: read at the process's priority
+            log.debug("prefetch: cannot renice thread %d: %s", tid, e)
+
+    def _work(self) -> None:
+        t0 = time.thread_time()
+        try:
+            self._renice()
+            first = True
+            for item in self._source:  # the source opens and decodes in this thread
+                if not self._put(item):
+                    return
+                if first and self._after_first is not None:
+                    deadline = time.monotonic() + self._after_first_s
+                    while not self._after_first() and time.monotonic() < deadline and not self._stop.is_set():
+                        time.sleep(0.005)
+                first = False
+            self._put(self._END)
+        except BaseException as e:  # delivered in order, after the items before it
+            self._put(e)
+        finally:
+            self.thread_s = time.thread_time() - t0
+
+    def _put(self, x: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            x = self._q.get()
+            if x is self._END:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+
+    def close(self) -> None:
+        """Stop reading ahead and wait for the thread (it ends at its next item)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)

@@ -134,3 +134,64 @@ def test_a_frame_goes_out_when_its_window_waits_not_when_the_next_frame_exists()
         list(pacer.wait(c, lambda: -np.inf))
         sent.append((round(ft.now - 100.0, 6), c.passed))
     assert sent == [(0.5, 0.5), (1.05, 1.05)]
+
+
+# -- reading ahead (sources._common.Prefetch), as paced replay sources do ---------------------
+
+
+def test_prefetch_reads_ahead_in_order_at_lower_priority_and_ends_with_the_sources_error():
+    import os
+    import threading
+    import time
+
+    from sources._common import Prefetch
+
+    seen = {}
+
+    def source():
+        seen["tid"] = threading.get_native_id()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, seen["tid"])
+        for i in range(5):
+            seen["read"] = i
+            yield i
+        raise ValueError("frame 5 is corrupt")
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    p = Prefetch(source(), depth=2, niceness=3)
+    time.sleep(0.2)
+    assert seen["read"] == 2  # two items queued and a third waiting to go in: bounded
+    got = []
+    with pytest.raises(ValueError, match="frame 5 is corrupt"):
+        for x in p:
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+    assert seen["tid"] != threading.get_native_id()  # decoded in the prefetch thread
+    if p.niceness_applied:
+        assert seen["nice"] == min(19, base + 3)
+    p.close()
+
+
+def test_prefetch_waits_for_the_grid_after_the_first_item_and_close_stops_it():
+    import itertools
+    import time
+
+    from sources._common import Prefetch
+
+    grid = {"known": False}
+    read = []
+
+    def source():
+        for i in itertools.count():
+            read.append(i)
+            yield i
+
+    p = Prefetch(source(), depth=4, after_first=lambda: grid["known"], after_first_s=5.0)
+    time.sleep(0.2)
+    assert read == [0]  # the rest waits until the grid is known (frames read before it are all kept)
+    grid["known"] = True
+    time.sleep(0.2)
+    assert len(read) >= 4
+    p.close()
+    n = len(read)
+    time.sleep(0.1)
+    assert len(read) == n  # stopped
