@@ -68,6 +68,9 @@ class SourceActor:
         import sources.live  # noqa: F401
         import sources.replay  # noqa: F401
 
+        # The first call to an actor sets up the connection to it (tenths of a second on a busy
+        # machine): made here, not by the first chunk of the run.
+        ray.get(self.aligner.progress.remote())
         return os.getpid()
 
     def run(self, rate: float, max_inflight: int, start_at: float | None = None) -> dict[str, Any]:
@@ -319,6 +322,10 @@ class EncoderActor:
             "thermal": np.full((224, 224), 0.5, dtype=np.float32),
             "text": "warm up",
         }
+        if self._metrics is None:  # registering the Ray metrics takes a while: not on the first batch
+            from pipeline.metrics import RayMetrics
+
+            self._metrics = RayMetrics()
         t0 = time.perf_counter()
         for modality in self.model.modalities:
             if modality in examples:
@@ -628,6 +635,13 @@ class AlignerActor:
         self._ensure_tasks()
         await self._done.wait()
         return self.summary()
+
+    async def connect(self) -> dict[str, Any]:
+        """Call every encoder and the publisher once before the run, so the first windows do not
+        pay for setting up those connections; returns :meth:`progress`."""
+        await asyncio.gather(*(e.info.remote() for e in self.encoders), self.publisher.pid.remote(),
+                             return_exceptions=True)  # a dead actor is the run's business, reported there
+        return self.progress()
 
     def progress(self) -> dict[str, Any]:
         return {

@@ -231,7 +231,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         actors += aligners + sources
         # Every actor started before any stream reads (SourceActor.ready). Failures are left to
         # the run calls below, which report them per stream.
-        starting = [s.ready.remote() for s in sources] + [a.progress.remote() for a in aligners]
+        starting = [s.ready.remote() for s in sources] + [a.connect.remote() for a in aligners]
         ray.wait(starting, num_returns=len(starting), timeout=120)
         done_refs = [al.wait_done.remote() for al in aligners]
         # Paced replay keeps one clock for every stream: each maps its first sample to this
