@@ -1041,7 +1041,6 @@ class AlignerActor:
         self._shed: collections.Counter[str] = collections.Counter()
         self._served_s = 0.0  # EWMA of dispatch -> publish time of one window
         self._dispatched_at: dict[int, float] = {}
-        self._thin = 0
 
     @staticmethod
     def _age(w: Window, now: float) -> float:
@@ -1055,7 +1054,9 @@ class AlignerActor:
         now = time.time()
         subsample = set(live.get("subsample") or ()) if live.get("shed") == "subsample" else set()
         admit: list[Window] = []
-        while self._backlog and len(self._pending) + len(admit) < cap:
+        # The cap counts windows: with ``release: stream`` a window comes in several parts.
+        busy = {w.index for w, _ in self._pending}
+        while self._backlog and (len(busy) < cap or self._backlog[0].index in busy):
             w = self._backlog.popleft()
             if bound > 0:
                 expected = self._age(w, now) + self._served_s
@@ -1068,14 +1069,14 @@ class AlignerActor:
                         self._served_s *= 0.5
                     continue
                 if subsample and expected > bound / 2:
-                    self._thin += 1
-                    if self._thin % 2:
+                    if w.index % 2:  # every other window, by index: the same for all its parts
                         keep = [it for it in w.items if it.modality not in subsample]
                         for it in w.items:
                             if it.modality in subsample:
                                 self._shed[f"{it.stream}:subsampled"] += 1
                         w.items = keep
             admit.append(w)
+            busy.add(w.index)
         for w in admit:
             self._dispatched_at[id(w)] = now
         if admit:
