@@ -289,7 +289,7 @@ class EncoderActor:
         # tower's batch is formed when that thread is free (pipeline/batching.py).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._batcher = TowerBatcher(self._run_batch, max_batch=max_batch, max_wait_s=self.max_wait_s, name="encoder")
-        self._metrics: Any = None  # pipeline.metrics.RayMetrics, made on the first batch
+        self._metrics: Any = None  # pipeline.metrics.RayMetrics, made in warmup() (or on the first batch)
         self.items = collections.Counter()
         self.forward_s = collections.Counter()
 
