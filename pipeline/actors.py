@@ -322,10 +322,7 @@ class EncoderActor:
             "thermal": np.full((224, 224), 0.5, dtype=np.float32),
             "text": "warm up",
         }
-        if self._metrics is None:  # registering the Ray metrics takes a while: not on the first batch
-            from pipeline.metrics import RayMetrics
-
-            self._metrics = RayMetrics()
+        self._ray_metrics()  # registering them takes a while: not on the first batch
         t0 = time.perf_counter()
         for modality in self.model.modalities:
             if modality in examples:
@@ -364,13 +361,17 @@ class EncoderActor:
         t1 = time.time()
         return [(r, t0, t1) for r in rows]
 
-    async def _run_batch(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
-        loop = asyncio.get_running_loop()
+    def _ray_metrics(self) -> Any:
+        """The encoder's :class:`pipeline.metrics.RayMetrics`, registered on first use."""
         if self._metrics is None:
             from pipeline.metrics import RayMetrics
 
             self._metrics = RayMetrics()
-        self._metrics.batch(modality, len(payloads), self._batcher.depth(modality))
+        return self._metrics
+
+    async def _run_batch(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
+        loop = asyncio.get_running_loop()
+        self._ray_metrics().batch(modality, len(payloads), self._batcher.depth(modality))
         return await loop.run_in_executor(self._pool, self._forward_timed, modality, payloads)
 
     async def _submit(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:

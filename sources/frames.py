@@ -117,9 +117,9 @@ class FrameFolderSource:
 
     Output ``[N, H, W]``: depth as the PNG's uint16 millimetres (float32 metres when
     ``depth_unit`` is ``m``), thermal as the PNG's uint8 / uint16 (their full range is [0, 1]);
-    ``sources.base.frame_values`` gives their float meaning. PNGs are decoded with PyAV. A frame that does not decode, has the wrong bit depth
-    or a different size from the first raises :class:`SourceError` naming it, after the
-    frames before it were emitted.
+    ``sources.base.frame_values`` gives their float meaning. PNGs are decoded with PyAV. A
+    frame that does not decode, has the wrong bit depth or a different size from the first
+    raises :class:`SourceError` naming it, after the frames before it were emitted.
 
     ``select``: a :class:`pipeline.align.FrameSelector`; a frame no window can pick is not
     decoded at all (its file is not opened, so a broken PNG there goes unnoticed).
