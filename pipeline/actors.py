@@ -113,9 +113,11 @@ class SourceActor:
             reader = source
             if pacer is not None:
                 # Paced replay: decode ahead in a thread of lower priority, in the slack before
-                # each chunk is due, not at the window ends where the encoder needs the cores.
-                prefetch = Prefetch(source, depth=2, niceness=4,
-                                    after_first=lambda: select is None or select.origin is not None)
+                # each chunk is due: half a chunk's period after the last one went out, away
+                # from the window ends where the encoder needs the cores.
+                prefetch = Prefetch(source, depth=2, niceness=4, holdoff_s=pacer.every / rate / 2,
+                                    after_first=lambda: select is None or select.origin is not None,
+                                    after_first_s=max(0.0, (start_at or 0.0) - time.time()) + 0.5)
                 reader = prefetch
 
             def send(chunk: Any) -> None:
@@ -152,7 +154,11 @@ class SourceActor:
                 # for the stream, and each piece waits until a live source could send it;
                 # watermark-only chunks tell the aligner meanwhile that a sparse stream has
                 # nothing before the replay clock.
-                for piece in self._paced_pieces(pacer, chunk, select):
+                for piece, paced in self._paced_pieces(pacer, chunk, select, start_at):
+                    if not paced:
+                        pacer.anchor(piece)
+                        send(piece)
+                        continue
                     for x in pacer.wait(piece, lambda: sent_upto):
                         send(Chunk(stream=stream, modality=self.spec.modality, t=np.empty(0, dtype=np.float64),
                                    data=[] if self.spec.modality == "text" else np.empty(0, dtype=np.float32),
@@ -182,13 +188,15 @@ class SourceActor:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 **self._close_record()}
 
-    def _paced_pieces(self, pacer: Any, chunk: Any, select: Any) -> Iterator[Any]:
-        """``chunk`` in the pieces paced replay sends (``ReplayPacer.split``). The stream's very
-        first sample goes alone and at once (promising nothing past itself, so a sparse stream
-        does not hold it back for a watermark), and the source then waits briefly for the
-        session's grid: every stream starts at the same moment, so it is fixed within
-        milliseconds, and without it the rest of the first chunk could not be cut at the first
-        window's end."""
+    def _paced_pieces(self, pacer: Any, chunk: Any, select: Any,
+                      start_at: float | None) -> Iterator[tuple[Any, bool]]:
+        """``chunk`` in the pieces paced replay sends (``ReplayPacer.split``), each with whether
+        it waits for the replay clock. The stream's very first sample goes alone and at once,
+        before the clock starts (``start_at``; it promises nothing past itself, so a sparse
+        stream does not hold it back for a watermark). The session's grid is fixed from every
+        stream's first sample, so it is known before the clock starts: the rest of the first
+        chunk is cut at the first window's end, and the frame selector and the read-ahead
+        (``Prefetch``) work from the first chunk on, not in the first window."""
         from sources.replay import cut_chunk
 
         if self._grid_origin is None and self.chunks == 0:
@@ -197,11 +205,13 @@ class SourceActor:
             else:
                 head, chunk = chunk, None
             head.passed = None
-            yield head
-            self._origin(select, ray.get(self.aligner.wait_origin.remote(0.25)))
+            yield head, False
+            wait_s = 0.25 + max(0.0, (start_at or 0.0) - time.time())
+            self._origin(select, ray.get(self.aligner.wait_origin.remote(wait_s)))
             if chunk is None:
                 return
-        yield from pacer.split(chunk)
+        for piece in pacer.split(chunk):
+            yield piece, True
 
     def _selector(self) -> Any:
         """The stream's frame selector (docs/alignment.md), or ``None``: off, or every frame counts."""

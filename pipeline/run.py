@@ -235,8 +235,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         ray.wait(starting, num_returns=len(starting), timeout=120)
         done_refs = [al.wait_done.remote() for al in aligners]
         # Paced replay keeps one clock for every stream: each maps its first sample to this
-        # wall time, however late its run call lands (a little ahead, so the first does not).
-        start_at = time.time() + 0.1
+        # wall time, however late its run call lands. The lead lets every source read its
+        # first chunks ahead and the aligners fix each session's grid before the clock starts,
+        # so the first windows do not meet the start-up decoding (SourceActor._paced_pieces).
+        lead = min(3.0, 2 * cfg.chunk_seconds / cfg.rate) if cfg.rate > 0 else 0.0
+        start_at = time.time() + 0.1 + lead
         for src in sources:
             runs.append(src.run.remote(cfg.rate, cfg.max_inflight_chunks, start_at))
         watch.started(runs)

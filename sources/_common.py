@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -254,14 +254,22 @@ def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stre
 SKIPPED = object()
 
 
-def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]]) -> Iterator[Chunk]:
+def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]], first_alone: bool = False) -> Iterator[Chunk]:
     """Chunks of ``samples``; on :class:`SourceError` the buffered tail is emitted first.
-    An item ``SKIPPED`` is a frame left out by frame selection (only its time counts)."""
+    An item ``SKIPPED`` is a frame left out by frame selection (only its time counts).
+    ``first_alone``: the first sample is a chunk of its own (a frame selector that does not
+    know the window grid yet keeps every frame: the session's grid is fixed from every
+    stream's first sample, and the frames after it can then be selected)."""
     try:
         for t, item in samples:
             chunk = batch.skip(t) if item is SKIPPED else batch.add(t, item)
             if chunk is not None:
                 yield chunk
+            if first_alone:
+                first_alone = False
+                chunk = batch.flush()
+                if chunk is not None:
+                    yield chunk
     except SourceError:
         tail = batch.flush()
         if tail is not None:
@@ -278,28 +286,40 @@ class Prefetch:
     Paced replay (``pipeline.actors.SourceActor``) holds each chunk until a live source could
     send it. Read inline, the next chunk was decoded right after the previous one went out, i.e.
     just after a window end, when every session's windows reach the encoder at once and need
-    the cores. Read here, decoding runs ahead in the slack, with ``niceness`` added to this
-    thread (Linux sets it per thread; FFmpeg's decoder threads, started from it, inherit it), so
-    it yields the cores to the latency-bound work. Items, then the source's end or its
-    exception, come out in order. ``thread_s``: this thread's CPU seconds, once it has ended;
-    ``close()`` stops it early. ``after_first``: called with no argument after the first item,
-    it is polled (up to ``after_first_s``) until it returns true before reading on: a frame
-    selector learns the window grid from the first chunk's reply, and frames read before it
-    would all be kept.
+    the cores. Read here, decoding runs ahead in the slack:
+
+    - ``holdoff_s``: while the consumer still holds an item, the next one is read no sooner
+      than this long after the consumer last took one. The consumer takes items at window
+      ends; half a chunk's period later the encoder's burst is over. A consumer that has
+      nothing left is never kept waiting.
+    - ``niceness`` is added to this thread (Linux sets it per thread; FFmpeg's decoder threads,
+      started from it, inherit it), so what decoding still meets of the burst yields the cores.
+
+    Items, then the source's end or its exception, come out in order. ``thread_s``: this
+    thread's CPU seconds, once it has ended; ``close()`` stops it early. ``after_first``:
+    called with no argument after the first item, it is polled (up to ``after_first_s``) until
+    it returns true before reading on: a frame selector learns the window grid from the first
+    chunk's reply, and frames read before it would all be kept.
     """
 
     _END = object()
 
-    def __init__(self, source: Iterable[Any], depth: int = 2, niceness: int = 0,
+    def __init__(self, source: Iterable[Any], depth: int = 2, niceness: int = 0, holdoff_s: float = 0.0,
                  after_first: Callable[[], bool] | None = None, after_first_s: float = 0.5) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        if not holdoff_s >= 0:
+            raise ValueError(f"holdoff_s must be >= 0, got {holdoff_s}")
         self._source = source
+        self._depth = depth
         self._niceness = niceness
+        self._holdoff_s = holdoff_s
         self._after_first = after_first
         self._after_first_s = after_first_s
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._items: collections.deque[Any] = collections.deque()
+        self._cv = threading.Condition()
+        self._taken_at: float | None = None  # time.monotonic() of the consumer's last take
+        self._stop = False
         self.thread_s = 0.0
         self.niceness_applied = False
         self._thread = threading.Thread(target=self._work, name="source-prefetch", daemon=True)
@@ -319,33 +339,53 @@ class Prefetch:
         t0 = time.thread_time()
         try:
             self._renice()
+            items = iter(self._source)  # the source opens and decodes in this thread
             first = True
-            for item in self._source:  # the source opens and decodes in this thread
-                if not self._put(item):
+            while self._wait_for_room():
+                try:
+                    item = next(items)
+                except StopIteration:
+                    self._put(self._END)
                     return
+                self._put(item)
                 if first and self._after_first is not None:
                     deadline = time.monotonic() + self._after_first_s
-                    while not self._after_first() and time.monotonic() < deadline and not self._stop.is_set():
+                    while not self._after_first() and time.monotonic() < deadline and not self._stop:
                         time.sleep(0.005)
                 first = False
-            self._put(self._END)
         except BaseException as e:  # delivered in order, after the items before it
             self._put(e)
         finally:
             self.thread_s = time.thread_time() - t0
 
-    def _put(self, x: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _wait_for_room(self) -> bool:
+        """Block until the next item may be read (room, and the hold-off over); false once closed."""
+        with self._cv:
+            while not self._stop:
+                if len(self._items) >= self._depth:
+                    self._cv.wait()
+                    continue
+                if not self._items or self._taken_at is None:
+                    return True  # the consumer is waiting, or has not started: read now
+                wait = self._taken_at + self._holdoff_s - time.monotonic()
+                if wait <= 0:
+                    return True
+                self._cv.wait(wait)  # woken early when the consumer takes the last item
+            return False
+
+    def _put(self, x: Any) -> None:
+        with self._cv:
+            self._items.append(x)
+            self._cv.notify_all()
 
     def __iter__(self) -> Iterator[Any]:
         while True:
-            x = self._q.get()
+            with self._cv:
+                while not self._items:
+                    self._cv.wait()
+                x = self._items.popleft()
+                self._taken_at = time.monotonic()
+                self._cv.notify_all()
             if x is self._END:
                 return
             if isinstance(x, BaseException):
@@ -353,11 +393,9 @@ class Prefetch:
             yield x
 
     def close(self) -> None:
-        """Stop reading ahead and wait for the thread (it ends at its next item)."""
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._q.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=0.05)
+        """Stop reading ahead and wait for the thread (it ends after the item it is reading)."""
+        with self._cv:
+            self._stop = True
+            self._items.clear()
+            self._cv.notify_all()
+        self._thread.join()

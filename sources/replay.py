@@ -117,6 +117,12 @@ class ReplayPacer:
             pieces.append(piece)
         return pieces + [chunk]
 
+    def anchor(self, chunk: Chunk) -> None:
+        """Start the stream's clock at ``chunk``'s first sample without waiting (paced replay
+        sends a stream's first sample before the run's clock starts, see ``SourceActor``)."""
+        if self.t_first is None:
+            self.t_first = float(np.nanmin(chunk.t))
+
     def _wall(self, x: float) -> float:
         assert self.t_first is not None
         return self.wall0 + (x - self.t_first) / self.rate
@@ -125,8 +131,7 @@ class ReplayPacer:
         """Sleep until ``chunk`` is due, yielding watermark times to send on the way.
         ``sent_upto()``: stream time up to which the aligner has every sample of the stream."""
         cap = float(np.nanmin(chunk.t))  # nothing is promised past an unsent sample
-        if self.t_first is None:
-            self.t_first = cap
+        self.anchor(chunk)
         newest = float(np.nanmax(chunk.t))
         x_send = min(chunk.known_at(), newest + self.every)
         need = self.next_need(newest) if self.next_need is not None else None

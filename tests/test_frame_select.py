@@ -120,6 +120,28 @@ def _same_windows(a, b) -> None:
             np.testing.assert_array_equal(np.asarray(x.payload), np.asarray(y.payload))
 
 
+def test_a_selected_video_sends_its_first_frame_alone_so_the_rest_is_selected(tmp_path):
+    """Before the grid is known a selector keeps every frame; the grid is fixed from every
+    stream's first sample. So a selected source's first chunk is that one frame, and the
+    frames after it, read once the grid is known (as paced replay's read-ahead does), are
+    selected from the first chunk length on."""
+    from sources.replay import open_source
+
+    sess = load_session(write_demo_session(tmp_path / "d", seconds=6.0, seed=3, name="first"))
+    cam = next(s for s in sess.streams if s.modality == "vision")
+    cfg = AlignConfig()
+    sel = frame_selector("vision", cfg)
+    chunks = iter(open_source(cam, chunk_seconds=1.0, select=sel))
+    first = next(chunks)
+    assert len(first) == 1  # the head alone, before the grid exists
+    sel.origin = float(first.t[0])  # what the aligner replies (this stream starts the session)
+    rest = list(chunks)
+    frames = 1 + sum(len(c) for c in rest)
+    assert sel.skipped > 0 and frames == sel.kept
+    every = list(open_source(cam, chunk_seconds=1.0))
+    assert not any(len(c) == 1 for c in every[:-1])  # plain reading: no one-frame first chunk
+
+
 def test_decoded_sessions_give_the_same_windows_with_and_without_selection(tmp_path):
     """Real decoding: the demo session (H.264 camera, 16-bit depth and 8-bit thermal PNGs)."""
     sess = load_session(write_demo_session(tmp_path / "d", seconds=6.0, seed=2, name="sel"))

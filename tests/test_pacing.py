@@ -69,6 +69,21 @@ def test_twice_as_fast_halves_every_wall_time():
     assert [(w / 2, k, p) for w, k, p in slow] == fast
 
 
+def test_a_first_sample_sent_before_the_clock_starts_anchors_the_stream_clock():
+    """Paced replay sends a stream's first sample before the run's start (``anchor``, no wait);
+    the stream's later samples keep the times they have relative to it, from ``wall0``."""
+    ft = FakeTime()
+    pacer = ReplayPacer(1.0, 0.5, clock=ft.clock, sleep=ft.sleep, wall0=102.0)  # the clock starts in 2 s
+    head = Chunk("imu", "imu", np.array([10.0]), np.zeros((1, 6)))
+    pacer.anchor(head)
+    assert ft.now == 100.0  # not waited for
+    rest = Chunk("imu", "imu", np.array([10.1, 10.2, 10.3]), np.zeros((3, 6)), passed=10.4)
+    assert list(pacer.wait(rest, lambda: 10.0)) == []
+    assert ft.now == pytest.approx(102.4)  # 0.4 s of stream time after the head, from the start
+    pacer.anchor(rest)  # a stream is anchored once
+    assert pacer.t_first == 10.0
+
+
 def test_rate_and_every_must_be_positive():
     with pytest.raises(ValueError):
         ReplayPacer(0.0, 0.5)
@@ -159,7 +174,7 @@ def test_prefetch_reads_ahead_in_order_at_lower_priority_and_ends_with_the_sourc
     base = os.getpriority(os.PRIO_PROCESS, 0)
     p = Prefetch(source(), depth=2, niceness=3)
     time.sleep(0.2)
-    assert seen["read"] == 2  # two items queued and a third waiting to go in: bounded
+    assert seen["read"] == 1  # two items read ahead, no more: bounded
     got = []
     with pytest.raises(ValueError, match="frame 5 is corrupt"):
         for x in p:
@@ -168,6 +183,36 @@ def test_prefetch_reads_ahead_in_order_at_lower_priority_and_ends_with_the_sourc
     assert seen["tid"] != threading.get_native_id()  # decoded in the prefetch thread
     if p.niceness_applied:
         assert seen["nice"] == min(19, base + 3)
+    p.close()
+
+
+def test_prefetch_holds_off_after_a_take_unless_the_consumer_has_nothing_left():
+    import time
+
+    from sources._common import Prefetch
+
+    read_at = {}
+
+    def source():
+        for i in range(6):
+            read_at[i] = time.monotonic()
+            yield i
+
+    p = Prefetch(source(), depth=2, holdoff_s=0.5)
+    time.sleep(0.1)
+    assert sorted(read_at) == [0, 1]  # read ahead at once: nothing taken yet
+    it = iter(p)
+    assert next(it) == 0
+    taken = time.monotonic()
+    time.sleep(0.1)
+    assert 2 not in read_at  # the consumer still holds item 1: reading waits
+    time.sleep(0.8)
+    assert 2 in read_at and read_at[2] - taken >= 0.49  # read once the hold-off passed
+    assert next(it) == 1
+    assert next(it) == 2  # nothing left after this take: the next read does not wait
+    t = time.monotonic()
+    assert next(it) == 3 and time.monotonic() - t < 0.3
+    assert list(it) == [4, 5]
     p.close()
 
 
