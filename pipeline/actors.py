@@ -120,9 +120,11 @@ class SourceActor:
                                     after_first_s=max(0.0, (start_at or 0.0) - time.time()) + 0.5)
                 reader = prefetch
 
-            def send(chunk: Any) -> None:
+            def send(chunk: Any, due: float | None = None) -> None:
                 nonlocal sent_upto
-                chunk.t_ingest = time.time()
+                # A sample sent before the replay clock reaches it (a stream's first, see
+                # _paced_pieces) counts as entering when a live source could have sent it.
+                chunk.t_ingest = max(time.time(), due) if due is not None else time.time()
                 while len(inflight) >= max_inflight:
                     self._origin(select, ray.get(inflight.popleft()))  # raises if the aligner refused the chunk
                 inflight.append(self.aligner.push.remote(chunk, self.chunks))
@@ -156,8 +158,7 @@ class SourceActor:
                 # nothing before the replay clock.
                 for piece, paced in self._paced_pieces(pacer, chunk, select, start_at):
                     if not paced:
-                        pacer.anchor(piece)
-                        send(piece)
+                        send(piece, due=pacer.anchor(piece))
                         continue
                     for x in pacer.wait(piece, lambda: sent_upto):
                         send(Chunk(stream=stream, modality=self.spec.modality, t=np.empty(0, dtype=np.float64),

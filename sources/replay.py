@@ -117,13 +117,17 @@ class ReplayPacer:
             pieces.append(piece)
         return pieces + [chunk]
 
-    def anchor(self, chunk: Chunk) -> None:
+    def anchor(self, chunk: Chunk) -> float:
         """Start the stream's clock at ``chunk``'s first sample without waiting (paced replay
-        sends a stream's first sample before the run's clock starts, see ``SourceActor``)."""
+        sends a stream's first sample before the run's clock starts, see ``SourceActor``).
+        Returns the wall time at which the clock reaches ``chunk``'s newest sample: when a live
+        source could have sent it, which is when it counts as entering the pipeline."""
         if self.t_first is None:
             self.t_first = float(np.nanmin(chunk.t))
+        return self.wall(float(np.nanmax(chunk.t)))
 
-    def _wall(self, x: float) -> float:
+    def wall(self, x: float) -> float:
+        """The wall time (``time.time()`` seconds) at which the replay clock reaches stream time ``x``."""
         assert self.t_first is not None
         return self.wall0 + (x - self.t_first) / self.rate
 
@@ -142,7 +146,7 @@ class ReplayPacer:
             x_send = need
         if chunk.passed is not None:
             chunk.passed = min(float(chunk.passed), x_send)
-        due = self._wall(x_send)
+        due = self.wall(x_send)
         while True:
             now = self.clock()
             if now >= due:
@@ -155,7 +159,7 @@ class ReplayPacer:
             if not math.isfinite(x_beat) or x_beat >= cap:
                 self.sleep(due - now)
                 return
-            t_beat = self._wall(x_beat)
+            t_beat = self.wall(x_beat)
             if t_beat > now:
                 self.sleep(t_beat - now)
             yield x_beat

@@ -75,12 +75,12 @@ def test_a_first_sample_sent_before_the_clock_starts_anchors_the_stream_clock():
     ft = FakeTime()
     pacer = ReplayPacer(1.0, 0.5, clock=ft.clock, sleep=ft.sleep, wall0=102.0)  # the clock starts in 2 s
     head = Chunk("imu", "imu", np.array([10.0]), np.zeros((1, 6)))
-    pacer.anchor(head)
+    assert pacer.anchor(head) == 102.0  # counts as entering when the clock reaches it
     assert ft.now == 100.0  # not waited for
     rest = Chunk("imu", "imu", np.array([10.1, 10.2, 10.3]), np.zeros((3, 6)), passed=10.4)
     assert list(pacer.wait(rest, lambda: 10.0)) == []
     assert ft.now == pytest.approx(102.4)  # 0.4 s of stream time after the head, from the start
-    pacer.anchor(rest)  # a stream is anchored once
+    assert pacer.anchor(rest) == pytest.approx(102.3)  # a stream is anchored once
     assert pacer.t_first == 10.0
 
 
