@@ -135,7 +135,8 @@ class ReplayPacer:
         """Sleep until ``chunk`` is due, yielding watermark times to send on the way.
         ``sent_upto()``: stream time up to which the aligner has every sample of the stream."""
         cap = float(np.nanmin(chunk.t))  # nothing is promised past an unsent sample
-        self.anchor(chunk)
+        if self.t_first is None:
+            self.t_first = cap
         newest = float(np.nanmax(chunk.t))
         x_send = min(chunk.known_at(), newest + self.every)
         need = self.next_need(newest) if self.next_need is not None else None
