@@ -142,10 +142,17 @@ def image(frames: torch.Tensor) -> torch.Tensor:
     resized values are clamped and rounded to 0..255 first, as PIL's uint8 resize in the
     reference does, which keeps us within a few 1e-2 of the reference on real photos.
     """
+    return _image(frames).contiguous()
+
+
+def _image(frames: torch.Tensor) -> torch.Tensor:
+    """:func:`image` without the final copy: the result keeps the channels-last strides of the
+    input (:func:`clip` permutes it once more, so it copies once, not twice)."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"image: expected frames [B, H, W, 3], got shape {tuple(frames.shape)}")
     h, w = frames.shape[1:3]
-    if _resized_hw(h, w, IMAGE_SIZE) == (h, w):
+    at_size = _resized_hw(h, w, IMAGE_SIZE) == (h, w)
+    if at_size:
         # Already at the model's size (the sources decode to a 224 short side): the resize is
         # the identity and every step below acts per pixel, so cropping first gives the same
         # values and converts ~40 % fewer pixels of a 16:9 frame.
@@ -153,14 +160,14 @@ def image(frames: torch.Tensor) -> torch.Tensor:
         frames = frames[:, top : top + IMAGE_SIZE, left : left + IMAGE_SIZE]
     x, is_uint8 = _to_unit_float(frames)
     x = x.permute(0, 3, 1, 2)  # (B, 3, H, W)
-    x = resize_short_side(x)
-    if is_uint8:
-        x = x.clamp_(0.0, 255.0).round_().div_(255.0)
+    if is_uint8 and at_size:
+        x = x / 255.0  # whole numbers in 0..255, not resized: the clamp and round are no-ops
     else:
-        x = x.clamp(0.0, 1.0)
-    x = center_crop(x)
+        x = resize_short_side(x)
+        x = x.clamp_(0.0, 255.0).round_().div_(255.0) if is_uint8 else x.clamp(0.0, 1.0)
+        x = center_crop(x)
     mean, std = _mean_std(x.device, x.dtype)
-    return ((x - mean) / std).contiguous()
+    return (x - mean) / std
 
 
 def clip(frames: torch.Tensor) -> torch.Tensor:
@@ -168,8 +175,8 @@ def clip(frames: torch.Tensor) -> torch.Tensor:
     if frames.ndim != 5 or frames.shape[-1] != 3:
         raise ValueError(f"clip: expected frames [B, T, H, W, 3], got shape {tuple(frames.shape)}")
     b, t = frames.shape[:2]
-    x = image(frames.reshape(b * t, *frames.shape[2:]))  # (B*T, 3, 224, 224)
-    return x.view(b, t, 3, IMAGE_SIZE, IMAGE_SIZE).permute(0, 2, 1, 3, 4).contiguous()
+    x = _image(frames.reshape(b * t, *frames.shape[2:]))  # (B*T, 3, 224, 224)
+    return x.reshape(b, t, 3, IMAGE_SIZE, IMAGE_SIZE).permute(0, 2, 1, 3, 4).contiguous()
 
 
 def _fbank_one(wave: torch.Tensor) -> torch.Tensor:
@@ -226,14 +233,39 @@ def depth(
     """
     if depth_m.ndim != 3:
         raise ValueError(f"depth: expected depth maps [B, H, W] in metres, got shape {tuple(depth_m.shape)}")
+    return _disparity_input(_disparity(depth_m, focal_px=focal_px, baseline_m=baseline_m))
+
+
+def _disparity(
+    depth_m: torch.Tensor, *, focal_px: float = DEPTH_FOCAL_PX, baseline_m: float = DEPTH_BASELINE_M
+) -> torch.Tensor:
+    """The per-pixel part of :func:`depth`: metres (any shape) -> normalised disparity."""
     d = depth_m.to(torch.float32)
     valid = torch.isfinite(d) & (d > 0)
     d = torch.where(valid, d, torch.ones_like(d)).clamp(DEPTH_MIN_M, DEPTH_MAX_M)
     disp = (baseline_m * focal_px) / d
     disp = disp.clamp(DISPARITY_MIN, DISPARITY_MAX) / DISPARITY_MAX
-    disp = torch.where(valid, disp, torch.zeros_like(disp))
+    return torch.where(valid, disp, torch.zeros_like(disp))
+
+
+def _disparity_input(disp: torch.Tensor) -> torch.Tensor:
+    """The spatial part of :func:`depth`: disparity ``[B, H, W]`` -> ``[B, 1, 224, 224]``."""
     out = _resize_crop_single_channel(disp.unsqueeze(1))
     return out.clamp_(0.0, 1.0).contiguous()
+
+
+_MM_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _disparity_from_mm(mm: torch.Tensor) -> torch.Tensor:
+    """uint16 millimetres -> :func:`_disparity` of ``mm / 1000``, looked up in a table of all
+    65536 values made with that same arithmetic (so bit-identical), one gather instead of
+    eight passes over the frame (about 4x faster on a CPU)."""
+    table = _MM_TABLES.get(mm.device)
+    if table is None:
+        every = torch.arange(65536, device=mm.device, dtype=torch.int32).to(torch.float32) / 1000.0
+        table = _MM_TABLES[mm.device] = _disparity(every)
+    return torch.take(table, mm.to(torch.int64))
 
 
 def thermal(x: torch.Tensor) -> torch.Tensor:
@@ -397,14 +429,16 @@ def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *
         return imu_batch(items, duration=imu_duration)
     for i, t in enumerate(items):
         _check_shape(t, modality, i, t.ndim == 2)
-    items = [_frame_float(t, modality) for t in items]
-    return _grouped(items, depth if modality == "depth" else thermal)
+    if modality == "depth":
+        # Per frame to disparity (a table lookup for 16-bit millimetres), then by shape through
+        # the resize: the same values as depth() on the float metres (tests/test_preprocess.py).
+        maps = [_disparity_from_mm(t) if t.dtype == torch.uint16 else _disparity(t) for t in items]
+        return _grouped(maps, _disparity_input)
+    return _grouped([_thermal_unit(t) for t in items], thermal)
 
 
-def _frame_float(t: torch.Tensor, modality: str) -> torch.Tensor:
-    """A depth frame in metres or a thermal frame in [0, 1] from the type it travelled in."""
-    if modality == "depth" and t.dtype == torch.uint16:
-        return t.to(torch.float32) / 1000.0
-    if modality == "thermal" and t.dtype in (torch.uint8, torch.uint16):
+def _thermal_unit(t: torch.Tensor) -> torch.Tensor:
+    """A thermal frame in [0, 1] from the type it travelled in (integers: their full range)."""
+    if t.dtype in (torch.uint8, torch.uint16):
         return t.to(torch.float32) / (255.0 if t.dtype == torch.uint8 else 65535.0)
     return t

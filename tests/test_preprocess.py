@@ -42,13 +42,14 @@ def test_image_matches_reference_loader_closely_on_real_photos() -> None:
         assert (out[0] - ref[i]).abs().mean() < 5e-3
 
 
-def test_clip_is_the_per_frame_image_transform() -> None:
+@pytest.mark.parametrize("hw", [(120, 160), (224, 398)])  # resized, and at size as the sources send
+def test_clip_is_the_per_frame_image_transform(hw) -> None:
     rng = np.random.default_rng(0)
-    frames = torch.from_numpy(rng.integers(0, 256, (2, 2, 120, 160, 3), dtype=np.uint8))
+    frames = torch.from_numpy(rng.integers(0, 256, (2, 2, *hw, 3), dtype=np.uint8))
     out = P.clip(frames)
-    assert out.shape == (2, 3, 2, 224, 224)
-    assert torch.allclose(out[1, :, 0], P.image(frames[1, :1])[0])
-    assert torch.allclose(out[0, :, 1], P.image(frames[0, 1:2])[0])
+    assert out.shape == (2, 3, 2, 224, 224) and out.is_contiguous()
+    assert torch.equal(out[1, :, 0], P.image(frames[1, :1])[0])
+    assert torch.equal(out[0, :, 1], P.image(frames[0, 1:2])[0])
 
 
 @pytest.mark.parametrize("hw", [(224, 398), (398, 224), (224, 224)])
@@ -165,12 +166,14 @@ def test_integer_depth_and_thermal_give_exactly_the_floats_they_stand_for() -> N
         as_int = P.prepare("depth", [frame, frame[::-1].copy()])
         as_float = P.prepare("depth", [frame_values("depth", frame), frame_values("depth", frame[::-1].copy())])
         assert torch.equal(as_int, as_float)
-    assert np.array_equal(P._frame_float(torch.from_numpy(every), "depth").numpy(), frame_values("depth", every))
+    # the lookup table holds, for every 16-bit value, the disparity of the metres it stands for
+    table = P._disparity_from_mm(torch.from_numpy(every))
+    assert torch.equal(table, P._disparity(torch.from_numpy(frame_values("depth", every))))
     rng = np.random.default_rng(0)
     for dtype in (np.uint8, np.uint16):
         t = rng.integers(0, np.iinfo(dtype).max, size=(90, 120), endpoint=True).astype(dtype)
         assert torch.equal(P.prepare("thermal", [t]), P.prepare("thermal", [frame_values("thermal", t)]))
-        assert np.array_equal(P._frame_float(torch.from_numpy(t), "thermal").numpy(), frame_values("thermal", t))
+        assert np.array_equal(P._thermal_unit(torch.from_numpy(t)).numpy(), frame_values("thermal", t))
     # one batch may mix sessions sending integers and floats
     mixed = P.prepare("depth", [mm, frame_values("depth", mm)])
     assert torch.equal(mixed[0], mixed[1])
