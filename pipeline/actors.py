@@ -303,6 +303,7 @@ class EncoderActor:
         self._metrics: Any = None  # pipeline.metrics.RayMetrics, made in warmup() (or on the first batch)
         self.items = collections.Counter()
         self.forward_s = collections.Counter()
+        self.requests = collections.Counter()  # encode calls received: "with_items" / "empty"
 
     def info(self) -> dict[str, Any]:
         return {
@@ -347,6 +348,7 @@ class EncoderActor:
             "items": dict(self.items),
             "forward_s": dict(self.forward_s),
             "batch_sizes": {m: list(b) for m, b in self._batcher.batch_sizes.items()},
+            "requests": dict(self.requests),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),  # a restarted encoder reports its new process
         }
@@ -388,11 +390,17 @@ class EncoderActor:
     async def _submit(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
         return await self._batcher.submit_many(modality, payloads)
 
+    def _count_request(self, with_items: bool) -> None:
+        # An empty request is a Ray round trip for nothing: the aligners do not send them.
+        self.requests["with_items" if with_items else "empty"] += 1
+
     async def encode(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
+        self._count_request(bool(payloads))
         return [row for row, _, _ in await self._submit(modality, payloads)]
 
     async def encode_timed(self, modality: str, payloads: list[Any]) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
         """``encode`` plus, per row, the wall-clock start and end of the forward that made it."""
+        self._count_request(bool(payloads))
         return _rows_and_spans(await self._submit(modality, payloads))
 
     async def encode_many(self, groups: dict[str, list[Any]]) -> dict[str, Any]:
@@ -401,6 +409,7 @@ class EncoderActor:
         still batches with every other caller's items). Per modality the ``(rows, spans)`` pair,
         or the error's text where that tower's batch failed; the other towers' rows still come."""
         names = list(groups)
+        self._count_request(any(groups.values()))
         outs = await asyncio.gather(*(self._submit(m, groups[m]) for m in names), return_exceptions=True)
         result: dict[str, Any] = {}
         for m, out in zip(names, outs):
@@ -707,7 +716,11 @@ class AlignerActor:
         # item -> (the encode task of the release, its row in that task's result: the rows of
         # every modality, concatenated in ``by_modality`` order)
         results: dict[int, tuple[asyncio.Future, int]] = {}
-        fut = asyncio.get_running_loop().create_task(self._encode_group(dict(by_modality)))
+        if by_modality:
+            fut = asyncio.get_running_loop().create_task(self._encode_group(dict(by_modality)))
+        else:  # windows that hold nothing (no caption in them, say): no call to an encoder
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result([])
         row = 0
         for items in by_modality.values():
             for item in items:

@@ -200,6 +200,11 @@ def test_paced_replay_cut_at_window_ends_delivers_the_same_windows(demo_dirs):
     # 5 s of IMU in 1.5 s chunks: 4 whole. Pieces: the first sample, then each chunk but the
     # last cut at the window end inside it (1, 2 and 4 s): 8.
     assert chunks["imu"] == 8, chunks
+    # The watermarks release the caption stream's part of windows without a caption: those
+    # parts hold nothing and cost no call to an encoder; every call carried items.
+    assert any(m.payload["modality"] == "text" for m in messages if m.topic.startswith("emb/"))
+    assert sum(e["requests"].get("empty", 0) for e in result.encoder_stats) == 0
+    assert sum(e["requests"].get("with_items", 0) for e in result.encoder_stats) > 0
 
 
 def test_two_replays_with_different_batching_and_frame_selection_give_the_same_embeddings(demo_dirs):
