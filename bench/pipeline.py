@@ -280,7 +280,8 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
                    "spans": {"depth": {"tolerance": args.tolerance}, "thermal": {"tolerance": args.tolerance}}},
         "model": {"config": args.model, "checkpoint": args.checkpoint, "precision": args.precision,
                   "device": args.device, "threads": args.threads},
-        "encoders": {"replicas": args.replicas, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms},
+        "encoders": {"replicas": args.replicas, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                     "coalesce_ms": args.coalesce_ms},
         "sources": {"video_size": 224, "select_frames": args.select_frames},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "wait_for_subscribers": 1, "wait_timeout_s": 120,
                     "heartbeat_s": 2.0},
@@ -622,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--max-batch", type=int, default=8, help="items per forward per tower (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=20.0)
+    p.add_argument("--coalesce-ms", type=float, default=DEFAULTS["encoders"]["coalesce_ms"],
+                   help="encoders.coalesce_ms: a session's releases within this many ms share one encoder "
+                        "call (default %(default)s; 0 = each at once)")
     p.add_argument("--replicas", type=int, default=1, help="encoder actors in the pipeline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per encoder (default 1 on CPU so decode keeps a core, 0 = torch default)")

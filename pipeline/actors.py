@@ -532,6 +532,7 @@ class AlignerActor:
         publisher: Any,
         *,
         max_inflight_windows: int = 64,
+        coalesce_ms: float = 0.0,
         heartbeat_s: float = 2.0,
         retries: int = 2,
         live: dict[str, Any] | None = None,
@@ -548,6 +549,9 @@ class AlignerActor:
         self._load = [0] * len(encoders)  # items in flight per replica, from this session
         self.publisher = publisher
         self.max_inflight = max_inflight_windows
+        # Replay: releases within coalesce_ms of the first go to an encoder in one call.
+        self.coalesce_s = max(0.0, float(coalesce_ms)) / 1000.0
+        self._coalesced: list[Window] = []
         self.heartbeat_s = heartbeat_s
         self.retries = retries
         self._live_init(live)  # bounded latency for live sessions (issue 4)
@@ -709,6 +713,22 @@ class AlignerActor:
             return
         if not windows:
             return
+        if self.coalesce_s > 0 and self._live is None:
+            # Streams that complete a window together (audio and IMU at its end, say) arrive as
+            # separate pushes a few ms apart: held this long, their parts share one encoder call
+            # (a Ray round trip each, in the window-end burst where every core is busy).
+            if not self._coalesced:
+                asyncio.get_running_loop().call_later(self.coalesce_s, self._flush_coalesced)
+            self._coalesced.extend(windows)
+            return
+        self._send(windows)
+
+    def _flush_coalesced(self) -> None:
+        windows, self._coalesced = self._coalesced, []
+        self._send(windows)
+
+    def _send(self, windows: list[Window]) -> None:
+        """One encoder call for every item of ``windows``; each window queued for publishing."""
         by_modality: dict[str, list[WindowItem]] = collections.defaultdict(list)
         for w in windows:
             for item in w.items:
@@ -848,7 +868,7 @@ class AlignerActor:
             if self._live is not None:
                 self._live_feed()
             if not self._pending:
-                if self.aligner.done:
+                if self.aligner.done and not self._coalesced:
                     break
                 self._pending_changed.clear()
                 await self._pending_changed.wait()

@@ -50,7 +50,8 @@ DEFAULTS: dict[str, Any] = {
         "threads": 0,
         "seed": 0,
     },
-    "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64},
+    "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64,
+                 "coalesce_ms": 4.0},
     "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0, "select_frames": True},
     "publish": {
         "endpoint": "tcp://127.0.0.1:5555",
@@ -294,6 +295,7 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     _positive(e["max_batch"], "encoders.max_batch")
     _positive(e["max_wait_ms"], "encoders.max_wait_ms", allow_zero=True)
     _positive(e["max_inflight_windows"], "encoders.max_inflight_windows")
+    _positive(e["coalesce_ms"], "encoders.coalesce_ms", allow_zero=True)
     if e["num_gpus"] != "auto" and (isinstance(e["num_gpus"], bool) or not isinstance(e["num_gpus"], (int, float))):
         raise ConfigError(f"config key 'encoders.num_gpus': expected 'auto' or a number, got {e['num_gpus']!r}")
 

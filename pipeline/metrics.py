@@ -5,7 +5,8 @@ nodes the split inherits the hosts' clock skew, the total does not exceed it):
 
 =============  ====================================================================
 ``fill``        oldest sample of the window entered -> newest entered (not in ``total``)
-``align_wait``  newest sample of the window entered the pipeline -> window released
+``align_wait``  newest sample of the window entered the pipeline -> window released and sent
+                to an encoder (``encoders.coalesce_ms`` of holding included)
 ``queue``       released -> its batch started (batching wait, queueing, transport)
 ``forward``     preprocess + model forward + copy back of the item's batch
 ``publish``     forward done -> published (in-order wait behind earlier windows, send)

@@ -217,6 +217,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             al = AlignerActor.remote(
                 spec.name, streams, cfg.align, encoders, publisher,
                 max_inflight_windows=int(cfg.encoders["max_inflight_windows"]),
+                coalesce_ms=float(cfg.encoders["coalesce_ms"]),
                 heartbeat_s=float(cfg.publish["heartbeat_s"]),
                 live=live["aligner"] if live and spec.live else None,
                 publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
