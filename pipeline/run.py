@@ -8,6 +8,7 @@ offline machine fails fast with a message that says what to do.
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import sys
 import time
@@ -176,7 +177,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         warm = ray.get([e.warmup.remote() for e in encoders])
         log.info("encoders warmed up in %.2f s", max(warm))
         pub_opts = {
-            "endpoint": _fixed_endpoint(cfg.publish["endpoint"]),  # a restart binds the same port
+            "endpoint": cfg.publish["endpoint"],
             "mode": "live" if live else "replay",
             "wait_for_subscribers": int(cfg.publish["wait_for_subscribers"]),
             "wait_timeout_s": cfg.publish["wait_timeout_s"],
@@ -185,11 +186,24 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             "model_name": info["model"],
             "curve": curve,
         }
-        publisher = PublisherActor.options(name=f"bindstream.publisher.{uid}", max_restarts=PUBLISHER_MAX_RESTARTS,
-                                           max_task_retries=0,
-                                           **_placement(cfg, "publisher_resources")).remote(pub_opts)
-        actors.append(publisher)
-        endpoint = ray.get(publisher.endpoint.remote())
+        for attempt in range(3):
+            # A "*" port is fixed here, so that a restarted publisher binds the same one and
+            # subscribers reconnect by themselves. Another process may take it before the
+            # publisher binds it: then pick again.
+            pub_opts["endpoint"] = _fixed_endpoint(cfg.publish["endpoint"])
+            publisher = PublisherActor.options(name=f"bindstream.publisher.{uid}" + (f".{attempt}" if attempt else ""),
+                                               max_restarts=PUBLISHER_MAX_RESTARTS, max_task_retries=0,
+                                               **_placement(cfg, "publisher_resources")).remote(pub_opts)
+            actors.append(publisher)
+            try:
+                endpoint = ray.get(publisher.endpoint.remote())
+                break
+            except ray.exceptions.RayActorError as exc:
+                picked = pub_opts["endpoint"] != cfg.publish["endpoint"]
+                if not picked or attempt == 2 or "Address already in use" not in str(exc):
+                    raise
+                log.warning("publisher: %s was taken before the publisher bound it; picking another port",
+                            pub_opts["endpoint"])
         log.info("publishing on %s (model %s, dim %d, %s %s)", endpoint, info["model"], info["dim"],
                  info["device"], info["dtype"])
         if on_ready is not None:
@@ -267,14 +281,23 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
 def _fixed_endpoint(endpoint: str) -> str:
     """``endpoint`` with a ``*`` port replaced by a free concrete one, picked once here so that a
     restarted publisher binds the same port and subscribers reconnect to it by themselves. The
-    port is free on this (the driver's) host; it is bound again by the publisher at once."""
+    port is free on this (the driver's) host; it is bound again by the publisher at once. Where
+    the kernel says which ports it gives outgoing connections (Linux), the port is picked below
+    that range (and above Ray's worker ports), so no connection can take it in between."""
     if not endpoint.startswith("tcp://") or not endpoint.endswith(":*"):
         return endpoint
     import zmq
 
+    host = endpoint[len("tcp://") : -len(":*")]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.XPUB)
     try:
+        for port in _listen_ports():
+            try:
+                sock.bind(f"tcp://{host}:{port}")
+            except zmq.ZMQError:
+                continue  # in use
+            return sock.getsockopt_string(zmq.LAST_ENDPOINT)
         sock.bind(endpoint)
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
     except zmq.ZMQError as exc:
@@ -282,6 +305,19 @@ def _fixed_endpoint(endpoint: str) -> str:
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def _listen_ports(tries: int = 20) -> list[int]:
+    """Candidate ports between Ray's worker ports (10002-19999 by default) and the kernel's
+    range for outgoing connections; none where that range is unknown or starts too low."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    first = 20_000
+    if low <= first:
+        return []
+    return random.sample(range(first, low), min(tries, low - first))
 
 
 def _close_publisher(publisher: Any) -> dict[str, Any]:

@@ -306,3 +306,45 @@ def test_cli_config_error_exits_2_before_starting_anything(tmp_path):
     cfg.write_text("sessions: [nowhere]\n")
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "nowhere" in proc.stderr
+
+
+def test_a_picked_publisher_port_taken_before_the_bind_is_picked_again(demo_dirs, monkeypatch):
+    """``tcp://127.0.0.1:*`` is fixed to a concrete port in the driver, so that a restarted
+    publisher binds the same one; another process can take it before the publisher binds it.
+    The run then picks another port and delivers everything."""
+    from pipeline import run as run_mod
+
+    a, _ = demo_dirs
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.PUB)
+    taken = run_mod._fixed_endpoint("tcp://127.0.0.1:*")
+    squatter.bind(taken)  # what an outgoing connection or another service could do in between
+    real_pick, picks = run_mod._fixed_endpoint, []
+
+    def pick(endpoint):
+        picks.append(taken if not picks else real_pick(endpoint))
+        return picks[-1]
+
+    monkeypatch.setattr(run_mod, "_fixed_endpoint", pick)
+    try:
+        result, messages = _replay([a])
+    finally:
+        squatter.close(linger=0)
+        ctx.term()
+    assert result.exit_code == 0
+    assert len(picks) == 2 and result.endpoint == picks[1] != taken
+    end = next(m.payload for m in messages if m.topic.startswith("ctl/") and m.payload["event"] == "end")
+    assert sum(end["counts"].values()) == sum(1 for m in messages if m.topic.startswith("emb/")) > 0
+
+
+def test_a_picked_publisher_port_lies_outside_the_range_given_to_outgoing_connections():
+    from pipeline.run import _fixed_endpoint
+
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if not ranges.is_file():
+        pytest.skip("the kernel's range for outgoing connections is only known on Linux")
+    low = int(ranges.read_text().split()[0])
+    for _ in range(5):
+        port = int(_fixed_endpoint("tcp://127.0.0.1:*").rsplit(":", 1)[1])
+        assert 20_000 <= port < low or low <= 20_000
+    assert _fixed_endpoint("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5555"
