@@ -254,12 +254,13 @@ def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stre
 SKIPPED = object()
 
 
-def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]], first_alone: bool = False) -> Iterator[Chunk]:
+def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]], select: Any = None) -> Iterator[Chunk]:
     """Chunks of ``samples``; on :class:`SourceError` the buffered tail is emitted first.
     An item ``SKIPPED`` is a frame left out by frame selection (only its time counts).
-    ``first_alone``: the first sample is a chunk of its own (a frame selector that does not
-    know the window grid yet keeps every frame: the session's grid is fixed from every
-    stream's first sample, and the frames after it can then be selected)."""
+    While ``select`` (a frame selector) does not know the window grid yet, the first sample is
+    a chunk of its own: the selector keeps every frame until then, the session's grid is fixed
+    from every stream's first sample, and the frames after it can then be selected."""
+    first_alone = select is not None and select.origin is None
     try:
         for t, item in samples:
             chunk = batch.skip(t) if item is SKIPPED else batch.add(t, item)

@@ -157,8 +157,7 @@ class FrameFolderSource:
 
     def __iter__(self) -> Iterator[Chunk]:
         batch = _Batcher(self.spec, self.chunk_seconds, np.stack)
-        yield from _batched(batch, self._decode_all(),
-                            first_alone=self.select is not None and self.select.origin is None)
+        yield from _batched(batch, self._decode_all(), select=self.select)
 
     def _decode_all(self) -> Iterator[tuple[float, Any]]:
         shape: tuple[int, ...] | None = None

@@ -72,8 +72,7 @@ class VideoSource:
                                   f"{self.max_pixels} pixels (max_pixels)")
             out_w, out_h = (w, h) if gray else scaled_size(w, h, self.video_size)
             stream.thread_type = "AUTO"
-            yield from _batched(batch, self._frames(container, stream, out_w, out_h, gray),
-                                first_alone=self.select is not None and self.select.origin is None)
+            yield from _batched(batch, self._frames(container, stream, out_w, out_h, gray), select=self.select)
 
     def _frames(self, container, stream, out_w: int, out_h: int, gray: bool) -> Iterator[tuple[float, Any]]:
         spec = self.spec
