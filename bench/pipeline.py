@@ -281,7 +281,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "model": {"config": args.model, "checkpoint": args.checkpoint, "precision": args.precision,
                   "device": args.device, "threads": args.threads},
         "encoders": {"replicas": args.replicas, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-                     "coalesce_ms": args.coalesce_ms},
+                     "coalesce_ms": args.coalesce_ms, "prepare_ahead": {"auto": "auto", "on": True, "off": False}[args.prepare_ahead]},
         "sources": {"video_size": 224, "select_frames": args.select_frames},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "wait_for_subscribers": 1, "wait_timeout_s": 120,
                     "heartbeat_s": 2.0},
@@ -626,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coalesce-ms", type=float, default=DEFAULTS["encoders"]["coalesce_ms"],
                    help="encoders.coalesce_ms: a session's releases within this many ms share one encoder "
                         "call (default %(default)s; 0 = each at once)")
+    p.add_argument("--prepare-ahead", default="auto", choices=("auto", "on", "off"),
+                   help="encoders.prepare_ahead: preprocess the next batch in a second thread while the model "
+                        "runs this one (default auto = on a GPU only)")
     p.add_argument("--replicas", type=int, default=1, help="encoder actors in the pipeline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per encoder (default 1 on CPU so decode keeps a core, 0 = torch default)")

@@ -275,7 +275,8 @@ class SourceActor:
 class EncoderActor:
     """Holds one model; batches items per tower across all callers; returns unit-norm rows."""
 
-    def __init__(self, model_options: dict[str, Any], max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, model_options: dict[str, Any], max_batch: int, max_wait_ms: float,
+                 prepare_ahead: bool = False) -> None:
         logging.basicConfig(level=logging.INFO)
         import torch
 
@@ -296,10 +297,15 @@ class EncoderActor:
         self.device = torch.device(device)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
-        # One thread runs forwards, so towers never compete for the device or the cores; a
-        # tower's batch is formed when that thread is free (pipeline/batching.py).
+        # One thread runs the model, so towers never compete for the device or the cores; a
+        # tower's batch is formed when the batcher's runner is free (pipeline/batching.py).
+        # prepare_ahead: a second thread preprocesses the next batch while the model runs this
+        # one (at most one batch waits, prepared, for the model thread).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        self._batcher = TowerBatcher(self._run_batch, max_batch=max_batch, max_wait_s=self.max_wait_s, name="encoder")
+        self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepare_ahead else None
+        self._batcher = TowerBatcher(self._run_staged if prepare_ahead else self._run_batch, max_batch=max_batch,
+                                     max_wait_s=self.max_wait_s, name="encoder",
+                                     prepare=self._prepare_batch if prepare_ahead else None)
         self._metrics: Any = None  # pipeline.metrics.RayMetrics, made in warmup() (or on the first batch)
         self.items = collections.Counter()
         self.forward_s = collections.Counter()
@@ -357,15 +363,10 @@ class EncoderActor:
         from encoders.preprocess import prepare
 
         t0 = time.perf_counter()
-        x = prepare(modality, payloads, self.device)
-        emb = self.model.encode(modality, x)
-        rows = emb.float().cpu().numpy()
-        if not np.all(np.isfinite(rows)):
-            bad = int((~np.isfinite(rows).all(axis=1)).sum())
-            raise FloatingPointError(f"{modality}: {bad} of {len(rows)} embeddings are not finite")
+        rows = self._encode_checked(modality, prepare(modality, payloads, self.device))
         self.items[modality] += len(payloads)
         self.forward_s[modality] += time.perf_counter() - t0
-        return list(rows)
+        return rows
 
     # -- stage timing (issue 5): every row travels with its batch's forward start/end time --
     def _forward_timed(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
@@ -386,6 +387,43 @@ class EncoderActor:
         loop = asyncio.get_running_loop()
         self._ray_metrics().batch(modality, len(payloads), self._batcher.depth(modality))
         return await loop.run_in_executor(self._pool, self._forward_timed, modality, payloads)
+
+    async def _prepare_batch(self, modality: str, payloads: list[Any]) -> tuple[Any, int, float]:
+        """First stage (``prepare_ahead``): preprocess in the prepare thread; returns the input
+        tensor, the item count and the seconds it took."""
+        loop = asyncio.get_running_loop()
+        self._ray_metrics().batch(modality, len(payloads), self._batcher.depth(modality))
+        return await loop.run_in_executor(self._prep_pool, self._prepare_timed, modality, payloads)
+
+    def _prepare_timed(self, modality: str, payloads: list[Any]) -> tuple[Any, int, float]:
+        from encoders.preprocess import prepare
+
+        t0 = time.perf_counter()
+        x = prepare(modality, payloads, self.device)
+        return x, len(payloads), time.perf_counter() - t0
+
+    async def _run_staged(self, modality: str, staged: tuple[Any, int, float]) -> list[tuple[np.ndarray, float, float]]:
+        """Second stage: the model, in the forward thread."""
+        x, n, prep_s = staged
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._model_timed, modality, x, n, prep_s)
+
+    def _model_timed(self, modality: str, x: Any, n: int, prep_s: float) -> list[tuple[np.ndarray, float, float]]:
+        """Each row with its forward span, which starts the preprocessing's length before the
+        model did: the time a prepared batch waited for this thread counts as queueing."""
+        t0 = time.time()
+        rows = self._encode_checked(modality, x)
+        t1 = time.time()
+        self.items[modality] += n
+        self.forward_s[modality] += t1 - t0 + prep_s
+        return [(r, t0 - prep_s, t1) for r in rows]
+
+    def _encode_checked(self, modality: str, x: Any) -> list[np.ndarray]:
+        emb = self.model.encode(modality, x)
+        rows = emb.float().cpu().numpy()
+        if not np.all(np.isfinite(rows)):
+            bad = int((~np.isfinite(rows).all(axis=1)).sum())
+            raise FloatingPointError(f"{modality}: {bad} of {len(rows)} embeddings are not finite")
+        return list(rows)
 
     async def _submit(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
         return await self._batcher.submit_many(modality, payloads)

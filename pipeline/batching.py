@@ -10,6 +10,13 @@ one by one (several sessions' windows end at the same instant: their items all m
 batch per tower). Only an idle runner waits, up to ``max_wait_s`` after a tower's first item,
 for more of it. The output length is checked against the input length; one failure is
 delivered to every item of its batch, and the other batches still run.
+
+``prepare`` (optional) splits a batch's work into two stages run by different workers:
+``prepare(tower, items) -> staged`` then ``fn(tower, staged) -> results``. The runner prepares a
+batch, hands it to ``fn`` and goes on to form and prepare the next one while ``fn`` runs: at most
+two batches are in flight, one in each stage. The next batch is formed when the runner is free
+again, as above; with one batch waiting for ``fn`` the runner waits too, so no batch is formed
+long before it can run.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class TowerBatcher:
         max_batch: int = 32,
         max_wait_s: float = 0.02,
         name: str = "batch",
+        prepare: Callable[[str, list[Any]], Awaitable[Any]] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -40,6 +48,10 @@ class TowerBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.name = name
+        self.prepare = prepare
+        self._slots: asyncio.Semaphore | None = None  # batches in flight: 1, or 2 with prepare
+        self._fn_lock: asyncio.Lock | None = None  # one fn at a time, in the order batches were formed
+        self._running: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         # tower -> (arrival time, item, future), oldest first
         self._queues: dict[str, collections.deque[tuple[float, Any, asyncio.Future]]] = {}
         self._wake: asyncio.Event | None = None
@@ -55,6 +67,8 @@ class TowerBatcher:
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
+            self._slots = asyncio.Semaphore(1 if self.prepare is None else 2)
+            self._fn_lock = asyncio.Lock()
             self._task = loop.create_task(self._run())
         q = self._queues.setdefault(tower, collections.deque())
         now = loop.time()
@@ -87,22 +101,47 @@ class TowerBatcher:
             return tower, [q.popleft() for _ in range(min(len(q), self.max_batch))]
 
     async def _run(self) -> None:
+        assert self._slots is not None
         while True:
+            await self._slots.acquire()
             tower, batch = await self._next_batch()
+            self.batch_sizes[tower].append(len(batch))
             items = [b[1] for b in batch]
-            self.batch_sizes[tower].append(len(items))
-            try:
-                results = await self.fn(tower, items)
-                if len(results) != len(items):
-                    raise RuntimeError(
-                        f"{self.name}[{tower}]: batch function returned {len(results)} results for {len(items)} items"
-                    )
-            except Exception as exc:  # delivered to every caller of this batch
-                log.exception("%s[%s]: batch of %d failed", self.name, tower, len(items))
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            if self.prepare is None:
+                await self._finish(tower, batch, items)
                 continue
-            for (_, _, fut), res in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(res)
+            try:
+                staged = await self.prepare(tower, items)
+            except Exception as exc:
+                self._fail(tower, batch, exc)
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._finish(tower, batch, staged))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _finish(self, tower: str, batch: list[tuple[float, Any, asyncio.Future]], arg: Any) -> None:
+        """Run ``fn`` on one batch (its items, or what ``prepare`` made of them) and deliver."""
+        assert self._slots is not None and self._fn_lock is not None
+        try:
+            async with self._fn_lock:  # FIFO: a prepared batch waits for the one before it
+                results = await self.fn(tower, arg)
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"{self.name}[{tower}]: batch function returned {len(results)} results for {len(batch)} items"
+                )
+        except Exception as exc:
+            self._fail(tower, batch, exc)
+            return
+        finally:
+            self._slots.release()
+        for (_, _, fut), res in zip(batch, results):
+            if not fut.done():
+                fut.set_result(res)
+
+    def _fail(self, tower: str, batch: list[tuple[float, Any, asyncio.Future]], exc: Exception) -> None:
+        """One failure is delivered to every caller of its batch."""
+        log.exception("%s[%s]: batch of %d failed", self.name, tower, len(batch), exc_info=exc)
+        for _, _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)

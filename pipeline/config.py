@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
     },
     "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64,
-                 "coalesce_ms": 4.0},
+                 "coalesce_ms": 4.0, "prepare_ahead": "auto"},
     "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0, "select_frames": True},
     "publish": {
         "endpoint": "tcp://127.0.0.1:5555",
@@ -73,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
 
 # Keys that take a word or a value of another type ("auto" or a number, auto/true/false);
 # each is checked in parse_config.
-_LOOSE = frozenset({"progress", "encoders.num_gpus", "window.origin"})
+_LOOSE = frozenset({"progress", "encoders.num_gpus", "encoders.prepare_ahead", "window.origin"})
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "demo_session": (str,),
@@ -296,6 +296,8 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     _positive(e["max_wait_ms"], "encoders.max_wait_ms", allow_zero=True)
     _positive(e["max_inflight_windows"], "encoders.max_inflight_windows")
     _positive(e["coalesce_ms"], "encoders.coalesce_ms", allow_zero=True)
+    if e["prepare_ahead"] not in ("auto", True, False):
+        raise ConfigError(f"config key 'encoders.prepare_ahead': expected auto, true or false, got {e['prepare_ahead']!r}")
     if e["num_gpus"] != "auto" and (isinstance(e["num_gpus"], bool) or not isinstance(e["num_gpus"], (int, float))):
         raise ConfigError(f"config key 'encoders.num_gpus': expected 'auto' or a number, got {e['num_gpus']!r}")
 

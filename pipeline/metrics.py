@@ -7,8 +7,9 @@ nodes the split inherits the hosts' clock skew, the total does not exceed it):
 ``fill``        oldest sample of the window entered -> newest entered (not in ``total``)
 ``align_wait``  newest sample of the window entered the pipeline -> window released and sent
                 to an encoder (``encoders.coalesce_ms`` of holding included)
-``queue``       released -> its batch started (batching wait, queueing, transport)
-``forward``     preprocess + model forward + copy back of the item's batch
+``queue``       released -> its batch started (batching wait, queueing, transport; with
+                ``encoders.prepare_ahead``, a prepared batch's wait for the model thread too)
+``forward``     preprocess + model forward + copy back of the item's batch (their durations)
 ``publish``     forward done -> published (in-order wait behind earlier windows, send)
 ``total``       newest sample in -> published: the protocol's ``latency_s``
 =============  ====================================================================

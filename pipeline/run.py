@@ -166,7 +166,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         encoders = [
             EncoderActor.options(name=f"bindstream.encoder.{i}.{uid}", max_restarts=2, max_task_retries=0,
                                  **enc_opts).remote(
-                model_opts, int(cfg.encoders["max_batch"]), float(cfg.encoders["max_wait_ms"])
+                model_opts, int(cfg.encoders["max_batch"]), float(cfg.encoders["max_wait_ms"]),
+                prepare_ahead=_prepare_ahead(cfg.encoders["prepare_ahead"], model_opts["device"]),
             )
             for i in range(int(cfg.encoders["replicas"]))
         ]
@@ -276,6 +277,15 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 pass
         if started_ray:
             ray.shutdown()
+
+
+def _prepare_ahead(setting: str | bool, device: str) -> bool:
+    """``encoders.prepare_ahead``: ``auto`` prepares ahead on a GPU, where preprocessing and the
+    host-to-device copy can run while the device computes; on CPU both stages compete for the
+    same cores, and on the 2-core benchmark machine it gained nothing (bench/RESULTS.md)."""
+    if setting == "auto":
+        return str(device).startswith("cuda")
+    return bool(setting)
 
 
 def _fixed_endpoint(endpoint: str) -> str:

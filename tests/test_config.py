@@ -41,6 +41,7 @@ def test_bundled_configs_document_every_key():
         ({"sessions": ["x"], "encoders": {"max_batch": "big"}}, "'encoders.max_batch': expected a number"),
         ({"sessions": ["x"], "encoders": {"max_batch": 0}}, "'encoders.max_batch': expected a positive"),
         ({"sessions": ["x"], "encoders": {"replicas": 1.5}}, "'encoders.replicas': expected an integer"),
+        ({"sessions": ["x"], "encoders": {"prepare_ahead": "yes"}}, "'encoders.prepare_ahead': expected auto, true or false"),
         ({"sessions": ["x"], "window": {"hop": -1}}, "'window.hop'"),
         ({"sessions": ["x"], "window": {"spans": {"depth": {"span": 2}}}}, "window.spans.depth"),
         ({"sessions": ["x"], "window": {"spans": {"vision": {"frames": 4}}}}, "exactly 2 frames"),
@@ -99,3 +100,13 @@ def test_ray_started_here_inlines_call_arguments_up_to_the_configured_size():
     # Joining a cluster: its nodes' own settings apply (Ray refuses _system_config there).
     joined = ray_init_kwargs(parse_config({"sessions": ["x"], "ray": {"address": "auto"}}))
     assert joined["address"] == "auto" and "_system_config" not in joined
+
+
+@pytest.mark.parametrize("setting, device, expected", [("auto", "cpu", False), ("auto", "cuda:0", True),
+                                                        (True, "cpu", True), (False, "cuda", False)])
+def test_prepare_ahead_auto_means_on_a_gpu(setting, device, expected):
+    from pipeline.run import _prepare_ahead
+
+    cfg = parse_config({"sessions": ["x"], "encoders": {"prepare_ahead": setting}})
+    assert cfg.encoders["prepare_ahead"] == setting
+    assert _prepare_ahead(cfg.encoders["prepare_ahead"], device) is expected

@@ -277,7 +277,7 @@ def test_one_encoder_call_carries_every_tower_and_a_refused_tower_spares_the_oth
     from pipeline.actors import EncoderActor
 
     enc = EncoderActor.remote({"config": "imagebind_tiny", "checkpoint": "none", "device": "cpu",
-                               "precision": "fp32", "threads": 1}, 8, 5.0)
+                               "precision": "fp32", "threads": 1}, 8, 5.0, prepare_ahead=True)
     rng = np.random.default_rng(0)
     clips = [rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8) for _ in range(3)]
     audio = [rng.standard_normal(32000).astype(np.float32)]
@@ -290,3 +290,34 @@ def test_one_encoder_call_carries_every_tower_and_a_refused_tower_spares_the_oth
     np.testing.assert_allclose(np.stack(rows), np.stack(alone), atol=1e-5)
     assert len(out["audio"][0]) == 1 and abs(float(np.linalg.norm(out["audio"][0][0])) - 1.0) < 1e-5
     ray.kill(enc)
+
+
+def test_preparing_ahead_gives_the_same_rows_as_preparing_in_the_model_thread():
+    # encoders.prepare_ahead (default on a GPU): a second thread preprocesses the next batch
+    # while the model runs; the rows must not depend on it, and each row's forward span covers
+    # both stages.
+    from pipeline.actors import EncoderActor
+
+    opts = {"config": "imagebind_tiny", "checkpoint": "none", "device": "cpu", "precision": "fp32", "threads": 1}
+    ahead = EncoderActor.remote(opts, 8, 0.0, prepare_ahead=True)
+    inline = EncoderActor.remote(opts, 8, 0.0, prepare_ahead=False)
+    rng = np.random.default_rng(1)
+    groups = {
+        "vision": [rng.integers(0, 256, (2, 224, 300, 3), dtype=np.uint8) for _ in range(2)],
+        "depth": [rng.integers(300, 5000, (240, 320), dtype=np.uint16) for _ in range(3)],
+        "imu": [np.concatenate([np.linspace(0, 5, 1000)[:, None], rng.standard_normal((1000, 6))], 1)],
+        "text": ["a dog", "a cat"],
+    }
+    t0 = time.time()
+    a, b = ray.get([ahead.encode_many.remote(groups), inline.encode_many.remote(groups)])
+    for m, items in groups.items():
+        rows_a, spans_a = a[m]
+        rows_b, _ = b[m]
+        assert len(rows_a) == len(items)
+        np.testing.assert_array_equal(np.stack(rows_a), np.stack(rows_b))
+        assert all(t0 <= s0 < s1 <= time.time() for s0, s1 in spans_a)
+    stats = ray.get(ahead.stats.remote())
+    assert stats["items"] == {m: len(v) for m, v in groups.items()}
+    assert all(stats["forward_s"][m] > 0 for m in groups)
+    ray.kill(ahead)
+    ray.kill(inline)
