@@ -282,7 +282,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
                   "device": args.device, "threads": args.threads},
         "encoders": {"replicas": args.replicas, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                      "coalesce_ms": args.coalesce_ms, "prepare_ahead": {"auto": "auto", "on": True, "off": False}[args.prepare_ahead]},
-        "sources": {"video_size": 224, "select_frames": args.select_frames},
+        "sources": {"video_size": 224, "select_frames": args.select_frames, "process": args.source_process},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "wait_for_subscribers": 1, "wait_timeout_s": 120,
                     "heartbeat_s": 2.0},
         "progress": False,
@@ -629,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-ahead", default="auto", choices=("auto", "on", "off"),
                    help="encoders.prepare_ahead: preprocess the next batch in a second thread while the model "
                         "runs this one (default auto = on a GPU only)")
+    p.add_argument("--source-process", default=DEFAULTS["sources"]["process"], choices=("stream", "session"),
+                   help="sources.process: one source process per stream (default) or one per session, its "
+                        "streams read in threads")
     p.add_argument("--replicas", type=int, default=1, help="encoder actors in the pipeline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per encoder (default 1 on CPU so decode keeps a core, 0 = torch default)")

@@ -30,16 +30,20 @@ import ray
 from pipeline.align import AlignConfig, Aligner, Window, WindowItem
 from pipeline.batching import TowerBatcher
 
-__all__ = ["SourceActor", "AlignerActor", "EncoderActor", "PublisherActor", "PublisherRestartedError"]
+__all__ = ["SourceActor", "SourceGroupActor", "GroupMember", "StreamReader", "AlignerActor", "EncoderActor",
+           "PublisherActor", "PublisherRestartedError"]
 
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=0, max_concurrency=2)
-class SourceActor:
-    """Reads one stream and pushes its chunks to the session's aligner, paced by ``rate``."""
+class StreamReader:
+    """Reads one stream and pushes its chunks to the session's aligner, paced by ``rate``: the
+    body of a :class:`SourceActor` (one process per stream), or one of the streams a
+    :class:`SourceGroupActor` runs in threads of one process (``sources.process: session``)."""
 
-    def __init__(self, session: str, spec: Any, aligner: Any, options: dict[str, Any]) -> None:
+    def __init__(self, session: str, spec: Any, aligner: Any, options: dict[str, Any],
+                 shared_process: bool = False) -> None:
+        self.shared_process = shared_process  # other streams run in this process too
         self.session = session
         self.spec = spec
         self.aligner = aligner
@@ -181,12 +185,14 @@ class SourceActor:
             except Exception:
                 pass
         ray.get(self.aligner.end_stream.remote(stream, error, dropped, self.chunks))
+        # In a shared process only this stream's threads count (process time would hold the others').
+        split = source_cpu_split(source, time.thread_time() - thread0
+                                 + (prefetch.thread_s if prefetch is not None else 0.0))
         return {"stream": stream, "chunks": self.chunks, "samples": self.samples, "error": error, "dropped": dropped,
-                "cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall_start, "t_start": wall_start,
-                "cpu_split": source_cpu_split(source, time.thread_time() - thread0
-                                              + (prefetch.thread_s if prefetch is not None else 0.0)),
+                "cpu_s": split["total_s"] if self.shared_process else time.process_time() - cpu0,
+                "wall_s": time.time() - wall_start, "t_start": wall_start, "cpu_split": split,
                 "frames_skipped": select.skipped if select is not None else 0,
-                "node_id": ray.get_runtime_context().get_node_id(),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 **self._close_record()}
 
     def _paced_pieces(self, pacer: Any, chunk: Any, select: Any,
@@ -269,6 +275,57 @@ class SourceActor:
         return {"record": entry, "session": self.session,
                 "clock_offsets": list(self._live.clock.applied) if self._live else [],
                 "clock_mapping": getattr(self._live, "clock_mapping", None)}  # url/device: rtcp, estimated, arrival
+
+
+@ray.remote(num_cpus=0, max_concurrency=2)
+class SourceActor(StreamReader):
+    """One stream in a process of its own (``sources.process: stream``, the default): a crash of
+    its decoder takes no other stream with it."""
+
+
+@ray.remote(num_cpus=0)
+class SourceGroupActor:
+    """Every stream of a session in one process (``sources.process: session``), each read in a
+    thread of its own (the driver starts it with ``max_concurrency`` above twice the stream count:
+    one ``run`` per stream at once, plus ``ready`` / ``stop`` / ``pid`` calls). Each Ray worker
+    process costs CPU even when idle (bench/RESULTS.md): one process instead of one per stream
+    leaves the cores to the encoder. A crash of the process (not a Python error, which stays with
+    its stream) ends all of the session's streams."""
+
+    def __init__(self, session: str, members: list[tuple[Any, dict[str, Any]]], aligner: Any) -> None:
+        self.readers = {spec.id: StreamReader(session, spec, aligner, opts, shared_process=True)
+                        for spec, opts in members}
+
+    def ready(self, stream: str) -> int:
+        return self.readers[stream].ready()
+
+    def run(self, stream: str, rate: float, max_inflight: int, start_at: float | None = None) -> dict[str, Any]:
+        return self.readers[stream].run(rate, max_inflight, start_at)
+
+    def stop(self, stream: str) -> None:
+        self.readers[stream].stop()
+
+    def pid(self, stream: str | None = None) -> int:
+        return os.getpid()
+
+
+class GroupMember:
+    """The driver's handle on one stream of a :class:`SourceGroupActor`, with a
+    :class:`SourceActor` handle's calls (``src.run.remote(...)``)."""
+
+    class _Call:
+        def __init__(self, method: Any, stream: str) -> None:
+            self._method, self._stream = method, stream
+
+        def remote(self, *args: Any, **kwargs: Any) -> Any:
+            return self._method.remote(self._stream, *args, **kwargs)
+
+    def __init__(self, group: Any, stream: str) -> None:
+        self.group = group
+        self.ready = self._Call(group.ready, stream)
+        self.run = self._Call(group.run, stream)
+        self.stop = self._Call(group.stop, stream)
+        self.pid = self._Call(group.pid, stream)
 
 
 @ray.remote(num_cpus=0)

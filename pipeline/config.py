@@ -52,7 +52,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64,
                  "coalesce_ms": 4.0, "prepare_ahead": "auto"},
-    "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0, "select_frames": True},
+    "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0, "select_frames": True,
+                "process": "stream"},
     "publish": {
         "endpoint": "tcp://127.0.0.1:5555",
         "wait_for_subscribers": 0,
@@ -310,6 +311,8 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     _positive(p["heartbeat_s"], "publish.heartbeat_s")
     _check_curve(p["curve"])
     _positive(merged["sources"]["max_gap_s"], "sources.max_gap_s", allow_zero=True)
+    if merged["sources"]["process"] not in ("stream", "session"):
+        raise ConfigError(f"config key 'sources.process': expected 'stream' or 'session', got {merged['sources']['process']!r}")
     _check_live(merged)
     _check_resources(merged["ray"])
     _positive(merged["ray"]["max_inline_bytes"], "ray.max_inline_bytes")

@@ -144,7 +144,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     publisher is bound, before any data flows (tests connect their subscribers there)."""
     import ray
 
-    from pipeline.actors import AlignerActor, EncoderActor, PublisherActor, SourceActor
+    from pipeline.actors import AlignerActor, EncoderActor, GroupMember, PublisherActor, SourceActor, SourceGroupActor
 
     specs = prepare_sessions(cfg)
     live = _live_settings(cfg, specs)  # None unless a session is live (issue 4)
@@ -212,6 +212,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         ray.get(publisher.wait_for_subscribers.remote())
 
         aligners, sources, runs = [], [], []
+        source_procs: list[Any] = []  # the source actors: one per stream, or one per session
         watch = _SourceWatch()
         src_opts = {
             "chunk_seconds": cfg.chunk_seconds,
@@ -238,13 +239,23 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
             )
             aligners.append(al)
-            for s in spec.streams:
-                src = SourceActor.options(name=f"bindstream.source.{spec.name}.{s.id}.{uid}",
-                                          **_placement(cfg, "source_resources")).remote(
-                    spec.name, s, al, _live_source_options(src_opts, live, spec) if spec.live else src_opts)
+            opts = _live_source_options(src_opts, live, spec) if spec.live else src_opts
+            if cfg.sources["process"] == "session":
+                group = SourceGroupActor.options(name=f"bindstream.sources.{spec.name}.{uid}",
+                                                 max_concurrency=2 * len(spec.streams) + 2,
+                                                 **_placement(cfg, "source_resources")).remote(
+                    spec.name, [(s, opts) for s in spec.streams], al)
+                source_procs.append(group)
+                members = [GroupMember(group, s.id) for s in spec.streams]
+            else:
+                members = [SourceActor.options(name=f"bindstream.source.{spec.name}.{s.id}.{uid}",
+                                               **_placement(cfg, "source_resources")).remote(spec.name, s, al, opts)
+                           for s in spec.streams]
+                source_procs += members
+            for s, src in zip(spec.streams, members):
                 sources.append(src)
                 watch.add(src, al, spec.name, s.id)
-        actors += aligners + sources
+        actors += aligners + source_procs
         # Every actor started before any stream reads (SourceActor.ready). Failures are left to
         # the run calls below, which report them per stream.
         starting = [s.ready.remote() for s in sources] + [a.connect.remote() for a in aligners]

@@ -42,6 +42,7 @@ def test_bundled_configs_document_every_key():
         ({"sessions": ["x"], "encoders": {"max_batch": 0}}, "'encoders.max_batch': expected a positive"),
         ({"sessions": ["x"], "encoders": {"replicas": 1.5}}, "'encoders.replicas': expected an integer"),
         ({"sessions": ["x"], "encoders": {"prepare_ahead": "yes"}}, "'encoders.prepare_ahead': expected auto, true or false"),
+        ({"sessions": ["x"], "sources": {"process": "thread"}}, "'sources.process': expected 'stream' or 'session'"),
         ({"sessions": ["x"], "window": {"hop": -1}}, "'window.hop'"),
         ({"sessions": ["x"], "window": {"spans": {"depth": {"span": 2}}}}, "window.spans.depth"),
         ({"sessions": ["x"], "window": {"spans": {"vision": {"frames": 4}}}}, "exactly 2 frames"),

@@ -169,6 +169,29 @@ def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(sess
     assert "depth" in end["errors"]
 
 
+def test_killed_session_source_process_fails_every_stream_of_the_session_with_exit_3(session_dir):
+    # sources.process: session reads all of a session's streams in one process: its death ends
+    # each of them at the aligner with the error (none is left waiting), and the run finishes.
+    cfg = _config([session_dir], replay={"rate": 1.0}, sources={"process": "session"})
+
+    def kill(sub):
+        group = _find_actor("bindstream.sources.fault-s.")
+        os.kill(ray.get(group.pid.remote()), signal.SIGKILL)
+
+    result, messages, mid_replay = _run_with_killer(cfg, kill, after_embeddings=1)
+    assert mid_replay, "the replay ended before the source process was killed"
+    assert result.exit_code == 3
+    (summary,) = result.sessions
+    # every stream still reading then (the captions may have sent their last line already)
+    assert {"cam", "depth", "imu", "mic", "thermal"} <= set(summary["errors"])
+    assert all("died" in e for e in summary["errors"].values())
+    published = _published(messages)
+    assert published and len(published) == len(set(published))
+    assert set(published) < _reference_keys(session_dir, cfg)
+    end = [m for m in messages if m.topic == "ctl/fault-s" and m.payload["event"] == "end"][0].payload
+    assert sorted(end["errors"]) == sorted(summary["errors"])
+
+
 def _split_at_restart(seqs: list[int], windows: list[int]) -> int | None:
     """Where a topic's messages pass from the killed publisher to the restarted one: the first
     message after a ``seq`` gap or a window that goes back (a re-sent batch). None: no trace."""
