@@ -416,21 +416,10 @@ class EncoderActor:
             "pid": os.getpid(),  # a restarted encoder reports its new process
         }
 
-    def _forward(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
-        from encoders.preprocess import prepare
-
-        t0 = time.perf_counter()
-        rows = self._encode_checked(modality, prepare(modality, payloads, self.device))
-        self.items[modality] += len(payloads)
-        self.forward_s[modality] += time.perf_counter() - t0
-        return rows
-
     # -- stage timing (issue 5): every row travels with its batch's forward start/end time --
     def _forward_timed(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
-        t0 = time.time()
-        rows = self._forward(modality, payloads)
-        t1 = time.time()
-        return [(r, t0, t1) for r in rows]
+        """Both stages in this (the forward) thread: ``prepare_ahead`` off."""
+        return self._model_timed(modality, *self._prepare_timed(modality, payloads))
 
     def _ray_metrics(self) -> Any:
         """The encoder's :class:`pipeline.metrics.RayMetrics`, registered on first use."""
@@ -466,7 +455,8 @@ class EncoderActor:
 
     def _model_timed(self, modality: str, x: Any, n: int, prep_s: float) -> list[tuple[np.ndarray, float, float]]:
         """Each row with its forward span, which starts the preprocessing's length before the
-        model did: the time a prepared batch waited for this thread counts as queueing."""
+        model did: with ``prepare_ahead``, the time a prepared batch waited for this thread
+        counts as queueing."""
         t0 = time.time()
         rows = self._encode_checked(modality, x)
         t1 = time.time()

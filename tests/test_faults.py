@@ -133,30 +133,38 @@ def test_killed_encoder_restarts_and_every_window_arrives_exactly_once(session_d
     assert all(np.isfinite(embedding_array(m)).all() for m in messages if m.topic.startswith("emb/"))
 
 
-def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(session_dir):
-    from pipeline.__main__ import _print_summary
-
-    # Real time: the depth source reads for the whole 5 s, so a kill right after the first
-    # embeddings always lands while it is still running.
-    cfg = _config([session_dir], replay={"rate": 1.0})
+def _kill_source_mid_replay(session_dir, actor_prefix: str, **over):
+    """Replay in real time (the sources read for the whole 5 s, so a kill right after the first
+    embeddings lands while they are still running), SIGKILL the source process named
+    ``actor_prefix*`` then, and check the run ends with exit 3 and publishes nothing twice.
+    Returns the run result, the messages, the session summary and its ``end`` payload."""
+    cfg = _config([session_dir], replay={"rate": 1.0}, **over)
 
     def kill(sub):
-        # depth takes the frame nearest each window end: windows after its death lack it.
-        src = _find_actor("bindstream.source.fault-s.depth.")
+        src = _find_actor(actor_prefix)
         os.kill(ray.get(src.pid.remote()), signal.SIGKILL)
 
     result, messages, mid_replay = _run_with_killer(cfg, kill, after_embeddings=1)
     assert mid_replay, "the replay ended before the source was killed"
     assert result.exit_code == 3
     (summary,) = result.sessions
+    published = _published(messages)
+    assert published and len(published) == len(set(published))
+    end = [m for m in messages if m.topic == "ctl/fault-s" and m.payload["event"] == "end"][0].payload
+    return cfg, result, published, summary, end
+
+
+def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(session_dir):
+    from pipeline.__main__ import _print_summary
+
+    # depth takes the frame nearest each window end: windows after its death lack it.
+    cfg, result, published, summary, end = _kill_source_mid_replay(session_dir, "bindstream.source.fault-s.depth.")
     assert list(summary["errors"]) == ["depth"] and "died" in summary["errors"]["depth"]
     out = io.StringIO()
     with redirect_stdout(out):
         _print_summary(result)
     assert "FAILED stream 'depth'" in out.getvalue()
 
-    published = _published(messages)
-    assert len(published) == len(set(published))
     expected = _reference_keys(session_dir, cfg)
     for modality in ("vision", "audio", "imu", "thermal", "text"):
         got = {k for k in published if k[1] == modality}
@@ -165,30 +173,18 @@ def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(sess
     depth = {k for k in published if k[1] == "depth"}
     assert depth < {k for k in expected if k[1] == "depth"}, "the killed depth stream cannot have completed"
     assert summary["missing"].get("depth", 0) >= 1
-    end = [m for m in messages if m.topic == "ctl/fault-s" and m.payload["event"] == "end"][0].payload
     assert "depth" in end["errors"]
 
 
 def test_killed_session_source_process_fails_every_stream_of_the_session_with_exit_3(session_dir):
     # sources.process: session reads all of a session's streams in one process: its death ends
     # each of them at the aligner with the error (none is left waiting), and the run finishes.
-    cfg = _config([session_dir], replay={"rate": 1.0}, sources={"process": "session"})
-
-    def kill(sub):
-        group = _find_actor("bindstream.sources.fault-s.")
-        os.kill(ray.get(group.pid.remote()), signal.SIGKILL)
-
-    result, messages, mid_replay = _run_with_killer(cfg, kill, after_embeddings=1)
-    assert mid_replay, "the replay ended before the source process was killed"
-    assert result.exit_code == 3
-    (summary,) = result.sessions
+    cfg, _, published, summary, end = _kill_source_mid_replay(session_dir, "bindstream.sources.fault-s.",
+                                                              sources={"process": "session"})
     # every stream still reading then (the captions may have sent their last line already)
     assert {"cam", "depth", "imu", "mic", "thermal"} <= set(summary["errors"])
     assert all("died" in e for e in summary["errors"].values())
-    published = _published(messages)
-    assert published and len(published) == len(set(published))
     assert set(published) < _reference_keys(session_dir, cfg)
-    end = [m for m in messages if m.topic == "ctl/fault-s" and m.payload["event"] == "end"][0].payload
     assert sorted(end["errors"]) == sorted(summary["errors"])
 
 
