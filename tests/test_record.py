@@ -120,14 +120,15 @@ def test_recorder_round_trips_every_live_modality_exactly_through_the_replay_sou
 
 
 def _slow_model_json(tmp_path: Path) -> str:
-    """The tiny config with a vision tower ~140x heavier: a real encoder too slow for 10
-    windows/s even on an idle machine (430 ms per batch of 2 clips on one thread here). Lighter
-    ones kept up in idle CI runs, nothing shed: 384-wide blocks (280 ms per 2 clips) once the
-    aligner sent one encoder call per release with its frames inline."""
+    """The tiny config with a vision tower ~300x heavier: a real encoder far too slow for 10
+    windows/s even on an idle machine (450 ms per batch of 2 clips on one thread here, 2.25 s of
+    work per second of stream). Lighter ones kept up on an idle machine, nothing shed: 384-wide
+    blocks once the aligner sent one encoder call per release with its frames inline, 512-wide
+    (220 ms per 2 clips) once a session's sources shared one process."""
     from encoders.config import REGISTRY
 
     kw = dict(REGISTRY["imagebind_tiny"])
-    kw.update(vision_embed_dim=512, vision_num_blocks=8, vision_num_heads=8)
+    kw.update(vision_embed_dim=768, vision_num_blocks=8, vision_num_heads=8)
     path = tmp_path / "slow.json"
     path.write_text(json.dumps(kw))
     return str(path)
