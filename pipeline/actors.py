@@ -279,18 +279,19 @@ class StreamReader:
 
 @ray.remote(num_cpus=0, max_concurrency=2)
 class SourceActor(StreamReader):
-    """One stream in a process of its own (``sources.process: stream``, the default): a crash of
-    its decoder takes no other stream with it."""
+    """One stream in a process of its own (``sources.process: stream``): a crash of its decoder
+    takes no other stream with it."""
 
 
 @ray.remote(num_cpus=0)
 class SourceGroupActor:
-    """Every stream of a session in one process (``sources.process: session``), each read in a
-    thread of its own (the driver starts it with ``max_concurrency`` above twice the stream count:
-    one ``run`` per stream at once, plus ``ready`` / ``stop`` / ``pid`` calls). Each Ray worker
-    process costs CPU even when idle (bench/RESULTS.md): one process instead of one per stream
-    leaves the cores to the encoder. A crash of the process (not a Python error, which stays with
-    its stream) ends all of the session's streams."""
+    """Every stream of a session in one process (``sources.process: session``, the default), each
+    read in a thread of its own (the driver starts it with ``max_concurrency`` above twice the
+    stream count: one ``run`` per stream at once, plus ``ready`` / ``stop`` / ``pid`` calls). Each
+    Ray worker process costs CPU even when idle, and every process more is one more for the cores
+    to switch between (bench/RESULTS.md): one process instead of one per stream leaves the cores
+    to the encoder. A crash of the process (not a Python error, which stays with its stream) ends
+    all of the session's streams."""
 
     def __init__(self, session: str, members: list[tuple[Any, dict[str, Any]]], aligner: Any) -> None:
         self.readers = {spec.id: StreamReader(session, spec, aligner, opts, shared_process=True)

@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64,
                  "coalesce_ms": 4.0, "prepare_ahead": "auto"},
     "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0, "select_frames": True,
-                "process": "stream"},
+                "process": "session"},
     "publish": {
         "endpoint": "tcp://127.0.0.1:5555",
         "wait_for_subscribers": 0,

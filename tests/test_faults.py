@@ -157,8 +157,10 @@ def _kill_source_mid_replay(session_dir, actor_prefix: str, **over):
 def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(session_dir):
     from pipeline.__main__ import _print_summary
 
-    # depth takes the frame nearest each window end: windows after its death lack it.
-    cfg, result, published, summary, end = _kill_source_mid_replay(session_dir, "bindstream.source.fault-s.depth.")
+    # sources.process: stream reads each stream in a process of its own. Depth takes the frame
+    # nearest each window end: windows after its death lack it.
+    cfg, result, published, summary, end = _kill_source_mid_replay(session_dir, "bindstream.source.fault-s.depth.",
+                                                                   sources={"process": "stream"})
     assert list(summary["errors"]) == ["depth"] and "died" in summary["errors"]["depth"]
     out = io.StringIO()
     with redirect_stdout(out):
@@ -177,8 +179,9 @@ def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(sess
 
 
 def test_killed_session_source_process_fails_every_stream_of_the_session_with_exit_3(session_dir):
-    # sources.process: session reads all of a session's streams in one process: its death ends
-    # each of them at the aligner with the error (none is left waiting), and the run finishes.
+    # sources.process: session (the default) reads all of a session's streams in one process:
+    # its death ends each of them at the aligner with the error (none is left waiting), and the
+    # run finishes.
     cfg, _, published, summary, end = _kill_source_mid_replay(session_dir, "bindstream.sources.fault-s.",
                                                               sources={"process": "session"})
     # every stream still reading then (the captions may have sent their last line already)
