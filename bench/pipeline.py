@@ -94,7 +94,11 @@ class _Sampler:
     and /dev/shm use (the plasma object store lives there). Peaks and CPU deltas on stop()."""
 
     def __init__(self, period: float = 0.25, ray_workers: bool = True) -> None:
-        import psutil
+        try:
+            import psutil
+        except ImportError:  # Ray ships one (ray/thirdparty_files), importable once ray is imported
+            import ray  # noqa: F401
+            import psutil
 
         self.psutil = psutil
         self.period = period
@@ -694,7 +698,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
     import torch
 
     if args.device == "auto":
@@ -733,6 +736,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         r["model_flops_per_s"] = _achieved(r["counts"], gflops, r["elapsed_s"])
         out["modes"]["single_process"] = r
     if "pipeline" in args.modes or args.realtime:
+        import ray  # only here: the other modes run where Ray is not installed (a lent GPU machine, say)
+
         _ray_start(args)
         try:
             if "pipeline" in args.modes:
