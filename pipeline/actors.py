@@ -322,7 +322,6 @@ class GroupMember:
             return self._method.remote(self._stream, *args, **kwargs)
 
     def __init__(self, group: Any, stream: str) -> None:
-        self.group = group
         self.ready = self._Call(group.ready, stream)
         self.run = self._Call(group.run, stream)
         self.stop = self._Call(group.stop, stream)
