@@ -641,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="encoders.prepare_ahead: preprocess the next batch in a second thread while the model "
                         "runs this one (default auto = on a GPU only)")
     p.add_argument("--source-process", default=DEFAULTS["sources"]["process"], choices=("stream", "session"),
-                   help="sources.process: one source process per session, its streams read in threads "
-                        "(default), or one per stream")
+                   help="sources.process: a session's streams read in threads of its aligner's process "
+                        "(default), or one process per stream")
     p.add_argument("--replicas", type=int, default=1, help="encoder actors in the pipeline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per encoder (default 1 on CPU so decode keeps a core, 0 = torch default)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def _print_summary(result) -> None:
           f"(dim {m['dim']}, {m['device']} {m['dtype']}), published on {result.endpoint}")
     for s in result.sessions:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())) or "none"
-        print(f"  {s['session']}: {s['windows']} windows; embeddings: {counts}; "
-              f"latency p50 {s['latency_p50_s'] * 1000:.0f} ms, p99 {s['latency_p99_s'] * 1000:.0f} ms")
+        latency = ("latency unknown" if math.isnan(s["latency_p50_s"])  # its aligner died (run.py)
+                   else f"latency p50 {s['latency_p50_s'] * 1000:.0f} ms, p99 {s['latency_p99_s'] * 1000:.0f} ms")
+        print(f"  {s['session']}: {s['windows']} windows; embeddings: {counts}; {latency}")
         if s["missing"]:
             print("    windows without: " + ", ".join(f"{k} {v}" for k, v in sorted(s["missing"].items())))
         if s["dropped"]:

@@ -1,5 +1,9 @@
 """The Ray actors of the graph: sources, one aligner per session, encoders, the publisher.
 
+By default (``sources.process: session``) a session's sources are threads of its aligner's
+process (:meth:`AlignerActor.source_run`); ``sources.process: stream`` gives each stream a
+:class:`SourceActor` process of its own.
+
 The logic lives elsewhere (``sources/`` read, :mod:`pipeline.align` windows,
 :mod:`pipeline.batching` batches, ``encoders/`` embed, ``sinks/`` publish); these classes only
 move data between them and keep work in flight bounded:
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -30,16 +35,53 @@ import ray
 from pipeline.align import AlignConfig, Aligner, Window, WindowItem
 from pipeline.batching import TowerBatcher
 
-__all__ = ["SourceActor", "SourceGroupActor", "GroupMember", "StreamReader", "AlignerActor", "EncoderActor",
+__all__ = ["SourceActor", "HostedSource", "StreamReader", "AlignerActor", "EncoderActor",
            "PublisherActor", "PublisherRestartedError"]
 
 log = logging.getLogger(__name__)
 
 
+def _result(ref: Any) -> Any:
+    """What a call to the aligner returned: a Ray ref, or a future of an in-process call."""
+    return ref.result() if isinstance(ref, concurrent.futures.Future) else ray.get(ref)
+
+
+def _is_ready(ref: Any) -> bool:
+    return ref.done() if isinstance(ref, concurrent.futures.Future) else bool(ray.wait([ref], timeout=0)[0])
+
+
+class _InProcessAligner:
+    """An :class:`AlignerActor` as the readers it hosts call it (``sources.process: session``):
+    the same ``aligner.push.remote(...)`` calls as on an actor handle, run on the actor's event
+    loop from the reader's thread, each returning a :class:`concurrent.futures.Future`. The
+    chunk goes by reference: no serialisation, no Ray call, no second process."""
+
+    class _Method:
+        def __init__(self, owner: "_InProcessAligner", name: str) -> None:
+            self._owner, self._name = owner, name
+
+        def remote(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+            method = getattr(self._owner.actor, self._name)
+
+            async def call() -> Any:
+                out = method(*args, **kwargs)
+                return await out if asyncio.iscoroutine(out) else out
+
+            return asyncio.run_coroutine_threadsafe(call(), self._owner.loop)
+
+    def __init__(self, actor: "AlignerActor", loop: asyncio.AbstractEventLoop) -> None:
+        self.actor, self.loop = actor, loop
+        self.push = self._Method(self, "push")
+        self.wait_origin = self._Method(self, "wait_origin")
+        self.end_stream = self._Method(self, "end_stream")
+        self.progress = self._Method(self, "progress")
+
+
 class StreamReader:
     """Reads one stream and pushes its chunks to the session's aligner, paced by ``rate``: the
-    body of a :class:`SourceActor` (one process per stream), or one of the streams a
-    :class:`SourceGroupActor` runs in threads of one process (``sources.process: session``)."""
+    body of a :class:`SourceActor` (one process per stream), or one of the streams an
+    :class:`AlignerActor` reads in threads of its own process (``sources.process: session``),
+    where ``aligner`` is an :class:`_InProcessAligner`."""
 
     def __init__(self, session: str, spec: Any, aligner: Any, options: dict[str, Any],
                  shared_process: bool = False) -> None:
@@ -73,8 +115,8 @@ class StreamReader:
         import sources.replay  # noqa: F401
 
         # The first call to an actor sets up the connection to it (tenths of a second on a busy
-        # machine): made here, not by the first chunk of the run.
-        ray.get(self.aligner.progress.remote())
+        # machine): made here, not by the first chunk of the run. (In process: a no-op.)
+        _result(self.aligner.progress.remote())
         return os.getpid()
 
     def run(self, rate: float, max_inflight: int, start_at: float | None = None) -> dict[str, Any]:
@@ -130,14 +172,13 @@ class StreamReader:
                 # _paced_pieces) counts as entering when a live source could have sent it.
                 chunk.t_ingest = max(time.time(), due) if due is not None else time.time()
                 while len(inflight) >= max_inflight:
-                    self._origin(select, ray.get(inflight.popleft()))  # raises if the aligner refused the chunk
+                    self._origin(select, _result(inflight.popleft()))  # raises if the aligner refused the chunk
                 inflight.append(self.aligner.push.remote(chunk, self.chunks))
                 if self._grid_origin is None:
                     # The selector keeps every frame, and paced replay cannot aim its watermarks
                     # at window ends, until the grid is known: ask early.
-                    done, _ = ray.wait([inflight[0]], timeout=0)
-                    if done:
-                        self._origin(select, ray.get(inflight.popleft()))
+                    if _is_ready(inflight[0]):
+                        self._origin(select, _result(inflight.popleft()))
                 if self._recorder is not None and len(chunk):
                     self._recorder.write(chunk)
                 self.chunks += 1
@@ -170,7 +211,7 @@ class StreamReader:
                                    meta={"session": self.session}, passed=x))
                     send(piece)
             while inflight:
-                ray.get(inflight.popleft())
+                _result(inflight.popleft())
         except Exception as exc:  # reported with the stream id; other streams go on
             error = f"{type(exc).__name__}: {exc}"
             log.error("session '%s' stream '%s' failed: %s", self.session, stream, error)
@@ -181,10 +222,13 @@ class StreamReader:
             dropped = guard.merge_into(dropped)
         for ref in inflight:
             try:
-                ray.get(ref)
+                _result(ref)
             except Exception:
                 pass
-        ray.get(self.aligner.end_stream.remote(stream, error, dropped, self.chunks))
+        try:
+            _result(self.aligner.end_stream.remote(stream, error, dropped, self.chunks))
+        except ray.exceptions.RayActorError as exc:  # the session's aligner died: the driver reports it
+            error = error or f"aligner died: {str(exc).splitlines()[0]}"
         # In a shared process only this stream's threads count (process time would hold the others').
         split = source_cpu_split(source, time.thread_time() - thread0
                                  + (prefetch.thread_s if prefetch is not None else 0.0))
@@ -214,7 +258,7 @@ class StreamReader:
             head.passed = None
             yield head, False
             wait_s = 0.25 + max(0.0, (start_at or 0.0) - time.time())
-            self._origin(select, ray.get(self.aligner.wait_origin.remote(wait_s)))
+            self._origin(select, _result(self.aligner.wait_origin.remote(wait_s)))
             if chunk is None:
                 return
         for piece in pacer.split(chunk):
@@ -283,36 +327,10 @@ class SourceActor(StreamReader):
     takes no other stream with it."""
 
 
-@ray.remote(num_cpus=0)
-class SourceGroupActor:
-    """Every stream of a session in one process (``sources.process: session``, the default), each
-    read in a thread of its own (the driver starts it with ``max_concurrency`` above twice the
-    stream count: one ``run`` per stream at once, plus ``ready`` / ``stop`` / ``pid`` calls). Each
-    Ray worker process costs CPU even when idle, and every process more is one more for the cores
-    to switch between (bench/RESULTS.md): one process instead of one per stream leaves the cores
-    to the encoder. A crash of the process (not a Python error, which stays with its stream) ends
-    all of the session's streams."""
-
-    def __init__(self, session: str, members: list[tuple[Any, dict[str, Any]]], aligner: Any) -> None:
-        self.readers = {spec.id: StreamReader(session, spec, aligner, opts, shared_process=True)
-                        for spec, opts in members}
-
-    def ready(self, stream: str) -> int:
-        return self.readers[stream].ready()
-
-    def run(self, stream: str, rate: float, max_inflight: int, start_at: float | None = None) -> dict[str, Any]:
-        return self.readers[stream].run(rate, max_inflight, start_at)
-
-    def stop(self, stream: str) -> None:
-        self.readers[stream].stop()
-
-    def pid(self, stream: str | None = None) -> int:
-        return os.getpid()
-
-
-class GroupMember:
-    """The driver's handle on one stream of a :class:`SourceGroupActor`, with a
-    :class:`SourceActor` handle's calls (``src.run.remote(...)``)."""
+class HostedSource:
+    """The driver's handle on one stream read in its session's aligner process
+    (``sources.process: session``), with a :class:`SourceActor` handle's calls
+    (``src.run.remote(...)``)."""
 
     class _Call:
         def __init__(self, method: Any, stream: str) -> None:
@@ -321,11 +339,11 @@ class GroupMember:
         def remote(self, *args: Any, **kwargs: Any) -> Any:
             return self._method.remote(self._stream, *args, **kwargs)
 
-    def __init__(self, group: Any, stream: str) -> None:
-        self.ready = self._Call(group.ready, stream)
-        self.run = self._Call(group.run, stream)
-        self.stop = self._Call(group.stop, stream)
-        self.pid = self._Call(group.pid, stream)
+    def __init__(self, aligner: Any, stream: str) -> None:
+        self.ready = self._Call(aligner.source_ready, stream)
+        self.run = self._Call(aligner.source_run, stream)
+        self.stop = self._Call(aligner.source_stop, stream)
+        self.pid = self._Call(aligner.pid, stream)
 
 
 @ray.remote(num_cpus=0)
@@ -606,7 +624,12 @@ class PublisherActor:
 
 @ray.remote(num_cpus=0)
 class AlignerActor:
-    """Windows one session, sends released items to the encoders, publishes in window order."""
+    """Windows one session, sends released items to the encoders, publishes in window order.
+
+    With ``sources`` (``sources.process: session``, the default) it also reads the session's
+    streams, each in a thread of this process (:meth:`source_run`): their chunks reach
+    :meth:`push` by reference, without a Ray call (bench/RESULTS.md: tenth session). A crash of
+    the process ends the whole session (the driver reports each stream, run.py)."""
 
     def __init__(
         self,
@@ -622,10 +645,14 @@ class AlignerActor:
         retries: int = 2,
         live: dict[str, Any] | None = None,
         publish_start: dict[str, Any] | None = None,
+        sources: list[tuple[Any, dict[str, Any]]] | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.session = session
         self.streams = streams
+        self._sources = list(sources or [])  # (StreamSpec, options): read here, see source_run
+        self._readers: dict[str, StreamReader] = {}
+        self._reader_pool: ThreadPoolExecutor | None = None
         if live and live.get("idle_timeout_s"):
             # Live: a silent sensor holds the session's windows back at most this long.
             align = dataclasses.replace(align, idle_after=float(live["idle_timeout_s"]))
@@ -674,6 +701,37 @@ class AlignerActor:
         self.encode_retries = 0
         self.restart_timeout_s = 120.0  # how long a batch waits for a restarting encoder (or publisher)
         self._publisher_init(publish_start)  # publisher restarts (issue 6)
+
+    # -- the session's sources, read in this process (sources.process: session) ---------------
+    def _reader(self, stream: str) -> StreamReader:
+        if not self._readers:
+            port = _InProcessAligner(self, asyncio.get_running_loop())
+            self._readers = {spec.id: StreamReader(self.session, spec, port, opts, shared_process=True)
+                             for spec, opts in self._sources}
+            # A thread per stream for its run, and as many again for ready() calls made meanwhile.
+            self._reader_pool = ThreadPoolExecutor(max_workers=2 * len(self._readers), thread_name_prefix="source")
+        return self._readers[stream]
+
+    async def source_ready(self, stream: str) -> int:
+        """:meth:`StreamReader.ready` for ``stream``, in a thread of this process."""
+        reader = self._reader(stream)
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, reader.ready)
+
+    async def source_run(self, stream: str, rate: float, max_inflight: int,
+                         start_at: float | None = None) -> dict[str, Any]:
+        """:meth:`StreamReader.run` for ``stream``, in a thread of this process: its pushes run
+        on this event loop, between the encoder and publisher calls."""
+        reader = self._reader(stream)
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, reader.run, rate, max_inflight,
+                                                                start_at)
+
+    async def source_stop(self, stream: str) -> None:
+        self._reader(stream).stop()
+
+    def pid(self, stream: str | None = None) -> int:
+        """The process id: the aligner's, and with ``sources.process: session`` its sources'
+        (fault tests kill it: the whole session goes, see run.py)."""
+        return os.getpid()
 
     # -- lifecycle -------------------------------------------------------------------------
     def _ensure_tasks(self) -> None:

@@ -8,6 +8,7 @@ offline machine fails fast with a message that says what to do.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import signal
 import sys
@@ -144,7 +145,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     publisher is bound, before any data flows (tests connect their subscribers there)."""
     import ray
 
-    from pipeline.actors import AlignerActor, EncoderActor, GroupMember, PublisherActor, SourceActor, SourceGroupActor
+    from pipeline.actors import AlignerActor, EncoderActor, HostedSource, PublisherActor, SourceActor
 
     specs = prepare_sessions(cfg)
     live = _live_settings(cfg, specs)  # None unless a session is live (issue 4)
@@ -212,7 +213,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         ray.get(publisher.wait_for_subscribers.remote())
 
         aligners, sources, runs = [], [], []
-        source_procs: list[Any] = []  # the source actors: one per stream, or one per session
+        source_procs: list[Any] = []  # SourceActor per stream (sources.process: stream)
         watch = _SourceWatch()
         src_opts = {
             "chunk_seconds": cfg.chunk_seconds,
@@ -230,23 +231,23 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             # start first: its seqs go to the aligner, which resumes a restarted publisher from them.
             start_seqs = ray.get(publisher.start_session.remote(
                 spec.name, streams, info["model"], info["dim"]))
-            al = AlignerActor.remote(
+            opts = _live_source_options(src_opts, live, spec) if spec.live else src_opts
+            hosted = cfg.sources["process"] == "session"
+            # Named (unique per run) like the encoders: operators and fault tests find them.
+            # Hosting the session's sources, the aligner goes where sources are placed.
+            al = AlignerActor.options(name=f"bindstream.aligner.{spec.name}.{uid}",
+                                      **(_placement(cfg, "source_resources") if hosted else {})).remote(
                 spec.name, streams, cfg.align, encoders, publisher,
                 max_inflight_windows=int(cfg.encoders["max_inflight_windows"]),
                 coalesce_ms=float(cfg.encoders["coalesce_ms"]),
                 heartbeat_s=float(cfg.publish["heartbeat_s"]),
                 live=live["aligner"] if live and spec.live else None,
                 publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
+                sources=[(s, opts) for s in spec.streams] if hosted else None,
             )
             aligners.append(al)
-            opts = _live_source_options(src_opts, live, spec) if spec.live else src_opts
-            if cfg.sources["process"] == "session":
-                group = SourceGroupActor.options(name=f"bindstream.sources.{spec.name}.{uid}",
-                                                 max_concurrency=2 * len(spec.streams) + 2,
-                                                 **_placement(cfg, "source_resources")).remote(
-                    spec.name, [(s, opts) for s in spec.streams], al)
-                source_procs.append(group)
-                members = [GroupMember(group, s.id) for s in spec.streams]
+            if hosted:
+                members = [HostedSource(al, s.id) for s in spec.streams]
             else:
                 members = [SourceActor.options(name=f"bindstream.source.{spec.name}.{s.id}.{uid}",
                                                **_placement(cfg, "source_resources")).remote(spec.name, s, al, opts)
@@ -272,7 +273,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         watch.started(runs)
 
         summaries = _wait(done_refs, aligners, specs, sources, progress, watch=watch,
-                          stop_after=cfg.raw.get("stop_after") if live else None)
+                          stop_after=cfg.raw.get("stop_after") if live else None, publisher=publisher)
         watch.poll(final=True)
         if live:
             _write_recordings(live, specs, watch.results, summaries)
@@ -358,11 +359,12 @@ def _close_publisher(publisher: Any) -> dict[str, Any]:
 
 def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], sources: list[Any],
           progress: bool | None, watch: "_SourceWatch | None" = None,
-          stop_after: float | None = None) -> list[dict[str, Any]]:
+          stop_after: float | None = None, publisher: Any = None) -> list[dict[str, Any]]:
     import ray
 
     bars = _progress_bars(specs, progress)
     interrupted = {"n": 0}
+    last: list[dict[str, Any] | None] = [None] * len(aligners)  # each aligner's latest progress()
 
     def on_signal(signum: int, frame: Any) -> None:
         interrupted["n"] += 1
@@ -388,17 +390,62 @@ def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], s
                     s.stop.remote()
             if watch is not None:
                 watch.poll()
-            if bars:
-                for bar, p in zip(bars, ray.get([a.progress.remote() for a in aligners])):
+            _poll_progress(aligners, last)
+            for bar, p in zip(bars, last):
+                if p is not None:
                     bar.n = p["windows"]
                     bar.set_postfix(published=p["published"], refresh=False)
                     bar.refresh()
-        return ray.get(done_refs)
+        return [_session_result(ref, spec, publisher, p) for ref, spec, p in zip(done_refs, specs, last)]
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         for bar in bars:
             bar.close()
+
+
+def _poll_progress(aligners: list[Any], last: list[dict[str, Any] | None]) -> None:
+    """Each aligner's ``progress()`` into ``last``; one that died keeps its last answer."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    refs = [a.progress.remote() for a in aligners]
+    for i, ref in enumerate(refs):
+        try:
+            last[i] = ray.get(ref, timeout=5.0)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+
+
+def _session_result(ref: Any, spec: SessionSpec, publisher: Any, progress: dict[str, Any] | None) -> dict[str, Any]:
+    """The session's summary from its aligner, or, where the aligner's process died (killed,
+    crashed, node lost; with ``sources.process: session`` it was also reading the session's
+    streams), one the driver makes: every stream named with the error, so the run exits 3,
+    and the counts the publisher delivered. Subscribers get the session's ``end`` with the same
+    errors; windows released but not yet published when the process died are lost (counted
+    in ``windows``, missing from ``counts``). Other sessions are not affected."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        return ray.get(ref)
+    except RayActorError as exc:
+        error = f"session process died: {str(exc).splitlines()[0]}"
+    log.error("session '%s': %s; every stream of the session ends with it", spec.name, error)
+    errors = {s.id: error for s in spec.streams}
+    windows = int(progress["windows"]) if progress else 0
+    counts: dict[str, int] = {}
+    if publisher is not None:
+        try:
+            # The end first: the publisher refuses the session's records after it, so a publish
+            # the dead process left in flight cannot change the counts read next.
+            ray.get(publisher.end_session.remote(spec.name, windows=windows, errors=errors, missing={}))
+            counts = dict(ray.get(publisher.stats.remote())["published"].get(spec.name, {}))
+        except Exception as exc:  # the publisher is gone too: the summary still names the streams
+            log.error("session '%s': cannot send its end: %s", spec.name, str(exc).splitlines()[0])
+    return {"session": spec.name, "windows": windows, "counts": counts, "dropped": {}, "missing": {},
+            "errors": errors, "latency_p50_s": math.nan, "latency_p99_s": math.nan, "encode_retries": 0,
+            "publisher_restarts": 0, "stages": {}}
 
 
 def curve_server_config(cfg: RunConfig) -> Any:
@@ -442,11 +489,14 @@ class _SourceWatch:
             aligner, session, stream = self._refs.pop(ref)
             try:
                 self.results.append(ray.get(ref))
-            except RayActorError as exc:
+            except RayActorError as exc:  # the source's process died (its Python errors are in its result)
                 error = f"source actor died: {str(exc).splitlines()[0]}"
                 log.error("session '%s' stream '%s': %s", session, stream, error)
                 # chunks=None: the count is unknown; the aligner ends the stream with what it has.
-                ray.get(aligner.end_stream.remote(stream, error, None, None))
+                try:
+                    ray.get(aligner.end_stream.remote(stream, error, None, None))
+                except RayActorError:
+                    pass  # the aligner died too (the same process: sources.process: session); see _wait
                 self.results.append({"stream": stream, "error": error})
 
 

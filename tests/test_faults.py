@@ -63,7 +63,7 @@ def _run_with_killer(cfg, kill, after_embeddings: int = 3):
     Returns (result, messages, whether the kill happened before the subscriber saw the end)."""
     from pipeline.run import run
 
-    sub = Subscriber(1)
+    sub = Subscriber(len(cfg.sessions))
     state = {"mid_replay": None, "error": None}
 
     def killer():
@@ -133,25 +133,26 @@ def test_killed_encoder_restarts_and_every_window_arrives_exactly_once(session_d
     assert all(np.isfinite(embedding_array(m)).all() for m in messages if m.topic.startswith("emb/"))
 
 
-def _kill_source_mid_replay(session_dir, actor_prefix: str, **over):
+def _kill_source_mid_replay(session_dirs, actor_prefix: str, pid_method: str = "pid", **over):
     """Replay in real time (the sources read for the whole 5 s, so a kill right after the first
-    embeddings lands while they are still running), SIGKILL the source process named
-    ``actor_prefix*`` then, and check the run ends with exit 3 and publishes nothing twice.
-    Returns the run result, the messages, the session summary and its ``end`` payload."""
-    cfg = _config([session_dir], replay={"rate": 1.0}, **over)
+    embeddings lands while they are still running), SIGKILL the process of the actor named
+    ``actor_prefix*`` then (its ``pid_method`` says which), and check the run ends with exit 3
+    and publishes nothing twice. Returns the config, the run result, the messages of
+    ``fault-s``, its summary, its ``end`` payload and every session's published keys."""
+    cfg = _config(session_dirs, replay={"rate": 1.0}, **over)
 
     def kill(sub):
-        src = _find_actor(actor_prefix)
-        os.kill(ray.get(src.pid.remote()), signal.SIGKILL)
+        actor = _find_actor(actor_prefix)
+        os.kill(ray.get(getattr(actor, pid_method).remote()), signal.SIGKILL)
 
     result, messages, mid_replay = _run_with_killer(cfg, kill, after_embeddings=1)
     assert mid_replay, "the replay ended before the source was killed"
     assert result.exit_code == 3
-    (summary,) = result.sessions
-    published = _published(messages)
+    summary = next(s for s in result.sessions if s["session"] == "fault-s")
+    published = [k for k in _published(messages) if k[0] == "fault-s"]
     assert published and len(published) == len(set(published))
     end = [m for m in messages if m.topic == "ctl/fault-s" and m.payload["event"] == "end"][0].payload
-    return cfg, result, published, summary, end
+    return cfg, result, published, summary, end, _published(messages)
 
 
 def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(session_dir):
@@ -159,7 +160,7 @@ def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(sess
 
     # sources.process: stream reads each stream in a process of its own. Depth takes the frame
     # nearest each window end: windows after its death lack it.
-    cfg, result, published, summary, end = _kill_source_mid_replay(session_dir, "bindstream.source.fault-s.depth.",
+    cfg, result, published, summary, end, _ = _kill_source_mid_replay([session_dir], "bindstream.source.fault-s.depth.",
                                                                    sources={"process": "stream"})
     assert list(summary["errors"]) == ["depth"] and "died" in summary["errors"]["depth"]
     out = io.StringIO()
@@ -178,17 +179,39 @@ def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(sess
     assert "depth" in end["errors"]
 
 
-def test_killed_session_source_process_fails_every_stream_of_the_session_with_exit_3(session_dir):
-    # sources.process: session (the default) reads all of a session's streams in one process:
-    # its death ends each of them at the aligner with the error (none is left waiting), and the
-    # run finishes.
-    cfg, _, published, summary, end = _kill_source_mid_replay(session_dir, "bindstream.sources.fault-s.",
-                                                              sources={"process": "session"})
-    # every stream still reading then (the captions may have sent their last line already)
-    assert {"cam", "depth", "imu", "mic", "thermal"} <= set(summary["errors"])
+@pytest.fixture(scope="module")
+def other_session_dir(tmp_path_factory):
+    return write_demo_session(tmp_path_factory.mktemp("faults") / "t", seconds=5.0, seed=4, name="fault-t")
+
+
+@pytest.mark.parametrize("process", ["session", "stream"])
+def test_killed_aligner_process_fails_every_stream_of_its_session_with_exit_3_and_other_sessions_complete(
+        session_dir, other_session_dir, process):
+    from pipeline.__main__ import _print_summary
+
+    # sources.process: session (the default) reads a session's streams in threads of its
+    # aligner's process; with stream they have processes of their own, which fail their pushes.
+    # Killing the aligner's process ends the session: the driver names every stream and sends
+    # the session's end; the other session is untouched.
+    cfg, result, published, summary, end, everything = _kill_source_mid_replay(
+        [session_dir, other_session_dir], "bindstream.aligner.fault-s.", sources={"process": process})
+    assert set(summary["errors"]) == {"cam", "captions", "depth", "imu", "mic", "thermal"}
     assert all("died" in e for e in summary["errors"].values())
     assert set(published) < _reference_keys(session_dir, cfg)
     assert sorted(end["errors"]) == sorted(summary["errors"])
+    # the end (sent by the driver) counts what subscribers got
+    got = collections.Counter(k[1] for k in published)
+    assert end["counts"] == dict(got) == summary["counts"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        _print_summary(result)
+    assert "FAILED stream 'cam'" in out.getvalue() and "latency unknown" in out.getvalue()
+
+    other = next(s for s in result.sessions if s["session"] == "fault-t")
+    assert not other["errors"]
+    got_other = [k for k in everything if k[0] == "fault-t"]
+    assert len(got_other) == len(set(got_other))
+    assert set(got_other) == _reference_keys(other_session_dir, cfg), "the other session must complete"
 
 
 def _split_at_restart(seqs: list[int], windows: list[int]) -> int | None:

@@ -212,7 +212,7 @@ def test_two_replays_with_different_batching_and_frame_selection_give_the_same_e
     each stream read in a source process of its own, against frame selection
     (docs/alignment.md) at batch 32 over two replicas with releases coalesced for 50 ms, each
     batch prepared ahead in the encoders' second thread, and the session's streams read in
-    threads of one source process. The origin is configured (the demo's streams start at 0, as
+    threads of its aligner's process. The origin is configured (the demo's streams start at 0, as
     with ``auto``), so the sources select from their first frame on."""
     a, _ = demo_dirs
     r1, m1 = _replay([a], encoders={"max_batch": 1, "max_wait_ms": 0, "coalesce_ms": 0},
