@@ -465,7 +465,9 @@ def curve_server_config(cfg: RunConfig) -> Any:
 class _SourceWatch:
     """Notices source actors that died (SIGKILL, node loss: no ``end_stream`` ever comes) and
     ends their stream at the aligner with the error, so the session finishes without them
-    and the run exits 3. A source that fails cleanly reports itself; this is for the rest."""
+    and the run exits 3. A source that fails cleanly reports itself; this is for the rest.
+    Where the aligner died too (the same process with ``sources.process: session``), the
+    session's result says so (:func:`_session_result`)."""
 
     def __init__(self) -> None:
         self._owners: list[tuple[Any, Any, str, str]] = []  # (source, aligner, session, stream)
