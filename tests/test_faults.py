@@ -133,17 +133,17 @@ def test_killed_encoder_restarts_and_every_window_arrives_exactly_once(session_d
     assert all(np.isfinite(embedding_array(m)).all() for m in messages if m.topic.startswith("emb/"))
 
 
-def _kill_source_mid_replay(session_dirs, actor_prefix: str, pid_method: str = "pid", **over):
+def _kill_source_mid_replay(session_dirs, actor_prefix: str, **over):
     """Replay in real time (the sources read for the whole 5 s, so a kill right after the first
     embeddings lands while they are still running), SIGKILL the process of the actor named
-    ``actor_prefix*`` then (its ``pid_method`` says which), and check the run ends with exit 3
-    and publishes nothing twice. Returns the config, the run result, the messages of
-    ``fault-s``, its summary, its ``end`` payload and every session's published keys."""
+    ``actor_prefix*`` then, and check the run ends with exit 3 and publishes nothing twice.
+    Returns the config, the run result, the published keys of ``fault-s``, its summary, its ``end``
+    payload and every session's published keys."""
     cfg = _config(session_dirs, replay={"rate": 1.0}, **over)
 
     def kill(sub):
         actor = _find_actor(actor_prefix)
-        os.kill(ray.get(getattr(actor, pid_method).remote()), signal.SIGKILL)
+        os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
 
     result, messages, mid_replay = _run_with_killer(cfg, kill, after_embeddings=1)
     assert mid_replay, "the replay ended before the source was killed"
@@ -160,8 +160,8 @@ def test_killed_source_fails_its_stream_with_exit_3_and_the_others_complete(sess
 
     # sources.process: stream reads each stream in a process of its own. Depth takes the frame
     # nearest each window end: windows after its death lack it.
-    cfg, result, published, summary, end, _ = _kill_source_mid_replay([session_dir], "bindstream.source.fault-s.depth.",
-                                                                   sources={"process": "stream"})
+    cfg, result, published, summary, end, _ = _kill_source_mid_replay(
+        [session_dir], "bindstream.source.fault-s.depth.", sources={"process": "stream"})
     assert list(summary["errors"]) == ["depth"] and "died" in summary["errors"]["depth"]
     out = io.StringIO()
     with redirect_stdout(out):
