@@ -215,6 +215,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         aligners, sources, runs = [], [], []
         source_procs: list[Any] = []  # SourceActor per stream (sources.process: stream)
         watch = _SourceWatch()
+        hosted = cfg.sources["process"] == "session"  # a session's sources in its aligner's process
         src_opts = {
             "chunk_seconds": cfg.chunk_seconds,
             "video_size": int(cfg.sources["video_size"]),
@@ -232,7 +233,6 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             start_seqs = ray.get(publisher.start_session.remote(
                 spec.name, streams, info["model"], info["dim"]))
             opts = _live_source_options(src_opts, live, spec) if spec.live else src_opts
-            hosted = cfg.sources["process"] == "session"
             # Named (unique per run) like the encoders: operators and fault tests find them.
             # Hosting the session's sources, the aligner goes where sources are placed.
             al = AlignerActor.options(name=f"bindstream.aligner.{spec.name}.{uid}",
