@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             x = _example(tower, batch, device, dtype)
             with torch.inference_mode():
                 diff = (model.encode(m, x).float() - _ref_tower(model, ref, m, x).float()).abs().max().item()
-                t_ours = _time(lambda: model.encode(m, x), device, min_time, warmup)
-                t_ref = _time(lambda: _ref_tower(model, ref, m, x), device, min_time, warmup)
+                t_ours = _time(lambda m=m, x=x: model.encode(m, x), device, min_time, warmup)
+                t_ref = _time(lambda m=m, x=x, ref=ref: _ref_tower(model, ref, m, x), device, min_time, warmup)
             rows.append({
                 "tower": m, "batch": batch, "blocks": tower.num_blocks, "full_blocks": full.towers[m].num_blocks,
                 "ours_items_s": batch / t_ours, "ref_items_s": batch / t_ref, "speedup": t_ref / t_ours,

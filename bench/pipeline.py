@@ -1,6 +1,6 @@
 """End-to-end throughput and latency: the Ray graph against one process, the raw encoder and a naive loop.
 
-Workload: N synthetic sessions written deterministically with PyAV (``pipeline.demo``; by default
+Workload: N synthetic sessions written deterministically with PyAV (``sources.demo``; by default
 1280x720 at 30 fps H.264 at ~2 Mbit/s with an AAC soundtrack, IMU 200 Hz, depth and thermal
 10 Hz, captions), windows every 1 s (hop), one clip and one crop per window. Measured in one run:
 
@@ -75,7 +75,7 @@ _SPLIT_PARTS = ("decode_s", "resize_s", "other_s", "total_s")  # SourceActor end
 def make_sessions(cache: Path, n: int, seconds: float, size: tuple[int, int], fps: int,
                   bitrate: int | None) -> list[Path]:
     """N demo sessions (seed i, name bench-i), written once and reused from ``cache``."""
-    from pipeline.demo import write_demo_session
+    from sources.demo import write_demo_session
 
     tag = f"{size[0]}x{size[1]}_{fps}fps_{bitrate or 'crf23'}_{seconds:g}s"
     out = []
@@ -186,7 +186,7 @@ class _Subscriber:
     def _run(self, endpoint: str, ready: threading.Event) -> None:
         import zmq
 
-        from pipeline.protocol import decode
+        from sinks.protocol import decode
 
         sock = zmq.Context.instance().socket(zmq.SUB)
         sock.setsockopt(zmq.RCVTIMEO, 600_000)
@@ -374,7 +374,7 @@ def _align_config(args: argparse.Namespace) -> Any:
 
 def bench_single_process(sessions: list[Path], args: argparse.Namespace, model: Any) -> dict[str, Any]:
     from pipeline.inprocess import run_inprocess
-    from pipeline.session import load_session
+    from sources.session import load_session
     from sinks.zmq_publisher import Publisher
 
     specs = [load_session(s) for s in sessions]
@@ -412,7 +412,7 @@ def bench_single_process(sessions: list[Path], args: argparse.Namespace, model: 
 
 def _windows_of(session: Path, video_size: int) -> list[Any]:
     from pipeline.inprocess import session_windows
-    from pipeline.session import load_session
+    from sources.session import load_session
 
     return session_windows(load_session(session), chunk_seconds=0.5, video_size=video_size)
 

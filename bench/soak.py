@@ -7,8 +7,8 @@ created, session replayed to the end, actors killed), so what accumulates across
 is what a long-running driver, Ray's own daemons and the object store keep. Prints one JSON
 line per iteration, then a summary line comparing the end with the state after warm-up (the
 first ``--warmup`` fraction of the run): RSS growth (%) of the driver and of its process tree
-(GCS, raylet, workers) and of what persists (driver + Ray daemons, the verdict), open file descriptors, object-store use and drop counters. Exit code
-1 when RSS grew more than ``--max-rss-growth`` percent or fds grew after warm-up.
+(GCS, raylet, workers) and of what persists (driver + Ray daemons, the verdict), open file
+descriptors, object-store use and drop counters. Exit code 1 when RSS grew more than ``--max-rss-growth`` percent or fds grew after warm-up.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from pipeline.demo import write_demo_session
+    from sources.demo import write_demo_session
     from pipeline.run import run
 
     tmp = tempfile.TemporaryDirectory(prefix="soak-")

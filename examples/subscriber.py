@@ -1,7 +1,7 @@
 """Minimal bindstream subscriber: pyzmq + msgpack + numpy, no bindstream import (protocol v1).
 
 Run a pipeline, then: python examples/subscriber.py [tcp://127.0.0.1:5555]
-Stops at the first session's ``end``. pipeline.protocol.decode also validates every field.
+Stops at the first session's ``end``. sinks.protocol.decode also validates every field.
 """
 import sys
 

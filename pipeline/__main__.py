@@ -7,7 +7,6 @@ Exit codes of ``run``: 0 every stream ended cleanly, 2 configuration error (noth
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -18,7 +17,7 @@ __all__ = ["main"]
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from sources.errors import ConfigError
     from pipeline.run import EXIT_CONFIG, run
 
     try:
@@ -77,7 +76,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import write_demo_session
+    from sources.demo import write_demo_session
 
     path = write_demo_session(Path(args.dir), seconds=args.seconds, seed=args.seed, name=args.name)
     print(path)
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="demo-ego")
     p.set_defaults(fn=_cmd_demo)
 
-    from pipeline.keys import add_keys_args
+    from sinks.keys import add_keys_args
     from pipeline.subscribe import add_subscribe_args
 
     add_subscribe_args(sub)

@@ -110,7 +110,7 @@ class StreamReader:
         """Import what :meth:`run` needs and return the pid. The driver waits for every source
         of the run before starting any, so the streams start reading together and a slow actor
         start (a fresh Python process importing PyAV and numpy) is not taken for a lagging stream."""
-        import pipeline.guard  # noqa: F401
+        import sources.guard  # noqa: F401
         import sources.live  # noqa: F401
         import sources.replay  # noqa: F401
 
@@ -122,7 +122,7 @@ class StreamReader:
     def run(self, rate: float, max_inflight: int, start_at: float | None = None) -> dict[str, Any]:
         """Read the stream to its end, pushing chunks to the aligner. ``start_at``: the wall time
         (``time.time()``) at which every stream of the run starts, for paced replay."""
-        from pipeline.guard import StreamGuard
+        from sources.guard import StreamGuard
         from pipeline.metrics import source_cpu_split
         from sources.base import Chunk
         from sources._common import Prefetch
@@ -138,7 +138,7 @@ class StreamReader:
         cpu0, wall_start = time.process_time(), time.time()  # this actor is the stream's own process
         thread0 = time.thread_time()  # this method's thread: the base of the decode/resize/other split
         try:
-            # max_gap_s belongs to the guard (pipeline/guard.py), not to the source readers;
+            # max_gap_s belongs to the guard (sources/guard.py), not to the source readers;
             # align/select_frames to the frame selector (replay only: a live frame is already here).
             opts = {k: v for k, v in self.options.items() if k not in ("max_gap_s", "align", "select_frames")}
             guard = StreamGuard(self.session, stream, self.spec.modality,
@@ -293,7 +293,7 @@ class StreamReader:
     def _open_live(self, opts: dict[str, Any]) -> Any:
         """The live source for the stream, and its recorder when the run records.
         ``opts`` carries ``epoch`` (the session clock) and ``record_dir`` besides the usual ones."""
-        from pipeline.clock import SessionClock
+        from sources.clock import SessionClock
         from sources.live import open_live_source
 
         opts = dict(opts)
@@ -303,7 +303,7 @@ class StreamReader:
         if self._stop:
             self._live.stop()
         if record_dir:
-            from pipeline.record import StreamRecorder
+            from sources.record import StreamRecorder
 
             self._recorder = StreamRecorder(record_dir, self.spec.id, self.spec.modality)
         return self._live
@@ -1005,7 +1005,7 @@ class AlignerActor:
 
     # -- publish ---------------------------------------------------------------------------
     async def _pump(self) -> None:
-        from pipeline.protocol import EmbeddingRecord
+        from sinks.protocol import EmbeddingRecord
 
         while True:
             if self._live is not None:
@@ -1103,7 +1103,7 @@ class AlignerActor:
     # publisher used, even for a call that died half-way. A restarted publisher is resumed at
     # ``_pub_seq``: seqs never repeat; the ones a dead call burned show up as a gap.
     def _publisher_init(self, start: dict[str, Any] | None) -> None:
-        from pipeline.protocol import ctl_topic
+        from sinks.protocol import ctl_topic
 
         start = dict(start or {})
         self._pub_start = start  # model, dim: what a restarted publisher needs to accept records
@@ -1113,7 +1113,7 @@ class AlignerActor:
         self.publisher_restarts = 0
 
     def _claims(self, records: list[Any]) -> dict[str, int]:
-        from pipeline.protocol import emb_topic
+        from sinks.protocol import emb_topic
 
         return dict(collections.Counter(emb_topic(r.session, r.modality) for r in records))
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from pipeline.align import DEFAULT_SPANS, AlignConfig, ModalitySpan
-from pipeline.errors import ConfigError
+from sources.errors import ConfigError
 
 __all__ = ["RunConfig", "load_config", "parse_config", "apply_overrides", "DEFAULTS"]
 

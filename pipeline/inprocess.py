@@ -1,7 +1,7 @@
 """The whole pipeline in one process, without Ray: decode -> align -> preprocess -> encode -> publish.
 
 The same parts as the Ray graph (``sources.replay.open_source`` with its frame selection, the
-:class:`pipeline.guard.StreamGuard` of every stream, :class:`pipeline.align.Aligner`,
+:class:`sources.guard.StreamGuard` of every stream, :class:`pipeline.align.Aligner`,
 :func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.memory.SinkBase` such as
 the ZeroMQ :class:`sinks.zmq_publisher.Publisher`) driven by one loop. It is what the Ray graph
 must beat (``bench/pipeline.py`` measures both on the same work), and a library entry point for
@@ -34,8 +34,8 @@ import numpy as np
 
 from pipeline.align import AlignConfig, Aligner, Window
 from pipeline.metrics import StageRecorder
-from pipeline.protocol import EmbeddingRecord
-from pipeline.session import SessionSpec
+from sinks.protocol import EmbeddingRecord
+from sources.session import SessionSpec
 
 __all__ = ["InProcessResult", "run_inprocess", "session_windows"]
 
@@ -49,7 +49,7 @@ def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, sele
     concurrent source actors would deliver them; the windows do not depend on that order.
     Every frame is read unless ``select_frames`` (the graph's default, which must give the same
     windows: docs/alignment.md). ``max_gap_s``: the clock-jump guard, as ``sources.max_gap_s``."""
-    from pipeline.guard import StreamGuard
+    from sources.guard import StreamGuard
     from sources.replay import open_source
 
     align = align or AlignConfig()
@@ -138,12 +138,12 @@ def run_inprocess(
     ``select_frames``: only frames some window can pick are scaled / decoded, as the graph's
     ``sources.select_frames`` (docs/alignment.md). ``max_gap_s``: the clock-jump and
     non-finite-data guard of every stream, as the graph's ``sources.max_gap_s``
-    (pipeline/guard.py; its drops are counted with the source's).
+    (sources/guard.py; its drops are counted with the source's).
     """
     import torch
 
     from encoders.preprocess import prepare
-    from pipeline.guard import StreamGuard
+    from sources.guard import StreamGuard
     from sources.replay import open_source
 
     align = align or AlignConfig()

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
-from pipeline.session import SessionSpec, load_session, session_from_dict
+from sources.errors import ConfigError
+from sources.session import SessionSpec, load_session, session_from_dict
 
 __all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepare_sessions", "ray_init_kwargs",
            "ray_system_config", "resolve_model_options", "run"]
@@ -54,12 +54,12 @@ class RunResult:
 def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
     """Load and validate every session (writing the demo session first if configured)."""
     if cfg.demo_session is not None and not (cfg.demo_session / "session.yaml").exists():
-        from pipeline.demo import write_demo_session
+        from sources.demo import write_demo_session
 
         log.info("writing the demo session to %s (first run)", cfg.demo_session)
         write_demo_session(cfg.demo_session)
     specs: list[SessionSpec] = []
-    for i, entry in enumerate(cfg.sessions):
+    for entry in cfg.sessions:
         if isinstance(entry, str):
             specs.append(load_session(Path(entry)))
         else:
@@ -454,7 +454,7 @@ def curve_server_config(cfg: RunConfig) -> Any:
     curve = cfg.publish.get("curve") or {}
     if not curve.get("server_secret_key"):
         return None
-    from pipeline.keys import CurveServerConfig
+    from sinks.keys import CurveServerConfig
 
     try:
         return CurveServerConfig.from_files(curve["server_secret_key"], curve["authorized_clients"])
@@ -527,7 +527,7 @@ def _write_recordings(live: dict[str, Any], specs: list[SessionSpec], results: l
                       summaries: list[dict[str, Any]]) -> None:
     if live["record"] is None:
         return
-    from pipeline.record import write_session_yaml
+    from sources.record import write_session_yaml
 
     for spec in specs:
         if not spec.live:

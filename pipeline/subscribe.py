@@ -1,6 +1,6 @@
 """``python -m pipeline subscribe``: print what a bindstream publisher sends, one line per message.
 
-Every message is validated with :func:`pipeline.protocol.decode` (bounded unpacking: a hostile
+Every message is validated with :func:`sinks.protocol.decode` (bounded unpacking: a hostile
 publisher cannot make us allocate more than the protocol limit). Malformed messages are logged
 and skipped. A ``seq`` gap on a topic (a reconnect, or live-mode drops) is logged as a warning
 naming the topic and how many messages were missed.
@@ -19,8 +19,8 @@ from typing import Any, TextIO
 import numpy as np
 import zmq
 
-from pipeline.keys import CurveClientConfig
-from pipeline.protocol import MAX_PAYLOAD_BYTES, Message, ProtocolError, decode, embedding_array
+from sinks.keys import CurveClientConfig
+from sinks.protocol import MAX_PAYLOAD_BYTES, Message, ProtocolError, decode, embedding_array
 
 __all__ = ["subscribe", "format_message", "add_subscribe_args", "run_subscribe"]
 

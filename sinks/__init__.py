@@ -1,6 +1,6 @@
 """Where embeddings go: the ZeroMQ publisher (protocol v1) and an in-memory sink for tests."""
 
-from pipeline.protocol import EmbeddingRecord
+from sinks.protocol import EmbeddingRecord
 from sinks.memory import ListSink, SinkBase
 from sinks.zmq_publisher import PUBLISH_MODES, Publisher
 

@@ -2,7 +2,7 @@
 
 :class:`SinkBase` owns everything about a session's messages except the transport: it checks
 records against the session's ``start`` message, assigns ``seq`` per topic, stamps
-``t_publish``/``latency_s`` and encodes with :mod:`pipeline.protocol`. A transport subclass
+``t_publish``/``latency_s`` and encodes with :mod:`sinks.protocol`. A transport subclass
 implements only ``_send``. :class:`ListSink` is that subclass for a Python list, so tests see
 exactly the bytes the ZeroMQ publisher would send, decoded.
 """
@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from pipeline.protocol import (
+from sinks.protocol import (
     DEFAULT_MODEL,
     EmbeddingRecord,
     Message,
@@ -285,7 +285,7 @@ class SinkBase:
 
 class ListSink(SinkBase):
     """A sink that decodes every message into :attr:`messages` (a list of
-    :class:`~pipeline.protocol.Message`), in send order. Never drops."""
+    :class:`~sinks.protocol.Message`), in send order. Never drops."""
 
     def __init__(self, *, model_name: str = DEFAULT_MODEL, resume_seqs: Mapping[str, int] | None = None,
                  clock: Callable[[], float] = time.time) -> None:

@@ -28,8 +28,8 @@ from typing import Any, Callable, Mapping
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from pipeline.keys import CurveServerConfig
-from pipeline.protocol import DEFAULT_ENDPOINT, DEFAULT_MODEL
+from sinks.keys import CurveServerConfig
+from sinks.protocol import DEFAULT_ENDPOINT, DEFAULT_MODEL
 from sinks.memory import SinkBase
 
 __all__ = ["Publisher", "PUBLISH_MODES"]

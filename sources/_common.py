@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable, Iterator
 import av
 import numpy as np
 
-from pipeline.errors import SourceError
-from pipeline.session import TIME_UNITS, StreamSpec
+from sources.errors import SourceError
+from sources.session import TIME_UNITS, StreamSpec
 from sources.base import Chunk
 
 logger = logging.getLogger("sources")

@@ -8,8 +8,8 @@ from typing import Iterator
 import av
 import numpy as np
 
-from pipeline.errors import SourceError
-from pipeline.session import StreamSpec
+from sources.errors import SourceError
+from sources.session import StreamSpec
 from sources._common import _chunk, _CpuMeter, _demux_decode, _open_media
 from sources.base import AUDIO_RATE, Chunk
 

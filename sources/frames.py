@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import av
 import numpy as np
 
-from pipeline.errors import SourceError
-from pipeline.session import StreamSpec
+from sources.errors import SourceError
+from sources.session import StreamSpec
 from sources._common import SKIPPED, _batched, _Batcher, _CpuMeter, _file_to_session
 from sources.base import Chunk
 

@@ -8,8 +8,8 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.errors import SourceError
-from pipeline.session import IMU_ROLES, StreamSpec
+from sources.errors import SourceError
+from sources.session import IMU_ROLES, StreamSpec
 from sources._common import _batched, _Batcher, _Drops, _file_to_session
 from sources.base import Chunk
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from pipeline.session import SessionSpec, StreamSpec
+from sources.session import SessionSpec, StreamSpec
 from sources.audio import AudioSource
 from sources.base import Chunk
 from sources.frames import FrameFolderSource, NpyFramesSource

@@ -6,8 +6,8 @@ import json
 import math
 from typing import Iterator
 
-from pipeline.errors import SourceError
-from pipeline.session import StreamSpec
+from sources.errors import SourceError
+from sources.session import StreamSpec
 from sources._common import _batched, _Batcher, _Drops, _file_to_session
 from sources.base import Chunk
 

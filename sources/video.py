@@ -8,8 +8,8 @@ from typing import Any, Iterator
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from pipeline.errors import SourceError
-from pipeline.session import StreamSpec
+from sources.errors import SourceError
+from sources.session import StreamSpec
 from sources._common import SKIPPED, _Batcher, _batched, _CpuMeter, _demux_decode, _open_media, _thread_ids
 from sources.base import Chunk
 

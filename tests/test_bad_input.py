@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import DEFAULTS, parse_config
-from pipeline.demo import write_demo_session
-from pipeline.errors import ConfigError, SourceError
-from pipeline.guard import StreamGuard
-from pipeline.protocol import embedding_array
-from pipeline.session import FORMAT, load_session
+from sources.demo import write_demo_session
+from sources.errors import ConfigError, SourceError
+from sources.guard import StreamGuard
+from sinks.protocol import embedding_array
+from sources.session import FORMAT, load_session
 from sources.base import Chunk
 from sources.frames import read_timestamps
 from sources.replay import open_source
@@ -47,7 +47,7 @@ def _chunk(modality: str, t, data=None) -> Chunk:
 
 def test_a_wild_timestamp_is_dropped_and_counted_and_the_stream_goes_on(caplog):
     g = StreamGuard("sess", "imu", "imu", max_gap_s=10)
-    with caplog.at_level(logging.WARNING, "pipeline.guard"):
+    with caplog.at_level(logging.WARNING, "sources.guard"):
         out = g.apply(_chunk("imu", [0.0, 0.1, 1e9, 0.2, 0.3]))
     assert out.t.tolist() == [0.0, 0.1, 0.2, 0.3] and out.data.shape == (4, 6)
     assert g.dropped == {"jump": 1}

@@ -33,7 +33,7 @@ def test_ego_offline_names_the_url_the_path_and_the_demo_config(tmp_path):
 
 
 def test_demo_session_command_writes_a_loadable_session(tmp_path):
-    from pipeline.session import load_session
+    from sources.session import load_session
 
     proc = subprocess.run([sys.executable, "-m", "pipeline", "demo-session", str(tmp_path / "s"), "--seconds", "2"],
                           capture_output=True, text=True, timeout=120)

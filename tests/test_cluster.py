@@ -11,8 +11,8 @@ ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 from pipeline.config import parse_config  # noqa: E402
-from pipeline.demo import write_demo_session  # noqa: E402
-from pipeline.protocol import decode  # noqa: E402
+from sources.demo import write_demo_session  # noqa: E402
+from sinks.protocol import decode  # noqa: E402
 
 
 @pytest.fixture(scope="module")

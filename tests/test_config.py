@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config, parse_config
-from pipeline.errors import ConfigError
+from sources.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """The output side through the whole graph: CurveZMQ from the run config, and a stalled subscriber
 in replay mode (NODROP: the replay slows down, nothing is lost).
 
-Real Ray actors, real sockets on 127.0.0.1, CurveZMQ keys written by ``pipeline.keys``.
+Real Ray actors, real sockets on 127.0.0.1, CurveZMQ keys written by ``sinks.keys``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import zmq
 
 from pipeline.config import parse_config
-from pipeline.demo import write_demo_session
-from pipeline.errors import ConfigError
-from pipeline.keys import CurveClientConfig, generate_keys
-from pipeline.protocol import decode
+from sources.demo import write_demo_session
+from sources.errors import ConfigError
+from sinks.keys import CurveClientConfig, generate_keys
+from sinks.protocol import decode
 from test_pipeline_e2e import _config, _expected_windows
 
 ray = pytest.importorskip("ray")

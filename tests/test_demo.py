@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.demo import ensure_demo_session, write_demo_session
-from pipeline.session import load_session
+from sources.demo import ensure_demo_session, write_demo_session
+from sources.session import load_session
 from sources.base import frame_values
 from sources.replay import open_session
 

@@ -18,8 +18,8 @@ from contextlib import redirect_stdout
 import numpy as np
 import pytest
 
-from pipeline.demo import write_demo_session
-from pipeline.protocol import embedding_array
+from sources.demo import write_demo_session
+from sinks.protocol import embedding_array
 from test_pipeline_e2e import Subscriber, _config, _expected_windows
 
 ray = pytest.importorskip("ray")
@@ -279,7 +279,7 @@ def test_killed_publisher_restarts_on_the_same_endpoint_and_resumes_seq_without_
 
 
 def test_resumed_sink_continues_seq_without_start_and_never_goes_back():
-    from pipeline.protocol import EmbeddingRecord
+    from sinks.protocol import EmbeddingRecord
     from sinks.memory import ListSink
 
     def rec(window):

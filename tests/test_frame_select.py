@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.align import AlignConfig, Aligner, ModalitySpan, frame_selector
-from pipeline.demo import write_demo_session
+from sources.demo import write_demo_session
 from pipeline.inprocess import session_windows
-from pipeline.session import load_session
+from sources.session import load_session
 from sources.base import Chunk
 
 
@@ -168,7 +168,7 @@ def test_a_real_phone_video_gives_the_same_windows_with_and_without_selection(tm
 def test_a_truncated_video_still_emits_its_last_good_frame_with_selection(tmp_path):
     from media_files import faststart_cut
 
-    from pipeline.errors import SourceError
+    from sources.errors import SourceError
     from sources.replay import open_source
 
     d = write_demo_session(tmp_path / "d", seconds=4.0, seed=4, name="cut")

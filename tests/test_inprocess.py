@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.demo import write_demo_session
+from sources.demo import write_demo_session
 from pipeline.inprocess import run_inprocess, session_windows
 from pipeline.metrics import STAGES
-from pipeline.session import load_session
+from sources.session import load_session
 from sinks.memory import ListSink
 
 
@@ -76,7 +76,7 @@ def test_a_broken_stream_is_reported_and_the_others_complete(tmp_path, session_d
 
 
 def test_the_stream_guard_runs_in_process_too(tmp_path, session_dir, model):
-    """A clock jump in the IMU file is dropped and counted as in the Ray graph (pipeline/guard.py)."""
+    """A clock jump in the IMU file is dropped and counted as in the Ray graph (sources/guard.py)."""
     sess = tmp_path / "jump"
     shutil.copytree(session_dir, sess)
     imu = sess / "imu.csv"

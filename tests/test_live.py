@@ -14,9 +14,9 @@ import pytest
 import zmq
 
 from live_peers import REAL_VIDEO, ImageZmqFeeder, ImuPublisher, UdpMpegTsServer, free_port, real_frames
-from pipeline.clock import OffsetEstimator, SessionClock
-from pipeline.errors import ConfigError
-from pipeline.session import session_from_dict
+from sources.clock import OffsetEstimator, SessionClock
+from sources.errors import ConfigError
+from sources.session import session_from_dict
 from sources.base import frame_values
 from sources.live import open_live_source
 
@@ -145,7 +145,7 @@ def test_zmq_source_counts_malformed_messages_and_keeps_going(tmp_path):
 def test_zmq_input_with_curve_keys_reads_only_from_the_rig_it_trusts(tmp_path):
     from zmq.auth.thread import ThreadAuthenticator
 
-    from pipeline.keys import CurveServerConfig, generate_keys
+    from sinks.keys import CurveServerConfig, generate_keys
 
     keys = generate_keys(tmp_path / "keys", clients=("bindstream",))
     rig = CurveServerConfig.from_files(keys["server"], tmp_path / "keys" / "authorized_clients")

@@ -29,8 +29,8 @@ import zmq
 
 from live_peers import ImuPublisher, free_port
 from pipeline.config import parse_config
-from pipeline.demo import write_demo_session
-from pipeline.protocol import Message, decode
+from sources.demo import write_demo_session
+from sinks.protocol import Message, decode
 
 ray = pytest.importorskip("ray")
 
@@ -180,7 +180,7 @@ def test_live_publisher_keeps_serving_a_reading_subscriber_while_another_one_is_
     live publisher must send it on to the subscribers that have room and count the drop."""
     import numpy as np
 
-    from pipeline.protocol import EmbeddingRecord
+    from sinks.protocol import EmbeddingRecord
     from sinks import Publisher
 
     n, dim = 600, 32

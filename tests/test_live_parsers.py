@@ -12,8 +12,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.clock import SessionClock
-from pipeline.session import session_from_dict
+from sources.clock import SessionClock
+from sources.session import session_from_dict
 from sources.live import open_live_source
 from sources.live.zmq_sensor import DTYPES, decode_sample
 

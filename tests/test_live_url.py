@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from live_peers import REAL_VIDEO, free_port
-from pipeline.clock import SessionClock
-from pipeline.session import session_from_dict
+from sources.clock import SessionClock
+from sources.session import session_from_dict
 from sources.live import open_live_source
 
 needs_video = pytest.mark.skipif(not REAL_VIDEO.exists(), reason=f"{REAL_VIDEO} is absent")
@@ -166,8 +166,8 @@ def test_rtsp_video_times_come_from_the_senders_rtcp_reports_not_from_arrival(tm
 # -- 3. audio across a reconnect, recorded ----------------------------------------------------------
 @needs_video
 def test_rtsp_audio_reconnect_is_a_gap_on_the_session_clock_and_the_recording_replays_it(tmp_path):
-    from pipeline.record import StreamRecorder, write_session_yaml
-    from pipeline.session import load_session
+    from sources.record import StreamRecorder, write_session_yaml
+    from sources.session import load_session
     from sources.replay import open_source
 
     port = free_port()
@@ -221,9 +221,9 @@ def test_live_rtsp_audio_through_the_graph_is_on_the_session_clock_and_its_recor
     import re
     import signal
 
-    from pipeline.protocol import decode, embedding_array
+    from sinks.protocol import decode, embedding_array
     from pipeline.run import run
-    from pipeline.session import load_session
+    from sources.session import load_session
     from test_pipeline_e2e import Subscriber
     from test_record import _cfg
 

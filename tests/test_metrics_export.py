@@ -120,7 +120,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> dict:
     why = _metrics_agent_missing()
     if why:
         pytest.skip(why)
-    from pipeline.demo import write_demo_session
+    from sources.demo import write_demo_session
 
     root = tmp_path_factory.mktemp("metrics")
     session = write_demo_session(root / "sess", seconds=3.0, size=(160, 120), fps=15)

@@ -29,7 +29,7 @@ def _replay(chunks: list[Chunk], rate: float = 1.0, every: float = 0.5):
     sent_upto = -np.inf
     out = []
     for c in chunks:
-        for x in pacer.wait(c, lambda: sent_upto):
+        for x in pacer.wait(c, lambda: sent_upto):  # noqa: B023 (reads the loop's current value on purpose)
             assert x > sent_upto
             out.append((round(ft.now - 100.0, 6), "beat", x))
             sent_upto = x
@@ -105,7 +105,7 @@ def test_watermarks_are_aimed_at_the_times_windows_wait_for():
     list(pacer.wait(first, lambda: -np.inf))
     sent = 0.1
     beats = []
-    for x in pacer.wait(Chunk("d", "depth", np.array([4.0]), np.zeros((1, 2, 2))), lambda: sent):
+    for x in pacer.wait(Chunk("d", "depth", np.array([4.0]), np.zeros((1, 2, 2))), lambda: sent):  # noqa: B023 (reads the current value on purpose)
         beats.append((round(ft.now - 100.0, 6), round(x, 6)))
         sent = x
     assert beats == [(1.1, 1.1), (2.1, 2.1), (3.1, 3.1)]  # then the chunk itself, at 4.0

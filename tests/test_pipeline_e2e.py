@@ -18,9 +18,9 @@ import pytest
 import zmq
 
 from pipeline.config import parse_config
-from pipeline.demo import write_demo_session
-from pipeline.protocol import decode, embedding_array
-from pipeline.session import load_session
+from sources.demo import write_demo_session
+from sinks.protocol import decode, embedding_array
+from sources.session import load_session
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,10 +124,7 @@ def _embeddings(messages):
 
 
 def test_replay_delivers_every_window_once_in_order_equal_to_the_direct_encoder_output(demo_dirs):
-    import torch
-
     from encoders.imagebind import load
-    from encoders.preprocess import prepare
 
     a, b = demo_dirs
     result, messages = _replay([a, b])
@@ -139,7 +136,6 @@ def test_replay_delivers_every_window_once_in_order_equal_to_the_direct_encoder_
     assert encoded == collections.Counter(m.payload["modality"] for m in messages if m.topic.startswith("emb/"))
     cfg = _config([a, b])
     model = load("imagebind_tiny", "none", device="cpu", precision="fp32", seed=0)
-    got = _embeddings(messages)
 
     by_topic = collections.defaultdict(list)
     for m in messages:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.protocol import (
+from sinks.protocol import (
     MAX_PAYLOAD_BYTES,
     VERSION,
     EmbeddingRecord,

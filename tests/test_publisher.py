@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline.keys import CurveClientConfig, CurveServerConfig, add_keys_args, generate_keys
-from pipeline.protocol import EmbeddingRecord, Message, decode, embedding_array, encode_embedding
+from sinks.keys import CurveClientConfig, CurveServerConfig, add_keys_args, generate_keys
+from sinks.protocol import EmbeddingRecord, Message, decode, embedding_array, encode_embedding
 from pipeline.subscribe import add_subscribe_args, subscribe
 from sinks import Publisher
 

@@ -21,9 +21,9 @@ import pytest
 
 from live_peers import REAL_VIDEO, ImageZmqFeeder, ImuPublisher, free_port, real_frames
 from pipeline.config import parse_config
-from pipeline.protocol import decode, embedding_array
-from pipeline.record import StreamRecorder, write_session_yaml
-from pipeline.session import load_session
+from sinks.protocol import decode, embedding_array
+from sources.record import StreamRecorder, write_session_yaml
+from sources.session import load_session
 from sources.base import Chunk, frame_values
 from sources.replay import open_source
 

@@ -11,8 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ConfigError
-from pipeline.session import FORMAT, load_session, session_from_dict
+from sources.errors import ConfigError
+from sources.session import FORMAT, load_session, session_from_dict
 
 IMU_COLS = {"t": "t", "ax": "ax", "ay": "ay", "az": "az", "gx": "gx", "gy": "gy", "gz": "gz"}
 
@@ -134,7 +134,8 @@ BAD_CASES = [
     ("timestamps_escape", _mutate(lambda d: d["streams"][3].update(timestamps="../t.csv")), r"stream 'depth': key 'timestamps'.*outside"),
     ("png_dir_without_timestamps", _mutate(lambda d: d["streams"][3].pop("timestamps")), r"stream 'depth': key 'timestamps' is missing"),
     ("depth_from_video", _mutate(lambda d: d["streams"][3].update(source="video.mp4")), r"stream 'depth'.*16-bit PNGs or a .npy"),
-    ("timestamps_for_video", _mutate(lambda d: d["streams"][5].update(timestamps="depth/timestamps.csv")), r"stream 'therm': key 'timestamps'"),
+    ("timestamps_for_video", _mutate(lambda d: d["streams"][5].update(timestamps="depth/timestamps.csv")),
+     r"stream 'therm': key 'timestamps'"),
     ("vision_from_folder", _mutate(lambda d: d["streams"][0].update(source="depth")), r"stream 'cam'.*expected a file"),
 ]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.demo import write_demo_session
+from sources.demo import write_demo_session
 from pipeline.metrics import source_cpu_split
-from pipeline.session import FORMAT, StreamSpec, load_session
+from sources.session import FORMAT, StreamSpec, load_session
 from sources.replay import open_source
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"

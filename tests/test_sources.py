@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from media_files import faststart_cut
 
-from pipeline.errors import ConfigError, SourceError
-from pipeline.session import FORMAT, StreamSpec, load_session
+from sources.errors import ConfigError, SourceError
+from sources.session import FORMAT, StreamSpec, load_session
 from sources.base import AUDIO_RATE, frame_values
 from sources.replay import open_source
 

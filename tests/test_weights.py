@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import pickle
 import socket
 import threading
 from pathlib import Path
@@ -139,7 +140,7 @@ def test_load_state_dict_plain_pt_and_safetensors(tmp_path: Path) -> None:
 def test_load_state_dict_refuses_pickled_code(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"w": torch.ones(1), "obj": _Handler}, path)
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError):
         load_state_dict(path)
 
 

@@ -1,13 +1,13 @@
 """Live sources: devices, network streams and ZeroMQ sensor feeds (docs/live.md).
 
 Each yields the same :class:`~sources.base.Chunk` as the replay sources, on the session clock
-of :mod:`pipeline.clock`, and runs until :meth:`~sources.live.base.LiveSource.stop`.
+of :mod:`sources.clock`, and runs until :meth:`~sources.live.base.LiveSource.stop`.
 """
 
 from __future__ import annotations
 
-from pipeline.clock import SessionClock
-from pipeline.session import StreamSpec
+from sources.clock import SessionClock
+from sources.session import StreamSpec
 from sources.live.base import LiveSource
 
 __all__ = ["LiveSource", "open_live_source"]

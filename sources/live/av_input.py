@@ -22,7 +22,7 @@ Timestamps (``clock: device``, the default), per connection:
   sender's wall clock is trusted as the session clock (as ``clock: session`` does), so it must
   be NTP-synced; ``clock: arrival`` opts out.
 * otherwise the pts are the device time, mapped onto the session clock by
-  :class:`pipeline.clock.StreamClock` (offset estimated from arrival times).
+  :class:`sources.clock.StreamClock` (offset estimated from arrival times).
 
 Which one a connection uses is logged and kept in :attr:`AvLiveSource.clock_mapping`. Each
 connection starts a fresh mapping (a reopened stream has new pts and a new sender clock).
@@ -30,7 +30,7 @@ connection starts a fresh mapping (a reopened stream has new pts and a new sende
 Audio is resampled to 16 kHz mono; its samples are timed from the first frame's session time
 plus the sample count (like the replay source). After a reconnect the first frame's session
 time places the new samples on the same 16 kHz grid, the skipped sample count being the gap:
-a reconnect leaves a gap in the times, never a shift, and the recorder (pipeline/record.py)
+a reconnect leaves a gap in the times, never a shift, and the recorder (sources/record.py)
 can store the gap as silence so a replay reproduces the times exactly.
 """
 
@@ -43,8 +43,8 @@ from typing import Any, Iterator
 import av
 import numpy as np
 
-from pipeline.clock import OffsetEstimator
-from pipeline.errors import SourceError
+from sources.clock import OffsetEstimator
+from sources.errors import SourceError
 from sources.base import AUDIO_RATE
 from sources.live.base import POLL_S, LiveSource
 

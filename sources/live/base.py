@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 import av
 import numpy as np
 
-from pipeline.clock import SessionClock, StreamClock
-from pipeline.session import StreamSpec
+from sources.clock import SessionClock, StreamClock
+from sources.session import StreamSpec
 from sources.base import Chunk
 from sources.video import scaled_size
 

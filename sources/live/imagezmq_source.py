@@ -25,7 +25,7 @@ import av
 import numpy as np
 import zmq
 
-from pipeline.errors import SourceError
+from sources.errors import SourceError
 from sources.live.base import POLL_S, LiveSource
 
 __all__ = ["ImageZmqSource", "decode_jpeg"]

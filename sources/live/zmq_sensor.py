@@ -15,7 +15,7 @@ One sample is: imu ``[6]`` (ax, ay, az in m/s^2, gx, gy, gz in rad/s); depth ``[
 (integers are millimetres, floats metres); thermal ``[H, W]`` (uint8/uint16 full range,
 floats in [0, 1]); vision ``[H, W, 3]`` uint8 RGB. Other keys are ignored. Bad messages are
 dropped and counted (``bad_message``); nothing from the socket is trusted: the size is bounded
-by ZMQ_MAXMSGSIZE and :func:`pipeline.protocol.unpackb_bounded`.
+by ZMQ_MAXMSGSIZE and by msgpack's own length limits (:func:`_unpack_sample`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator
 
+import msgpack
 import numpy as np
 import zmq
 
-from pipeline.protocol import ProtocolError, unpackb_bounded
+from sources.curve import load_rig_keys
 from sources.frames import _frame_values
 from sources.live.base import POLL_S, LiveSource
 
@@ -34,6 +35,8 @@ __all__ = ["ZmqSensorSource", "DTYPES", "DEFAULT_MAX_BYTES"]
 
 DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64")
 DEFAULT_MAX_BYTES = 16 << 20
+_MAX_KEYS = 64  # a sample map has four keys; other keys are ignored but bounded
+_MAX_TIMES = 1 << 20  # samples one message may carry
 
 
 class ZmqSensorSource(LiveSource):
@@ -50,15 +53,13 @@ class ZmqSensorSource(LiveSource):
             sock.setsockopt(zmq.LINGER, 0)
             sock.subscribe(spec.option("topic", "").encode())
             if spec.option("curve_server_key"):
-                from pipeline.keys import CurveClientConfig
-
-                CurveClientConfig.from_files(spec.option("curve_server_key"),
-                                             spec.option("curve_client_key")).apply(sock)
+                server, public, secret = load_rig_keys(spec.option("curve_server_key"), spec.option("curve_client_key"))
+                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server, public, secret
             endpoint = spec.option("endpoint")
             try:
                 sock.bind(endpoint) if spec.option("bind", False) else sock.connect(endpoint)
             except zmq.ZMQError as e:
-                from pipeline.errors import SourceError
+                from sources.errors import SourceError
 
                 raise SourceError(f"{spec.label}: cannot {'bind' if spec.option('bind') else 'connect'} "
                                   f"{endpoint}: {e}") from e
@@ -81,7 +82,7 @@ class ZmqSensorSource(LiveSource):
     def _decode(self, payload: bytes, arrival: float, max_bytes: int) -> Iterator[tuple[float, Any]]:
         try:
             times, arr = decode_sample(payload, self.spec.modality, max_bytes)
-        except (ProtocolError, ValueError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             self.drop("bad_message", str(e))
             return
         if self.spec.modality == "vision":
@@ -103,7 +104,7 @@ _SAMPLE_NDIM = {"imu": 1, "depth": 2, "thermal": 2, "vision": 3}
 
 def decode_sample(payload: bytes, modality: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[float], np.ndarray]:
     """(times, array ``[N, ...]``) from one message of the schema; ValueError if malformed."""
-    d = unpackb_bounded(payload, max_bytes=max_bytes)
+    d = _unpack_sample(payload, max_bytes)
     if not isinstance(d, dict):
         raise ValueError(f"expected a msgpack map, got {type(d).__name__}")
     missing = [k for k in ("t", "shape", "dtype", "data") if k not in d]
@@ -134,3 +135,16 @@ def decode_sample(payload: bytes, modality: str, max_bytes: int = DEFAULT_MAX_BY
     if modality == "vision" and (arr.shape[3] != 3 or arr.dtype != np.uint8):
         raise ValueError(f"vision samples are [H, W, 3] uint8 RGB, got {arr.shape[1:]} {arr.dtype}")
     return [float(x) for x in times], arr.astype(arr.dtype.newbyteorder("="))
+
+
+def _unpack_sample(payload: bytes, max_bytes: int) -> Any:
+    """The message's msgpack map, every declared length checked before allocation and
+    extension types refused; ValueError on anything else."""
+    if len(payload) > max_bytes:
+        raise ValueError(f"message is {len(payload)} bytes, over max_bytes {max_bytes}")
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+                               max_str_len=1024, max_array_len=_MAX_TIMES, max_map_len=_MAX_KEYS,
+                               max_ext_len=0)
+    except Exception as e:  # msgpack raises many types (ValueError, StackError, ...) on hostile input
+        raise ValueError(f"not a bounded msgpack message: {type(e).__name__}: {e}") from None

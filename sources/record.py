@@ -32,7 +32,7 @@ import av
 import numpy as np
 import yaml
 
-from pipeline.session import FORMAT
+from sources.session import FORMAT
 from sources.base import AUDIO_RATE, Chunk, frame_values
 
 __all__ = ["StreamRecorder", "write_session_yaml"]
@@ -214,7 +214,7 @@ def write_session_yaml(folder: str | Path, name: str, entries: list[dict[str, An
         log.warning("recording of session '%s' is empty; nothing written", name)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    lines = [f"Recorded live by bindstream. Times are on the session clock (offsets applied)."]
+    lines = ["Recorded live by bindstream. Times are on the session clock (offsets applied)."]
     how = {"rtcp": " (from RTCP sender reports)", "estimated": " (estimated from arrival times)"}
     for sid, offs in sorted((clock_offsets or {}).items()):
         if offs:

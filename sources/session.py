@@ -6,7 +6,7 @@ exists, and that no path (including through a symlink) leaves the session folder
 format is documented in ``docs/session-format.md``; keep the two in step.
 
 Nothing in this module reads media content; sources (``sources/``) do that and raise
-:class:`~pipeline.errors.SourceError` for problems only visible in the data.
+:class:`~sources.errors.SourceError` for problems only visible in the data.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from pipeline.errors import ConfigError
+from sources.curve import load_rig_keys
+from sources.errors import ConfigError
 from sources.base import MODALITIES
 
 __all__ = [
@@ -303,11 +304,9 @@ def _parse_curve_client(raw: Mapping, opts: dict[str, Any], at: str) -> None:
         raise ConfigError(f"{at}: key '{given[0]}' needs '{missing}' too")
     if opts.get("bind"):
         raise ConfigError(f"{at}: CurveZMQ keys need the stream to connect to the rig (bind: false)")
-    from pipeline.keys import CurveClientConfig
-
     try:
-        CurveClientConfig.from_files(raw["curve_server_key"], raw["curve_client_key"])
-    except (OSError, ValueError, TypeError) as e:
+        load_rig_keys(str(raw["curve_server_key"]), str(raw["curve_client_key"]))
+    except ConfigError as e:
         raise ConfigError(f"{at}: CurveZMQ keys: {e}") from None
     opts["curve_server_key"] = str(raw["curve_server_key"])
     opts["curve_client_key"] = str(raw["curve_client_key"])
@@ -401,7 +400,8 @@ def _parse_imu(raw: Mapping, at: str) -> dict[str, Any]:
     else:
         cols_raw = raw["columns"]
         if not isinstance(cols_raw, Mapping):
-            raise ConfigError(f"{at}: key 'columns': expected a mapping of {', '.join(IMU_ROLES)} to CSV column names, got {_tname(cols_raw)}")
+            raise ConfigError(f"{at}: key 'columns': expected a mapping of {', '.join(IMU_ROLES)} to CSV column names, "
+                              f"got {_tname(cols_raw)}")
         _check_keys(cols_raw, frozenset(IMU_ROLES), f"{at}: key 'columns'")
         cols = {}
         for role in IMU_ROLES:

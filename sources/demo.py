@@ -164,7 +164,7 @@ def _session_yaml(name: str) -> str:
     doc = {
         "format": "bindstream.session/1",
         "name": name,
-        "description": "synthetic demo session written by pipeline.demo.write_demo_session",
+        "description": "synthetic demo session written by sources.demo.write_demo_session",
         "streams": [
             {"id": "cam", "modality": "vision", "source": "video.mp4"},
             {"id": "mic", "modality": "audio", "source": "video.mp4"},

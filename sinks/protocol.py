@@ -25,7 +25,6 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
-from sources.base import MODALITIES
 
 __all__ = [
     "VERSION",
@@ -52,6 +51,10 @@ VERSION = 1
 # (and should come with CurveZMQ, see docs/protocol.md).
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_MODEL = "imagebind_huge"
+
+# The modality segment of a topic: ImageBind's six modalities, in the order the sources list
+# them (tests/test_lint.py checks the two tuples are equal).
+MODALITIES = ("vision", "audio", "imu", "depth", "thermal", "text")
 
 # A 1024-d float32 embedding is ~4.3 KiB on the wire; 1 MiB leaves room for any plausible
 # model while bounding what a hostile peer can make a subscriber allocate.
