@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from sources.curve import load_rig_keys
 from sources.errors import ConfigError
+from sources.yamlfile import read_yaml_file, short
 from sources.base import MODALITIES
 
 __all__ = [
@@ -38,7 +38,10 @@ __all__ = [
 ]
 
 FORMAT = "bindstream.session/1"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+# Session names and stream ids become topic segments and folder names: a letter or digit
+# first (so never '.' or '..'), then at most 127 of letters, digits, '_', '.', '-'.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_NAME_RULE = "1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
 
 # Seconds per unit; used for every time value read from a file (CSV rows, timestamp files, JSONL).
 TIME_UNITS: dict[str, float] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
@@ -184,17 +187,7 @@ def load_session(path: str | Path) -> SessionSpec:
     yaml_path = p / "session.yaml" if p.is_dir() else p
     if not yaml_path.is_file():
         raise ConfigError(f"{yaml_path}: session file not found (expected a folder holding session.yaml)")
-    try:
-        text = yaml_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{yaml_path}: cannot read session file: {e}") from e
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{yaml_path}: malformed YAML: {e}") from e
-    except (ValueError, TypeError, RecursionError) as e:
-        # safe_load's constructors raise these for e.g. impossible dates or absurd nesting.
-        raise ConfigError(f"{yaml_path}: malformed YAML: {e}") from e
+    doc = read_yaml_file(yaml_path)
     return session_from_dict(doc, yaml_path.parent, origin=str(yaml_path))
 
 
@@ -215,10 +208,10 @@ def session_from_dict(d: Any, root: str | Path, *, origin: str = "<inline sessio
     _check_keys(d, _TOP_KEYS, origin)
     fmt = d.get("format")
     if fmt != FORMAT and not (fmt is None and _all_live(d.get("streams"))):
-        raise ConfigError(f"{origin}: key 'format': expected '{FORMAT}', got {fmt!r}")
+        raise ConfigError(f"{origin}: key 'format': expected '{FORMAT}', got {short(fmt)}")
     name = d.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ConfigError(f"{origin}: key 'name': expected a session id matching [A-Za-z0-9_.-]+, got {name!r}")
+        raise ConfigError(f"{origin}: key 'name': expected a session name of {_NAME_RULE}, got {short(name)}")
     where = f"{origin}: session '{name}'"
     description = d.get("description", "")
     if not isinstance(description, str):
@@ -246,11 +239,11 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
         raise ConfigError(f"{at}: expected a mapping with keys id, modality, source; got {_tname(raw)}")
     sid = raw.get("id")
     if not isinstance(sid, str) or not NAME_PATTERN.fullmatch(sid):
-        raise ConfigError(f"{at}: key 'id': expected a stream id matching [A-Za-z0-9_.-]+, got {sid!r}")
+        raise ConfigError(f"{at}: key 'id': expected a stream id of {_NAME_RULE}, got {short(sid)}")
     at = f"{where} stream '{sid}'"
     modality = raw.get("modality")
     if modality not in MODALITIES:
-        raise ConfigError(f"{at}: key 'modality': expected one of {', '.join(MODALITIES)}, got {modality!r}")
+        raise ConfigError(f"{at}: key 'modality': expected one of {', '.join(MODALITIES)}, got {short(modality)}")
     if "kind" in raw:
         return _parse_live_stream(raw, sid, modality, session, root, at)
     _check_keys(raw, _COMMON_KEYS | _MODALITY_KEYS[modality], at)
@@ -261,9 +254,9 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
     try:
         offset = float(offset)
     except OverflowError as e:
-        raise ConfigError(f"{at}: key 'offset': {offset!r} is out of range") from e
+        raise ConfigError(f"{at}: key 'offset': {short(offset)} is out of range") from e
     if not math.isfinite(offset):
-        raise ConfigError(f"{at}: key 'offset': expected a finite number, got {offset!r}")
+        raise ConfigError(f"{at}: key 'offset': expected a finite number, got {short(offset)}")
 
     if "source" not in raw:
         raise ConfigError(f"{at}: key 'source' is missing")
@@ -276,7 +269,7 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
     if "track" in raw:
         track = raw["track"]
         if isinstance(track, bool) or not isinstance(track, int) or track < 0:
-            raise ConfigError(f"{at}: key 'track': expected an integer >= 0, got {track!r}")
+            raise ConfigError(f"{at}: key 'track': expected an integer >= 0, got {short(track)}")
         kw["track"] = track
 
     if "time_unit" in raw:
@@ -317,7 +310,7 @@ def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root
     rule = LIVE_KINDS[kind]
     _check_keys(raw, _LIVE_COMMON_KEYS | rule["keys"], at)
     if modality not in rule["modalities"]:
-        raise ConfigError(f"{at}: key 'modality': kind '{kind}' carries {', '.join(rule['modalities'])}, not {modality!r}")
+        raise ConfigError(f"{at}: key 'modality': kind '{kind}' carries {', '.join(rule['modalities'])}, not {short(modality)}")
     clock = _choice(raw.get("clock", rule["clocks"][0]), rule["clocks"], f"{at}: key 'clock'")
     offset = raw.get("offset", 0.0)
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
@@ -347,7 +340,7 @@ def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root
         text("endpoint", required=True)
         if "://" not in opts["endpoint"]:
             raise ConfigError(f"{at}: key 'endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5560, "
-                              f"got {opts['endpoint']!r}")
+                              f"got {short(opts['endpoint'])}")
     if kind == "zmq":
         if "bind" in raw:
             if not isinstance(raw["bind"], bool):
@@ -368,7 +361,7 @@ def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root
         text("device", required=kind == "device")
         text("size")
         if "size" in opts and not re.fullmatch(r"[0-9]+x[0-9]+", opts["size"]):
-            raise ConfigError(f"{at}: key 'size': expected WIDTHxHEIGHT like 640x480, got {opts['size']!r}")
+            raise ConfigError(f"{at}: key 'size': expected WIDTHxHEIGHT like 640x480, got {short(opts['size'])}")
         number("rate", 0)
         number("timeout_s", 0)
         number("max_backoff_s", 0)
@@ -409,7 +402,7 @@ def _parse_imu(raw: Mapping, at: str) -> dict[str, Any]:
                 raise ConfigError(f"{at}: key 'columns': role '{role}' is missing (need {', '.join(IMU_ROLES)})")
             col = cols_raw[role]
             if not isinstance(col, str) or not col:
-                raise ConfigError(f"{at}: key 'columns.{role}': expected a CSV column name, got {col!r}")
+                raise ConfigError(f"{at}: key 'columns.{role}': expected a CSV column name, got {short(col)}")
             cols[role] = col
     kw["columns"] = tuple((r, cols[r]) for r in IMU_ROLES)
     if "time_unit" in raw:
@@ -425,7 +418,7 @@ def _parse_imu(raw: Mapping, at: str) -> dict[str, Any]:
         pairs = []
         for col, val in w.items():
             if not isinstance(col, str) or not col:
-                raise ConfigError(f"{at}: key 'where': expected column names as keys, got {col!r}")
+                raise ConfigError(f"{at}: key 'where': expected column names as keys, got {short(col)}")
             if isinstance(val, bool) or not isinstance(val, (str, int, float)):
                 raise ConfigError(f"{at}: key 'where.{col}': expected a string or number to match, got {_tname(val)}")
             pairs.append((col, str(val)))
@@ -480,15 +473,15 @@ def _parse_frames(raw: Mapping, modality: str, source: Path, root: Path, at: str
 
 def _resolve_inside(root: Path, rel: Any, at: str) -> Path:
     if not isinstance(rel, str) or not rel.strip():
-        raise ConfigError(f"{at}: expected a path relative to the session folder, got {rel!r}")
+        raise ConfigError(f"{at}: expected a path relative to the session folder, got {short(rel)}")
     if "\x00" in rel:
-        raise ConfigError(f"{at}: path contains a NUL byte: {rel!r}")
+        raise ConfigError(f"{at}: path contains a NUL byte: {short(rel)}")
     p = Path(rel)
     if p.is_absolute():
-        raise ConfigError(f"{at}: expected a path relative to the session folder, got absolute path {rel!r}")
+        raise ConfigError(f"{at}: expected a path relative to the session folder, got absolute path {short(rel)}")
     resolved = _contained(root, root / p, at)
     if not resolved.exists():
-        raise ConfigError(f"{at}: {rel!r} does not exist in session folder {root}")
+        raise ConfigError(f"{at}: {short(rel)} does not exist in session folder {root}")
     return resolved
 
 
@@ -505,15 +498,15 @@ def _contained(root: Path, p: Path, at: str) -> Path:
 
 def _choice(value: Any, allowed: tuple[str, ...], at: str) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(f"{at}: expected one of {', '.join(allowed)}, got {value!r}")
+        raise ConfigError(f"{at}: expected one of {', '.join(allowed)}, got {short(value)}")
     return value
 
 
 def _check_keys(d: Mapping, allowed: frozenset[str], at: str) -> None:
     for k in d:
         if k not in allowed:
-            raise ConfigError(f"{at}: unknown key {k!r} (allowed: {', '.join(sorted(allowed))})")
+            raise ConfigError(f"{at}: unknown key {short(k)} (allowed: {', '.join(sorted(allowed))})")
 
 
 def _tname(v: Any) -> str:
-    return f"{type(v).__name__} {v!r}"[:80]
+    return f"{type(v).__name__} {short(v)}"
