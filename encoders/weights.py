@@ -16,11 +16,13 @@ Nothing is ever written to the working directory.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import os
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ __all__ = [
     "resolve",
     "download",
     "load_state_dict",
+    "CheckpointMissing",
+    "verify",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,11 @@ _TIMEOUT_S = 60.0
 
 
 class WeightsUnavailable(RuntimeError):
-    """The checkpoint is neither on disk nor downloadable."""
+    """The checkpoint is neither on disk nor downloadable, or the file there cannot be read."""
+
+
+class CheckpointMissing(WeightsUnavailable, FileNotFoundError):
+    """A checkpoint path given explicitly does not exist."""
 
 
 def cache_dir() -> Path:
@@ -149,7 +157,7 @@ def resolve(checkpoint: str | Path, name: str = "imagebind_huge") -> Path:
 
     Raises :class:`WeightsUnavailable` naming the URL and where to put the file when the
     weights are missing and cannot be downloaded, and ``FileNotFoundError`` for a path that
-    does not exist.
+    does not exist (:class:`CheckpointMissing`, a ``FileNotFoundError`` too).
     """
     if str(checkpoint) != "auto":
         path = Path(checkpoint).expanduser()
@@ -158,8 +166,8 @@ def resolve(checkpoint: str | Path, name: str = "imagebind_huge") -> Path:
         cached = _cached(name) if str(checkpoint) in ("", name) else None
         if cached is not None:
             return cached
-        raise FileNotFoundError(
-            f"checkpoint file {path} does not exist; pass an existing .pth/.safetensors file, "
+        raise CheckpointMissing(
+            f"checkpoint file {path.resolve()} does not exist; pass an existing .pth/.safetensors file, "
             f"or 'auto' to use {cache_dir() / (name + '.pth')} (downloaded if missing)"
         )
     cached = _cached(name)
@@ -167,6 +175,45 @@ def resolve(checkpoint: str | Path, name: str = "imagebind_huge") -> Path:
         log.debug("using cached checkpoint %s", cached)
         return cached
     return download(weights_url(name), cache_dir() / f"{name}.pth")
+
+
+def _unreadable(path: Path, why: str) -> WeightsUnavailable:
+    cached = path.parent == cache_dir()
+    fix = (f"delete {path} and run again to download it afresh" if cached
+           else "pass a complete checkpoint file (model.checkpoint), or 'auto' to use the cache")
+    return WeightsUnavailable(f"checkpoint {path} cannot be read ({why}); it is truncated or corrupt: {fix}")
+
+
+def verify(path: str | Path) -> None:
+    """Cheap readability check, before any actor starts: a ``.pth``/``.pt`` must be a complete
+    zip archive (torch's format; a truncated download loses the directory at its end), a
+    ``.safetensors`` file must hold the bytes its header declares. WeightsUnavailable if not."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            _verify_safetensors(path)
+        elif suffix in (".pth", ".pt", ".bin"):
+            with zipfile.ZipFile(path) as z:
+                if not z.namelist():
+                    raise ValueError("empty archive")
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise _unreadable(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from None
+
+
+def _verify_safetensors(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, 100 << 20):
+            raise ValueError(f"header length {n} exceeds the file")
+        header = json.loads(f.read(n))
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"tensors end at byte {8 + n + end}, the file has {size}")
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -179,14 +226,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES + (".bin",):
+        raise ValueError(f"checkpoint {path}: unknown format '{suffix}', expected .pth, .pt or .safetensors")
+    verify(path)
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(path), device="cpu")
-    elif suffix in (".pth", ".pt", ".bin"):
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     else:
-        raise ValueError(f"checkpoint {path}: unknown format '{suffix}', expected .pth, .pt or .safetensors")
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if isinstance(state, dict):
         for key in ("model", "state_dict"):
             inner = state.get(key)

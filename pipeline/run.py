@@ -98,10 +98,11 @@ def resolve_model_options(cfg: RunConfig) -> dict[str, Any]:
         log.warning("fp16 on CPU is slow and imprecise; consider model.precision: bf16 or fp32")
     ckpt = m["checkpoint"]
     if ckpt not in ("none", None):
-        from encoders.weights import resolve
+        from encoders.weights import resolve, verify
 
         name = config if isinstance(config, str) else "imagebind_huge"
         m["checkpoint"] = str(resolve(ckpt, name=name))
+        verify(m["checkpoint"])
     else:
         m["checkpoint"] = "none"
     return m
