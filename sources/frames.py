@@ -25,6 +25,8 @@ from sources.errors import SourceError
 from sources.session import StreamSpec
 from sources._common import SKIPPED, _batched, _Batcher, _CpuMeter, _file_to_session
 from sources.base import Chunk
+from sources.imagesize import frame_size_problem, png_size
+from sources.video import DEFAULT_MAX_PIXELS
 
 __all__ = ["FrameFolderSource", "NpyFramesSource", "read_timestamps"]
 
@@ -176,11 +178,17 @@ class FrameFolderSource:
 
     def _decode(self, path: Path) -> np.ndarray:
         spec = self.spec
-        if self.max_pixels is not None:
-            size = _png_size(path)
-            if size is not None and size[0] * size[1] > self.max_pixels:
-                raise SourceError(f"{spec.label}: frame {path} declares {size[0]}x{size[1]}, more than "
-                                  f"{self.max_pixels} pixels (max_pixels); not decoded")
+        try:
+            with open(path, "rb") as f:
+                size = png_size(f.read(24))
+        except OSError as e:
+            raise SourceError(f"{spec.label}: cannot read frame {path}: {e.strerror or e}") from e
+        if size is None:
+            raise SourceError(f"{spec.label}: frame {path} is not a PNG (a PNG starts with its signature and "
+                              "its IHDR chunk); not decoded")
+        problem = frame_size_problem(*size, self.max_pixels if self.max_pixels is not None else DEFAULT_MAX_PIXELS)
+        if problem:
+            raise SourceError(f"{spec.label}: frame {path} refused before decoding: its header says {problem}")
         try:
             t0 = time.thread_time()  # opening (probing) the PNG is part of decoding it
             with av.open(str(path)) as c:
@@ -202,19 +210,6 @@ class FrameFolderSource:
         except (av.FFmpegError, OSError, StopIteration) as e:
             raise SourceError(f"{spec.label}: cannot decode frame {path}: {e or 'no image'}") from e
         return _frame_values(spec, raw, str(path))
-
-
-def _png_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR chunk, read before any decoder sees the file (a
-    tiny file can declare a frame of gigabytes); ``None`` if it is not a PNG."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-    except OSError:
-        return None
-    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return None
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 class NpyFramesSource:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Iterator
 
@@ -12,10 +13,13 @@ from sources.errors import SourceError
 from sources.session import StreamSpec
 from sources._common import SKIPPED, _Batcher, _batched, _CpuMeter, _demux_decode, _open_media, _thread_ids
 from sources.base import Chunk
+from sources.imagesize import frame_size_problem
 
 __all__ = ["VideoSource", "DEFAULT_MAX_PIXELS", "scaled_size"]
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
+
+log = logging.getLogger(__name__)
 
 
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -65,14 +69,21 @@ class VideoSource:
                                   f"track {spec.track} requested")
             stream = container.streams.video[spec.track]
             w, h = stream.codec_context.width, stream.codec_context.height
-            if w <= 0 or h <= 0:
-                raise SourceError(f"{spec.label}: {spec.source} video track {spec.track} has no frame size")
-            if w * h > self.max_pixels:
-                raise SourceError(f"{spec.label}: {spec.source} frames are {w}x{h}, above the limit of "
-                                  f"{self.max_pixels} pixels (max_pixels)")
+            problem = frame_size_problem(w, h, self.max_pixels)
+            if problem:
+                raise SourceError(f"{spec.label}: {spec.source} video track {spec.track}: {problem}")
             out_w, out_h = (w, h) if gray else scaled_size(w, h, self.video_size)
             stream.thread_type = "AUTO"
             yield from _batched(batch, self._frames(container, stream, out_w, out_h, gray), select=self.select)
+
+    def _refused(self, frame: Any) -> bool:
+        """A frame whose size changed mid-file to one the limits refuse: dropped and counted."""
+        problem = frame_size_problem(frame.width, frame.height, self.max_pixels)
+        if problem:
+            self.dropped["frame_size"] = self.dropped.get("frame_size", 0) + 1
+            if self.dropped["frame_size"] <= 10:
+                log.warning("%s: %s: dropped a frame of %s", self.spec.label, self.spec.source, problem)
+        return problem is not None
 
     def _frames(self, container, stream, out_w: int, out_h: int, gray: bool) -> Iterator[tuple[float, Any]]:
         spec = self.spec
@@ -103,6 +114,8 @@ class VideoSource:
         held: tuple[float, Any] | None = None  # selection: the frame waiting for the next one's time
         try:
             for frame in _demux_decode(spec, container, stream, "video", self.cpu):
+                if self._refused(frame):
+                    continue
                 ft = frame.time
                 if ft is None:
                     # Raw elementary streams carry no pts; assume the nominal rate.

@@ -322,7 +322,7 @@ def test_corrupt_video_bytes_emit_what_decoded_then_raise(tmp_path: Path) -> Non
 
 def test_video_over_pixel_limit_is_refused_before_decoding(tmp_path: Path) -> None:
     spec = _video_spec(tmp_path, _real("realshort.mp4").read_bytes())
-    with pytest.raises(SourceError, match=r"stream 'cam'.*320x240, above the limit of 1000 pixels"):
+    with pytest.raises(SourceError, match=r"stream 'cam'.*320x240, over the limit of 1000 pixels"):
         list(open_source(spec, max_pixels=1000))
 
 

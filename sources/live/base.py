@@ -19,6 +19,7 @@ import numpy as np
 from sources.clock import SessionClock, StreamClock
 from sources.session import StreamSpec
 from sources.base import Chunk
+from sources.imagesize import frame_size_problem
 from sources.video import scaled_size
 
 __all__ = ["LiveSource", "POLL_S"]
@@ -111,10 +112,11 @@ class LiveSource:
         return frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
 
     def too_big(self, width: int, height: int) -> bool:
-        if width * height > self.max_pixels or width <= 0 or height <= 0:
-            self.drop("frame_size", f"{width}x{height} frame (max_pixels {self.max_pixels})")
-            return True
-        return False
+        """True (the frame dropped and counted as ``frame_size``) for a frame the limits refuse."""
+        problem = frame_size_problem(width, height, self.max_pixels)
+        if problem:
+            self.drop("frame_size", problem)
+        return problem is not None
 
 
 def interruptible_sleep(stop: threading.Event, seconds: float) -> bool:

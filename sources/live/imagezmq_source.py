@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from sources.errors import SourceError
+from sources.imagesize import jpeg_size
 from sources.live.base import POLL_S, LiveSource
 
 __all__ = ["ImageZmqSource", "decode_jpeg"]
@@ -91,6 +92,11 @@ class ImageZmqSource(LiveSource):
                 if img is None:
                     return None
                 return self.rgb(img)
+            size = jpeg_size(frames[1])
+            if size is None:
+                raise ValueError("not a JPEG (no frame header before the image data)")
+            if self.too_big(*size):
+                return None
             frame = decode_jpeg(frames[1])
         except (ValueError, TypeError, av.FFmpegError) as e:
             self.drop("bad_message", str(e))
