@@ -334,7 +334,7 @@ class Prefetch:
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._niceness))
             self.niceness_applied = True
         except OSError as e:  # not permitted here: read at the process's priority
-            log.debug("prefetch: cannot renice thread %d: %s", tid, e)
+            logger.debug("prefetch: cannot renice thread %d: %s", tid, e)
 
     def _work(self) -> None:
         t0 = time.thread_time()
