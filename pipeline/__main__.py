@@ -7,7 +7,6 @@ Exit codes of ``run``: 0 every stream ended cleanly, 2 configuration error (noth
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys

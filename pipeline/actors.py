@@ -678,7 +678,6 @@ class AlignerActor:
         self.source_dropped: collections.Counter[str] = collections.Counter()
         self.source_errors: dict[str, str] = {}
         self.latencies: list[float] = []
-        self.t_started = time.time()
         # Stage timing and Ray metrics (issue 5): item id -> [t_release, t_fwd0, t_fwd1] until published.
         from pipeline.metrics import RayMetrics, StageRecorder, percentiles
 
@@ -846,9 +845,6 @@ class AlignerActor:
         return dict(out)
 
     # -- encode ----------------------------------------------------------------------------
-    def _pick_encoder(self) -> int:
-        return min(range(len(self.encoders)), key=lambda i: self._load[i])
-
     def _dispatch(self, windows: list[Window]) -> None:
         if self._live is not None and not self._feeding:
             self._backlog.extend(windows)  # live: admitted by _live_feed, which may shed
