@@ -93,8 +93,8 @@ class StreamReader:
         self._stop = False
         self.chunks = 0
         self.samples = 0
-        self._live: Any = None  # live source (issue 4): stop() ends it
-        self._recorder: Any = None  # live recording (issue 4): written as chunks are pushed
+        self._live: Any = None  # live source: stop() ends it
+        self._recorder: Any = None  # live recording: written as chunks are pushed
         self._grid_origin: float | None = None  # the session's window origin, once the aligner says
 
     def stop(self) -> None:
@@ -289,7 +289,7 @@ class StreamReader:
             return None
         return next_need(align, self.spec.modality, self._grid_origin, x)
 
-    # -- live streams (issue 4, docs/live.md) -------------------------------------------------
+    # -- live streams (docs/live.md) ----------------------------------------------------------
     def _open_live(self, opts: dict[str, Any]) -> Any:
         """The live source for the stream, and its recorder when the run records.
         ``opts`` carries ``epoch`` (the session clock) and ``record_dir`` besides the usual ones."""
@@ -323,8 +323,8 @@ class StreamReader:
 
 @ray.remote(num_cpus=0, max_concurrency=2)
 class SourceActor(StreamReader):
-    """One stream in a process of its own (``sources.process: stream``): a crash of its decoder
-    takes no other stream with it."""
+    """:class:`StreamReader` as a Ray actor, adding nothing else: one stream in a process of its
+    own (``sources.process: stream``), so a crash of its decoder takes no other stream with it."""
 
 
 class HostedSource:
@@ -434,7 +434,7 @@ class EncoderActor:
             "pid": os.getpid(),  # a restarted encoder reports its new process
         }
 
-    # -- stage timing (issue 5): every row travels with its batch's forward start/end time --
+    # -- stage timing: every row travels with its batch's forward start/end time ------------
     def _forward_timed(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
         """Both stages in this (the forward) thread: ``prepare_ahead`` off."""
         return self._model_timed(modality, *self._prepare_timed(modality, payloads))
@@ -666,7 +666,7 @@ class AlignerActor:
         self._coalesced: list[Window] = []
         self.heartbeat_s = heartbeat_s
         self.retries = retries
-        self._live_init(live)  # bounded latency for live sessions (issue 4)
+        self._live_init(live)  # bounded latency for live sessions
         self._pending: collections.deque = collections.deque()  # (window, [(item, task, row)])
         self._pending_changed: asyncio.Event | None = None
         self._pump_task: asyncio.Task | None = None
@@ -678,7 +678,7 @@ class AlignerActor:
         self.source_dropped: collections.Counter[str] = collections.Counter()
         self.source_errors: dict[str, str] = {}
         self.latencies: list[float] = []
-        # Stage timing and Ray metrics (issue 5): item id -> [t_release, t_fwd0, t_fwd1] until published.
+        # Stage timing and Ray metrics: item id -> [t_release, t_fwd0, t_fwd1] until published.
         from pipeline.metrics import RayMetrics, StageRecorder, percentiles
 
         # np.percentile imports numpy.ma on its first call (tenths of a second on a loaded
@@ -691,7 +691,7 @@ class AlignerActor:
         self._held: dict[str, dict[int, Any]] = collections.defaultdict(dict)
         self._next_seq: collections.Counter[str] = collections.Counter()
         self._ends: dict[str, tuple[int | None, str | None]] = {}
-        # Fault handling (issue 6): streams whose end was applied, the newest window published
+        # Fault handling: streams whose end was applied, the newest window published
         # per stream (a session may hold two streams of one modality; windows go out in order, so anything at or below it is a duplicate:
         # exactly-once whatever happened upstream), encoders found dead.
         self._ended: set[str] = set()
@@ -699,7 +699,7 @@ class AlignerActor:
         self._dead_encoders: set[int] = set()
         self.encode_retries = 0
         self.restart_timeout_s = 120.0  # how long a batch waits for a restarting encoder (or publisher)
-        self._publisher_init(publish_start)  # publisher restarts (issue 6)
+        self._publisher_init(publish_start)  # publisher restarts
 
     # -- the session's sources, read in this process (sources.process: session) ---------------
     def _reader(self, stream: str) -> StreamReader:
@@ -1091,7 +1091,7 @@ class AlignerActor:
             except Exception as exc:
                 log.warning("session '%s': heartbeat failed: %s", self.session, exc)
 
-    # -- publisher restarts (issue 6, docs/guarantees.md) ---------------------------------------
+    # -- publisher restarts (docs/guarantees.md) ------------------------------------------------
     # Every topic of this session (ctl/<session>, emb/<session>/<modality>) is written by this
     # aligner alone (plus the driver's ``start``, whose seqs come in ``publish_start``). Before
     # each call the aligner adds the seqs the call will consume (one per record of a topic, one
@@ -1181,7 +1181,7 @@ class AlignerActor:
         log.error("session '%s': %s", self.session, error)
         self.source_errors["publisher"] = error
 
-    # -- stage timing and metrics (issue 5) -----------------------------------------------------
+    # -- stage timing and metrics ---------------------------------------------------------------
     def _note_forward(self, items: list[WindowItem], spans: list[tuple[float, float]]) -> None:
         for item, (t0, t1) in zip(items, spans):
             st = self._stamps.get(id(item))
@@ -1211,7 +1211,7 @@ class AlignerActor:
                 self._dropped_exported[reason] = n
         return {"latency": self.stages.brief()}
 
-    # -- live: bounded publish latency (issue 4, docs/live.md) ----------------------------------
+    # -- live: bounded publish latency (docs/live.md) -------------------------------------------
     # Released windows wait in a backlog; at most ``inflight`` of them are with the encoders.
     # Before admitting one, windows that can no longer be published within max_latency_s (their
     # age plus the recent dispatch-to-publish time) are shed, oldest first, counted per stream as
