@@ -10,7 +10,7 @@ from av.video.reformatter import VideoReformatter
 
 from pipeline.errors import SourceError
 from pipeline.session import StreamSpec
-from sources._common import SKIPPED, _Batcher, _batched, _CpuMeter, _demux_decode, _open_media, _thread_ids
+from sources._common import SKIPPED, _Chunker, _chunked, _CpuMeter, _demux_decode, _open_media, _thread_ids
 from sources.base import Chunk
 
 __all__ = ["VideoSource", "DEFAULT_MAX_PIXELS", "scaled_size"]
@@ -58,7 +58,7 @@ class VideoSource:
     def __iter__(self) -> Iterator[Chunk]:
         spec = self.spec
         gray = spec.modality == "thermal"
-        batch = _Batcher(spec, self.chunk_seconds, np.stack)
+        chunker = _Chunker(spec, self.chunk_seconds, np.stack)
         with _open_media(spec) as container:
             if spec.track >= len(container.streams.video):
                 raise SourceError(f"{spec.label}: {spec.source} has {len(container.streams.video)} video tracks, "
@@ -72,7 +72,7 @@ class VideoSource:
                                   f"{self.max_pixels} pixels (max_pixels)")
             out_w, out_h = (w, h) if gray else scaled_size(w, h, self.video_size)
             stream.thread_type = "AUTO"
-            yield from _batched(batch, self._frames(container, stream, out_w, out_h, gray), select=self.select)
+            yield from _chunked(chunker, self._frames(container, stream, out_w, out_h, gray), select=self.select)
 
     def _frames(self, container, stream, out_w: int, out_h: int, gray: bool) -> Iterator[tuple[float, Any]]:
         spec = self.spec
