@@ -2,7 +2,7 @@
 
 The same parts as the Ray graph (``sources.replay.open_source`` with its frame selection, the
 :class:`pipeline.guard.StreamGuard` of every stream, :class:`pipeline.align.Aligner`,
-:func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.memory.SinkBase` such as
+:func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.base.SinkBase` such as
 the ZeroMQ :class:`sinks.zmq_publisher.Publisher`) driven by one loop. It is what the Ray graph
 must beat (``bench/pipeline.py`` measures both on the same work), and a library entry point for
 notebooks and small jobs that want embeddings without starting Ray::

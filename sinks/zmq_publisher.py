@@ -30,7 +30,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.keys import CurveServerConfig
 from pipeline.protocol import DEFAULT_ENDPOINT, DEFAULT_MODEL
-from sinks.memory import SinkBase
+from sinks.base import SinkBase
 
 __all__ = ["Publisher", "PUBLISH_MODES"]
 
