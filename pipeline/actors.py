@@ -676,7 +676,8 @@ class AlignerActor:
         self.counts: collections.Counter[str] = collections.Counter()  # published per modality
         self.encode_errors: collections.Counter[str] = collections.Counter()
         self.source_dropped: collections.Counter[str] = collections.Counter()
-        self.source_errors: dict[str, str] = {}
+        self.source_errors: dict[str, str] = {}  # stream -> error
+        self.publisher_error: str | None = None  # set once the publisher is gone for good
         self.latencies: list[float] = []
         # Stage timing and Ray metrics: item id -> [t_release, t_fwd0, t_fwd1] until published.
         from pipeline.metrics import RayMetrics, StageRecorder, percentiles
@@ -826,13 +827,20 @@ class AlignerActor:
             "counts": dict(self.counts),
             "dropped": self._dropped(),
             "missing": dict(self.aligner.missing),
-            "errors": dict(self.source_errors),
+            "errors": self._errors(),
             "latency_p50_s": float(np.percentile(lat, 50)),
             "latency_p99_s": float(np.percentile(lat, 99)),
             "encode_retries": self.encode_retries,
             "publisher_restarts": self.publisher_restarts,
             "stages": self.stages.summary(),
         }
+
+    def _errors(self) -> dict[str, str]:
+        """The summary's ``errors``: per stream, and ``publisher`` once the publisher is lost."""
+        out = dict(self.source_errors)
+        if self.publisher_error is not None:
+            out["publisher"] = self.publisher_error
+        return out
 
     def _dropped(self) -> dict[str, int]:
         out: collections.Counter[str] = collections.Counter()
@@ -1055,7 +1063,7 @@ class AlignerActor:
         # The last gauges and drop counts: a session shorter than heartbeat_s has had no tick yet,
         # and drops since the last one would be lost.
         self._metrics_tick()
-        if "publisher" not in self.source_errors:
+        if self.publisher_error is None:
             await self._publisher_call(
                 "end_session",
                 self.session,
@@ -1077,7 +1085,7 @@ class AlignerActor:
             await asyncio.sleep(self.heartbeat_s)
             if self._finished:
                 return
-            if "publisher" in self.source_errors:
+            if self.publisher_error is not None:
                 return
             try:
                 await self._publisher_call("heartbeat", self.session, {
@@ -1117,8 +1125,8 @@ class AlignerActor:
         """``publisher.<method>(*args, **kwargs)``, surviving a publisher restart: a call lost
         with the process (``RayActorError``) or refused by the new incarnation
         (:class:`PublisherRestartedError`) is re-sent after :meth:`_resume_publisher`, for up to
-        ``restart_timeout_s``. False (and the error recorded as ``errors["publisher"]``, so the
-        run exits 3) when the publisher is gone for good."""
+        ``restart_timeout_s``. False (and the error recorded as :attr:`publisher_error`, reported as
+        ``errors["publisher"]`` in the summary, so the run exits 3) when the publisher is gone for good."""
         from ray.exceptions import ActorDiedError, RayActorError
 
         if self._pub_lock is None:
@@ -1179,7 +1187,7 @@ class AlignerActor:
     def _publisher_lost(self, exc: Exception) -> None:
         error = f"publisher lost: {str(exc).splitlines()[0]}"
         log.error("session '%s': %s", self.session, error)
-        self.source_errors["publisher"] = error
+        self.publisher_error = error
 
     # -- stage timing and metrics ---------------------------------------------------------------
     def _note_forward(self, items: list[WindowItem], spans: list[tuple[float, float]]) -> None:
