@@ -93,8 +93,8 @@ class StreamReader:
         self._stop = False
         self.chunks = 0
         self.samples = 0
-        self._live: Any = None  # live source (issue 4): stop() ends it
-        self._recorder: Any = None  # live recording (issue 4): written as chunks are pushed
+        self._live: Any = None  # live source: stop() ends it
+        self._recorder: Any = None  # live recording: written as chunks are pushed
         self._grid_origin: float | None = None  # the session's window origin, once the aligner says
 
     def stop(self) -> None:
@@ -289,7 +289,7 @@ class StreamReader:
             return None
         return next_need(align, self.spec.modality, self._grid_origin, x)
 
-    # -- live streams (issue 4, docs/live.md) -------------------------------------------------
+    # -- live streams (docs/live.md) ----------------------------------------------------------
     def _open_live(self, opts: dict[str, Any]) -> Any:
         """The live source for the stream, and its recorder when the run records.
         ``opts`` carries ``epoch`` (the session clock) and ``record_dir`` besides the usual ones."""
@@ -323,8 +323,8 @@ class StreamReader:
 
 @ray.remote(num_cpus=0, max_concurrency=2)
 class SourceActor(StreamReader):
-    """One stream in a process of its own (``sources.process: stream``): a crash of its decoder
-    takes no other stream with it."""
+    """:class:`StreamReader` as a Ray actor, adding nothing else: one stream in a process of its
+    own (``sources.process: stream``), so a crash of its decoder takes no other stream with it."""
 
 
 class HostedSource:
@@ -434,7 +434,7 @@ class EncoderActor:
             "pid": os.getpid(),  # a restarted encoder reports its new process
         }
 
-    # -- stage timing (issue 5): every row travels with its batch's forward start/end time --
+    # -- stage timing: every row travels with its batch's forward start/end time ------------
     def _forward_timed(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
         """Both stages in this (the forward) thread: ``prepare_ahead`` off."""
         return self._model_timed(modality, *self._prepare_timed(modality, payloads))
@@ -666,7 +666,7 @@ class AlignerActor:
         self._coalesced: list[Window] = []
         self.heartbeat_s = heartbeat_s
         self.retries = retries
-        self._live_init(live)  # bounded latency for live sessions (issue 4)
+        self._live_init(live)  # bounded latency for live sessions
         self._pending: collections.deque = collections.deque()  # (window, [(item, task, row)])
         self._pending_changed: asyncio.Event | None = None
         self._pump_task: asyncio.Task | None = None
@@ -676,10 +676,10 @@ class AlignerActor:
         self.counts: collections.Counter[str] = collections.Counter()  # published per modality
         self.encode_errors: collections.Counter[str] = collections.Counter()
         self.source_dropped: collections.Counter[str] = collections.Counter()
-        self.source_errors: dict[str, str] = {}
+        self.source_errors: dict[str, str] = {}  # stream -> error
+        self.publisher_error: str | None = None  # set once the publisher is gone for good
         self.latencies: list[float] = []
-        self.t_started = time.time()
-        # Stage timing and Ray metrics (issue 5): item id -> [t_release, t_fwd0, t_fwd1] until published.
+        # Stage timing and Ray metrics: item id -> [t_release, t_fwd0, t_fwd1] until published.
         from pipeline.metrics import RayMetrics, StageRecorder, percentiles
 
         # np.percentile imports numpy.ma on its first call (tenths of a second on a loaded
@@ -692,7 +692,7 @@ class AlignerActor:
         self._held: dict[str, dict[int, Any]] = collections.defaultdict(dict)
         self._next_seq: collections.Counter[str] = collections.Counter()
         self._ends: dict[str, tuple[int | None, str | None]] = {}
-        # Fault handling (issue 6): streams whose end was applied, the newest window published
+        # Fault handling: streams whose end was applied, the newest window published
         # per stream (a session may hold two streams of one modality; windows go out in order, so anything at or below it is a duplicate:
         # exactly-once whatever happened upstream), encoders found dead.
         self._ended: set[str] = set()
@@ -700,7 +700,7 @@ class AlignerActor:
         self._dead_encoders: set[int] = set()
         self.encode_retries = 0
         self.restart_timeout_s = 120.0  # how long a batch waits for a restarting encoder (or publisher)
-        self._publisher_init(publish_start)  # publisher restarts (issue 6)
+        self._publisher_init(publish_start)  # publisher restarts
 
     # -- the session's sources, read in this process (sources.process: session) ---------------
     def _reader(self, stream: str) -> StreamReader:
@@ -827,13 +827,20 @@ class AlignerActor:
             "counts": dict(self.counts),
             "dropped": self._dropped(),
             "missing": dict(self.aligner.missing),
-            "errors": dict(self.source_errors),
+            "errors": self._errors(),
             "latency_p50_s": float(np.percentile(lat, 50)),
             "latency_p99_s": float(np.percentile(lat, 99)),
             "encode_retries": self.encode_retries,
             "publisher_restarts": self.publisher_restarts,
             "stages": self.stages.summary(),
         }
+
+    def _errors(self) -> dict[str, str]:
+        """The summary's ``errors``: per stream, and ``publisher`` once the publisher is lost."""
+        out = dict(self.source_errors)
+        if self.publisher_error is not None:
+            out["publisher"] = self.publisher_error
+        return out
 
     def _dropped(self) -> dict[str, int]:
         out: collections.Counter[str] = collections.Counter()
@@ -846,9 +853,6 @@ class AlignerActor:
         return dict(out)
 
     # -- encode ----------------------------------------------------------------------------
-    def _pick_encoder(self) -> int:
-        return min(range(len(self.encoders)), key=lambda i: self._load[i])
-
     def _dispatch(self, windows: list[Window]) -> None:
         if self._live is not None and not self._feeding:
             self._backlog.extend(windows)  # live: admitted by _live_feed, which may shed
@@ -1059,7 +1063,7 @@ class AlignerActor:
         # The last gauges and drop counts: a session shorter than heartbeat_s has had no tick yet,
         # and drops since the last one would be lost.
         self._metrics_tick()
-        if "publisher" not in self.source_errors:
+        if self.publisher_error is None:
             await self._publisher_call(
                 "end_session",
                 self.session,
@@ -1081,7 +1085,7 @@ class AlignerActor:
             await asyncio.sleep(self.heartbeat_s)
             if self._finished:
                 return
-            if "publisher" in self.source_errors:
+            if self.publisher_error is not None:
                 return
             try:
                 await self._publisher_call("heartbeat", self.session, {
@@ -1095,7 +1099,7 @@ class AlignerActor:
             except Exception as exc:
                 log.warning("session '%s': heartbeat failed: %s", self.session, exc)
 
-    # -- publisher restarts (issue 6, docs/guarantees.md) ---------------------------------------
+    # -- publisher restarts (docs/guarantees.md) ------------------------------------------------
     # Every topic of this session (ctl/<session>, emb/<session>/<modality>) is written by this
     # aligner alone (plus the driver's ``start``, whose seqs come in ``publish_start``). Before
     # each call the aligner adds the seqs the call will consume (one per record of a topic, one
@@ -1121,8 +1125,8 @@ class AlignerActor:
         """``publisher.<method>(*args, **kwargs)``, surviving a publisher restart: a call lost
         with the process (``RayActorError``) or refused by the new incarnation
         (:class:`PublisherRestartedError`) is re-sent after :meth:`_resume_publisher`, for up to
-        ``restart_timeout_s``. False (and the error recorded as ``errors["publisher"]``, so the
-        run exits 3) when the publisher is gone for good."""
+        ``restart_timeout_s``. False (and the error recorded as :attr:`publisher_error`, reported as
+        ``errors["publisher"]`` in the summary, so the run exits 3) when the publisher is gone for good."""
         from ray.exceptions import ActorDiedError, RayActorError
 
         if self._pub_lock is None:
@@ -1183,9 +1187,9 @@ class AlignerActor:
     def _publisher_lost(self, exc: Exception) -> None:
         error = f"publisher lost: {str(exc).splitlines()[0]}"
         log.error("session '%s': %s", self.session, error)
-        self.source_errors["publisher"] = error
+        self.publisher_error = error
 
-    # -- stage timing and metrics (issue 5) -----------------------------------------------------
+    # -- stage timing and metrics ---------------------------------------------------------------
     def _note_forward(self, items: list[WindowItem], spans: list[tuple[float, float]]) -> None:
         for item, (t0, t1) in zip(items, spans):
             st = self._stamps.get(id(item))
@@ -1215,7 +1219,7 @@ class AlignerActor:
                 self._dropped_exported[reason] = n
         return {"latency": self.stages.brief()}
 
-    # -- live: bounded publish latency (issue 4, docs/live.md) ----------------------------------
+    # -- live: bounded publish latency (docs/live.md) -------------------------------------------
     # Released windows wait in a backlog; at most ``inflight`` of them are with the encoders.
     # Before admitting one, windows that can no longer be published within max_latency_s (their
     # age plus the recent dispatch-to-publish time) are shed, oldest first, counted per stream as

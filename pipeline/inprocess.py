@@ -2,7 +2,7 @@
 
 The same parts as the Ray graph (``sources.replay.open_source`` with its frame selection, the
 :class:`sources.guard.StreamGuard` of every stream, :class:`pipeline.align.Aligner`,
-:func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.memory.SinkBase` such as
+:func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.base.SinkBase` such as
 the ZeroMQ :class:`sinks.zmq_publisher.Publisher`) driven by one loop. It is what the Ray graph
 must beat (``bench/pipeline.py`` measures both on the same work), and a library entry point for
 notebooks and small jobs that want embeddings without starting Ray::
@@ -165,6 +165,7 @@ def run_inprocess(
 
     recorder = StageRecorder()
     latencies: collections.deque = collections.deque(maxlen=100_000)
+    session_latencies: dict[str, collections.deque] = {n: collections.deque(maxlen=100_000) for n in aligners}
     counts: dict[str, collections.Counter] = {n: collections.Counter() for n in aligners}
     errors: dict[str, dict[str, str]] = {n: {} for n in aligners}
     source_dropped: dict[str, collections.Counter] = {n: collections.Counter() for n in aligners}
@@ -208,6 +209,7 @@ def run_inprocess(
                 t0, t1 = fwd[id(it)]
                 recorder.record(it.t_ingest, t_rel, t0, t1, t_pub, t_first_ingest=it.t_first_ingest)
                 latencies.append(t_pub - it.t_ingest)
+                session_latencies[w.session].append(t_pub - it.t_ingest)
                 counts[w.session][it.modality] += 1
         released.clear()
 
@@ -261,7 +263,7 @@ def run_inprocess(
         dropped.update(source_dropped[name])
         sink.end_session(name, counts=dict(counts[name]), windows=al.windows_released, dropped=dict(dropped),
                          missing=dict(al.missing), errors=dict(errors[name]))
-        lat = np.array([v for v in latencies]) if latencies else np.zeros(1)
+        lat = np.array(session_latencies[name]) if session_latencies[name] else np.zeros(1)
         sessions.append({"session": name, "windows": al.windows_released, "counts": dict(counts[name]),
                          "dropped": dict(dropped), "missing": dict(al.missing), "errors": dict(errors[name]),
                          "latency_p50_s": float(np.percentile(lat, 50)),

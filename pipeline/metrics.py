@@ -180,6 +180,3 @@ class RayMetrics:
         if self._ok:
             self._batch.observe(size, tags={"modality": modality})
             self._queue.set(queued, tags={"modality": modality})
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"enabled": self._ok}

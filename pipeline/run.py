@@ -149,7 +149,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     from pipeline.actors import AlignerActor, EncoderActor, HostedSource, PublisherActor, SourceActor
 
     specs = prepare_sessions(cfg)
-    live = _live_settings(cfg, specs)  # None unless a session is live (issue 4)
+    live = _live_settings(cfg, specs)  # None unless a session is live
     model_opts = resolve_model_options(cfg)
     curve = curve_server_config(cfg)
     started_ray = _ray_init(cfg)
@@ -258,7 +258,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 sources.append(src)
                 watch.add(src, al, spec.name, s.id)
         actors += aligners + source_procs
-        # Every actor started before any stream reads (SourceActor.ready). Failures are left to
+        # Every actor started before any stream reads (StreamReader.ready). Failures are left to
         # the run calls below, which report them per stream.
         starting = [s.ready.remote() for s in sources] + [a.connect.remote() for a in aligners]
         ray.wait(starting, num_returns=len(starting), timeout=120)
@@ -266,7 +266,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         # Paced replay keeps one clock for every stream: each maps its first sample to this
         # wall time, however late its run call lands. The lead lets every source read its
         # first chunks ahead and the aligners fix each session's grid before the clock starts,
-        # so the first windows do not meet the start-up decoding (SourceActor._paced_pieces).
+        # so the first windows do not meet the start-up decoding (StreamReader._paced_pieces).
         lead = min(3.0, 2 * cfg.chunk_seconds / cfg.rate) if cfg.rate > 0 else 0.0
         start_at = time.time() + 0.1 + lead
         for src in sources:
@@ -503,7 +503,7 @@ class _SourceWatch:
                 self.results.append({"stream": stream, "error": error})
 
 
-# -- live sessions (issue 4, docs/live.md) ---------------------------------------------------------
+# -- live sessions (docs/live.md) ------------------------------------------------------------------
 def _live_settings(cfg: RunConfig, specs: list[SessionSpec]) -> dict[str, Any] | None:
     """What live sessions need from the config, or ``None`` for an all-replay run."""
     if not any(s.live for s in specs):

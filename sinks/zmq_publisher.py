@@ -30,7 +30,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from sinks.keys import CurveServerConfig
 from sinks.protocol import DEFAULT_ENDPOINT, DEFAULT_MODEL
-from sinks.memory import SinkBase
+from sinks.base import SinkBase
 
 __all__ = ["Publisher", "PUBLISH_MODES"]
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the replay sources: time batching, drop accounting, media opening."""
+"""Helpers shared by the replay sources: time chunking, drop accounting, media opening."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def _thread_stat(tid: int) -> tuple[str, float] | None:
         return None
 
 
-class _Batcher:
+class _Chunker:
     """Groups samples into chunks spanning about ``chunk_seconds`` of stream time.
 
     A chunk is closed when the next sample lies ``chunk_seconds`` or more from the chunk's
@@ -254,7 +254,7 @@ def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stre
 SKIPPED = object()
 
 
-def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]], select: Any = None) -> Iterator[Chunk]:
+def _chunked(chunker: _Chunker, samples: Iterator[tuple[float, Any]], select: Any = None) -> Iterator[Chunk]:
     """Chunks of ``samples``; on :class:`SourceError` the buffered tail is emitted first.
     An item ``SKIPPED`` is a frame left out by frame selection (only its time counts).
     While ``select`` (a frame selector) does not know the window grid yet, the first sample is
@@ -263,20 +263,20 @@ def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]], select: Any 
     first_alone = select is not None and select.origin is None
     try:
         for t, item in samples:
-            chunk = batch.skip(t) if item is SKIPPED else batch.add(t, item)
+            chunk = chunker.skip(t) if item is SKIPPED else chunker.add(t, item)
             if chunk is not None:
                 yield chunk
             if first_alone:
                 first_alone = False
-                chunk = batch.flush()
+                chunk = chunker.flush()
                 if chunk is not None:
                     yield chunk
     except SourceError:
-        tail = batch.flush()
+        tail = chunker.flush()
         if tail is not None:
             yield tail
         raise
-    tail = batch.flush()
+    tail = chunker.flush()
     if tail is not None:
         yield tail
 
@@ -284,8 +284,8 @@ def _batched(batch: _Batcher, samples: Iterator[tuple[float, Any]], select: Any 
 class Prefetch:
     """Iterates ``source`` in a thread of its own, at most ``depth`` items ahead of the consumer.
 
-    Paced replay (``pipeline.actors.SourceActor``) holds each chunk until a live source could
-    send it. Read inline, the next chunk was decoded right after the previous one went out, i.e.
+    Paced replay (``pipeline.actors.StreamReader``) holds each chunk until a live source could
+    send it. Read inline, the next chunk would be decoded right after the previous one went out, i.e.
     just after a window end, when every session's windows reach the encoder at once and need
     the cores. Read here, decoding runs ahead in the slack:
 
@@ -334,7 +334,7 @@ class Prefetch:
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._niceness))
             self.niceness_applied = True
         except OSError as e:  # not permitted here: read at the process's priority
-            log.debug("prefetch: cannot renice thread %d: %s", tid, e)
+            logger.debug("prefetch: cannot renice thread %d: %s", tid, e)
 
     def _work(self) -> None:
         t0 = time.thread_time()

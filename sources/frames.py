@@ -23,7 +23,7 @@ import numpy as np
 
 from sources.errors import SourceError
 from sources.session import StreamSpec
-from sources._common import SKIPPED, _batched, _Batcher, _CpuMeter, _file_to_session
+from sources._common import SKIPPED, _chunked, _Chunker, _CpuMeter, _file_to_session
 from sources.base import Chunk
 from sources.imagesize import frame_size_problem, png_size
 from sources.video import DEFAULT_MAX_PIXELS
@@ -158,8 +158,8 @@ class FrameFolderSource:
         return plan
 
     def __iter__(self) -> Iterator[Chunk]:
-        batch = _Batcher(self.spec, self.chunk_seconds, np.stack)
-        yield from _batched(batch, self._decode_all(), select=self.select)
+        chunker = _Chunker(self.spec, self.chunk_seconds, np.stack)
+        yield from _chunked(chunker, self._decode_all(), select=self.select)
 
     def _decode_all(self) -> Iterator[tuple[float, Any]]:
         shape: tuple[int, ...] | None = None
@@ -244,6 +244,6 @@ class NpyFramesSource:
                               f"{self._arr.shape[0]} frames in {spec.source}")
 
     def __iter__(self) -> Iterator[Chunk]:
-        batch = _Batcher(self.spec, self.chunk_seconds,
-                         lambda xs: _frame_values(self.spec, np.stack(xs), str(self.spec.source)))
-        yield from _batched(batch, ((float(t), np.asarray(self._arr[i])) for i, t in enumerate(self._t)))
+        chunker = _Chunker(self.spec, self.chunk_seconds,
+                           lambda xs: _frame_values(self.spec, np.stack(xs), str(self.spec.source)))
+        yield from _chunked(chunker, ((float(t), np.asarray(self._arr[i])) for i, t in enumerate(self._t)))

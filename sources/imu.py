@@ -10,7 +10,7 @@ import numpy as np
 
 from sources.errors import SourceError
 from sources.session import IMU_ROLES, StreamSpec
-from sources._common import _batched, _Batcher, _Drops, _file_to_session
+from sources._common import _chunked, _Chunker, _Drops, _file_to_session
 from sources.base import Chunk
 
 __all__ = ["ImuCsvSource", "STANDARD_GRAVITY"]
@@ -36,8 +36,8 @@ class ImuCsvSource:
         self.dropped: dict[str, int] = {}
 
     def __iter__(self) -> Iterator[Chunk]:
-        batch = _Batcher(self.spec, self.chunk_seconds, lambda rows: np.asarray(rows, dtype=np.float32).reshape(-1, 6))
-        yield from _batched(batch, self._rows())
+        chunker = _Chunker(self.spec, self.chunk_seconds, lambda rows: np.asarray(rows, dtype=np.float32).reshape(-1, 6))
+        yield from _chunked(chunker, self._rows())
 
     def _rows(self) -> Iterator[tuple[float, list[float]]]:
         spec = self.spec

@@ -8,7 +8,7 @@ from typing import Iterator
 
 from sources.errors import SourceError
 from sources.session import StreamSpec
-from sources._common import _batched, _Batcher, _Drops, _file_to_session
+from sources._common import _chunked, _Chunker, _Drops, _file_to_session
 from sources.base import Chunk
 
 __all__ = ["TextJsonlSource"]
@@ -30,7 +30,7 @@ class TextJsonlSource:
         self.dropped: dict[str, int] = {}
 
     def __iter__(self) -> Iterator[Chunk]:
-        yield from _batched(_Batcher(self.spec, self.chunk_seconds, list), self._lines())
+        yield from _chunked(_Chunker(self.spec, self.chunk_seconds, list), self._lines())
 
     def _lines(self) -> Iterator[tuple[float, str]]:
         spec = self.spec

@@ -11,7 +11,7 @@ from av.video.reformatter import VideoReformatter
 
 from sources.errors import SourceError
 from sources.session import StreamSpec
-from sources._common import SKIPPED, _Batcher, _batched, _CpuMeter, _demux_decode, _open_media, _thread_ids
+from sources._common import SKIPPED, _Chunker, _chunked, _CpuMeter, _demux_decode, _open_media, _thread_ids
 from sources.base import Chunk
 from sources.imagesize import frame_size_problem
 
@@ -62,7 +62,7 @@ class VideoSource:
     def __iter__(self) -> Iterator[Chunk]:
         spec = self.spec
         gray = spec.modality == "thermal"
-        batch = _Batcher(spec, self.chunk_seconds, np.stack)
+        chunker = _Chunker(spec, self.chunk_seconds, np.stack)
         with _open_media(spec) as container:
             if spec.track >= len(container.streams.video):
                 raise SourceError(f"{spec.label}: {spec.source} has {len(container.streams.video)} video tracks, "
@@ -74,7 +74,7 @@ class VideoSource:
                 raise SourceError(f"{spec.label}: {spec.source} video track {spec.track}: {problem}")
             out_w, out_h = (w, h) if gray else scaled_size(w, h, self.video_size)
             stream.thread_type = "AUTO"
-            yield from _batched(batch, self._frames(container, stream, out_w, out_h, gray), select=self.select)
+            yield from _chunked(chunker, self._frames(container, stream, out_w, out_h, gray), select=self.select)
 
     def _refused(self, frame: Any) -> bool:
         """A frame whose size changed mid-file to one the limits refuse: dropped and counted."""

@@ -84,8 +84,8 @@ def test_set_overrides_apply_and_are_validated():
 @pytest.mark.parametrize("section, key", [("encoders", "max_batch"), ("replay", "rate"), ("sources", "select_frames"),
                                           ("model", "precision"), ("live", "subsample")])
 def test_null_for_a_key_with_a_value_of_its_own_names_the_key(section, key):
-    """`max_batch:` with nothing after it is null in YAML; it used to reach a numeric check and
-    fail with a TypeError (found by the property test in test_bad_input.py)."""
+    """`max_batch:` with nothing after it is null in YAML: the error names the key and says null,
+    where the numeric check alone would fail with a TypeError (test_bad_input.py fuzzes this)."""
     with pytest.raises(ConfigError, match=rf"'{section}\.{key}': expected .*, got null"):
         parse_config({section: {key: None}})
 

@@ -90,3 +90,50 @@ def test_the_stream_guard_runs_in_process_too(tmp_path, session_dir, model):
     (summary,) = result.sessions
     assert summary["dropped"].get("imu:jump") == 1, summary["dropped"]
     assert summary["errors"] == {} and summary["counts"]["imu"] == summary["windows"]
+
+
+class _StepClock:
+    """A wall clock that moves 0.1 ms per reading; a test moves ``now`` further by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        t = self.now
+        self.now += 1e-4
+        return t
+
+
+class _SlowSessionSink(ListSink):
+    """Publishing a batch of session ``slow`` takes 5 s on ``clock``. Records every embedding's
+    latency as the runtime measures it: the clock's next reading (taken right after publish)
+    minus the record's ingest time."""
+
+    def __init__(self, clock: _StepClock) -> None:
+        super().__init__(model_name="imagebind_tiny")
+        self._clock_ = clock
+        self.latencies: dict[str, list[float]] = collections.defaultdict(list)
+
+    def publish(self, records):
+        records = list(records)
+        n = super().publish(records)
+        if records and records[0].session == "slow":
+            self._clock_.now += 5.0
+        for r in records:
+            self.latencies[r.session].append(self._clock_.now - r.t_ingest)
+        return n
+
+
+def test_each_sessions_latency_percentiles_come_from_its_own_embeddings(tmp_path, session_dir, model):
+    slow = write_demo_session(tmp_path / "slow", seconds=2.0, seed=4, name="slow")
+    clock = _StepClock()
+    sink = _SlowSessionSink(clock)
+    result = run_inprocess([load_session(session_dir), load_session(slow)], model, sink, clock=clock)
+    by_name = {s["session"]: s for s in result.sessions}
+    assert set(sink.latencies) == {"inproc-a", "slow"}
+    for name, lat in sink.latencies.items():
+        assert by_name[name]["latency_p50_s"] == pytest.approx(np.percentile(lat, 50), abs=1e-6), name
+        assert by_name[name]["latency_p99_s"] == pytest.approx(np.percentile(lat, 99), abs=1e-6), name
+    # The two sessions' figures differ, so figures pooled over both could not pass the checks above.
+    assert by_name["slow"]["latency_p50_s"] >= 5.0
+    assert by_name["inproc-a"]["latency_p50_s"] != pytest.approx(by_name["slow"]["latency_p50_s"], abs=0.5)

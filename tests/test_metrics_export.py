@@ -1,4 +1,4 @@
-"""The pipeline's Ray metrics come out of Ray's Prometheus endpoint (issue 5, docs/deploy.md).
+"""The pipeline's Ray metrics come out of Ray's Prometheus endpoint (docs/deploy.md).
 
 A demo session is replayed through the real Ray graph in a child process that starts its own Ray
 with a metrics export port (the other tests share one module-scoped Ray without it); the test

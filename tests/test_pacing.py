@@ -186,6 +186,24 @@ def test_prefetch_reads_ahead_in_order_at_lower_priority_and_ends_with_the_sourc
     p.close()
 
 
+def test_prefetch_reads_at_normal_priority_when_the_thread_cannot_be_reniced(monkeypatch, caplog):
+    import logging
+    import os
+
+    from sources._common import Prefetch
+
+    def refuse(*args):  # as setpriority does where lowering a thread's priority is not permitted
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    caplog.set_level(logging.DEBUG, logger="sources")
+    p = Prefetch(iter(range(5)), depth=2, niceness=3)
+    assert list(p) == [0, 1, 2, 3, 4]
+    assert not p.niceness_applied
+    assert any("cannot renice" in r.getMessage() for r in caplog.records)
+    p.close()
+
+
 def test_prefetch_holds_off_after_a_take_unless_the_consumer_has_nothing_left():
     import time
 

@@ -351,3 +351,22 @@ def test_a_picked_publisher_port_lies_outside_the_range_given_to_outgoing_connec
         port = int(_fixed_endpoint("tcp://127.0.0.1:*").rsplit(":", 1)[1])
         assert 20_000 <= port < low or low <= 20_000
     assert _fixed_endpoint("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5555"
+
+
+def test_a_failed_stream_named_publisher_is_a_stream_error_and_the_session_still_ends(tmp_path, demo_dirs):
+    """Stream ids are the user's: one called ``publisher`` that fails is reported like any
+    other stream, and the subscriber still gets the session's ``end``."""
+    a, _ = demo_dirs
+    sess = tmp_path / "named"
+    shutil.copytree(a, sess)
+    video = sess / "video.mp4"
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 3])  # truncated recording
+    text = (sess / "session.yaml").read_text().replace("name: ego-a", "name: named")
+    (sess / "session.yaml").write_text(text.replace("- id: cam\n", "- id: publisher\n"))
+    result, messages = _replay([sess])
+    (summary,) = result.sessions
+    assert "publisher" in summary["errors"] and "publisher lost" not in summary["errors"]["publisher"]
+    assert result.exit_code == 3
+    (end,) = [m.payload for m in messages if m.topic == "ctl/named" and m.payload["event"] == "end"]
+    assert end["errors"] == summary["errors"]
+    assert end["counts"]["imu"] == summary["counts"]["imu"] > 0

@@ -1,4 +1,4 @@
-"""Per-stream CPU split of the replay sources (issue 5): decode / resize / other, as the bench
+"""Per-stream CPU split of the replay sources: decode / resize / other, as the bench
 reports it. Real PyAV decoding of generated and real (../shared) video; real Ray actors.
 
 Nothing here asserts a duration: the checks compare CPU counters of one process with each other

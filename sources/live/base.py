@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import av
 import numpy as np
@@ -118,10 +118,3 @@ class LiveSource:
             self.drop("frame_size", problem)
         return problem is not None
 
-
-def interruptible_sleep(stop: threading.Event, seconds: float) -> bool:
-    """Sleep up to ``seconds``; True when stopped meanwhile."""
-    return stop.wait(seconds)
-
-
-Pack = Callable[[list[Any]], Any]
