@@ -196,11 +196,19 @@ def _file_to_session(spec: StreamSpec) -> Callable[[Any], Any]:
     return lambda v: (v + off) * scale
 
 
+def media_error(e: BaseException) -> str:
+    """An FFmpeg or OS error in words: PyAV's ``[Errno 1094995529] Invalid data found when
+    processing input: 'x.mp4'`` becomes ``Invalid data found when processing input`` (the caller
+    names the file)."""
+    words = getattr(e, "strerror", None)
+    return str(words) if words else (str(e) or type(e).__name__)
+
+
 def _open_media(spec: StreamSpec) -> av.container.InputContainer:
     try:
         return av.open(str(spec.source))
     except (av.FFmpegError, OSError) as e:
-        raise SourceError(f"{spec.label}: cannot open {spec.source}: {e}") from e
+        raise SourceError(f"{spec.label}: cannot open {spec.source}: {media_error(e)}") from e
 
 
 def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stream: Any, what: str,
@@ -238,7 +246,7 @@ def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stre
                 frames += 1
                 yield frame
     except (av.FFmpegError, OSError) as e:
-        raise SourceError(f"{spec.label}: {what} decoding failed in {spec.source} after {frames} frames: {e}") from e
+        raise SourceError(f"{spec.label}: {what} decoding failed in {spec.source} after {frames} frames: {media_error(e)}") from e
     finally:
         cpu.sample_threads()  # before the container closes and the threads with it
     # A file cut short after its index (moov first) demuxes without error; the index still

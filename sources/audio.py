@@ -10,7 +10,7 @@ import numpy as np
 
 from sources.errors import SourceError
 from sources.session import StreamSpec
-from sources._common import _chunk, _CpuMeter, _demux_decode, _open_media
+from sources._common import _chunk, _CpuMeter, _demux_decode, _open_media, media_error
 from sources.base import AUDIO_RATE, Chunk
 
 __all__ = ["AudioSource"]
@@ -87,7 +87,7 @@ class AudioSource:
         try:
             return resampler.resample(frame)
         except (av.FFmpegError, ValueError) as e:  # e.g. the track changes layout mid-file
-            raise SourceError(f"{self.spec.label}: resampling audio from {self.spec.source} failed: {e}") from e
+            raise SourceError(f"{self.spec.label}: resampling audio from {self.spec.source} failed: {media_error(e)}") from e
         finally:
             self.cpu.resize_s += time.thread_time() - t0
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from sources.errors import SourceError
 from sources.session import StreamSpec
-from sources._common import SKIPPED, _chunked, _Chunker, _CpuMeter, _file_to_session
+from sources._common import SKIPPED, _chunked, _Chunker, _CpuMeter, _file_to_session, media_error
 from sources.base import Chunk
 from sources.imagesize import frame_size_problem, png_size
 from sources.video import DEFAULT_MAX_PIXELS
@@ -208,7 +208,7 @@ class FrameFolderSource:
                     raw = frame.reformat(format="gray16le" if deep else "gray").to_ndarray()
                 self.cpu.resize_s += time.thread_time() - t1
         except (av.FFmpegError, OSError, StopIteration) as e:
-            raise SourceError(f"{spec.label}: cannot decode frame {path}: {e or 'no image'}") from e
+            raise SourceError(f"{spec.label}: cannot decode frame {path}: {media_error(e) if str(e) else 'no image'}") from e
         return _frame_values(spec, raw, str(path))
 
 

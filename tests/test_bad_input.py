@@ -165,7 +165,8 @@ def test_png_declaring_absurd_dimensions_is_refused_before_decoding(tmp_path):
     s = _session(tmp_path / "s", [{"id": "depth", "modality": "depth", "source": "d", "timestamps": "t.csv"}],
                  {"d/0.png": _png(4, 4), "d/1.png": _png(100_000, 100_000, pixels=b"\x00"), "t.csv": "0\n1\n"})
     got = []
-    with pytest.raises(SourceError, match=r"stream 'depth': frame .*1\.png refused before decoding: its header says 100000x100000, over the limit.*max_pixels"):
+    with pytest.raises(SourceError, match=r"stream 'depth': frame .*1\.png refused before decoding: "
+                                          r"its header says 100000x100000, over the limit.*max_pixels"):
         for c in open_source(s.stream("depth"), max_pixels=8192 * 8192):
             got.append(c)
     assert sum(len(c) for c in got) == 1  # the good frame before it still went out

@@ -100,3 +100,14 @@ def test_frame_size_limits(w: int, h: int, ok: bool) -> None:
     assert (frame_size_problem(w, h, 8192 * 8192) is None) == ok
 
 
+
+
+def test_a_file_that_is_not_media_is_named_in_words_without_ffmpegs_errno(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.mp4"
+    path.write_bytes(b"\x00garbage" * 100)
+    spec = StreamSpec(id="cam", modality="vision", source=path, session="h")
+    with pytest.raises(SourceError) as exc:
+        list(VideoSource(spec))
+    msg = str(exc.value)
+    assert f"stream 'cam': cannot open {path}: Invalid data found when processing input" in msg
+    assert "Errno" not in msg

@@ -46,6 +46,7 @@ import numpy as np
 from sources.clock import OffsetEstimator
 from sources.errors import SourceError
 from sources.base import AUDIO_RATE
+from sources._common import media_error
 from sources.live.base import POLL_S, LiveSource
 
 __all__ = ["AvLiveSource", "RTCP", "ESTIMATED", "ARRIVAL"]
@@ -112,8 +113,8 @@ class AvLiveSource(LiveSource):
             except (av.FFmpegError, OSError) as e:
                 attempts += 1
                 if spec.live == "device" and attempts == 1 and isinstance(e, (FileNotFoundError,)):
-                    raise SourceError(f"{spec.label}: cannot open device {target!r}: {e}") from e
-                self.drop("reconnect", f"cannot open {target}: {e}; retrying in {backoff:.1f} s")
+                    raise SourceError(f"{spec.label}: cannot open device {target!r}: {media_error(e)}") from e
+                self.drop("reconnect", f"cannot open {target}: {media_error(e)}; retrying in {backoff:.1f} s")
                 yield from self._wait(backoff)
                 backoff = min(max_backoff, backoff * 2)
                 continue
@@ -127,7 +128,7 @@ class AvLiveSource(LiveSource):
                     if self.stopped:
                         return
             except (av.FFmpegError, OSError) as e:
-                why = f"failed: {e}"
+                why = f"failed: {media_error(e)}"
             finally:
                 container.close()
             if self.stopped:
