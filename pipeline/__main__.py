@@ -61,6 +61,8 @@ def _print_summary(result) -> None:
             print(f"    FAILED stream '{stream}': {err}")
         if s.get("recording"):
             print(f"    recorded to {s['recording']}")
+        if s.get("recording_error"):
+            print(f"    RECORDING FAILED: {s['recording_error']}")
         if s.get("publisher_restarts"):
             print(f"    publisher restarted: resumed {s['publisher_restarts']} time(s); seq gaps mark what was lost")
     # Live mode: messages the publisher refused at a subscriber's high-water mark, per topic.

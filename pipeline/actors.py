@@ -316,7 +316,7 @@ class StreamReader:
         except Exception as exc:
             log.error("session '%s' stream '%s': closing the recording failed: %s", self.session, self.spec.id, exc)
             entry = None
-        return {"record": entry, "session": self.session,
+        return {"record": entry, "record_error": self._recorder.error, "session": self.session,
                 "clock_offsets": list(self._live.clock.applied) if self._live else [],
                 "clock_mapping": getattr(self._live, "clock_mapping", None)}  # url/device: rtcp, estimated, arrival
 

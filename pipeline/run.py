@@ -28,6 +28,7 @@ __all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepar
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG, EXIT_STREAM_FAILED = 0, 2, 3
+EXIT_OUTPUT_FAILED = 5  # every stream ran, but a recording could not be written
 PUBLISHER_MAX_RESTARTS = 2  # Ray restarts of the publisher actor (docs/guarantees.md)
 
 
@@ -48,7 +49,9 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_STREAM_FAILED if any(s["errors"] for s in self.sessions) else EXIT_OK
+        if any(s["errors"] for s in self.sessions):
+            return EXIT_STREAM_FAILED
+        return EXIT_OUTPUT_FAILED if any(s.get("recording_error") for s in self.sessions) else EXIT_OK
 
 
 def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
@@ -520,7 +523,10 @@ def _live_source_options(src_opts: dict[str, Any], live: dict[str, Any], spec: S
         log.info("live session clock epoch %.6f (Unix time)", live["epoch"])
     opts = dict(src_opts, epoch=live["epoch"])
     if live["record"] is not None:
-        opts["record_dir"] = str(live["record"] / spec.name)
+        from sources.record import partial_folder
+
+        opts["record_dir"] = str(live.setdefault("partials", {}).setdefault(
+            spec.name, partial_folder(live["record"], spec.name)))
     return opts
 
 
@@ -528,7 +534,7 @@ def _write_recordings(live: dict[str, Any], specs: list[SessionSpec], results: l
                       summaries: list[dict[str, Any]]) -> None:
     if live["record"] is None:
         return
-    from sources.record import write_session_yaml
+    from sources.record import RecordingError, finish_recording
 
     for spec in specs:
         if not spec.live:
@@ -537,12 +543,22 @@ def _write_recordings(live: dict[str, Any], specs: list[SessionSpec], results: l
         entries = [mine[s.id]["record"] for s in spec.streams if mine.get(s.id, {}).get("record")]
         offsets = {sid: r.get("clock_offsets") or [] for sid, r in mine.items()}
         mappings = {sid: r["clock_mapping"] for sid, r in mine.items() if r.get("clock_mapping")}
-        path = write_session_yaml(live["record"] / spec.name, spec.name, entries, offsets, mappings)
-        if path is not None:
-            log.info("session '%s' recorded to %s", spec.name, path.parent)
-            for s in summaries:
-                if s.get("session") == spec.name:
-                    s["recording"] = str(path.parent)
+        failed = [mine[s.id]["record_error"] for s in spec.streams if mine.get(s.id, {}).get("record_error")]
+        partial = live.get("partials", {}).get(spec.name)
+        summary = next((s for s in summaries if s.get("session") == spec.name), {})
+        if partial is None:
+            continue
+        if failed:
+            summary["recording_error"] = f"{failed[0]}; what was written is in {partial}"
+            continue
+        try:
+            folder = finish_recording(partial, spec.name, entries, offsets, mappings)
+        except RecordingError as exc:
+            summary["recording_error"] = str(exc)
+            continue
+        if folder is not None:
+            log.info("session '%s' recorded to %s", spec.name, folder)
+            summary["recording"] = str(folder)
 
 
 def _placement(cfg: RunConfig, key: str) -> dict[str, Any]:

@@ -17,12 +17,19 @@ thermal    ``<id>.npy`` float32 ``[N, H, W]`` + ``<id>_t.npy`` times
 Times are written on the session clock (clock offsets already applied), so every stream's
 ``offset`` is 0 (audio: its start time); ``session.yaml``'s ``description`` lists the device
 clock offsets that were applied.
+
+A recording is written into a partial folder (:func:`partial_folder`) and becomes
+``DIR/<session>/`` only when :func:`finish_recording` has written its ``session.yaml``: a run
+that records nothing, or fails to write, never removes or overwrites an existing recording.
+A stream whose files cannot be written (a full disk) stops recording, keeps the error naming
+the file (:attr:`StreamRecorder.error`), and goes on being embedded and published.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -35,16 +42,23 @@ import yaml
 from sources.session import FORMAT
 from sources.base import AUDIO_RATE, Chunk, frame_values
 
-__all__ = ["StreamRecorder", "write_session_yaml"]
+__all__ = ["StreamRecorder", "RecordingError", "partial_folder", "finish_recording"]
 
 log = logging.getLogger(__name__)
 
 _US = Fraction(1, 1_000_000)
 
 
+_FILES = {"vision": "{}.nut", "audio": "{}.wav", "imu": "{}.csv", "depth": "{}/", "thermal": "{}.f32"}
+
+
+class RecordingError(RuntimeError):
+    """A recording could not be finished; the message names the folder or file."""
+
+
 class StreamRecorder:
     """Writes the chunks of one live stream; :meth:`close` returns its ``session.yaml`` entry
-    (``None`` when nothing was recorded)."""
+    (``None`` when nothing was recorded, or when writing failed: then :attr:`error` says why)."""
 
     def __init__(self, folder: str | Path, stream: str, modality: str) -> None:
         self.folder = Path(folder)
@@ -62,12 +76,42 @@ class StreamRecorder:
         self._audio_t0: float | None = None
         self._audio_written = 0  # samples in the WAV so far, silence of gaps included
         self._closed = False
+        self.error: str | None = None
+        self.not_recorded = 0  # samples that arrived after writing failed
 
     def write(self, chunk: Chunk) -> None:
         if len(chunk) == 0:
             return
-        getattr(self, f"_write_{self.modality}")(chunk)
+        if self.error is not None:
+            self.not_recorded += len(chunk)
+            return
+        try:
+            getattr(self, f"_write_{self.modality}")(chunk)
+        except OSError as e:
+            self._failed(e)
+            self.not_recorded += len(chunk)
+            return
         self.samples += len(chunk)
+
+    def _failed(self, e: OSError) -> None:
+        name = Path(e.filename).name if getattr(e, "filename", None) else _FILES[self.modality].format(self.stream)
+        self.error = f"recording stream '{self.stream}': writing {self.folder / name} failed: {e.strerror or e}"
+        log.error("%s; the stream goes on without recording", self.error)
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for f in (self._csv, self._raw):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        try:
+            if self._container is not None:
+                self._container.close()
+        except (OSError, av.FFmpegError):
+            pass
+        self._csv = self._raw = self._container = None
 
     # -- per modality ---------------------------------------------------------------------
     def _write_vision(self, chunk: Chunk) -> None:
@@ -160,10 +204,19 @@ class StreamRecorder:
 
     # -- end ------------------------------------------------------------------------------
     def close(self) -> dict[str, Any] | None:
-        """Finish the files; the stream's entry for ``session.yaml`` or ``None`` if empty."""
-        if self._closed:
+        """Finish the files; the stream's entry for ``session.yaml``, or ``None`` when it recorded
+        nothing or writing failed (:attr:`error`)."""
+        if self._closed or self.error is not None:
+            self._closed = True
             return None
         self._closed = True
+        try:
+            return self._finish()
+        except OSError as e:
+            self._failed(e)
+            return None
+
+    def _finish(self) -> dict[str, Any] | None:
         entry: dict[str, Any] = {"id": self.stream, "modality": self.modality}
         if self._container is not None:
             for p in self._vstream.encode(None):
@@ -202,25 +255,63 @@ def _write_png16(path: Path, mm: np.ndarray) -> None:
     path.write_bytes(b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None)))
 
 
-def write_session_yaml(folder: str | Path, name: str, entries: list[dict[str, Any]],
-                       clock_offsets: dict[str, list[float]] | None = None,
-                       clock_mappings: dict[str, str] | None = None) -> Path | None:
-    """Write ``session.yaml`` for the recorded ``entries`` (file order); ``None`` and the folder
-    removed when no stream recorded anything. ``clock_mappings``: how a ``url``/``device``
-    stream's times were mapped (``rtcp``, ``estimated``, ``arrival``), noted with its offsets."""
-    folder = Path(folder)
-    entries = [e for e in entries if e]
-    if not entries:
-        log.warning("recording of session '%s' is empty; nothing written", name)
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
+def partial_folder(out: str | Path, name: str) -> Path:
+    """Where session ``name``'s recording is written until it is finished: a hidden folder in
+    ``out`` that no earlier run's recording can be."""
+    return Path(out) / f".{name}.recording-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def _final_folder(out: Path, name: str) -> Path:
+    """``out/<name>``, or ``out/<name>.1``, ``.2``, ... when that folder exists already."""
+    target, n = out / name, 0
+    while target.exists():
+        n += 1
+        target = out / f"{name}.{n}"
+    return target
+
+
+def _description(clock_offsets: dict[str, list[float]] | None, clock_mappings: dict[str, str] | None) -> str:
     lines = ["Recorded live by bindstream. Times are on the session clock (offsets applied)."]
     how = {"rtcp": " (from RTCP sender reports)", "estimated": " (estimated from arrival times)"}
     for sid, offs in sorted((clock_offsets or {}).items()):
         if offs:
             lines.append(f"stream {sid}: device clock offset applied {offs[0]:.6f} s at start, {offs[-1]:.6f} s at end"
                          + how.get((clock_mappings or {}).get(sid, ""), ""))
-    doc = {"format": FORMAT, "name": name, "description": "\n".join(lines), "streams": entries}
-    path = folder / "session.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return "\n".join(lines)
+
+
+def finish_recording(partial: str | Path, name: str, entries: list[dict[str, Any]],
+                     clock_offsets: dict[str, list[float]] | None = None,
+                     clock_mappings: dict[str, str] | None = None) -> Path | None:
+    """Write ``session.yaml`` for the recorded ``entries`` (file order) into ``partial``, then
+    move the folder to ``<partial's parent>/<name>`` (or ``<name>.N`` beside an existing
+    recording) and return that folder. ``None``, and only ``partial`` removed, when no stream
+    recorded anything. RecordingError naming the file when writing fails: ``partial`` is left
+    in place with what was written. ``clock_mappings``: how a ``url``/``device`` stream's times
+    were mapped (``rtcp``, ``estimated``, ``arrival``), noted with its offsets."""
+    partial = Path(partial)
+    entries = [e for e in entries if e]
+    if not entries:
+        log.warning("recording of session '%s' is empty; nothing written", name)
+        shutil.rmtree(partial, ignore_errors=True)
+        return None
+    doc = {"format": FORMAT, "name": name, "description": _description(clock_offsets, clock_mappings),
+           "streams": entries}
+    path = partial / "session.yaml"
+    try:
+        tmp = partial / ".session.yaml.tmp"
+        with open(tmp, "w") as f:
+            f.write(yaml.safe_dump(doc, sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        final = _final_folder(partial.parent, name)
+        os.rename(partial, final)
+    except OSError as e:
+        where = e.filename or path
+        raise RecordingError(f"recording of session '{name}': writing {where} failed: {e.strerror or e}; "
+                             f"what was written is in {partial}") from None
+    if final.name != name:
+        log.warning("recording of session '%s' went to %s: %s holds an earlier recording", name, final,
+                    partial.parent / name)
+    return final

@@ -166,7 +166,7 @@ def test_rtsp_video_times_come_from_the_senders_rtcp_reports_not_from_arrival(tm
 # -- 3. audio across a reconnect, recorded ----------------------------------------------------------
 @needs_video
 def test_rtsp_audio_reconnect_is_a_gap_on_the_session_clock_and_the_recording_replays_it(tmp_path):
-    from sources.record import StreamRecorder, write_session_yaml
+    from sources.record import StreamRecorder, finish_recording
     from sources.session import load_session
     from sources.replay import open_source
 
@@ -200,8 +200,7 @@ def test_rtsp_audio_reconnect_is_a_gap_on_the_session_clock_and_the_recording_re
     rec = StreamRecorder(tmp_path / "rec", "mic", "audio")
     for c in chunks:
         rec.write(c)
-    write_session_yaml(tmp_path / "rec", "rig", [rec.close()])
-    (spec,) = load_session(tmp_path / "rec").streams
+    (spec,) = load_session(finish_recording(tmp_path / "rec", "rig", [rec.close()])).streams
     replay = list(open_source(spec, chunk_seconds=0.5))
     rt = np.concatenate([c.t for c in replay])
     rd = np.concatenate([c.data for c in replay])

@@ -22,7 +22,7 @@ import pytest
 from live_peers import REAL_VIDEO, ImageZmqFeeder, ImuPublisher, free_port, real_frames
 from pipeline.config import parse_config
 from sinks.protocol import decode, embedding_array
-from sources.record import StreamRecorder, write_session_yaml
+from sources.record import StreamRecorder, finish_recording
 from sources.session import load_session
 from sources.base import Chunk, frame_values
 from sources.replay import open_source
@@ -100,8 +100,7 @@ def test_recorder_round_trips_every_live_modality_exactly_through_the_replay_sou
     rec.write(Chunk("mic", "audio", audio_t[:3000], audio[:3000]))
     rec.write(Chunk("mic", "audio", audio_t[3000:], audio[3000:]))
     entries.append(rec.close())
-    write_session_yaml(tmp_path / "s", "rec", entries, {"imu": [1.5, 1.6]})
-    spec = load_session(tmp_path / "s")
+    spec = load_session(finish_recording(tmp_path / "s", "rec", entries, {"imu": [1.5, 1.6]}))
     assert "1.500000" in spec.description
     for s in spec.streams:
         got = list(open_source(s, chunk_seconds=0.2))
