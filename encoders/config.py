@@ -21,6 +21,14 @@ from typing import Any, Mapping
 __all__ = [
     "MODALITIES",
     "VIDEO_PAD_FRAMES",
+    "VisionPreprocess",
+    "AudioPreprocess",
+    "DepthPreprocess",
+    "ThermalPreprocess",
+    "ImuPreprocess",
+    "TextPreprocess",
+    "PreprocessConfig",
+    "input_shape_for",
     "TowerConfig",
     "ImageBindConfig",
     "REGISTRY",
@@ -77,13 +85,115 @@ _STEMS = ("video", "text", "image", "imu")
 VIDEO_PAD_FRAMES = 2
 
 
+# -- preprocessing contracts --------------------------------------------------------------------
+# What a tower's input means, as timm's ``pretrained_cfg`` and open_clip's ``PreprocessCfg`` carry
+# it: ``encoders.preprocess`` reads its sizes, statistics, rates and durations from here, and the
+# pipeline checks its window spans against them (docs/preprocessing.md lists the sources).
+
+
+@dataclass(frozen=True)
+class VisionPreprocess:
+    """Reference ``load_and_transform_vision_data``: ``Resize(224, BICUBIC)``, ``CenterCrop(224)``,
+    ``Normalize`` with OpenAI CLIP's statistics; clips of ``frames`` frames (``video_frames``)."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    frames: int = 2
+
+
+@dataclass(frozen=True)
+class AudioPreprocess:
+    """Reference ``load_and_transform_audio_data`` defaults and ``waveform2melspec``: 2 s mono
+    clips at 16 kHz, Kaldi fbank (25 ms frames, 10 ms shift, 128 mel bins) zero padded to 204
+    frames, then ``(x - mean) / std`` with AudioSet's statistics (from AST)."""
+
+    sample_rate: int = 16_000  # Hz
+    clip_duration_s: float = 2.0
+    mel_bins: int = 128
+    target_frames: int = 204  # 2 s at a 10 ms shift gives 198 frames, zero padded
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    mean: float = -4.268
+    std: float = 9.138
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.sample_rate * self.clip_duration_s)
+
+
+@dataclass(frozen=True)
+class DepthPreprocess:
+    """Depth in metres to Omnivore's normalised disparity (ImageBind published no depth loader):
+    ``baseline * focal / clip(depth, min_m, max_m)`` (Omnivore issue #12, Kinect), then DepthNorm
+    ``clip(disparity, disparity_min, disparity_max) / disparity_max``; short side to ``size``,
+    centre crop."""
+
+    size: int = 224
+    baseline_m: float = 0.075  # Kinect v1/v2 baseline used for SUN RGB-D "kv1"/"kv2" sensors
+    focal_px: float = 518.857901  # Kinect v1 fx (NYU Depth v2 / SUN RGB-D kv1 intrinsics)
+    min_m: float = 0.01  # convert_depth_to_disparity(min_depth=0.01)
+    max_m: float = 50.0  # convert_depth_to_disparity(max_depth=50)
+    disparity_min: float = 0.01  # DepthNorm min_depth (applied to disparity)
+    disparity_max: float = 75.0  # DepthNorm max_depth, clamp before scaling
+
+
+@dataclass(frozen=True)
+class ThermalPreprocess:
+    """One channel in [0, 1], short side to ``size``, centre crop; no mean/std (ImageBind
+    published no thermal loader; docs/preprocessing.md)."""
+
+    size: int = 224
+
+
+@dataclass(frozen=True)
+class ImuPreprocess:
+    """``samples`` per channel covering ``duration_s``: the reference tower takes ``(6, 2000)``
+    and the ImageBind paper feeds it 5 s Ego4D windows (400 Hz). No IMU loader was published."""
+
+    samples: int = 2000
+    duration_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class TextPreprocess:
+    """The reference CLIP tokenizer's ids, padded to ``context_length`` positions."""
+
+    context_length: int = 77
+
+
+PreprocessConfig = (
+    VisionPreprocess | AudioPreprocess | DepthPreprocess | ThermalPreprocess | ImuPreprocess | TextPreprocess
+)
+
+# The preprocessing type of each modality's tower, and the reference contract (its defaults).
+_PREPROCESS_TYPES: dict[str, type] = {
+    "vision": VisionPreprocess, "text": TextPreprocess, "audio": AudioPreprocess,
+    "depth": DepthPreprocess, "thermal": ThermalPreprocess, "imu": ImuPreprocess,
+}
+
+
+def input_shape_for(modality: str, pp: PreprocessConfig) -> tuple[int, ...]:
+    """The shape of one clip (no batch dimension) that ``pp`` produces for ``modality``."""
+    if modality == "vision":
+        return (3, pp.frames, pp.size, pp.size)
+    if modality == "audio":
+        return (1, pp.mel_bins, pp.target_frames)
+    if modality in ("depth", "thermal"):
+        return (1, pp.size, pp.size)
+    if modality == "imu":
+        return (6, pp.samples)
+    return (pp.context_length,)
+
+
 @dataclass(frozen=True)
 class TowerConfig:
     """One modality's stem, transformer trunk, head and postprocessor.
 
     ``input_shape`` is the shape of one clip without the batch dimension: ``(C, T, H, W)`` for
     video, ``(C, H, W)`` for image-like stems, ``(channels, samples)`` for IMU and
-    ``(context_length,)`` for text.
+    ``(context_length,)`` for text. ``preprocess`` is the contract that produces that input
+    (sizes, statistics, rates, durations); ``input_shape`` must agree with it.
     """
 
     modality: str
@@ -92,6 +202,7 @@ class TowerConfig:
     num_blocks: int
     num_heads: int
     input_shape: tuple[int, ...]
+    preprocess: PreprocessConfig
     kernel_size: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
     mlp_ratio: int = 4
@@ -116,6 +227,14 @@ class TowerConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"tower '{self.modality}': embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        kind = _PREPROCESS_TYPES[self.modality]
+        if not isinstance(self.preprocess, kind):
+            raise TypeError(f"tower '{self.modality}': preprocess must be a {kind.__name__}, got {self.preprocess!r}")
+        if tuple(self.input_shape) != input_shape_for(self.modality, self.preprocess):
+            raise ValueError(
+                f"tower '{self.modality}': input_shape {tuple(self.input_shape)} disagrees with its preprocessing, "
+                f"which makes {input_shape_for(self.modality, self.preprocess)}"
             )
         if self.causal and self.add_bias_kv:
             # SDPA's is_causal assumes as many keys as queries; bias tokens would break that.
@@ -189,12 +308,8 @@ def _as_tuple(value: Any, n: int, key: str) -> tuple[int, ...]:
     return out
 
 
-def config_from_reference_kwargs(kwargs: Mapping[str, Any], name: str = "custom") -> ImageBindConfig:
-    """Build a config from the keyword arguments of the reference ``ImageBindModel(**kwargs)``.
-
-    Missing arguments take the reference constructor defaults; an unknown argument raises
-    ``ValueError``. ``kernel_size`` may be a list (as JSON stores it).
-    """
+def _reference_kwargs(kwargs: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``kwargs`` over the reference defaults, refusing what the reference would not build."""
     unknown = sorted(set(kwargs) - set(REFERENCE_DEFAULTS))
     if unknown:
         raise ValueError(
@@ -206,6 +321,34 @@ def config_from_reference_kwargs(kwargs: Mapping[str, Any], name: str = "custom"
         # The reference ignores imu_kernel_size (its IMU stem is hard-wired to 8-sample patches);
         # accepting another value silently would build a model the checkpoint does not describe.
         raise ValueError(f"config '{name}': imu_kernel_size must be 8 (the reference hard-wires it), got {k['imu_kernel_size']}")
+    return k
+
+
+def _reference_preprocess(k: Mapping[str, Any]) -> dict[str, PreprocessConfig]:
+    """Each tower's preprocessing contract. Of it, only the clip's frame count and the audio
+    spectrogram's size are reference kwargs; the rest is what the reference loaders hard-code."""
+    return {
+        "vision": VisionPreprocess(frames=int(k["video_frames"])),
+        "text": TextPreprocess(),
+        "audio": AudioPreprocess(mel_bins=int(k["audio_num_mel_bins"]), target_frames=int(k["audio_target_len"])),
+        "depth": DepthPreprocess(),
+        "thermal": ThermalPreprocess(),
+        "imu": ImuPreprocess(),
+    }
+
+
+def config_from_reference_kwargs(kwargs: Mapping[str, Any], name: str = "custom") -> ImageBindConfig:
+    """Build a config from the keyword arguments of the reference ``ImageBindModel(**kwargs)``.
+
+    Missing arguments take the reference constructor defaults; an unknown argument raises
+    ``ValueError``. ``kernel_size`` may be a list (as JSON stores it).
+    """
+    k = _reference_kwargs(kwargs, name)
+    pp = _reference_preprocess(k)
+
+    def io(m: str) -> dict[str, Any]:
+        return {"input_shape": input_shape_for(m, pp[m]), "preprocess": pp[m]}
+
     vision_kernel = _as_tuple(k["kernel_size"], 3, "kernel_size")
     audio_kernel = _as_tuple(k["audio_kernel_size"], 2, "audio_kernel_size")
     return ImageBindConfig(
@@ -213,37 +356,37 @@ def config_from_reference_kwargs(kwargs: Mapping[str, Any], name: str = "custom"
         out_dim=int(k["out_embed_dim"]),
         vision=TowerConfig(
             modality="vision", stem="video", embed_dim=k["vision_embed_dim"], num_blocks=k["vision_num_blocks"],
-            num_heads=k["vision_num_heads"], input_shape=(3, int(k["video_frames"]), 224, 224),
+            num_heads=k["vision_num_heads"], **io("vision"),
             kernel_size=vision_kernel, stride=vision_kernel, pre_ln=True,
         ),
         text=TowerConfig(
             modality="text", stem="text", embed_dim=k["text_embed_dim"], num_blocks=k["text_num_blocks"],
-            num_heads=k["text_num_heads"], input_shape=(77,), causal=True, vocab_size=49408,
+            num_heads=k["text_num_heads"], **io("text"), causal=True, vocab_size=49408,
             logit_scale_init=1 / 0.07, logit_scale_learnable=True,
         ),
         audio=TowerConfig(
             modality="audio", stem="image", embed_dim=k["audio_embed_dim"], num_blocks=k["audio_num_blocks"],
-            num_heads=k["audio_num_heads"], input_shape=(1, int(k["audio_num_mel_bins"]), int(k["audio_target_len"])),
+            num_heads=k["audio_num_heads"], **io("audio"),
             kernel_size=audio_kernel, stride=_as_tuple(k["audio_stride"], 2, "audio_stride"),
             add_bias_kv=True, stem_ln=True, logit_scale_init=20.0, drop_path=float(k["audio_drop_path"]),
         ),
         depth=TowerConfig(
             modality="depth", stem="image", embed_dim=k["depth_embed_dim"], num_blocks=k["depth_num_blocks"],
-            num_heads=k["depth_num_heads"], input_shape=(1, 224, 224),
+            num_heads=k["depth_num_heads"], **io("depth"),
             kernel_size=_as_tuple(k["depth_kernel_size"], 2, "depth_kernel_size"),
             stride=_as_tuple(k["depth_kernel_size"], 2, "depth_kernel_size"),
             add_bias_kv=True, stem_ln=True, logit_scale_init=5.0, drop_path=float(k["depth_drop_path"]),
         ),
         thermal=TowerConfig(
             modality="thermal", stem="image", embed_dim=k["thermal_embed_dim"], num_blocks=k["thermal_num_blocks"],
-            num_heads=k["thermal_num_heads"], input_shape=(1, 224, 224),
+            num_heads=k["thermal_num_heads"], **io("thermal"),
             kernel_size=_as_tuple(k["thermal_kernel_size"], 2, "thermal_kernel_size"),
             stride=_as_tuple(k["thermal_kernel_size"], 2, "thermal_kernel_size"),
             add_bias_kv=True, stem_ln=True, logit_scale_init=10.0, drop_path=float(k["thermal_drop_path"]),
         ),
         imu=TowerConfig(
             modality="imu", stem="imu", embed_dim=k["imu_embed_dim"], num_blocks=k["imu_num_blocks"],
-            num_heads=k["imu_num_heads"], input_shape=(6, 2000), kernel_size=(8,), stride=(8,),
+            num_heads=k["imu_num_heads"], **io("imu"), kernel_size=(8,), stride=(8,),
             add_bias_kv=True, stem_ln=True, logit_scale_init=5.0, drop_path=float(k["imu_drop_path"]),
         ),
     )

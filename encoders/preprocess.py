@@ -4,7 +4,9 @@ Every function works on the device of its input tensor and never moves data on i
 :func:`prepare` (the dispatcher the encoder actors call) moves the raw payloads to the target
 device, before the heavy work, so resizing and filter banks run on the GPU when there is one.
 
-Constants and where they come from are listed in ``docs/preprocessing.md``.
+Sizes, statistics, rates and durations come from a tower's preprocessing contract
+(``TowerConfig.preprocess`` in ``encoders/config.py``); every function takes the reference one
+when given none. ``docs/preprocessing.md`` lists each value and where it comes from.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import (
+    AudioPreprocess,
+    DepthPreprocess,
+    ImageBindConfig,
+    ImuPreprocess,
+    TextPreprocess,
+    ThermalPreprocess,
+    VisionPreprocess,
+)
 from .text import tokenize
 
 __all__ = [
@@ -49,51 +60,56 @@ __all__ = [
     "prepare",
 ]
 
-# Vision: ImageBind data.py load_and_transform_vision_data (Resize(224, BICUBIC),
-# CenterCrop(224), Normalize with OpenAI CLIP's statistics).
-IMAGE_SIZE = 224
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The reference contract of each tower (encoders/config.py): what every function below uses when
+# it is not given a tower's own. The module-level names are aliases of those defaults.
+_VISION = VisionPreprocess()
+_AUDIO = AudioPreprocess()
+_DEPTH = DepthPreprocess()
+_THERMAL = ThermalPreprocess()
+_IMU = ImuPreprocess()
+_TEXT = TextPreprocess()
+_DEFAULTS = {"vision": _VISION, "audio": _AUDIO, "depth": _DEPTH, "thermal": _THERMAL, "imu": _IMU, "text": _TEXT}
 
-# Audio: ImageBind data.py load_and_transform_audio_data defaults and waveform2melspec.
-AUDIO_SAMPLE_RATE = 16_000  # Hz
-AUDIO_CLIP_SAMPLES = 2 * AUDIO_SAMPLE_RATE  # clip_duration=2 s
-AUDIO_MEL_BINS = 128  # num_mel_bins
-AUDIO_TARGET_FRAMES = 204  # target_length; 2 s at 10 ms shift gives 198 frames, zero padded
-AUDIO_MEAN = -4.268  # Normalize(mean, std) -> (x + 4.268) / 9.138 (AudioSet statistics, AST)
-AUDIO_STD = 9.138
-_FBANK_KW = dict(
-    htk_compat=True,
-    sample_frequency=AUDIO_SAMPLE_RATE,
-    use_energy=False,
-    window_type="hanning",
-    num_mel_bins=AUDIO_MEL_BINS,
-    dither=0.0,
-    frame_length=25,  # ms
-    frame_shift=10,  # ms, DEFAULT_AUDIO_FRAME_SHIFT_MS
-)
-
-# Depth: ImageBind never published its depth loader; it trained on SUN RGB-D disparity as
-# Omnivore did. Omnivore issue #12 (I. Misra): disparity = baseline * focal / depth with depth
-# clipped to [0.01, 50] m and the Kinect baseline 0.075 m; Omnivore's SUN RGB-D config then
-# applies DepthNorm(max_depth=75, clamp_max_before_scale=True, min_depth=0.01).
-DEPTH_BASELINE_M = 0.075  # Kinect v1/v2 baseline used for SUN RGB-D "kv1"/"kv2" sensors
-DEPTH_FOCAL_PX = 518.857901  # Kinect v1 fx (NYU Depth v2 / SUN RGB-D kv1 intrinsics)
-DEPTH_MIN_M = 0.01  # convert_depth_to_disparity(min_depth=0.01)
-DEPTH_MAX_M = 50.0  # convert_depth_to_disparity(max_depth=50)
-DISPARITY_MIN = 0.01  # DepthNorm min_depth (applied to disparity)
-DISPARITY_MAX = 75.0  # DepthNorm max_depth, clamp before scaling
-
-# IMU: the reference IMU tower takes [6, 2000] (imagebind_model.py, IMUPreprocessor
-# img_size=(6, 2000)); the ImageBind paper feeds 5 s Ego4D IMU windows. No IMU loader was
-# published, so channel order and units are ours (documented in docs/preprocessing.md).
-IMU_SAMPLES = 2000
-IMU_DURATION_S = 5.0
+IMAGE_SIZE = _VISION.size
+CLIP_MEAN = _VISION.mean
+CLIP_STD = _VISION.std
+AUDIO_SAMPLE_RATE = _AUDIO.sample_rate
+AUDIO_CLIP_SAMPLES = _AUDIO.clip_samples
+AUDIO_MEL_BINS = _AUDIO.mel_bins
+AUDIO_TARGET_FRAMES = _AUDIO.target_frames
+AUDIO_MEAN = _AUDIO.mean
+AUDIO_STD = _AUDIO.std
+DEPTH_BASELINE_M = _DEPTH.baseline_m
+DEPTH_FOCAL_PX = _DEPTH.focal_px
+DEPTH_MIN_M = _DEPTH.min_m
+DEPTH_MAX_M = _DEPTH.max_m
+DISPARITY_MIN = _DEPTH.disparity_min
+DISPARITY_MAX = _DEPTH.disparity_max
+IMU_SAMPLES = _IMU.samples
+IMU_DURATION_S = _IMU.duration_s
 
 
-def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(CLIP_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+def _fbank_kw(cfg: AudioPreprocess) -> dict[str, Any]:
+    """Kaldi fbank options of the reference ``waveform2melspec``."""
+    return {
+        "htk_compat": True,
+        "sample_frequency": cfg.sample_rate,
+        "use_energy": False,
+        "window_type": "hanning",
+        "num_mel_bins": cfg.mel_bins,
+        "dither": 0.0,
+        "frame_length": cfg.frame_length_ms,
+        "frame_shift": cfg.frame_shift_ms,  # DEFAULT_AUDIO_FRAME_SHIFT_MS
+    }
+
+
+_FBANK_KW = _fbank_kw(_AUDIO)
+
+
+def _mean_std(device: torch.device, dtype: torch.dtype,
+              cfg: VisionPreprocess = _VISION) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(cfg.mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=device, dtype=dtype).view(1, 3, 1, 1)
     return mean, std
 
 
@@ -135,54 +151,56 @@ def _to_unit_float(frames: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return frames.to(torch.float32), False
 
 
-def image(frames: torch.Tensor) -> torch.Tensor:
+def image(frames: torch.Tensor, *, cfg: VisionPreprocess = _VISION) -> torch.Tensor:
     """RGB frames ``[B, H, W, 3]`` (uint8 0..255, or float in [0, 1]) -> ``float32 [B, 3, 224, 224]``.
 
     Short side to 224 with antialiased bicubic, centre crop, CLIP mean/std. For uint8 input the
     resized values are clamped and rounded to 0..255 first, as PIL's uint8 resize in the
-    reference does, which keeps us within a few 1e-2 of the reference on real photos.
+    reference does, which keeps us within a few 1e-2 of the reference on real photos. ``cfg``:
+    the vision tower's contract (size, mean, std); the sizes above are the reference one's.
     """
-    return _image(frames).contiguous()
+    return _image(frames, cfg).contiguous()
 
 
-def _image(frames: torch.Tensor) -> torch.Tensor:
+def _image(frames: torch.Tensor, cfg: VisionPreprocess = _VISION) -> torch.Tensor:
     """:func:`image` without the final copy: the result keeps the channels-last strides of the
     input (:func:`clip` permutes it once more, so it copies once, not twice)."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"image: expected frames [B, H, W, 3], got shape {tuple(frames.shape)}")
     h, w = frames.shape[1:3]
-    at_size = _resized_hw(h, w, IMAGE_SIZE) == (h, w)
+    size = cfg.size
+    at_size = _resized_hw(h, w, size) == (h, w)
     if at_size:
         # Already at the model's size (the sources decode to a 224 short side): the resize is
         # the identity and every step below acts per pixel, so cropping first gives the same
         # values and converts ~40 % fewer pixels of a 16:9 frame.
-        top, left = _crop_offsets(h, w, IMAGE_SIZE)
-        frames = frames[:, top : top + IMAGE_SIZE, left : left + IMAGE_SIZE]
+        top, left = _crop_offsets(h, w, size)
+        frames = frames[:, top : top + size, left : left + size]
     x, is_uint8 = _to_unit_float(frames)
     x = x.permute(0, 3, 1, 2)  # (B, 3, H, W)
     if is_uint8 and at_size:
         x = x / 255.0  # whole numbers in 0..255, not resized: the clamp and round are no-ops
     else:
-        x = resize_short_side(x)
+        x = resize_short_side(x, size)
         x = x.clamp_(0.0, 255.0).round_().div_(255.0) if is_uint8 else x.clamp(0.0, 1.0)
-        x = center_crop(x)
-    mean, std = _mean_std(x.device, x.dtype)
+        x = center_crop(x, size)
+    mean, std = _mean_std(x.device, x.dtype, cfg)
     return (x - mean) / std
 
 
-def clip(frames: torch.Tensor) -> torch.Tensor:
+def clip(frames: torch.Tensor, *, cfg: VisionPreprocess = _VISION) -> torch.Tensor:
     """Video clips ``[B, T, H, W, 3]`` -> ``float32 [B, 3, T, 224, 224]`` (per-frame :func:`image`)."""
     if frames.ndim != 5 or frames.shape[-1] != 3:
         raise ValueError(f"clip: expected frames [B, T, H, W, 3], got shape {tuple(frames.shape)}")
     b, t = frames.shape[:2]
-    x = _image(frames.reshape(b * t, *frames.shape[2:]))  # (B*T, 3, 224, 224)
-    return x.reshape(b, t, 3, IMAGE_SIZE, IMAGE_SIZE).permute(0, 2, 1, 3, 4).contiguous()
+    x = _image(frames.reshape(b * t, *frames.shape[2:]), cfg)  # (B*T, 3, 224, 224)
+    return x.reshape(b, t, 3, cfg.size, cfg.size).permute(0, 2, 1, 3, 4).contiguous()
 
 
-def _fbank_one(wave: torch.Tensor) -> torch.Tensor:
+def _fbank_one(wave: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
     import torchaudio
 
-    fb = torchaudio.compliance.kaldi.fbank(wave.unsqueeze(0), **_FBANK_KW)  # (frames, mel)
+    fb = torchaudio.compliance.kaldi.fbank(wave.unsqueeze(0), **kw)  # (frames, mel)
     return fb.transpose(0, 1)  # (mel, frames)
 
 
@@ -193,35 +211,39 @@ def _pad_or_crop_frames(fb: torch.Tensor, target: int) -> torch.Tensor:
     return fb[..., :target]
 
 
-def audio(wave: torch.Tensor) -> torch.Tensor:
+def audio(wave: torch.Tensor, *, cfg: AudioPreprocess = _AUDIO) -> torch.Tensor:
     """Mono 16 kHz clips ``float32 [B, 32000]`` -> log-mel ``[B, 1, 128, 204]``.
 
     Per clip: subtract its mean (on a copy: the streaming form has no overlapping clips),
     Kaldi fbank with the reference options, zero-pad 198 -> 204 frames, ``(x + 4.268) / 9.138``.
-    Shorter or longer clips are accepted; the frame axis is padded/cropped to 204.
+    Shorter or longer clips are accepted; the frame axis is padded/cropped to 204. ``cfg``: the
+    audio tower's contract (rate, mel bins, frames, statistics); the numbers above are the reference one's.
     """
     if wave.ndim != 2:
         raise ValueError(f"audio: expected waveforms [B, samples], got shape {tuple(wave.shape)}")
-    if wave.shape[1] < 400:  # one 25 ms frame at 16 kHz
-        raise ValueError(f"audio: clips of {wave.shape[1]} samples are shorter than one 25 ms frame")
+    frame = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+    if wave.shape[1] < frame:
+        raise ValueError(f"audio: clips of {wave.shape[1]} samples are shorter than one {cfg.frame_length_ms:g} ms frame")
     x = wave.to(torch.float32)
     x = x - x.mean(dim=1, keepdim=True)
     # kaldi.fbank takes one waveform at a time; the per-clip cost is dominated by its FFT anyway.
-    fb = torch.stack([_fbank_one(row) for row in x])  # (B, mel, frames)
-    fb = _pad_or_crop_frames(fb, AUDIO_TARGET_FRAMES)
-    return ((fb - AUDIO_MEAN) / AUDIO_STD).unsqueeze(1)
+    kw = _FBANK_KW if cfg == _AUDIO else _fbank_kw(cfg)
+    fb = torch.stack([_fbank_one(row, kw) for row in x])  # (B, mel, frames)
+    fb = _pad_or_crop_frames(fb, cfg.target_frames)
+    return ((fb - cfg.mean) / cfg.std).unsqueeze(1)
 
 
-def _resize_crop_single_channel(x: torch.Tensor) -> torch.Tensor:
-    # x: (B, 1, H, W) float -> (B, 1, 224, 224)
-    return center_crop(resize_short_side(x))
+def _resize_crop_single_channel(x: torch.Tensor, size: int) -> torch.Tensor:
+    # x: (B, 1, H, W) float -> (B, 1, size, size)
+    return center_crop(resize_short_side(x, size), size)
 
 
 def depth(
     depth_m: torch.Tensor,
     *,
-    focal_px: float = DEPTH_FOCAL_PX,
-    baseline_m: float = DEPTH_BASELINE_M,
+    focal_px: float | None = None,
+    baseline_m: float | None = None,
+    cfg: DepthPreprocess = _DEPTH,
 ) -> torch.Tensor:
     """Depth in metres ``[B, H, W]`` -> normalised disparity ``float32 [B, 1, 224, 224]``.
 
@@ -230,45 +252,50 @@ def depth(
     or non-finite depth means "no reading" and becomes disparity 0 (as far as infinity), so
     holes do not look like very near surfaces. Resized at full resolution after the
     conversion (short side 224, antialiased bicubic, clamped to [0, 1]), then centre cropped.
+    ``cfg``: the depth tower's contract (the numbers above); ``focal_px`` and ``baseline_m``
+    override its sensor for other cameras.
     """
     if depth_m.ndim != 3:
         raise ValueError(f"depth: expected depth maps [B, H, W] in metres, got shape {tuple(depth_m.shape)}")
-    return _disparity_input(_disparity(depth_m, focal_px=focal_px, baseline_m=baseline_m))
+    return _disparity_input(_disparity(depth_m, cfg, focal_px=focal_px, baseline_m=baseline_m), cfg)
 
 
 def _disparity(
-    depth_m: torch.Tensor, *, focal_px: float = DEPTH_FOCAL_PX, baseline_m: float = DEPTH_BASELINE_M
+    depth_m: torch.Tensor, cfg: DepthPreprocess = _DEPTH, *, focal_px: float | None = None,
+    baseline_m: float | None = None,
 ) -> torch.Tensor:
     """The per-pixel part of :func:`depth`: metres (any shape) -> normalised disparity."""
+    focal = cfg.focal_px if focal_px is None else focal_px
+    baseline = cfg.baseline_m if baseline_m is None else baseline_m
     d = depth_m.to(torch.float32)
     valid = torch.isfinite(d) & (d > 0)
-    d = torch.where(valid, d, torch.ones_like(d)).clamp(DEPTH_MIN_M, DEPTH_MAX_M)
-    disp = (baseline_m * focal_px) / d
-    disp = disp.clamp(DISPARITY_MIN, DISPARITY_MAX) / DISPARITY_MAX
+    d = torch.where(valid, d, torch.ones_like(d)).clamp(cfg.min_m, cfg.max_m)
+    disp = (baseline * focal) / d
+    disp = disp.clamp(cfg.disparity_min, cfg.disparity_max) / cfg.disparity_max
     return torch.where(valid, disp, torch.zeros_like(disp))
 
 
-def _disparity_input(disp: torch.Tensor) -> torch.Tensor:
-    """The spatial part of :func:`depth`: disparity ``[B, H, W]`` -> ``[B, 1, 224, 224]``."""
-    out = _resize_crop_single_channel(disp.unsqueeze(1))
+def _disparity_input(disp: torch.Tensor, cfg: DepthPreprocess = _DEPTH) -> torch.Tensor:
+    """The spatial part of :func:`depth`: disparity ``[B, H, W]`` -> ``[B, 1, size, size]``."""
+    out = _resize_crop_single_channel(disp.unsqueeze(1), cfg.size)
     return out.clamp_(0.0, 1.0).contiguous()
 
 
-_MM_TABLES: dict[torch.device, torch.Tensor] = {}
+_MM_TABLES: dict[tuple[torch.device, DepthPreprocess], torch.Tensor] = {}
 
 
-def _disparity_from_mm(mm: torch.Tensor) -> torch.Tensor:
+def _disparity_from_mm(mm: torch.Tensor, cfg: DepthPreprocess = _DEPTH) -> torch.Tensor:
     """uint16 millimetres -> :func:`_disparity` of ``mm / 1000``, looked up in a table of all
     65536 values made with that same arithmetic (so bit-identical), one gather instead of
     eight passes over the frame (about 4x faster on a CPU)."""
-    table = _MM_TABLES.get(mm.device)
+    table = _MM_TABLES.get((mm.device, cfg))
     if table is None:
         every = torch.arange(65536, device=mm.device, dtype=torch.int32).to(torch.float32) / 1000.0
-        table = _MM_TABLES[mm.device] = _disparity(every)
+        table = _MM_TABLES[(mm.device, cfg)] = _disparity(every, cfg)
     return torch.take(table, mm.to(torch.int64))
 
 
-def thermal(x: torch.Tensor) -> torch.Tensor:
+def thermal(x: torch.Tensor, *, cfg: ThermalPreprocess = _THERMAL) -> torch.Tensor:
     """Thermal frames ``[B, H, W]`` in [0, 1] -> ``float32 [B, 1, 224, 224]``.
 
     No mean/std normalisation: ImageBind published no thermal loader, and a single-channel
@@ -278,17 +305,22 @@ def thermal(x: torch.Tensor) -> torch.Tensor:
     if x.ndim != 3:
         raise ValueError(f"thermal: expected frames [B, H, W] in [0, 1], got shape {tuple(x.shape)}")
     t = torch.nan_to_num(x.to(torch.float32), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
-    out = _resize_crop_single_channel(t.unsqueeze(1))
+    out = _resize_crop_single_channel(t.unsqueeze(1), cfg.size)
     return out.clamp_(0.0, 1.0).contiguous()
 
 
-def imu(samples: torch.Tensor, duration: float = IMU_DURATION_S, n: int = IMU_SAMPLES) -> torch.Tensor:
+def imu(samples: torch.Tensor, duration: float | None = None, n: int | None = None, *,
+        cfg: ImuPreprocess = _IMU) -> torch.Tensor:
     """IMU samples ``[N, 7]`` (t s from window start, ax, ay, az m/s^2, gx, gy, gz rad/s) -> ``[6, n]``.
 
     Linear interpolation onto ``n`` evenly spaced times ``k * duration / n`` covering
     ``[0, duration)``; before the first and after the last sample the edge value is held.
-    Samples need not be sorted; duplicate timestamps keep the later sample.
+    Samples need not be sorted; duplicate timestamps keep the later sample. ``n`` defaults to
+    the IMU tower's ``samples`` (``cfg``), ``duration`` to its ``duration_s``; a window of
+    another length passes its own span as ``duration``.
     """
+    duration = cfg.duration_s if duration is None else duration
+    n = cfg.samples if n is None else n
     if samples.ndim != 2 or samples.shape[1] != 7:
         raise ValueError(f"imu: expected samples [N, 7] (t, ax, ay, az, gx, gy, gz), got shape {tuple(samples.shape)}")
     if samples.shape[0] == 0:
@@ -314,17 +346,18 @@ def imu(samples: torch.Tensor, duration: float = IMU_DURATION_S, n: int = IMU_SA
 
 
 def imu_batch(
-    list_of_samples: Sequence[torch.Tensor], duration: float = IMU_DURATION_S, n: int = IMU_SAMPLES
+    list_of_samples: Sequence[torch.Tensor], duration: float | None = None, n: int | None = None, *,
+    cfg: ImuPreprocess = _IMU,
 ) -> torch.Tensor:
     """:func:`imu` over a list of windows -> ``[B, 6, n]``."""
     if len(list_of_samples) == 0:
         raise ValueError("imu_batch: empty batch")
-    return torch.stack([imu(s, duration, n) for s in list_of_samples])
+    return torch.stack([imu(s, duration, n, cfg=cfg) for s in list_of_samples])
 
 
-def text(texts: list[str]) -> torch.Tensor:
-    """Token ids ``LongTensor [B, 77]`` (the reference CLIP tokenizer)."""
-    return tokenize(texts)
+def text(texts: list[str], *, cfg: TextPreprocess = _TEXT) -> torch.Tensor:
+    """Token ids ``LongTensor [B, context_length]`` (the reference CLIP tokenizer; 77 positions)."""
+    return tokenize(texts, context_length=cfg.context_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,11 +417,12 @@ def _check_shape(t: torch.Tensor, modality: str, index: int, ok: bool) -> None:
         )
 
 
-def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *, imu_duration: float = IMU_DURATION_S) -> torch.Tensor:
+def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *,
+            config: ImageBindConfig | None = None, imu_duration: float | None = None) -> torch.Tensor:
     """Turn a batch of aligner payloads into the model input for ``modality`` on ``device``.
 
     ===========  =================================  ==========================
-    modality     payload (one per window)           returns
+    modality     payload (one per window)           returns (reference towers)
     ===========  =================================  ==========================
     vision       uint8 ``[2, H, W, 3]``             ``[B, 3, 2, 224, 224]``
     audio        float32 ``[32000]``                ``[B, 1, 128, 204]``
@@ -398,6 +432,11 @@ def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *
     text         ``str``                            int64 ``[B, 77]``
     ===========  =================================  ==========================
 
+    ``config``: the model's config; its tower for ``modality`` gives the preprocessing contract
+    (``TowerConfig.preprocess``). ``None``: the reference contract, which every registry model
+    shares. ``imu_duration``: the seconds an IMU window spans (its samples' times run from 0 to
+    that), resampled into the tower's ``samples``; ``None``: the tower's ``duration_s`` (5 s).
+
     Payloads of one batch may differ in H, W (different sessions): they are grouped by shape
     and each group is processed as one batch. Integer depth (millimetres) and thermal frames
     (full range = [0, 1]) are converted to float on ``device``, with the same arithmetic as
@@ -405,36 +444,37 @@ def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *
     """
     if not payloads:
         raise ValueError(f"prepare: empty batch for modality '{modality}'")
+    if modality not in _EXPECTED:
+        raise ValueError(f"prepare: unknown modality '{modality}', expected one of {sorted(_EXPECTED)}")
+    pp = config.towers[modality].preprocess if config is not None else _DEFAULTS[modality]
     dev = torch.device(device)
     if modality == "text":
         for i, p in enumerate(payloads):
             if not isinstance(p, str):
                 raise TypeError(f"text payload {i}: expected str, got {type(p).__name__}")
-        ids = tokenize(list(payloads))
+        ids = text(list(payloads), cfg=pp)
         return ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids.to(dev)
-    if modality not in _EXPECTED:
-        raise ValueError(f"prepare: unknown modality '{modality}', expected one of {sorted(_EXPECTED)}")
     items = [_to_device(p, dev, modality, i) for i, p in enumerate(payloads)]
     if modality == "vision":
         for i, t in enumerate(items):
             _check_shape(t, modality, i, t.ndim == 4 and t.shape[-1] == 3)
-        return _grouped(items, clip)
+        return _grouped(items, lambda x: clip(x, cfg=pp))
     if modality == "audio":
         for i, t in enumerate(items):
             _check_shape(t, modality, i, t.ndim == 1)
-        return _grouped(items, audio)
+        return _grouped(items, lambda x: audio(x, cfg=pp))
     if modality == "imu":
         for i, t in enumerate(items):
             _check_shape(t, modality, i, t.ndim == 2 and t.shape[1] == 7)
-        return imu_batch(items, duration=imu_duration)
+        return imu_batch(items, duration=imu_duration, cfg=pp)
     for i, t in enumerate(items):
         _check_shape(t, modality, i, t.ndim == 2)
     if modality == "depth":
         # Per frame to disparity (a table lookup for 16-bit millimetres), then by shape through
         # the resize: the same values as depth() on the float metres (tests/test_preprocess.py).
-        maps = [_disparity_from_mm(t) if t.dtype == torch.uint16 else _disparity(t) for t in items]
-        return _grouped(maps, _disparity_input)
-    return _grouped([_thermal_unit(t) for t in items], thermal)
+        maps = [_disparity_from_mm(t, pp) if t.dtype == torch.uint16 else _disparity(t, pp) for t in items]
+        return _grouped(maps, lambda x: _disparity_input(x, pp))
+    return _grouped([_thermal_unit(t) for t in items], lambda x: thermal(x, cfg=pp))
 
 
 def _thermal_unit(t: torch.Tensor) -> torch.Tensor:

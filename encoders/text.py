@@ -206,6 +206,7 @@ def get_tokenizer() -> Tokenizer:
     return _TOKENIZER
 
 
-def tokenize(texts: list[str]) -> torch.Tensor:
-    """Token ids ``LongTensor [N, 77]`` identical to the reference ImageBind tokenizer."""
-    return get_tokenizer()(list(texts) if not isinstance(texts, str) else texts)
+def tokenize(texts: list[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """Token ids ``LongTensor [N, context_length]`` (77: the text tower's), identical to the
+    reference ImageBind tokenizer."""
+    return get_tokenizer()(list(texts) if not isinstance(texts, str) else texts, context_length)

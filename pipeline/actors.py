@@ -348,10 +348,12 @@ class HostedSource:
 
 @ray.remote(num_cpus=0)
 class EncoderActor:
-    """Holds one model; batches items per tower across all callers; returns unit-norm rows."""
+    """Holds one model; batches items per tower across all callers; returns unit-norm rows.
+    ``imu_span``: the seconds an IMU window covers (``window.spans.imu.span``), over which its
+    samples are resampled into the tower's; ``None``: the tower's own duration."""
 
     def __init__(self, model_options: dict[str, Any], max_batch: int, max_wait_ms: float,
-                 prepare_ahead: bool = False) -> None:
+                 prepare_ahead: bool = False, imu_span: float | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         import torch
 
@@ -370,6 +372,7 @@ class EncoderActor:
             seed=int(model_options.get("seed", 0)),
         )
         self.device = torch.device(device)
+        self.imu_span = imu_span
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         # One thread runs the model, so towers never compete for the device or the cores; a
@@ -405,8 +408,6 @@ class EncoderActor:
         with ``compile``). Not counted in :meth:`stats`."""
         import torch
 
-        from encoders.preprocess import prepare
-
         examples = {
             "vision": np.zeros((2, 224, 224, 3), dtype=np.uint8),
             "audio": np.zeros(32000, dtype=np.float32),
@@ -419,7 +420,7 @@ class EncoderActor:
         t0 = time.perf_counter()
         for modality in self.model.modalities:
             if modality in examples:
-                self.model.encode(modality, prepare(modality, [examples[modality]], self.device))
+                self.model.encode(modality, self._prepare(modality, [examples[modality]]))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
@@ -459,11 +460,15 @@ class EncoderActor:
         self._ray_metrics().batch(modality, len(payloads), self._batcher.depth(modality))
         return await loop.run_in_executor(self._prep_pool, self._prepare_timed, modality, payloads)
 
-    def _prepare_timed(self, modality: str, payloads: list[Any]) -> tuple[Any, int, float]:
+    def _prepare(self, modality: str, payloads: list[Any]) -> Any:
+        """The model's input for ``payloads``, by its towers' preprocessing contracts."""
         from encoders.preprocess import prepare
 
+        return prepare(modality, payloads, self.device, config=self.model.config, imu_duration=self.imu_span)
+
+    def _prepare_timed(self, modality: str, payloads: list[Any]) -> tuple[Any, int, float]:
         t0 = time.perf_counter()
-        x = prepare(modality, payloads, self.device)
+        x = self._prepare(modality, payloads)
         return x, len(payloads), time.perf_counter() - t0
 
     async def _run_staged(self, modality: str, staged: tuple[Any, int, float]) -> list[tuple[np.ndarray, float, float]]:

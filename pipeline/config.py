@@ -7,6 +7,7 @@ key path (``encoders.max_batch``) and what was expected; the CLI turns them into
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from sources.errors import ConfigError
 __all__ = ["RunConfig", "load_config", "parse_config", "apply_overrides", "DEFAULTS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+log = logging.getLogger(__name__)
 
 # The schema is the defaults: a key not in here is unknown. ``None`` means "no default value";
 # the type of such a key is given in _TYPES.
@@ -238,6 +241,32 @@ def _check_resources(ray_cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"config key 'ray.{key}.{name}': expected a non-negative number, got {amount!r}")
 
 
+def _check_towers(model_config: str, spans: dict[str, ModalitySpan], sources: dict[str, Any]) -> None:
+    """What the windows and sources deliver against what the model's towers take (their
+    preprocessing contracts, ``encoders.config``; docs/preprocessing.md)."""
+    from encoders.config import get_config
+
+    try:
+        cfg = get_config(model_config)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"config key 'model.config': {exc}") from None
+    vision, audio = cfg.vision.preprocess, cfg.audio.preprocess
+    if spans["vision"].frames != vision.frames:
+        raise ConfigError(f"config key 'window.spans.vision.frames': the vision tower of {cfg.name} takes exactly "
+                          f"{vision.frames} frames, got {spans['vision'].frames}")
+    if spans["audio"].span > audio.clip_duration_s:
+        raise ConfigError(f"config key 'window.spans.audio.span': the audio tower of {cfg.name} takes clips of at most "
+                          f"{audio.clip_duration_s:g} s ({audio.target_frames} frames), got {spans['audio'].span:g}; "
+                          "a longer window would lose its newest audio")
+    if int(sources["video_size"]) < vision.size:
+        raise ConfigError(f"config key 'sources.video_size': the vision tower of {cfg.name} takes {vision.size}x"
+                          f"{vision.size} crops, got {sources['video_size']}: smaller frames would be scaled back up")
+    if spans["imu"].span != cfg.imu.preprocess.duration_s:
+        log.warning("window.spans.imu.span is %g s: each IMU window is resampled into the %d samples the tower of %s "
+                    "was trained to read as %g s (docs/preprocessing.md)", spans["imu"].span,
+                    cfg.imu.preprocess.samples, cfg.name, cfg.imu.preprocess.duration_s)
+
+
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     merged = _merge(DEFAULTS, data, "")
     sessions = merged["sessions"]
@@ -274,8 +303,6 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
                 raise ConfigError(f"unknown config key 'window.spans.{m}.{bad[0]}'")
             _positive(spec["span"], f"window.spans.{m}.span")
             frames = int(spec.get("frames", 2))
-            if m == "vision" and frames != 2:
-                raise ConfigError("config key 'window.spans.vision.frames': ImageBind's video stem takes exactly 2 frames")
             spans[m] = ModalitySpan(span=float(spec["span"]), frames=frames)
     if w["release"] not in ("stream", "window"):
         raise ConfigError(f"config key 'window.release': expected 'stream' or 'window', got {w['release']!r}")
@@ -290,6 +317,7 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     dev = str(m["device"])
     if not (dev in ("auto", "cpu") or dev.startswith("cuda")):
         raise ConfigError(f"config key 'model.device': expected auto, cpu or cuda[:N], got {dev!r}")
+    _check_towers(m["config"], spans, merged["sources"])
 
     e = merged["encoders"]
     _positive(e["replicas"], "encoders.replicas")

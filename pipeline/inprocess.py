@@ -148,6 +148,7 @@ def run_inprocess(
 
     align = align or AlignConfig()
     dev = torch.device(device) if device is not None else model.device
+    imu_span = align.spans["imu"].span if "imu" in align.spans else None  # what an IMU window covers
     info_model = model.config.name
     dim = int(model.out_dim)
     aligners: dict[str, Aligner] = {}
@@ -188,7 +189,7 @@ def run_inprocess(
             for lo in range(0, len(its), max_batch):
                 part = its[lo:lo + max_batch]
                 t0 = clock()
-                x = prepare(modality, [it.payload for it in part], dev)
+                x = prepare(modality, [it.payload for it in part], dev, config=model.config, imu_duration=imu_span)
                 rows = model.encode(modality, x).float().cpu().numpy()
                 t1 = clock()
                 items_n[modality] += len(part)

@@ -173,6 +173,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                                  **enc_opts).remote(
                 model_opts, int(cfg.encoders["max_batch"]), float(cfg.encoders["max_wait_ms"]),
                 prepare_ahead=_prepare_ahead(cfg.encoders["prepare_ahead"], model_opts["device"]),
+                imu_span=cfg.align.spans["imu"].span,
             )
             for i in range(int(cfg.encoders["replicas"]))
         ]

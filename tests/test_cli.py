@@ -40,3 +40,13 @@ def test_demo_session_command_writes_a_loadable_session(tmp_path):
     assert proc.returncode == 0, proc.stderr
     spec = load_session(tmp_path / "s")
     assert {s.modality for s in spec.streams} == {"vision", "audio", "imu", "depth", "thermal", "text"}
+
+
+def test_a_window_the_model_cannot_take_exits_2_naming_the_key_and_the_towers_value(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(REPO / "configs" / "demo.yaml"),
+                           "--set", "window.spans.audio.span=3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "'window.spans.audio.span'" in proc.stderr and "at most 2 s" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "sessions").exists(), "refused before anything ran"

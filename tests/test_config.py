@@ -45,7 +45,6 @@ def test_bundled_configs_document_every_key():
         ({"sessions": ["x"], "sources": {"process": "thread"}}, "'sources.process': expected 'stream' or 'session'"),
         ({"sessions": ["x"], "window": {"hop": -1}}, "'window.hop'"),
         ({"sessions": ["x"], "window": {"spans": {"depth": {"span": 2}}}}, "window.spans.depth"),
-        ({"sessions": ["x"], "window": {"spans": {"vision": {"frames": 4}}}}, "exactly 2 frames"),
         ({"sessions": ["x"], "window": {"release": "all"}}, "'window.release': expected 'stream' or 'window'"),
         ({"sessions": ["x"], "model": {"precision": "int4"}}, "'model.precision'"),
         ({"sessions": ["x"], "model": {"device": "tpu"}}, "'model.device'"),
@@ -60,6 +59,44 @@ def test_bundled_configs_document_every_key():
 def test_bad_config_is_refused_naming_the_key(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    "model, over, message",
+    [
+        ("imagebind_huge", {"window": {"spans": {"vision": {"frames": 4}}}},
+         "'window.spans.vision.frames': the vision tower of imagebind_huge takes exactly 2 frames, got 4"),
+        ("imagebind_tiny", {"window": {"spans": {"audio": {"span": 3.0}}}},
+         "'window.spans.audio.span': the audio tower of imagebind_tiny takes clips of at most 2 s (204 frames), got 3"),
+        ("imagebind_huge", {"sources": {"video_size": 112}},
+         "'sources.video_size': the vision tower of imagebind_huge takes 224x224 crops, got 112"),
+        ("imagebind_gigantic", {}, "'model.config': unknown model config 'imagebind_gigantic'"),
+    ],
+)
+def test_windows_and_sources_the_tower_cannot_take_are_refused_naming_the_key_and_the_towers_value(model, over, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        parse_config({"sessions": ["x"], "model": {"config": model}, **over})
+
+
+def test_the_span_checks_read_the_configured_models_towers(tmp_path):
+    """A model whose vision tower takes 4-frame clips (reference kwarg video_frames) wants 4
+    frames per window, and refuses the 2 that suit the registry models."""
+    model = tmp_path / "four_frames.json"
+    model.write_text('{"video_frames": 4}')
+    cfg = parse_config({"sessions": ["x"], "model": {"config": str(model)}, "window": {"spans": {"vision": {"frames": 4}}}})
+    assert cfg.align.spans["vision"].frames == 4
+    with pytest.raises(ConfigError, match=r"'window\.spans\.vision\.frames': the vision tower of four_frames takes exactly 4"):
+        parse_config({"sessions": ["x"], "model": {"config": str(model)}})
+
+
+def test_what_the_towers_can_take_is_accepted(caplog):
+    """Shorter audio windows are zero padded (as the reference pads short clips), larger frames
+    are scaled down, and an IMU window of any span is resampled over that span (with a warning
+    that the tower was trained on 5 s)."""
+    cfg = parse_config({"sessions": ["x"], "model": {"config": "imagebind_tiny"}, "sources": {"video_size": 448},
+                        "window": {"spans": {"audio": {"span": 1.0}, "imu": {"span": 3.0}}}})
+    assert cfg.align.spans["audio"].span == 1.0 and cfg.align.spans["imu"].span == 3.0
+    assert "window.spans.imu.span is 3 s" in caplog.text and "as 5 s" in caplog.text
 
 
 def test_malformed_yaml_and_non_mapping(tmp_path):

@@ -137,3 +137,29 @@ def test_each_sessions_latency_percentiles_come_from_its_own_embeddings(tmp_path
     # The two sessions' figures differ, so figures pooled over both could not pass the checks above.
     assert by_name["slow"]["latency_p50_s"] >= 5.0
     assert by_name["inproc-a"]["latency_p50_s"] != pytest.approx(by_name["slow"]["latency_p50_s"], abs=0.5)
+
+
+def test_a_configured_imu_span_is_resampled_over_that_span(session_dir, model):
+    """``window.spans.imu.span: 3`` from a run config: each published IMU embedding is the model's
+    output for its 3 s window resampled over 3 s, not over the tower's 5 s (which would hold the
+    last sample for the 2 s the window does not have)."""
+    import torch
+
+    from encoders.preprocess import prepare
+    from pipeline.config import parse_config
+
+    cfg = parse_config({"sessions": [str(session_dir)], "model": {"config": "imagebind_tiny"},
+                        "window": {"spans": {"imu": {"span": 3.0}}}})
+    sink = ListSink(model_name="imagebind_tiny")
+    run_inprocess([load_session(session_dir)], model, sink, align=cfg.align, max_wait_s=0.0)
+    got = {m.payload["window"]: np.frombuffer(m.payload["embedding"], dtype="<f4")
+           for m in sink.embeddings() if m.payload["modality"] == "imu"}
+    items = [it for w in session_windows(load_session(session_dir), cfg.align, chunk_seconds=0.5)
+             for it in w.items if it.modality == "imu"]
+    assert items and set(got) == {it.window for it in items}
+    with torch.no_grad():
+        over_3s = model.encode("imu", prepare("imu", [it.payload for it in items], imu_duration=3.0)).numpy()
+        over_5s = model.encode("imu", prepare("imu", [it.payload for it in items])).numpy()
+    for it, want, wrong in zip(items, over_3s, over_5s):
+        np.testing.assert_allclose(got[it.window], want, atol=1e-5, err_msg=f"imu window {it.window}")
+        assert np.abs(want - wrong).max() > 1e-4  # the two readings differ: the test can tell them apart

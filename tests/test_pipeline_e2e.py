@@ -127,14 +127,15 @@ def test_replay_delivers_every_window_once_in_order_equal_to_the_direct_encoder_
     from encoders.imagebind import load
 
     a, b = demo_dirs
-    result, messages = _replay([a, b])
+    # A 3 s IMU span: the encoders resample each IMU window over the span it covers.
+    result, messages = _replay([a, b], window={"spans": {"imu": {"span": 3.0}}})
     assert result.exit_code == 0
     # Every item was encoded once; the encoders' start-up warm-up forwards are not counted.
     encoded = collections.Counter()
     for e in result.encoder_stats:
         encoded.update(e["items"])
     assert encoded == collections.Counter(m.payload["modality"] for m in messages if m.topic.startswith("emb/"))
-    cfg = _config([a, b])
+    cfg = _config([a, b], window={"spans": {"imu": {"span": 3.0}}})
     model = load("imagebind_tiny", "none", device="cpu", precision="fp32", seed=0)
 
     by_topic = collections.defaultdict(list)
@@ -172,7 +173,8 @@ def _assert_equals_direct_encoder(session_dir, cfg, messages, model):
     for modality in counts:
         items = [expected[k] for k in sorted(expected) if k[1] == modality]
         with torch.no_grad():
-            direct = model.encode(modality, prepare(modality, [it.payload for it in items], "cpu")).numpy()
+            direct = model.encode(modality, prepare(modality, [it.payload for it in items], "cpu",
+                                                    imu_duration=cfg.align.spans["imu"].span)).numpy()
         for it, row in zip(items, direct):
             emb = got[(spec.name, modality, it.window)]
             np.testing.assert_allclose(emb, row, atol=1e-5, err_msg=f"{spec.name}/{modality}/{it.window}")

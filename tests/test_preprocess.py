@@ -261,3 +261,36 @@ def test_prepare_errors_name_modality_and_expectation() -> None:
         P.prepare("smell", [1], "cpu")
     with pytest.raises(TypeError, match="text payload 0: expected str"):
         P.prepare("text", [3], "cpu")
+
+
+def test_prepare_makes_the_input_each_towers_contract_describes() -> None:
+    """Every registry tower's input shape is what prepare makes for it, and a tower with another
+    spectrogram size gets that size: the numbers come from the tower's config."""
+    from encoders.config import get_config, input_shape_for
+
+    rng = np.random.default_rng(4)
+    payloads = {
+        "vision": [rng.integers(0, 256, (2, 240, 320, 3), dtype=np.uint8)],
+        "audio": [rng.standard_normal(32000).astype(np.float32) * 0.1],
+        "imu": [np.column_stack([np.linspace(0, 5, 50), rng.standard_normal((50, 6))])],
+        "depth": [np.full((120, 160), 2.0, np.float32)],
+        "thermal": [rng.random((120, 160), dtype=np.float32)],
+        "text": ["a dog"],
+    }
+    for name in ("imagebind_tiny", "imagebind_huge"):
+        cfg = get_config(name)
+        for modality, tower in cfg.towers.items():
+            out = P.prepare(modality, payloads[modality], config=cfg)
+            assert tuple(out.shape[1:]) == tower.input_shape == input_shape_for(modality, tower.preprocess)
+    small = get_config({"audio_num_mel_bins": 64, "audio_target_len": 300})
+    assert P.prepare("audio", payloads["audio"], config=small).shape == (1, 1, 64, 300)
+
+
+def test_a_tower_whose_input_disagrees_with_its_preprocessing_is_refused() -> None:
+    import dataclasses
+
+    from encoders.config import get_config
+
+    audio = get_config("imagebind_tiny").audio
+    with pytest.raises(ValueError, match=r"tower 'audio': input_shape \(1, 128, 300\) disagrees"):
+        dataclasses.replace(audio, input_shape=(1, 128, 300))
