@@ -11,11 +11,9 @@ from av.video.reformatter import VideoReformatter
 from sources.errors import SourceError
 from sources.session import StreamSpec
 from sources._common import SKIPPED, _Batcher, _batched, _CpuMeter, _demux_decode, _open_media, _thread_ids
-from sources.base import Chunk
+from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE, Chunk
 
-__all__ = ["VideoSource", "DEFAULT_MAX_PIXELS", "scaled_size"]
-
-DEFAULT_MAX_PIXELS = 8192 * 8192
+__all__ = ["VideoSource", "scaled_size"]
 
 
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -41,7 +39,7 @@ class VideoSource:
     decision needs the next frame's time, so each frame waits for the next one to decode.
     """
 
-    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = 224,
+    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = DEFAULT_VIDEO_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS, select: Any = None) -> None:
         if spec.modality not in ("vision", "thermal"):
             raise ValueError(f"{spec.label}: VideoSource reads vision or thermal, not {spec.modality}")
