@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.align import AlignConfig, Aligner, Window
+from pipeline.config import EncodersConfig, ReplayConfig, SourcesConfig
 from pipeline.metrics import StageRecorder
 from sinks.protocol import EmbeddingRecord
 from sources.session import SessionSpec
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, select_frames: bool = False,
-                    max_gap_s: float = 60.0, **source_options: Any) -> list[Window]:
+                    max_gap_s: float = SourcesConfig.max_gap_s, **source_options: Any) -> list[Window]:
     """Every window of a recorded session, aligned in this process: the reference for what the
     graph publishes (tests, benchmarks). Streams are read round-robin, one chunk at a time, as
     concurrent source actors would deliver them; the windows do not depend on that order.
@@ -121,16 +122,16 @@ def run_inprocess(
     sink: Any,
     *,
     align: AlignConfig | None = None,
-    chunk_seconds: float = 0.5,
-    video_size: int = 224,
-    max_pixels: int = 8192 * 8192,
-    max_batch: int = 32,
+    chunk_seconds: float = ReplayConfig.chunk_seconds,
+    video_size: int = SourcesConfig.video_size,
+    max_pixels: int = SourcesConfig.max_pixels,
+    max_batch: int = EncodersConfig.max_batch,
     max_wait_s: float = 0.02,
     rate: float = 0.0,
     device: Any = None,
     clock: Callable[[], float] = time.time,
-    select_frames: bool = True,
-    max_gap_s: float = 60.0,
+    select_frames: bool = SourcesConfig.select_frames,
+    max_gap_s: float = SourcesConfig.max_gap_s,
 ) -> InProcessResult:
     """Replay ``specs`` through ``model`` into ``sink`` (already bound/constructed; not closed here).
 
