@@ -60,7 +60,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align import AlignConfig  # noqa: E402
-from pipeline.config import DEFAULTS  # noqa: E402
+from pipeline.align import DEFAULT_SPANS  # noqa: E402
+from pipeline.config import EncodersConfig, RayConfig, WindowConfig  # noqa: E402
 from pipeline.metrics import percentiles  # noqa: E402
 
 __all__ = ["main"]
@@ -290,7 +291,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
                   "device": args.device, "threads": args.threads},
         "encoders": {"replicas": args.replicas, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                      "coalesce_ms": args.coalesce_ms, "prepare_ahead": {"auto": "auto", "on": True, "off": False}[args.prepare_ahead]},
-        "sources": {"video_size": 224, "select_frames": args.select_frames, "process": args.source_process},
+        "sources": {"video_size": 224, "select_frames": args.select_frames},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "wait_for_subscribers": 1, "wait_timeout_s": 120,
                     "heartbeat_s": 2.0},
         "progress": False,
@@ -365,7 +366,7 @@ def _load_model(args: argparse.Namespace, precision: str | None = None) -> Any:
 
 def _align_config(args: argparse.Namespace) -> Any:
     """The pipeline's window rule with the bench's nearest-frame tolerance (same as the config)."""
-    from pipeline.align import DEFAULT_SPANS, ModalitySpan
+    from pipeline.align import ModalitySpan
 
     spans = dict(DEFAULT_SPANS, depth=ModalitySpan(tolerance=args.tolerance),
                  thermal=ModalitySpan(tolerance=args.tolerance))
@@ -634,15 +635,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--max-batch", type=int, default=8, help="items per forward per tower (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=20.0)
-    p.add_argument("--coalesce-ms", type=float, default=DEFAULTS["encoders"]["coalesce_ms"],
+    p.add_argument("--coalesce-ms", type=float, default=EncodersConfig.coalesce_ms,
                    help="encoders.coalesce_ms: a session's releases within this many ms share one encoder "
                         "call (default %(default)s; 0 = each at once)")
     p.add_argument("--prepare-ahead", default="auto", choices=("auto", "on", "off"),
                    help="encoders.prepare_ahead: preprocess the next batch in a second thread while the model "
                         "runs this one (default auto = on a GPU only)")
-    p.add_argument("--source-process", default=DEFAULTS["sources"]["process"], choices=("stream", "session"),
-                   help="sources.process: a session's streams read in threads of its aligner's process "
-                        "(default), or one process per stream")
     p.add_argument("--replicas", type=int, default=1, help="encoder actors in the pipeline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per encoder (default 1 on CPU so decode keeps a core, 0 = torch default)")
@@ -651,17 +649,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bitrate", type=int, default=2_000_000, help="video bits/s (default 2000000)")
     p.add_argument("--modes", nargs="+", default=["pipeline", "single_process", "raw_encoder", "naive"],
                    choices=["pipeline", "single_process", "raw_encoder", "naive"])
-    p.add_argument("--max-inline-bytes", type=int, default=DEFAULTS["ray"]["max_inline_bytes"],
+    p.add_argument("--max-inline-bytes", type=int, default=RayConfig.max_inline_bytes,
                    help="ray.max_inline_bytes: call arguments up to this size skip the object store "
                         "(default %(default)s; Ray's own default is 102400)")
     p.add_argument("--chunk-seconds", type=float, default=0.5,
                    help="replay.chunk_seconds: stream time per source chunk (default 0.5; a chunk's "
                         "samples wait for it to close, so it bounds latency from below at rate 1)")
-    p.add_argument("--release", choices=("stream", "window"), default=DEFAULTS["window"]["release"],
+    p.add_argument("--release", choices=("stream", "window"), default=WindowConfig.release,
                    help="window.release: each stream's part of a window as soon as that stream is complete "
                         "(stream, the default), or whole windows once every stream is (window)")
-    p.add_argument("--tolerance", type=float, default=0.5,
-                   help="depth/thermal nearest-frame tolerance, s (default 0.5 as in the config; a "
+    p.add_argument("--tolerance", type=float, default=DEFAULT_SPANS["depth"].tolerance,
+                   help="depth/thermal nearest-frame tolerance, s (default %(default)s as in the config; a "
                         "window waits until these streams pass its end + tolerance)")
     p.add_argument("--no-select-frames", dest="select_frames", action="store_false",
                    help="scale / decode every video and depth/thermal frame (sources.select_frames: "

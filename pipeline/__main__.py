@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {run,subscribe,demo-session,keys}``.
+"""Command line: ``python -m pipeline {run,record,config,subscribe,demo-session,keys}``.
 
 Exit codes of ``run``: 0 every stream ended cleanly, 2 configuration error (nothing started),
 3 some stream failed (the others ran to the end), 4 weights unavailable, 130 interrupted twice.
@@ -77,6 +77,14 @@ def _cmd_record(args: argparse.Namespace) -> int:
     return _cmd_run(args)
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    """``config``: every run-config key with its default and meaning, as YAML (or Markdown)."""
+    from pipeline.config import config_reference_markdown, default_config_yaml
+
+    print(config_reference_markdown() if args.markdown else default_config_yaml(), end="")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sources.demo import write_demo_session
 
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="replay the sessions of a config through the graph")
-    p.add_argument("config", help="run config YAML (see configs/demo.yaml)")
+    p.add_argument("config", help="run config YAML (keys: python -m pipeline config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config key, e.g. --set replay.rate=0 (repeatable)")
     p.set_defaults(fn=_cmd_run)
@@ -101,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="DIR", help="recordings go to DIR/<session>/")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key")
     p.set_defaults(fn=_cmd_record)
+
+    p = sub.add_parser("config", help="print every run-config key with its default and meaning, as a YAML config")
+    p.add_argument("--markdown", action="store_true", help="print the keys as the Markdown tables of docs/configuration.md")
+    p.set_defaults(fn=_cmd_config)
 
     p = sub.add_parser("demo-session", help="write the deterministic synthetic demo session")
     p.add_argument("dir")

@@ -1,138 +1,548 @@
-"""The run config: parsed and validated completely before any actor starts.
+"""The run config: frozen, typed sections, parsed and validated completely before any actor starts.
 
-Every key is documented in ``configs/demo.yaml``. Errors are :class:`ConfigError` naming the
-key path (``encoders.max_batch``) and what was expected; the CLI turns them into exit code 2.
+Each key is a dataclass field below; its default and its one-line meaning (``metadata["help"]``)
+live there and nowhere else. ``python -m pipeline config`` prints them as an annotated YAML config
+(:func:`default_config_yaml`), and docs/configuration.md lists them (:func:`config_reference_markdown`).
+
+Errors are :class:`ConfigError` naming the key path (``encoders.max_batch``) and what was expected;
+the CLI turns them into exit code 2.
+
+Relative paths (``sessions``, including the files of inline sessions, ``demo_session``, ``record``)
+in a config file resolve against the file's folder; given with ``--set``, or to
+:func:`parse_config` without ``base_dir``, against the current directory.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from pipeline.align import DEFAULT_SPANS, AlignConfig, ModalitySpan
+from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE, MODALITIES
 from sources.errors import ConfigError
+from sources.yamlfile import load_yaml, read_yaml_file, short
 
-__all__ = ["RunConfig", "load_config", "parse_config", "apply_overrides", "DEFAULTS"]
+__all__ = ["RunConfig", "ReplayConfig", "WindowConfig", "ModelConfig", "EncodersConfig", "SourcesConfig",
+           "PublishConfig", "CurveConfig", "RayConfig", "LiveConfig", "InlineSession", "load_config",
+           "parse_config", "apply_overrides", "DEFAULTS", "default_config_yaml", "config_reference_markdown"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+SHED_POLICIES = ("drop_oldest", "subsample")
+_AUTO_TRUE_FALSE = ("auto", True, False)
+_PATH_KEYS = ("sessions", "demo_session", "record")
 
 log = logging.getLogger(__name__)
 
-# The schema is the defaults: a key not in here is unknown. ``None`` means "no default value";
-# the type of such a key is given in _TYPES.
-DEFAULTS: dict[str, Any] = {
-    "sessions": [],
-    "demo_session": None,
-    "replay": {"rate": 1.0, "chunk_seconds": 0.5, "max_inflight_chunks": 4},
-    "window": {
-        "hop": 1.0,
-        "origin": "auto",
-        "allowed_lateness": 0.0,
-        "release": "stream",
-        "spans": {
-            "vision": {"span": 2.0, "frames": 2},
-            "audio": {"span": 2.0},
-            "imu": {"span": 5.0},
-            "depth": {"tolerance": 0.5},
-            "thermal": {"tolerance": 0.5},
-            "text": {"span": 1.0},
-        },
-    },
-    "model": {
-        "config": "imagebind_huge",
-        "checkpoint": "auto",
-        "precision": "bf16",
-        "device": "auto",
-        "compile": False,
-        "threads": 0,
-        "seed": 0,
-    },
-    "encoders": {"replicas": 1, "max_batch": 32, "max_wait_ms": 20.0, "num_gpus": "auto", "max_inflight_windows": 64,
-                 "coalesce_ms": 4.0, "prepare_ahead": "auto"},
-    "sources": {"video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 60.0, "select_frames": True,
-                "process": "session"},
-    "publish": {
-        "endpoint": "tcp://127.0.0.1:5555",
-        "wait_for_subscribers": 0,
-        "wait_timeout_s": 60.0,
-        "hwm": 1000,
-        "sndbuf": 0,  # bytes of OS send buffer per subscriber connection; 0 = the OS default
-        "heartbeat_s": 2.0,
-        "curve": {"server_secret_key": None, "authorized_clients": None},
-    },
-    "ray": {"address": None, "num_cpus": None, "source_resources": None, "encoder_resources": None,
-            "publisher_resources": None, "max_inline_bytes": 4 * 1024 * 1024},
-    "progress": "auto",
-    # Live sessions (docs/live.md).
-    "stop_after": None,
-    "record": None,
-    "live": {"max_latency_s": 2.0, "shed": "drop_oldest", "subsample": ["vision"], "idle_timeout_s": 2.0},
-}
 
-# Keys that take a word or a value of another type ("auto" or a number, auto/true/false);
-# each is checked in parse_config.
-_LOOSE = frozenset({"progress", "encoders.num_gpus", "encoders.prepare_ahead", "window.origin"})
+def _key(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, **rules: Any) -> Any:
+    """A config key: its default, its one-line meaning and how it is checked.
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "demo_session": (str,),
-    "ray.address": (str,),
-    "ray.num_cpus": (int,),
-    "ray.source_resources": (dict,),
-    "ray.encoder_resources": (dict,),
-    "ray.publisher_resources": (dict,),
-    "stop_after": (float, int),
-    "record": (str,),
-    "publish.curve.server_secret_key": (str,),
-    "publish.curve.authorized_clients": (str,),
-}
+    ``rules``: ``choices`` (allowed values) with ``expected`` (how the error says them);
+    ``minimum`` (``"positive"`` or ``"non-negative"``); ``types`` (accepted types of a key whose
+    default is ``None``); ``loose`` (checked only by its section's ``_check``); ``build`` (builds
+    the value from the config data: nested sections, spans); ``example`` (printed instead of the
+    default by ``python -m pipeline config``)."""
+    meta = {"help": help, **rules}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true/false"
+    if isinstance(default, (int, float)):
+        return "a number"
+    if isinstance(default, (list, tuple)):
+        return "a list"
+    return "a mapping" if isinstance(default, Mapping) else "a string"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _same(value: Any, choice: Any) -> bool:
+    """``value == choice`` where ``1`` is not ``True``."""
+    return type(value) is type(choice) and value == choice
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}': expected a {'non-negative' if allow_zero else 'positive'} number, got {short(value)}")
+
+
+def _number(value: Any, key: str, integer: bool = False) -> float | int:
+    if not _is_number(value):
+        raise ConfigError(f"config key '{key}': expected a number, got {short(value)}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"config key '{key}': expected an integer, got {short(value)}")
+    return value if integer else float(value)
+
+
+def _checked(value: Any, f: dataclasses.Field, key: str) -> Any:
+    """``value`` of key ``f`` checked against its rules and its default's type, normalised (float
+    keys hold floats, lists are tuples)."""
+    meta, default = f.metadata, _default(f)
+    if meta.get("loose") or isinstance(value, _Section):
+        return value
+    expected = meta.get("expected")
+    if value is None:
+        if default is None:
+            return None
+        raise ConfigError(f"config key '{key}': expected {expected or _kind(default)}, got null "
+                          "(leave the key out for its default)")
+    if "choices" in meta:
+        if not any(_same(value, c) for c in meta["choices"]):
+            raise ConfigError(f"config key '{key}': expected {expected}, got {short(value)}")
+        return value
+    if default is None:
+        types = meta["types"]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(f"config key '{key}': expected {types[0].__name__}, got {short(value)}")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {short(value)}")
+        return value
+    if isinstance(default, (int, float)):
+        value = _number(value, key, integer=isinstance(default, int))
+        if "minimum" in meta:
+            _positive(value, key, allow_zero=meta["minimum"] == "non-negative")
+        return value
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {short(value)}")
+        return tuple(value)
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected a string, got {short(value)}")
+    return str(value)
+
+
+class _Section:
+    """Base of every section: checks each key on construction (so a section built in code is
+    checked as one read from a file), then the section's own rules (``_check``)."""
+
+    _path = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = _checked(getattr(self, f.name), f, self._key(f.name))
+            object.__setattr__(self, f.name, value)
+        self._check()
+
+    def _key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def _check(self) -> None:
+        """Rules across keys, or beyond the key's type; raise ConfigError naming the key."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, given: Any, path: str) -> Any:
+    """The section ``cls`` from config data: unknown keys named, nested sections built."""
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"config key '{path}': expected a mapping, got {type(given).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for k, v in given.items():
+        key = f"{path}.{k}" if path else str(k)
+        if k not in known:
+            raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(known))})")
+        build = known[k].metadata.get("build")
+        kwargs[k] = build(v, key) if build else v
+    return cls(**kwargs)
+
+
+def _section(cls: type) -> Callable[[Any, str], Any]:
+    return lambda given, key: _build(cls, given, key)
+
+
+# -- window.spans -------------------------------------------------------------------------------
+
+def _span_keys(modality: str) -> tuple[str, ...]:
+    if DEFAULT_SPANS[modality].nearest:
+        return ("tolerance",)
+    return ("span", "frames") if modality == "vision" else ("span",)
+
+
+def _span_help(modality: str, span: ModalitySpan) -> str:
+    if span.nearest:
+        return f"the frame nearest the window end, within {span.tolerance:g} s"
+    frames = f", {span.frames} frames from it (first and last)" if modality == "vision" else ""
+    return f"the last {span.span:g} s before the window end{frames}"
+
+
+def _build_span(modality: str, spec: Any, key: str) -> ModalitySpan:
+    base = DEFAULT_SPANS[modality]
+    if spec is None:
+        return base
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"config key '{key}': expected a mapping, got {type(spec).__name__}")
+    keys = _span_keys(modality)
+    values = {}
+    for k, v in spec.items():
+        if k not in keys:
+            raise ConfigError(f"unknown config key '{key}.{k}' (known here: {', '.join(sorted(keys))})")
+        values[k] = _number(v, f"{key}.{k}", integer=k == "frames")
+    span = dataclasses.replace(base, **values)
+    if span.nearest:
+        _positive(span.tolerance, f"{key}.tolerance", allow_zero=True)
+    else:
+        _positive(span.span, f"{key}.span")
+    return span
+
+
+def _build_spans(given: Any, key: str) -> dict[str, ModalitySpan]:
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"config key '{key}': expected a mapping, got {type(given).__name__}")
+    spans = dict(DEFAULT_SPANS)
+    for m, spec in given.items():
+        if m not in DEFAULT_SPANS:
+            raise ConfigError(f"unknown config key '{key}.{m}' (known here: {', '.join(sorted(DEFAULT_SPANS))})")
+        spans[m] = _build_span(m, spec, f"{key}.{m}")
+    return spans
+
+
+# -- the sections ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReplayConfig(_Section):
+    _path = "replay"
+    rate: float = _key(1.0, "1.0 = real time, 2.0 = twice as fast, 0 = as fast as possible", minimum="non-negative")
+    chunk_seconds: float = _key(0.5, "stream time per source chunk (one Ray call); paced replay also cuts one where a window ends",
+                                minimum="positive")
+    max_inflight_chunks: int = _key(4, "per source: pushes outstanding before the reader waits (backpressure)",
+                                    minimum="positive")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    sessions: list[Any]
-    demo_session: Path | None
-    rate: float
-    chunk_seconds: float
-    max_inflight_chunks: int
-    align: AlignConfig
-    model: dict[str, Any]
-    encoders: dict[str, Any]
-    sources: dict[str, Any]
-    publish: dict[str, Any]
-    ray: dict[str, Any]
-    progress: str
-    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+class WindowConfig(_Section):
+    _path = "window"
+    hop: float = _key(1.0, "seconds between window ends; window k ends at origin + (k+1)*hop", minimum="positive")
+    origin: float | str = _key("auto", "auto = earliest first timestamp of any stream; or seconds", loose=True)
+    allowed_lateness: float = _key(0.0, "seconds a sample may arrive behind its stream's newest and be re-sorted",
+                                   minimum="non-negative")
+    release: str = _key("stream", "stream: each stream's part of a window as soon as it is complete; window: whole windows",
+                        choices=("stream", "window"), expected="'stream' or 'window'")
+    spans: Mapping[str, ModalitySpan] = _key(
+        help="what each modality takes, ending at the window end (ImageBind's training spans)",
+        factory=lambda: dict(DEFAULT_SPANS), loose=True, build=_build_spans)
+
+    def _check(self) -> None:
+        o = self.origin
+        if o != "auto" and not _is_number(o):
+            raise ConfigError(f"config key 'window.origin': expected 'auto' or seconds, got {short(o)}")
+        if o != "auto":
+            object.__setattr__(self, "origin", float(o))
+
+    def align(self) -> AlignConfig:
+        return AlignConfig(hop=self.hop, origin=None if self.origin == "auto" else self.origin,
+                           allowed_lateness=self.allowed_lateness, spans=dict(self.spans), release=self.release)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    _path = "model"
+    config: str = _key("imagebind_huge", "imagebind_huge | imagebind_tiny | path to a JSON of reference ImageBindModel kwargs",
+                       loose=True)
+    checkpoint: str = _key("auto", "auto (cache, else download) | none (seeded random weights) | path .pth/.safetensors")
+    precision: str = _key("bf16", "fp32 | bf16 | fp16", choices=PRECISIONS, expected=f"one of {', '.join(PRECISIONS)}")
+    device: str = _key("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    compile: bool = _key(False, "torch.compile the trunks")
+    threads: int = _key(0, "torch CPU threads per encoder actor; 0 = torch's default", minimum="non-negative")
+    seed: int = _key(0, "seed of the random weights when checkpoint: none")
+
+    def _check(self) -> None:
+        if not isinstance(self.config, str):
+            raise ConfigError("config key 'model.config': expected a registry name or a path to a reference kwargs JSON")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"config key 'model.device': expected auto, cpu or cuda[:N], got {short(self.device)}")
+
+
+@dataclass(frozen=True)
+class EncodersConfig(_Section):
+    _path = "encoders"
+    replicas: int = _key(1, "encoder actors (each holds a model; least-loaded dispatch)", minimum="positive")
+    max_batch: int = _key(32, "items per forward, per tower", minimum="positive")
+    max_wait_ms: float = _key(20.0, "how long a batch waits for more items after its first", minimum="non-negative")
+    num_gpus: float | str = _key("auto", "GPUs per encoder actor: auto = 1 when the device is cuda, else 0", loose=True)
+    max_inflight_windows: int = _key(64, "per session: releases between release and publish before sources wait",
+                                     minimum="positive")
+    coalesce_ms: float = _key(4.0, "replay: a session's releases within this many ms share one encoder call (0 = each at once)",
+                              minimum="non-negative")
+    prepare_ahead: str | bool = _key("auto", "preprocess the next batch while the model runs this one (auto = on a GPU)",
+                                     choices=_AUTO_TRUE_FALSE, expected="auto, true or false")
+
+    def _check(self) -> None:
+        n = self.num_gpus
+        if n != "auto" and not (_is_number(n) and n >= 0):
+            raise ConfigError(f"config key 'encoders.num_gpus': expected 'auto' or a number, got {short(n)}")
+
+
+@dataclass(frozen=True)
+class SourcesConfig(_Section):
+    _path = "sources"
+    video_size: int = _key(DEFAULT_VIDEO_SIZE, "frames are decoded straight to this short side", minimum="positive")
+    max_pixels: int = _key(DEFAULT_MAX_PIXELS, "refuse video and PNG frames larger than this (pixels) before decoding",
+                           minimum="positive")
+    max_gap_s: float = _key(60.0, "a sample this far (s) from its stream's newest is a clock jump: dropped, counted; 0 = off",
+                            minimum="non-negative")
+    select_frames: bool = _key(True, "scale / decode only the frames some window picks (same embeddings); false = every frame")
+
+
+@dataclass(frozen=True)
+class CurveConfig(_Section):
+    _path = "publish.curve"
+    server_secret_key: str | None = _key(None, "e.g. keys/server.key_secret; null = no encryption", types=(str,))
+    authorized_clients: str | None = _key(None, "e.g. keys/authorized_clients: folder of subscriber public *.key files",
+                                          types=(str,))
+
+    def _check(self) -> None:
+        given = [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        if given and len(given) != len(fields(self)):
+            missing = sorted({f.name for f in fields(self)} - set(given))[0]
+            raise ConfigError(f"config key 'publish.curve.{missing}': required when publish.curve.{given[0]} is set")
+
+
+@dataclass(frozen=True)
+class PublishConfig(_Section):
+    _path = "publish"
+    endpoint: str = _key("tcp://127.0.0.1:5555", "bound by the publisher (port * = any free port); loopback unless changed")
+    wait_for_subscribers: int = _key(0, "replay waits for this many subscribers before sending anything",
+                                     minimum="non-negative")
+    wait_timeout_s: float = _key(60.0, "...for at most this long (then it fails)", minimum="non-negative")
+    hwm: int = _key(1000, "ZeroMQ send high-water mark per subscriber", minimum="positive")
+    sndbuf: int = _key(0, "OS send buffer per subscriber connection in bytes (0 = OS default)", minimum="non-negative")
+    heartbeat_s: float = _key(2.0, "seconds between ctl heartbeat messages", minimum="positive")
+    curve: CurveConfig = _key(help="CurveZMQ encryption + subscriber allow-list (keys: python -m pipeline keys DIR)",
+                              factory=CurveConfig, build=_section(CurveConfig))
+
+    def _check(self) -> None:
+        if "://" not in self.endpoint:
+            raise ConfigError("config key 'publish.endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5555, "
+                              f"got {short(self.endpoint)}")
+
+
+_RESOURCES = "Ray custom resources (e.g. {camera_node: 1}) "
+
+
+@dataclass(frozen=True)
+class RayConfig(_Section):
+    _path = "ray"
+    address: str | None = _key(None, "null = start Ray here; \"auto\" or \"ray://host:10001\" = join a cluster", types=(str,))
+    num_cpus: int | None = _key(None, "CPUs Ray may use when it starts here; null = all", types=(int,))
+    source_resources: dict | None = _key(None, _RESOURCES + "source actors need (near the data); null = anywhere",
+                                         types=(dict,))
+    encoder_resources: dict | None = _key(None, _RESOURCES + "encoder actors need (GPU nodes); null = anywhere",
+                                          types=(dict,))
+    publisher_resources: dict | None = _key(None, _RESOURCES + "the publisher needs (where subscribers connect)",
+                                            types=(dict,))
+    max_inline_bytes: int = _key(4 * 1024 * 1024, "Ray started here: call arguments up to this size skip the object store",
+                                 minimum="positive")
+
+    def _check(self) -> None:
+        for key in ("source_resources", "encoder_resources", "publisher_resources"):
+            for name, amount in (getattr(self, key) or {}).items():
+                if not isinstance(name, str) or not name:
+                    raise ConfigError(f"config key 'ray.{key}': resource names must be strings, got {short(name)}")
+                if not (_is_number(amount) and amount >= 0):
+                    raise ConfigError(f"config key 'ray.{key}.{name}': expected a non-negative number, got {short(amount)}")
+
+
+@dataclass(frozen=True)
+class LiveConfig(_Section):
+    _path = "live"
+    max_latency_s: float = _key(2.0, "publish latency bound (s, from sample arrival); windows beyond it are shed; 0 = none",
+                                minimum="non-negative")
+    shed: str = _key("drop_oldest", "drop_oldest: whole windows, oldest first | subsample: first thin `subsample`",
+                     choices=SHED_POLICIES, expected=f"one of {', '.join(SHED_POLICIES)}")
+    subsample: tuple[str, ...] = _key(("vision",), "modalities thinned first under shed: subsample")
+    idle_timeout_s: float = _key(2.0, "a live stream this far behind the newest sample stops holding windows; 0 = wait",
+                                 minimum="non-negative")
+
+    def _check(self) -> None:
+        bad = [m for m in self.subsample if m not in MODALITIES]
+        if bad:
+            raise ConfigError(f"config key 'live.subsample': expected modalities ({', '.join(MODALITIES)}), got {short(bad[0])}")
+
+
+@dataclass(frozen=True)
+class InlineSession:
+    """A session given in the config itself (``sessions:`` entry that is a mapping)."""
+
+    doc: Mapping[str, Any]
+    root: Path  # the folder its relative paths resolve against
+
+
+def _session_entry(entry: Any, i: int) -> Path | InlineSession:
+    if isinstance(entry, (Path, InlineSession)):
+        return entry
+    if isinstance(entry, str) and entry.strip():
+        return Path(entry)
+    if isinstance(entry, Mapping):
+        return InlineSession(dict(entry), Path("."))
+    raise ConfigError(f"config key 'sessions[{i}]': expected a session folder path or an inline session mapping")
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    """The whole run config. ``sessions``: folders (absolute paths) or inline sessions."""
+
+    sessions: tuple[Path | InlineSession, ...] = _key(
+        (), "required: session folders (docs/session-format.md) or inline sessions, relative to this file",
+        loose=True, example=["sessions/demo-ego"])
+    demo_session: Path | None = _key(None, "if set and the folder has no session.yaml, the synthetic demo is written there",
+                                     types=(str, Path))
+    replay: ReplayConfig = _key(help="pacing and chunking of recorded sessions", factory=ReplayConfig,
+                                build=_section(ReplayConfig))
+    window: WindowConfig = _key(help="the window rule (docs/alignment.md)", factory=WindowConfig, build=_section(WindowConfig))
+    model: ModelConfig = _key(help="the model every encoder actor holds", factory=ModelConfig, build=_section(ModelConfig))
+    encoders: EncodersConfig = _key(help="encoder actors and batching", factory=EncodersConfig, build=_section(EncodersConfig))
+    sources: SourcesConfig = _key(help="reading recorded and live streams", factory=SourcesConfig,
+                                  build=_section(SourcesConfig))
+    publish: PublishConfig = _key(help="the publisher (wire format: docs/protocol.md)", factory=PublishConfig,
+                                  build=_section(PublishConfig))
+    ray: RayConfig = _key(help="Ray start-up and placement on a cluster (docs/deploy.md)", factory=RayConfig,
+                          build=_section(RayConfig))
+    progress: str | bool = _key("auto", "progress bar per session: auto (on a terminal), true, false",
+                                choices=_AUTO_TRUE_FALSE, expected="auto, true or false")
+    stop_after: float | None = _key(None, "live: seconds after which the run stops by itself; null = until Ctrl-C/SIGTERM",
+                                    types=(float, int))
+    record: Path | None = _key(None, "live: write what live sources produced as session folders DIR/<session>/; null = off",
+                               types=(str, Path))
+    live: LiveConfig = _key(help="live sessions (docs/live.md): bounded latency when the encoders fall behind",
+                            factory=LiveConfig, build=_section(LiveConfig))
+
+    def _check(self) -> None:
+        if not isinstance(self.sessions, (list, tuple)):
+            raise ConfigError(f"config key 'sessions': expected a list, got {short(self.sessions)}")
+        object.__setattr__(self, "sessions", tuple(_session_entry(e, i) for i, e in enumerate(self.sessions)))
+        stop = self.stop_after
+        if stop is not None and not (stop > 0 and math.isfinite(stop)):
+            raise ConfigError(f"config key 'stop_after': expected a positive number of seconds, got {short(stop)}")
+        for key in ("demo_session", "record"):
+            value = getattr(self, key)
+            if isinstance(value, str) and not value.strip():
+                raise ConfigError(f"config key '{key}': expected a folder path")
+            if value is not None:
+                object.__setattr__(self, key, Path(value))
+
+    # Shortcuts to the values most consumers read.
+    @property
+    def rate(self) -> float:
+        return self.replay.rate
+
+    @property
+    def chunk_seconds(self) -> float:
+        return self.replay.chunk_seconds
+
+    @property
+    def max_inflight_chunks(self) -> int:
+        return self.replay.max_inflight_chunks
+
+    @property
+    def align(self) -> AlignConfig:
+        return self.window.align()
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+def _absolute(base: Path, p: Path) -> Path:
+    """``p`` against ``base``, normalised without touching the file system."""
+    return Path(os.path.abspath(base / p))
+
+
+def _resolve_paths(cfg: RunConfig, base_dir: Path | None, cwd_keys: Collection[str]) -> RunConfig:
+    def base(key: str) -> Path:
+        return Path.cwd() if base_dir is None or key in cwd_keys else Path(os.path.abspath(base_dir))
+
+    root = base("sessions")
+    sessions = tuple(_absolute(root, s) if isinstance(s, Path) else InlineSession(s.doc, _absolute(root, s.root))
+                     for s in cfg.sessions)
+    paths = {k: _absolute(base(k), getattr(cfg, k)) for k in ("demo_session", "record") if getattr(cfg, k) is not None}
+    return dataclasses.replace(cfg, sessions=sessions, **paths)
+
+
+def _check_towers(cfg: RunConfig) -> None:
+    """What the windows and sources deliver against what the model's towers take (their
+    preprocessing contracts, ``encoders.config``; docs/preprocessing.md)."""
+    from encoders.config import get_config
+
+    try:
+        model = get_config(cfg.model.config)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"config key 'model.config': {str(exc).strip(chr(39))}") from None
+    spans, vision, audio = cfg.window.spans, model.vision.preprocess, model.audio.preprocess
+    if spans["vision"].frames != vision.frames:
+        raise ConfigError(f"config key 'window.spans.vision.frames': the vision tower of {model.name} takes exactly "
+                          f"{vision.frames} frames, got {spans['vision'].frames}")
+    if spans["audio"].span > audio.clip_duration_s:
+        raise ConfigError(f"config key 'window.spans.audio.span': the audio tower of {model.name} takes clips of at "
+                          f"most {audio.clip_duration_s:g} s ({audio.target_frames} frames), got "
+                          f"{spans['audio'].span:g}; a longer window would lose its newest audio")
+    if cfg.sources.video_size < vision.size:
+        raise ConfigError(f"config key 'sources.video_size': the vision tower of {model.name} takes {vision.size}x"
+                          f"{vision.size} crops, got {cfg.sources.video_size}: smaller frames would be scaled back up")
+    if spans["imu"].span != model.imu.preprocess.duration_s:
+        log.warning("window.spans.imu.span is %g s: each IMU window is resampled into the %d samples the tower of %s "
+                    "was trained to read as %g s (docs/preprocessing.md)", spans["imu"].span,
+                    model.imu.preprocess.samples, model.name, model.imu.preprocess.duration_s)
+
+
+def parse_config(data: Any, source: str = "config", *, base_dir: str | Path | None = None,
+                 cwd_keys: Collection[str] = ()) -> RunConfig:
+    """Validate config data (a parsed YAML mapping) into a :class:`RunConfig`.
+
+    Relative paths resolve against ``base_dir`` (the config file's folder), or the current
+    directory where ``base_dir`` is ``None`` and for the top-level keys in ``cwd_keys`` (those
+    given on the command line)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    cfg = _build(RunConfig, data, "")
+    if not cfg.sessions:
+        raise ConfigError(f"{source}: 'sessions' must list at least one session folder")
+    _check_towers(cfg)
+    return _resolve_paths(cfg, Path(base_dir) if base_dir is not None else None, cwd_keys)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config file at ``path`` with ``--set`` ``overrides`` applied, validated."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: malformed YAML: {exc}") from None
+    data = read_yaml_file(path)  # size, depth, aliases, duplicate keys and encoding checked
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(data).__name__}")
-    apply_overrides(data, overrides or [])
-    return parse_config(data, source=str(path))
+    overrides = overrides or []
+    apply_overrides(data, overrides)
+    cwd_keys = {item.partition("=")[0].strip().split(".")[0] for item in overrides}
+    return parse_config(data, source=str(path), base_dir=path.parent, cwd_keys=cwd_keys & set(_PATH_KEYS))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
     """Apply ``key.path=value`` overrides in place; values are parsed as YAML scalars/lists."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
+            raise ConfigError(f"--set {short(item)}: expected key.path=value")
         key, _, value = item.partition("=")
         parts = key.strip().split(".")
         node = data
@@ -141,225 +551,101 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {key}: '{p}' is not a mapping")
             node = nxt
-        try:
-            node[parts[-1]] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value {value!r}: {exc}") from None
+        node[parts[-1]] = load_yaml(value, f"--set {key}", max_bytes=64 << 10)
 
 
-def _merge(defaults: Any, given: Any, path: str) -> Any:
-    if isinstance(defaults, dict):
-        if given is None:
-            return copy.deepcopy(defaults)
-        if not isinstance(given, dict):
-            raise ConfigError(f"config key '{path}': expected a mapping, got {type(given).__name__}")
-        out = copy.deepcopy(defaults)
-        for k, v in given.items():
-            key = f"{path}.{k}" if path else str(k)
-            if k not in defaults:
-                known = ", ".join(sorted(defaults))
-                raise ConfigError(f"unknown config key '{key}' (known here: {known})")
-            out[k] = _merge(defaults[k], v, key)
-        return out
-    if path in _LOOSE:
-        return given
-    if given is None and defaults is not None:
-        # An empty value (`max_batch:`) or null where the key has a value of its own.
-        kind = ("true/false" if isinstance(defaults, bool) else "a number" if isinstance(defaults, (int, float))
-                else "a list" if isinstance(defaults, list) else "a string")
-        raise ConfigError(f"config key '{path}': expected {kind}, got null (leave the key out for its default)")
-    if defaults is None or given is None:
-        if given is not None and path in _TYPES and not isinstance(given, _TYPES[path]):
-            raise ConfigError(f"config key '{path}': expected {_TYPES[path][0].__name__}, got {given!r}")
-        return given
-    if isinstance(defaults, bool):
-        if not isinstance(given, bool):
-            raise ConfigError(f"config key '{path}': expected true/false, got {given!r}")
-        return given
-    if isinstance(defaults, (int, float)) and not isinstance(defaults, bool):
-        if isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given):
-            raise ConfigError(f"config key '{path}': expected a number, got {given!r}")
-        if isinstance(defaults, int) and not isinstance(given, int):
-            raise ConfigError(f"config key '{path}': expected an integer, got {given!r}")
-        return given
-    if isinstance(defaults, list):
-        if not isinstance(given, list):
-            raise ConfigError(f"config key '{path}': expected a list, got {given!r}")
-        return given
-    if isinstance(defaults, str):
-        if not isinstance(given, (str, int, float)) or isinstance(given, bool):
-            raise ConfigError(f"config key '{path}': expected a string, got {given!r}")
-        return given
-    return given
+# -- the table of defaults, as data, YAML and Markdown ------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    """A default as YAML data: sections and spans as mappings, tuples as lists."""
+    if isinstance(value, _Section):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {k: {n: getattr(v, n) for n in _span_keys(k)} if isinstance(v, ModalitySpan) else _plain(v)
+                for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
-def _positive(value: float, key: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"config key '{key}': expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+DEFAULTS: dict[str, Any] = _plain(RunConfig())
+"""The default of every key as plain data (derived from the dataclasses above)."""
 
 
-def _check_curve(curve: dict[str, Any]) -> None:
-    """publish.curve: both keys or neither; the files are loaded (and checked) by the run."""
-    given = [k for k, v in curve.items() if v is not None]
-    if given and len(given) != len(curve):
-        missing = sorted(set(curve) - set(given))[0]
-        raise ConfigError(f"config key 'publish.curve.{missing}': required when publish.curve.{given[0]} is set")
+_COMMENT_COLUMN = 30
+_HEADER = """\
+# bindstream run config: every key, its default and its meaning (`python -m pipeline config`).
+# A config file needs only the keys it changes; docs/configuration.md lists the same keys.
+# Relative paths resolve against the folder of the config file.
+"""
 
 
-SHED_POLICIES = ("drop_oldest", "subsample")
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, sort_keys=False, width=10_000).strip()
+    return text.removesuffix("...").strip()
 
 
-def _check_live(merged: dict[str, Any]) -> None:
-    """stop_after, record and live.* (read from ``RunConfig.raw`` by the run; docs/live.md)."""
-    stop = merged["stop_after"]
-    if stop is not None and (isinstance(stop, bool) or not stop > 0 or not math.isfinite(stop)):
-        raise ConfigError(f"config key 'stop_after': expected a positive number of seconds, got {stop!r}")
-    if merged["record"] is not None and not str(merged["record"]).strip():
-        raise ConfigError("config key 'record': expected a folder path")
-    live = merged["live"]
-    _positive(live["max_latency_s"], "live.max_latency_s", allow_zero=True)
-    _positive(live["idle_timeout_s"], "live.idle_timeout_s", allow_zero=True)
-    if live["shed"] not in SHED_POLICIES:
-        raise ConfigError(f"config key 'live.shed': expected one of {', '.join(SHED_POLICIES)}, got {live['shed']!r}")
-    from sources.base import MODALITIES
-
-    bad = [m for m in live["subsample"] if m not in MODALITIES]
-    if bad:
-        raise ConfigError(f"config key 'live.subsample': expected modalities ({', '.join(MODALITIES)}), got {bad[0]!r}")
+def _span_value(modality: str, span: ModalitySpan) -> str:
+    return _yaml_value({k: getattr(span, k) for k in _span_keys(modality)})
 
 
-def _check_resources(ray_cfg: dict[str, Any]) -> None:
-    """ray.*_resources: Ray custom resources (name -> amount) the actor must be placed on."""
-    for key in ("source_resources", "encoder_resources", "publisher_resources"):
-        res = ray_cfg.get(key)
-        if res is None:
-            continue
-        for name, amount in res.items():
-            if not isinstance(name, str) or not name:
-                raise ConfigError(f"config key 'ray.{key}': resource names must be strings, got {name!r}")
-            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount >= 0:
-                raise ConfigError(f"config key 'ray.{key}.{name}': expected a non-negative number, got {amount!r}")
+def _commented(text: str, comment: str) -> str:
+    return f"{text.ljust(_COMMENT_COLUMN - 1)} # {comment}"
 
 
-def _check_towers(model_config: str, spans: dict[str, ModalitySpan], sources: dict[str, Any]) -> None:
-    """What the windows and sources deliver against what the model's towers take (their
-    preprocessing contracts, ``encoders.config``; docs/preprocessing.md)."""
-    from encoders.config import get_config
-
-    try:
-        cfg = get_config(model_config)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"config key 'model.config': {exc}") from None
-    vision, audio = cfg.vision.preprocess, cfg.audio.preprocess
-    if spans["vision"].frames != vision.frames:
-        raise ConfigError(f"config key 'window.spans.vision.frames': the vision tower of {cfg.name} takes exactly "
-                          f"{vision.frames} frames, got {spans['vision'].frames}")
-    if spans["audio"].span > audio.clip_duration_s:
-        raise ConfigError(f"config key 'window.spans.audio.span': the audio tower of {cfg.name} takes clips of at most "
-                          f"{audio.clip_duration_s:g} s ({audio.target_frames} frames), got {spans['audio'].span:g}; "
-                          "a longer window would lose its newest audio")
-    if int(sources["video_size"]) < vision.size:
-        raise ConfigError(f"config key 'sources.video_size': the vision tower of {cfg.name} takes {vision.size}x"
-                          f"{vision.size} crops, got {sources['video_size']}: smaller frames would be scaled back up")
-    if spans["imu"].span != cfg.imu.preprocess.duration_s:
-        log.warning("window.spans.imu.span is %g s: each IMU window is resampled into the %d samples the tower of %s "
-                    "was trained to read as %g s (docs/preprocessing.md)", spans["imu"].span,
-                    cfg.imu.preprocess.samples, cfg.name, cfg.imu.preprocess.duration_s)
+def _shown(f: dataclasses.Field, value: Any) -> Any:
+    return f.metadata.get("example", value)
 
 
-def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
-    merged = _merge(DEFAULTS, data, "")
-    sessions = merged["sessions"]
-    if not sessions:
-        raise ConfigError(f"{source}: 'sessions' must list at least one session folder")
-    for i, s in enumerate(sessions):
-        if not isinstance(s, (str, dict)):
-            raise ConfigError(f"config key 'sessions[{i}]': expected a session folder path or an inline session mapping")
-
-    rp = merged["replay"]
-    _positive(rp["rate"], "replay.rate", allow_zero=True)
-    _positive(rp["chunk_seconds"], "replay.chunk_seconds")
-    _positive(rp["max_inflight_chunks"], "replay.max_inflight_chunks")
-
-    w = merged["window"]
-    _positive(w["hop"], "window.hop")
-    _positive(w["allowed_lateness"], "window.allowed_lateness", allow_zero=True)
-    origin = w["origin"]
-    if origin == "auto":
-        origin = None
-    elif isinstance(origin, bool) or not isinstance(origin, (int, float)):
-        raise ConfigError(f"config key 'window.origin': expected 'auto' or seconds, got {origin!r}")
-    spans: dict[str, ModalitySpan] = {}
-    for m, spec in w["spans"].items():
-        base = DEFAULT_SPANS[m]
-        if base.nearest:
-            if set(spec) - {"tolerance"}:
-                raise ConfigError(f"config key 'window.spans.{m}': only 'tolerance' applies to {m}")
-            _positive(spec["tolerance"], f"window.spans.{m}.tolerance", allow_zero=True)
-            spans[m] = ModalitySpan(tolerance=float(spec["tolerance"]))
+def _yaml_lines(section: _Section, indent: str) -> list[str]:
+    lines = []
+    for f in fields(section):
+        value, help = getattr(section, f.name), f.metadata["help"]
+        if isinstance(value, _Section):
+            lines.append(_commented(f"{indent}{f.name}:", help))
+            lines += _yaml_lines(value, indent + "  ")
+        elif f.metadata.get("build") is _build_spans:
+            lines.append(_commented(f"{indent}{f.name}:", help))
+            lines += [_commented(f"{indent}  {m}: {_span_value(m, s)}", _span_help(m, s))
+                      for m, s in value.items()]
         else:
-            if set(spec) - {"span", "frames"} or ("frames" in spec and m != "vision"):
-                bad = sorted(set(spec) - {"span"})
-                raise ConfigError(f"unknown config key 'window.spans.{m}.{bad[0]}'")
-            _positive(spec["span"], f"window.spans.{m}.span")
-            frames = int(spec.get("frames", 2))
-            spans[m] = ModalitySpan(span=float(spec["span"]), frames=frames)
-    if w["release"] not in ("stream", "window"):
-        raise ConfigError(f"config key 'window.release': expected 'stream' or 'window', got {w['release']!r}")
-    align = AlignConfig(hop=float(w["hop"]), origin=origin, allowed_lateness=float(w["allowed_lateness"]), spans=spans,
-                        release=w["release"])
+            lines.append(_commented(f"{indent}{f.name}: {_yaml_value(_shown(f, value))}", help))
+    return lines
 
-    m = merged["model"]
-    if m["precision"] not in PRECISIONS:
-        raise ConfigError(f"config key 'model.precision': expected one of {', '.join(PRECISIONS)}, got {m['precision']!r}")
-    if not isinstance(m["config"], str):
-        raise ConfigError("config key 'model.config': expected a registry name or a path to a reference kwargs JSON")
-    dev = str(m["device"])
-    if not (dev in ("auto", "cpu") or dev.startswith("cuda")):
-        raise ConfigError(f"config key 'model.device': expected auto, cpu or cuda[:N], got {dev!r}")
-    _check_towers(m["config"], spans, merged["sources"])
 
-    e = merged["encoders"]
-    _positive(e["replicas"], "encoders.replicas")
-    _positive(e["max_batch"], "encoders.max_batch")
-    _positive(e["max_wait_ms"], "encoders.max_wait_ms", allow_zero=True)
-    _positive(e["max_inflight_windows"], "encoders.max_inflight_windows")
-    _positive(e["coalesce_ms"], "encoders.coalesce_ms", allow_zero=True)
-    if e["prepare_ahead"] not in ("auto", True, False):
-        raise ConfigError(f"config key 'encoders.prepare_ahead': expected auto, true or false, got {e['prepare_ahead']!r}")
-    if e["num_gpus"] != "auto" and (isinstance(e["num_gpus"], bool) or not isinstance(e["num_gpus"], (int, float))):
-        raise ConfigError(f"config key 'encoders.num_gpus': expected 'auto' or a number, got {e['num_gpus']!r}")
+def default_config_yaml() -> str:
+    """Every key with its default (``sessions``: an example) and its meaning, as a YAML config
+    that :func:`load_config` accepts."""
+    return _HEADER + "\n".join(_yaml_lines(RunConfig(), "")) + "\n"
 
-    p = merged["publish"]
-    if not isinstance(p["endpoint"], str) or "://" not in p["endpoint"]:
-        raise ConfigError(f"config key 'publish.endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5555, got {p['endpoint']!r}")
-    _positive(p["wait_for_subscribers"], "publish.wait_for_subscribers", allow_zero=True)
-    _positive(p["hwm"], "publish.hwm")
-    _positive(p["sndbuf"], "publish.sndbuf", allow_zero=True)
-    _positive(p["heartbeat_s"], "publish.heartbeat_s")
-    _check_curve(p["curve"])
-    _positive(merged["sources"]["max_gap_s"], "sources.max_gap_s", allow_zero=True)
-    if merged["sources"]["process"] not in ("stream", "session"):
-        raise ConfigError(f"config key 'sources.process': expected 'stream' or 'session', got {merged['sources']['process']!r}")
-    _check_live(merged)
-    _check_resources(merged["ray"])
-    _positive(merged["ray"]["max_inline_bytes"], "ray.max_inline_bytes")
-    if merged["progress"] not in ("auto", True, False):
-        raise ConfigError(f"config key 'progress': expected auto, true or false, got {merged['progress']!r}")
 
-    demo = merged["demo_session"]
-    return RunConfig(
-        sessions=sessions,
-        demo_session=Path(demo) if demo else None,
-        rate=float(rp["rate"]),
-        chunk_seconds=float(rp["chunk_seconds"]),
-        max_inflight_chunks=int(rp["max_inflight_chunks"]),
-        align=align,
-        model=m,
-        encoders=e,
-        sources=merged["sources"],
-        publish=p,
-        ray=merged["ray"],
-        progress=merged["progress"],
-        raw=merged,
-    )
+def _md_rows(section: _Section, prefix: str) -> list[str]:
+    rows = []
+    for f in fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if isinstance(value, _Section):
+            continue
+        if f.metadata.get("build") is _build_spans:
+            rows += [f"| `{key}.{m}` | `{_span_value(m, s)}` | {_span_help(m, s)} |"
+                     for m, s in value.items()]
+            continue
+        shown = f"`{_yaml_value(_shown(f, value))}`"
+        if "example" in f.metadata:
+            shown = f"none; e.g. {shown}"
+        rows.append(f"| `{key}` | {shown} | {f.metadata['help'].replace('|', chr(92) + '|')} |")
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """The keys as Markdown: one table per section (docs/configuration.md holds this text)."""
+    out = []
+
+    def table(title: str, section: _Section, prefix: str) -> None:
+        out.extend([title, "", "| key | default | meaning |", "|---|---|---|", *_md_rows(section, prefix), ""])
+        for f in fields(section):
+            sub = getattr(section, f.name)
+            if isinstance(sub, _Section):
+                table(f"### `{prefix}{f.name}`: {f.metadata['help']}", sub, f"{prefix}{f.name}.")
+
+    table("### Top level", RunConfig(), "")
+    return "\n".join(out)

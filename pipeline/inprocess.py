@@ -2,7 +2,7 @@
 
 The same parts as the Ray graph (``sources.replay.open_source`` with its frame selection, the
 :class:`sources.guard.StreamGuard` of every stream, :class:`pipeline.align.Aligner`,
-:func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.base.SinkBase` such as
+:func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.memory.SinkBase` such as
 the ZeroMQ :class:`sinks.zmq_publisher.Publisher`) driven by one loop. It is what the Ray graph
 must beat (``bench/pipeline.py`` measures both on the same work), and a library entry point for
 notebooks and small jobs that want embeddings without starting Ray::
@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.align import AlignConfig, Aligner, Window
+from pipeline.config import EncodersConfig, ReplayConfig, SourcesConfig
 from pipeline.metrics import StageRecorder
 from sinks.protocol import EmbeddingRecord
 from sources.session import SessionSpec
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, select_frames: bool = False,
-                    max_gap_s: float = 60.0, **source_options: Any) -> list[Window]:
+                    max_gap_s: float = SourcesConfig.max_gap_s, **source_options: Any) -> list[Window]:
     """Every window of a recorded session, aligned in this process: the reference for what the
     graph publishes (tests, benchmarks). Streams are read round-robin, one chunk at a time, as
     concurrent source actors would deliver them; the windows do not depend on that order.
@@ -115,22 +116,170 @@ class _Stream:
         self.error: str | None = None
 
 
+class _InProcessRun:
+    """The state of one :func:`run_inprocess` call: its streams, aligners, released windows and counters."""
+
+    def __init__(self, model: Any, sink: Any, clock: Callable[[], float], max_batch: int, device: Any) -> None:
+        self.model, self.sink, self.clock, self.max_batch, self.device = model, sink, clock, max_batch, device
+        self.aligners: dict[str, Aligner] = {}
+        self.selectors: dict[str, dict[str, Any]] = {}
+        self.streams: list[_Stream] = []
+        self.recorder = StageRecorder()
+        self.latencies: collections.deque = collections.deque(maxlen=100_000)
+        self.session_latencies: dict[str, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=100_000))
+        self.imu_span: float | None = None  # what an IMU window covers: the encoder resamples over it
+        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.errors: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        self.source_dropped: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.items_n: collections.Counter = collections.Counter()
+        self.forward_s: collections.Counter = collections.Counter()
+        self.batch_sizes: dict[str, list[int]] = collections.defaultdict(list)
+        self.released: list[tuple[Window, float]] = []  # (window, t_release)
+        self.wall0 = clock()
+
+    def open(self, specs: Sequence[SessionSpec], align: AlignConfig, select_frames: bool, max_gap_s: float,
+             **source_options: Any) -> None:
+        from sources.guard import StreamGuard
+        from sources.replay import open_source
+
+        self.imu_span = align.spans["imu"].span if "imu" in align.spans else None
+        for spec in specs:
+            sm = {s.id: s.modality for s in spec.streams}
+            self.aligners[spec.name] = Aligner(spec.name, sm, align, clock=self.clock)
+            self.selectors[spec.name] = _selectors(spec, align) if select_frames else {}
+            self.sink.start_session(spec.name, sm, self.model.config.name, int(self.model.out_dim))
+            for s in spec.streams:
+                src = open_source(s, select=self.selectors[spec.name].get(s.id), **source_options)
+                guard = StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s)
+                self.streams.append(_Stream(spec.name, s, src, guard))
+        self.wall0 = self.clock()  # the replay clock starts once every source is open
+
+    def read(self, st: _Stream, rate: float) -> bool:
+        """Push the next chunk of ``st`` to its aligner; ``False`` once the stream has ended."""
+        # Process CPU, not thread CPU: PyAV decodes in its own threads, and nothing else runs
+        # while this loop waits for a chunk.
+        t0 = time.process_time()
+        try:
+            chunk = next(st.it, None)
+        except Exception as exc:  # one broken stream must not stop the others
+            chunk = None
+            st.error = f"{type(exc).__name__}: {exc}"
+            log.error("session '%s' stream '%s' failed: %s", st.session, st.spec.id, st.error)
+        st.cpu_s += time.process_time() - t0
+        al = self.aligners[st.session]
+        if chunk is None:
+            self._end_stream(st, al)
+            return False
+        chunk = st.guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
+        if len(chunk) == 0:
+            return True
+        if rate > 0:
+            if st.t_first is None:
+                st.t_first = float(np.nanmin(chunk.t))
+            delay = self.wall0 + (chunk.known_at() - st.t_first) / rate - self.clock()
+            if delay > 0:
+                time.sleep(delay)
+        chunk.t_ingest = self.clock()
+        windows = al.push(chunk)
+        _tell_origin(self.selectors[st.session], al)
+        t_rel = self.clock()
+        self.released.extend((w, t_rel) for w in windows)
+        return True
+
+    def _end_stream(self, st: _Stream, al: Aligner) -> None:
+        if st.error:
+            self.errors[st.session][st.spec.id] = st.error
+        for reason, n in st.guard.merge_into(getattr(st.source, "dropped", {}) or {}).items():
+            self.source_dropped[st.session][f"{st.spec.id}:{reason}"] += int(n)
+        t_rel = self.clock()
+        self.released.extend((w, t_rel) for w in al.end_stream(st.spec.id, st.error))
+
+    def encode_and_publish(self) -> None:
+        if not self.released:
+            return
+        emb, fwd = self._encode()
+        # Windows are released in order per session, so publishing them as released keeps order.
+        for w, t_rel in self.released:
+            records = [EmbeddingRecord(session=it.session, stream=it.stream, modality=it.modality, window=it.window,
+                                       t_start=it.t_start, t_end=it.t_end, embedding=emb[id(it)].astype(np.float32),
+                                       t_ingest=it.t_ingest) for it in w.items]
+            if records:
+                self.sink.publish(records)
+            t_pub = self.clock()
+            for it in w.items:
+                t0, t1 = fwd[id(it)]
+                self.recorder.record(it.t_ingest, t_rel, t0, t1, t_pub, t_first_ingest=it.t_first_ingest)
+                self.latencies.append(t_pub - it.t_ingest)
+                self.session_latencies[w.session].append(t_pub - it.t_ingest)
+                self.counts[w.session][it.modality] += 1
+        self.released.clear()
+
+    def _encode(self) -> tuple[dict[int, np.ndarray], dict[int, tuple[float, float]]]:
+        """Embeddings of every released item (by ``id``) and the (start, end) of its forward."""
+        from encoders.preprocess import prepare
+
+        by_mod: dict[str, list[Any]] = collections.defaultdict(list)
+        for w, _ in self.released:
+            for it in w.items:
+                by_mod[it.modality].append(it)
+        emb: dict[int, np.ndarray] = {}
+        fwd: dict[int, tuple[float, float]] = {}
+        for modality, its in by_mod.items():
+            for lo in range(0, len(its), self.max_batch):
+                part = its[lo:lo + self.max_batch]
+                t0 = self.clock()
+                x = prepare(modality, [it.payload for it in part], self.device, config=self.model.config,
+                            imu_duration=self.imu_span)
+                rows = self.model.encode(modality, x).float().cpu().numpy()
+                t1 = self.clock()
+                self.items_n[modality] += len(part)
+                self.forward_s[modality] += t1 - t0
+                self.batch_sizes[modality].append(len(part))
+                for it, row in zip(part, rows):
+                    emb[id(it)] = row
+                    fwd[id(it)] = (t0, t1)
+        return emb, fwd
+
+    def result(self) -> InProcessResult:
+        """End every session at the sink and sum the run up."""
+        sessions = []
+        for name, al in self.aligners.items():
+            lat = np.array(self.session_latencies[name]) if self.session_latencies[name] else np.zeros(1)
+            dropped: collections.Counter = collections.Counter()
+            for (stream, reason), n in al.dropped.items():
+                dropped[f"{stream}:{reason}"] += n
+            dropped.update(self.source_dropped[name])
+            counts, errors = dict(self.counts[name]), dict(self.errors[name])
+            self.sink.end_session(name, counts=counts, windows=al.windows_released, dropped=dict(dropped),
+                                  missing=dict(al.missing), errors=errors)
+            sessions.append({"session": name, "windows": al.windows_released, "counts": counts,
+                             "dropped": dict(dropped), "missing": dict(al.missing), "errors": errors,
+                             "latency_p50_s": float(np.percentile(lat, 50)),
+                             "latency_p99_s": float(np.percentile(lat, 99))})
+        return InProcessResult(
+            sessions=sessions, elapsed_s=self.clock() - self.wall0, stages=self.recorder.summary(),
+            latencies=list(self.latencies), items=dict(self.items_n), forward_s=dict(self.forward_s),
+            batch_sizes=dict(self.batch_sizes), source_cpu_s={f"{s.session}/{s.spec.id}": s.cpu_s for s in self.streams},
+        )
+
+
 def run_inprocess(
     specs: Sequence[SessionSpec],
     model: Any,
     sink: Any,
     *,
     align: AlignConfig | None = None,
-    chunk_seconds: float = 0.5,
-    video_size: int = 224,
-    max_pixels: int = 8192 * 8192,
-    max_batch: int = 32,
+    chunk_seconds: float = ReplayConfig.chunk_seconds,
+    video_size: int = SourcesConfig.video_size,
+    max_pixels: int = SourcesConfig.max_pixels,
+    max_batch: int = EncodersConfig.max_batch,
     max_wait_s: float = 0.02,
     rate: float = 0.0,
     device: Any = None,
     clock: Callable[[], float] = time.time,
-    select_frames: bool = True,
-    max_gap_s: float = 60.0,
+    select_frames: bool = SourcesConfig.select_frames,
+    max_gap_s: float = SourcesConfig.max_gap_s,
 ) -> InProcessResult:
     """Replay ``specs`` through ``model`` into ``sink`` (already bound/constructed; not closed here).
 
@@ -142,135 +291,17 @@ def run_inprocess(
     """
     import torch
 
-    from encoders.preprocess import prepare
-    from sources.guard import StreamGuard
-    from sources.replay import open_source
-
-    align = align or AlignConfig()
     dev = torch.device(device) if device is not None else model.device
-    imu_span = align.spans["imu"].span if "imu" in align.spans else None  # what an IMU window covers
-    info_model = model.config.name
-    dim = int(model.out_dim)
-    aligners: dict[str, Aligner] = {}
-    selectors: dict[str, dict[str, Any]] = {}
-    streams: list[_Stream] = []
-    for spec in specs:
-        sm = {s.id: s.modality for s in spec.streams}
-        aligners[spec.name] = Aligner(spec.name, sm, align, clock=clock)
-        selectors[spec.name] = _selectors(spec, align) if select_frames else {}
-        sink.start_session(spec.name, sm, info_model, dim)
-        for s in spec.streams:
-            src = open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels,
-                              select=selectors[spec.name].get(s.id))
-            streams.append(_Stream(spec.name, s, src, StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s)))
-
-    recorder = StageRecorder()
-    latencies: collections.deque = collections.deque(maxlen=100_000)
-    session_latencies: dict[str, collections.deque] = {n: collections.deque(maxlen=100_000) for n in aligners}
-    counts: dict[str, collections.Counter] = {n: collections.Counter() for n in aligners}
-    errors: dict[str, dict[str, str]] = {n: {} for n in aligners}
-    source_dropped: dict[str, collections.Counter] = {n: collections.Counter() for n in aligners}
-    items_n: collections.Counter = collections.Counter()
-    forward_s: collections.Counter = collections.Counter()
-    batch_sizes: dict[str, list[int]] = collections.defaultdict(list)
-    released: list[tuple[Window, float]] = []  # (window, t_release)
-    wall0 = clock()
-
-    def encode_and_publish() -> None:
-        if not released:
-            return
-        by_mod: dict[str, list[Any]] = collections.defaultdict(list)
-        for w, _ in released:
-            for it in w.items:
-                by_mod[it.modality].append(it)
-        emb: dict[int, np.ndarray] = {}
-        fwd: dict[int, tuple[float, float]] = {}
-        for modality, its in by_mod.items():
-            for lo in range(0, len(its), max_batch):
-                part = its[lo:lo + max_batch]
-                t0 = clock()
-                x = prepare(modality, [it.payload for it in part], dev, config=model.config, imu_duration=imu_span)
-                rows = model.encode(modality, x).float().cpu().numpy()
-                t1 = clock()
-                items_n[modality] += len(part)
-                forward_s[modality] += t1 - t0
-                batch_sizes[modality].append(len(part))
-                for it, row in zip(part, rows):
-                    emb[id(it)] = row
-                    fwd[id(it)] = (t0, t1)
-        # Windows are released in order per session, so publishing them as released keeps order.
-        for w, t_rel in released:
-            records = [EmbeddingRecord(session=it.session, stream=it.stream, modality=it.modality, window=it.window,
-                                       t_start=it.t_start, t_end=it.t_end, embedding=emb[id(it)].astype(np.float32),
-                                       t_ingest=it.t_ingest) for it in w.items]
-            if records:
-                sink.publish(records)
-            t_pub = clock()
-            for it in w.items:
-                t0, t1 = fwd[id(it)]
-                recorder.record(it.t_ingest, t_rel, t0, t1, t_pub, t_first_ingest=it.t_first_ingest)
-                latencies.append(t_pub - it.t_ingest)
-                session_latencies[w.session].append(t_pub - it.t_ingest)
-                counts[w.session][it.modality] += 1
-        released.clear()
-
-    live = list(streams)
+    r = _InProcessRun(model, sink, clock, max_batch, dev)
+    r.open(specs, align or AlignConfig(), select_frames, max_gap_s, chunk_seconds=chunk_seconds,
+           video_size=video_size, max_pixels=max_pixels)
+    live = list(r.streams)
     while live:
         for st in list(live):
-            # Process CPU, not thread CPU: PyAV decodes in its own threads, and nothing else runs
-            # while this loop waits for a chunk.
-            t0 = time.process_time()
-            try:
-                chunk = next(st.it, None)
-            except Exception as exc:  # one broken stream must not stop the others
-                chunk = None
-                st.error = f"{type(exc).__name__}: {exc}"
-                log.error("session '%s' stream '%s' failed: %s", st.session, st.spec.id, st.error)
-            st.cpu_s += time.process_time() - t0
-            al = aligners[st.session]
-            if chunk is None:
+            if not r.read(st, rate):
                 live.remove(st)
-                if st.error:
-                    errors[st.session][st.spec.id] = st.error
-                for reason, n in st.guard.merge_into(getattr(st.source, "dropped", {}) or {}).items():
-                    source_dropped[st.session][f"{st.spec.id}:{reason}"] += int(n)
-                t_rel = clock()
-                released.extend((w, t_rel) for w in al.end_stream(st.spec.id, st.error))
-                continue
-            chunk = st.guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
-            if len(chunk) == 0:
-                continue
-            if rate > 0:
-                if st.t_first is None:
-                    st.t_first = float(np.nanmin(chunk.t))
-                delay = wall0 + (chunk.known_at() - st.t_first) / rate - clock()
-                if delay > 0:
-                    time.sleep(delay)
-            chunk.t_ingest = clock()
-            windows = al.push(chunk)
-            _tell_origin(selectors[st.session], al)
-            t_rel = clock()
-            released.extend((w, t_rel) for w in windows)
         # The encoders' batching rule: a full batch, or the oldest released window waited long enough.
-        if len(released) >= max_batch or (released and clock() - released[0][1] >= max_wait_s):
-            encode_and_publish()
-    encode_and_publish()
-
-    sessions = []
-    for name, al in aligners.items():
-        dropped: collections.Counter = collections.Counter()
-        for (stream, reason), n in al.dropped.items():
-            dropped[f"{stream}:{reason}"] += n
-        dropped.update(source_dropped[name])
-        sink.end_session(name, counts=dict(counts[name]), windows=al.windows_released, dropped=dict(dropped),
-                         missing=dict(al.missing), errors=dict(errors[name]))
-        lat = np.array(session_latencies[name]) if session_latencies[name] else np.zeros(1)
-        sessions.append({"session": name, "windows": al.windows_released, "counts": dict(counts[name]),
-                         "dropped": dict(dropped), "missing": dict(al.missing), "errors": dict(errors[name]),
-                         "latency_p50_s": float(np.percentile(lat, 50)),
-                         "latency_p99_s": float(np.percentile(lat, 99))})
-    return InProcessResult(
-        sessions=sessions, elapsed_s=clock() - wall0, stages=recorder.summary(), latencies=list(latencies),
-        items=dict(items_n), forward_s=dict(forward_s), batch_sizes=dict(batch_sizes),
-        source_cpu_s={f"{s.session}/{s.spec.id}": s.cpu_s for s in streams},
-    )
+        if len(r.released) >= max_batch or (r.released and clock() - r.released[0][1] >= max_wait_s):
+            r.encode_and_publish()
+    r.encode_and_publish()
+    return r.result()

@@ -63,10 +63,10 @@ def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
         write_demo_session(cfg.demo_session)
     specs: list[SessionSpec] = []
     for entry in cfg.sessions:
-        if isinstance(entry, str):
-            specs.append(load_session(Path(entry)))
+        if isinstance(entry, Path):
+            specs.append(load_session(entry))
         else:
-            specs.append(session_from_dict(entry, Path.cwd()))
+            specs.append(session_from_dict(entry.doc, entry.root))
     names = [s.name for s in specs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -80,7 +80,7 @@ def resolve_model_options(cfg: RunConfig) -> dict[str, Any]:
 
     from encoders.config import get_config
 
-    m = dict(cfg.model)
+    m = cfg.model.as_dict()
     config = m["config"]
     if isinstance(config, str) and (config.endswith(".json") or "/" in config):
         import json
@@ -126,12 +126,12 @@ def ray_init_kwargs(cfg: RunConfig) -> dict[str, Any]:
     A cluster's nodes take it from ``RAY_max_direct_call_object_size`` at ``ray start`` (docs/deploy.md).
     """
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if cfg.ray.get("address"):
-        kwargs["address"] = cfg.ray["address"]
+    if cfg.ray.address:
+        kwargs["address"] = cfg.ray.address
         return kwargs
-    if cfg.ray.get("num_cpus"):
-        kwargs["num_cpus"] = cfg.ray["num_cpus"]
-    kwargs["_system_config"] = ray_system_config(cfg.ray["max_inline_bytes"])
+    if cfg.ray.num_cpus:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+    kwargs["_system_config"] = ray_system_config(cfg.ray.max_inline_bytes)
     return kwargs
 
 
@@ -160,7 +160,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     actors: list[Any] = []
     try:
         enc_opts: dict[str, Any] = {}
-        num_gpus = cfg.encoders["num_gpus"]
+        num_gpus = cfg.encoders.num_gpus
         if num_gpus == "auto":
             num_gpus = 1 if str(model_opts["device"]).startswith("cuda") else 0
         if num_gpus:
@@ -171,11 +171,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         encoders = [
             EncoderActor.options(name=f"bindstream.encoder.{i}.{uid}", max_restarts=2, max_task_retries=0,
                                  **enc_opts).remote(
-                model_opts, int(cfg.encoders["max_batch"]), float(cfg.encoders["max_wait_ms"]),
-                prepare_ahead=_prepare_ahead(cfg.encoders["prepare_ahead"], model_opts["device"]),
+                model_opts, int(cfg.encoders.max_batch), float(cfg.encoders.max_wait_ms),
+                prepare_ahead=_prepare_ahead(cfg.encoders.prepare_ahead, model_opts["device"]),
                 imu_span=cfg.align.spans["imu"].span,
             )
-            for i in range(int(cfg.encoders["replicas"]))
+            for i in range(int(cfg.encoders.replicas))
         ]
         actors += encoders
         infos = ray.get([e.info.remote() for e in encoders])
@@ -184,12 +184,12 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         warm = ray.get([e.warmup.remote() for e in encoders])
         log.info("encoders warmed up in %.2f s", max(warm))
         pub_opts = {
-            "endpoint": cfg.publish["endpoint"],
+            "endpoint": cfg.publish.endpoint,
             "mode": "live" if live else "replay",
-            "wait_for_subscribers": int(cfg.publish["wait_for_subscribers"]),
-            "wait_timeout_s": cfg.publish["wait_timeout_s"],
-            "hwm": int(cfg.publish["hwm"]),
-            "sndbuf": int(cfg.publish["sndbuf"]),
+            "wait_for_subscribers": int(cfg.publish.wait_for_subscribers),
+            "wait_timeout_s": cfg.publish.wait_timeout_s,
+            "hwm": int(cfg.publish.hwm),
+            "sndbuf": int(cfg.publish.sndbuf),
             "model_name": info["model"],
             "curve": curve,
         }
@@ -197,7 +197,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             # A "*" port is fixed here, so that a restarted publisher binds the same one and
             # subscribers reconnect by themselves. Another process may take it before the
             # publisher binds it: then pick again.
-            pub_opts["endpoint"] = _fixed_endpoint(cfg.publish["endpoint"])
+            pub_opts["endpoint"] = _fixed_endpoint(cfg.publish.endpoint)
             publisher = PublisherActor.options(name=f"bindstream.publisher.{uid}" + (f".{attempt}" if attempt else ""),
                                                max_restarts=PUBLISHER_MAX_RESTARTS, max_task_retries=0,
                                                **_placement(cfg, "publisher_resources")).remote(pub_opts)
@@ -206,7 +206,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 endpoint = ray.get(publisher.endpoint.remote())
                 break
             except ray.exceptions.RayActorError as exc:
-                picked = pub_opts["endpoint"] != cfg.publish["endpoint"]
+                picked = pub_opts["endpoint"] != cfg.publish.endpoint
                 if not picked or attempt == 2 or "Address already in use" not in str(exc):
                     raise
                 log.warning("publisher: %s was taken before the publisher bound it; picking another port",
@@ -220,13 +220,13 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         aligners, sources, runs = [], [], []
         source_procs: list[Any] = []  # SourceActor per stream (sources.process: stream)
         watch = _SourceWatch()
-        hosted = cfg.sources["process"] == "session"  # a session's sources in its aligner's process
+        hosted = True  # a session's sources in its aligner's process
         src_opts = {
             "chunk_seconds": cfg.chunk_seconds,
-            "video_size": int(cfg.sources["video_size"]),
-            "max_pixels": int(cfg.sources["max_pixels"]),
-            "max_gap_s": float(cfg.sources["max_gap_s"]),
-            "select_frames": bool(cfg.sources["select_frames"]),  # docs/alignment.md
+            "video_size": int(cfg.sources.video_size),
+            "max_pixels": int(cfg.sources.max_pixels),
+            "max_gap_s": float(cfg.sources.max_gap_s),
+            "select_frames": bool(cfg.sources.select_frames),  # docs/alignment.md
             "align": cfg.align,
         }
         for spec in specs:
@@ -243,9 +243,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             al = AlignerActor.options(name=f"bindstream.aligner.{spec.name}.{uid}",
                                       **(_placement(cfg, "source_resources") if hosted else {})).remote(
                 spec.name, streams, cfg.align, encoders, publisher,
-                max_inflight_windows=int(cfg.encoders["max_inflight_windows"]),
-                coalesce_ms=float(cfg.encoders["coalesce_ms"]),
-                heartbeat_s=float(cfg.publish["heartbeat_s"]),
+                max_inflight_windows=int(cfg.encoders.max_inflight_windows),
+                coalesce_ms=float(cfg.encoders.coalesce_ms),
+                heartbeat_s=float(cfg.publish.heartbeat_s),
                 live=live["aligner"] if live and spec.live else None,
                 publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
                 sources=[(s, opts) for s in spec.streams] if hosted else None,
@@ -278,7 +278,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         watch.started(runs)
 
         summaries = _wait(done_refs, aligners, specs, sources, progress, watch=watch,
-                          stop_after=cfg.raw.get("stop_after") if live else None, publisher=publisher)
+                          stop_after=cfg.stop_after if live else None, publisher=publisher)
         watch.poll(final=True)
         if live:
             _write_recordings(live, specs, watch.results, summaries)
@@ -456,13 +456,13 @@ def _session_result(ref: Any, spec: SessionSpec, publisher: Any, progress: dict[
 def curve_server_config(cfg: RunConfig) -> Any:
     """The publisher's CurveZMQ identity from ``publish.curve`` (``None`` when unset); unreadable
     or invalid key files are a :class:`ConfigError` naming the key, raised before Ray starts."""
-    curve = cfg.publish.get("curve") or {}
-    if not curve.get("server_secret_key"):
+    curve = cfg.publish.curve
+    if not curve.server_secret_key:
         return None
     from sinks.keys import CurveServerConfig
 
     try:
-        return CurveServerConfig.from_files(curve["server_secret_key"], curve["authorized_clients"])
+        return CurveServerConfig.from_files(curve.server_secret_key, curve.authorized_clients)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"config key 'publish.curve': {exc}") from None
 
@@ -512,9 +512,9 @@ def _live_settings(cfg: RunConfig, specs: list[SessionSpec]) -> dict[str, Any] |
     """What live sessions need from the config, or ``None`` for an all-replay run."""
     if not any(s.live for s in specs):
         return None
-    live = dict(cfg.raw.get("live") or {})
-    live["inflight"] = 2 * int(cfg.encoders["replicas"])
-    record = cfg.raw.get("record")
+    live = cfg.live.as_dict()
+    live["inflight"] = 2 * int(cfg.encoders.replicas)
+    record = cfg.record
     return {"aligner": live, "record": Path(record).resolve() if record else None, "epoch": None}
 
 
@@ -565,7 +565,7 @@ def _write_recordings(live: dict[str, Any], specs: list[SessionSpec], results: l
 def _placement(cfg: RunConfig, key: str) -> dict[str, Any]:
     """``.options(resources=...)`` for ``ray.<key>`` (custom resources, e.g. ``{"camera_node": 1}``):
     Ray places the actor only on a node that offers them (``ray start --resources``)."""
-    res = cfg.ray.get(key)
+    res = getattr(cfg.ray, key)
     return {"resources": {str(k): float(v) for k, v in res.items()}} if res else {}
 
 

@@ -32,11 +32,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MODALITIES", "Chunk", "AUDIO_RATE", "frame_values"]
+__all__ = ["MODALITIES", "Chunk", "AUDIO_RATE", "DEFAULT_MAX_PIXELS", "DEFAULT_VIDEO_SIZE", "frame_values"]
 
 MODALITIES = ("vision", "audio", "imu", "depth", "thermal", "text")
 
 AUDIO_RATE = 16_000  # Hz; every audio source resamples to this (ImageBind's rate)
+DEFAULT_VIDEO_SIZE = 224  # short side (pixels) video frames are decoded to (ImageBind's input size)
+DEFAULT_MAX_PIXELS = 8192 * 8192  # larger video / image frames are refused before decoding
 
 
 @dataclass

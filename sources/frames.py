@@ -26,7 +26,7 @@ from sources.session import StreamSpec
 from sources._common import SKIPPED, _chunked, _Chunker, _CpuMeter, _file_to_session, media_error
 from sources.base import Chunk
 from sources.imagesize import frame_size_problem, png_size
-from sources.video import DEFAULT_MAX_PIXELS
+from sources.base import DEFAULT_MAX_PIXELS
 
 __all__ = ["FrameFolderSource", "NpyFramesSource", "read_timestamps"]
 

@@ -11,11 +11,11 @@ import numpy as np
 
 from sources.session import SessionSpec, StreamSpec
 from sources.audio import AudioSource
-from sources.base import Chunk
+from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE, Chunk
 from sources.frames import FrameFolderSource, NpyFramesSource
 from sources.imu import ImuCsvSource
 from sources.text import TextJsonlSource
-from sources.video import DEFAULT_MAX_PIXELS, VideoSource
+from sources.video import VideoSource
 
 __all__ = ["Source", "ReplayPacer", "cut_chunk", "open_source", "open_session"]
 
@@ -30,7 +30,7 @@ class Source(Protocol):
     def __iter__(self) -> Iterator[Chunk]: ...
 
 
-def open_source(spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = 224,
+def open_source(spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = DEFAULT_VIDEO_SIZE,
                 max_pixels: int = DEFAULT_MAX_PIXELS, select: Any = None) -> Source:
     """The replay source for ``spec``. Nothing is decoded until it is iterated, except that
     frame folders and ``.npy`` arrays check their timestamps file here (``SourceError``).
@@ -51,7 +51,7 @@ def open_source(spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int
     return NpyFramesSource(spec, chunk_seconds=chunk_seconds)
 
 
-def open_session(session: SessionSpec, *, chunk_seconds: float = 1.0, video_size: int = 224,
+def open_session(session: SessionSpec, *, chunk_seconds: float = 1.0, video_size: int = DEFAULT_VIDEO_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Source]:
     """One replay source per stream of ``session``, keyed by stream id, in file order."""
     return {s.id: open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels)

@@ -186,7 +186,7 @@ def load_session(path: str | Path) -> SessionSpec:
     p = Path(path)
     yaml_path = p / "session.yaml" if p.is_dir() else p
     if not yaml_path.is_file():
-        raise ConfigError(f"{yaml_path}: session file not found (expected a folder holding session.yaml)")
+        raise ConfigError(f"{yaml_path.absolute()}: session file not found (expected a folder holding session.yaml)")
     doc = read_yaml_file(yaml_path)
     return session_from_dict(doc, yaml_path.parent, origin=str(yaml_path))
 

@@ -12,12 +12,10 @@ from av.video.reformatter import VideoReformatter
 from sources.errors import SourceError
 from sources.session import StreamSpec
 from sources._common import SKIPPED, _Chunker, _chunked, _CpuMeter, _demux_decode, _open_media, _thread_ids
-from sources.base import Chunk
+from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE, Chunk
 from sources.imagesize import frame_size_problem
 
-__all__ = ["VideoSource", "DEFAULT_MAX_PIXELS", "scaled_size"]
-
-DEFAULT_MAX_PIXELS = 8192 * 8192
+__all__ = ["VideoSource", "scaled_size"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,7 @@ class VideoSource:
     decision needs the next frame's time, so each frame waits for the next one to decode.
     """
 
-    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = 224,
+    def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int = DEFAULT_VIDEO_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS, select: Any = None) -> None:
         if spec.modality not in ("vision", "thermal"):
             raise ValueError(f"{spec.label}: VideoSource reads vision or thermal, not {spec.modality}")

@@ -31,13 +31,13 @@ def ray_cluster(_ray_shutdown_at_exit):
     down first; the next module using this fixture starts a fresh one."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        from pipeline.config import DEFAULTS
+        from pipeline.config import RayConfig
         from pipeline.run import ray_system_config
 
         # As `python -m pipeline run` starts it (pipeline.run.ray_init_kwargs): large call
         # arguments inline. tests/test_cluster.py covers the object-store path.
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 _system_config=ray_system_config(DEFAULTS["ray"]["max_inline_bytes"]))
+                 _system_config=ray_system_config(RayConfig.max_inline_bytes))
     yield
 
 

@@ -21,14 +21,21 @@ def test_ego_offline_names_the_url_the_path_and_the_demo_config(tmp_path):
     cache = tmp_path / "cache"
     env = dict(os.environ, BINDSTREAM_CACHE=str(cache),
                BINDSTREAM_WEIGHTS_URL=f"http://127.0.0.1:{_closed_port()}/imagebind_huge.pth")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(REPO / "configs" / "ego.yaml")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    # A copy of the config, so that its session (relative to its folder) is written under tmp_path.
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "ego.yaml"
+    config.write_text((REPO / "configs" / "ego.yaml").read_text())
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config)],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 4, proc.stderr
     assert env["BINDSTREAM_WEIGHTS_URL"] in proc.stderr
     assert str(cache / "imagebind_huge.pth") in proc.stderr
     assert "configs/demo.yaml" in proc.stderr
-    assert not list(tmp_path.glob("*.pth*")), "nothing may be written into the working directory"
-    # the demo session was written on first run, before the weights were looked for
+    assert not list(work.iterdir()), "nothing may be written into the working directory"
+    # the demo session was written on first run, before the weights were looked for, where the
+    # config's relative path points from the config's folder
     assert (tmp_path / "sessions" / "demo-ego" / "session.yaml").is_file()
 
 

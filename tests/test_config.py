@@ -2,36 +2,100 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.config import load_config, parse_config
+from pipeline.config import DEFAULTS, EncodersConfig, RunConfig, load_config, parse_config
 from sources.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "ego.yaml"])
-def test_bundled_configs_are_valid(name):
+# What configs/demo.yaml gives, key by key (configs/ego.yaml: the same, with the model's defaults).
+DEMO_EFFECTIVE = {
+    "demo_session": REPO / "sessions" / "demo-ego",
+    "replay.rate": 1.0, "replay.chunk_seconds": 0.5, "replay.max_inflight_chunks": 4,
+    "window.hop": 1.0, "window.origin": "auto", "window.allowed_lateness": 0.0, "window.release": "stream",
+    "window.spans.vision.span": 2.0, "window.spans.vision.frames": 2, "window.spans.audio.span": 2.0,
+    "window.spans.imu.span": 5.0, "window.spans.depth.tolerance": 0.5, "window.spans.thermal.tolerance": 0.5,
+    "window.spans.text.span": 1.0,
+    "model.config": "imagebind_tiny", "model.checkpoint": "none", "model.precision": "fp32", "model.device": "auto",
+    "model.compile": False, "model.threads": 0, "model.seed": 0,
+    "encoders.replicas": 1, "encoders.max_batch": 32, "encoders.max_wait_ms": 20, "encoders.num_gpus": "auto",
+    "encoders.max_inflight_windows": 64, "encoders.coalesce_ms": 4, "encoders.prepare_ahead": "auto",
+    "sources.video_size": 224, "sources.max_pixels": 67108864, "sources.max_gap_s": 60.0, "sources.select_frames": True,
+    "publish.endpoint": "tcp://127.0.0.1:5555", "publish.wait_for_subscribers": 0, "publish.wait_timeout_s": 60.0,
+    "publish.hwm": 1000, "publish.sndbuf": 0, "publish.heartbeat_s": 2.0, "publish.curve.server_secret_key": None,
+    "publish.curve.authorized_clients": None,
+    "ray.address": None, "ray.num_cpus": None, "ray.source_resources": None, "ray.encoder_resources": None,
+    "ray.publisher_resources": None, "ray.max_inline_bytes": 4194304,
+    "progress": "auto", "stop_after": None, "record": None,
+    "live.max_latency_s": 2.0, "live.shed": "drop_oldest", "live.subsample": ("vision",), "live.idle_timeout_s": 2.0,
+}
+EGO_EFFECTIVE = {**DEMO_EFFECTIVE, "model.config": "imagebind_huge", "model.checkpoint": "auto", "model.precision": "bf16"}
+
+
+def _get(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+@pytest.mark.parametrize("name, expected", [("demo.yaml", DEMO_EFFECTIVE), ("ego.yaml", EGO_EFFECTIVE)])
+def test_bundled_configs_give_their_effective_values(name, expected, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the sessions are found from the file's folder, wherever the run starts
     cfg = load_config(REPO / "configs" / name)
-    assert cfg.sessions == ["sessions/demo-ego"]
-    assert cfg.publish["endpoint"] == "tcp://127.0.0.1:5555"
+    assert cfg.sessions == (REPO / "sessions" / "demo-ego",)
+    assert {k: _get(cfg, k) for k in expected} == expected
 
 
-def test_bundled_configs_document_every_key():
-    from pipeline.config import DEFAULTS
+@pytest.mark.parametrize("name", ["demo.yaml", "ego.yaml"])
+def test_bundled_configs_show_only_what_they_change_and_point_to_the_reference(name):
+    text = (REPO / "configs" / name).read_text()
+    assert len(text.splitlines()) < 40
+    assert "python -m pipeline config" in text and "docs/configuration.md" in text
 
-    text = (REPO / "configs" / "demo.yaml").read_text()
 
-    def keys(d, prefix=""):
-        for k, v in d.items():
-            yield k
-            if isinstance(v, dict):
-                yield from keys(v)
+def test_printed_default_config_loads_to_the_defaults(tmp_path, capsys):
+    from pipeline.__main__ import main
 
-    for k in keys(DEFAULTS):
-        assert f"{k}:" in text, f"configs/demo.yaml does not document '{k}'"
+    assert main(["config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "all.yaml").write_text(printed)
+    cfg = load_config(tmp_path / "all.yaml")
+    assert cfg == dataclasses.replace(RunConfig(), sessions=(tmp_path / "sessions" / "demo-ego",))
+    data = yaml.safe_load(printed)
+    for key in _leaf_keys(DEFAULTS):  # every key is printed, not left to its default
+        node = data
+        for part in key.split("."):
+            assert part in node, f"python -m pipeline config leaves out '{key}'"
+            node = node[part]
+
+
+def _leaf_keys(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "spans":
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def test_docs_list_every_key_with_its_default():
+    from pipeline.config import config_reference_markdown
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    begin, end = "<!-- keys: generated by `python -m pipeline config --markdown` -->\n", "<!-- end of keys -->"
+    assert begin in doc and end in doc, "docs/configuration.md lost its generated-keys markers"
+    listed = doc[doc.index(begin) + len(begin):doc.index(end)]
+    assert listed.strip() == config_reference_markdown().strip(), (
+        "docs/configuration.md is out of date: paste `python -m pipeline config --markdown` between its markers")
+    for key in _leaf_keys(DEFAULTS):
+        assert f"`{key}" in listed
 
 
 @pytest.mark.parametrize(
@@ -42,7 +106,15 @@ def test_bundled_configs_document_every_key():
         ({"sessions": ["x"], "encoders": {"max_batch": 0}}, "'encoders.max_batch': expected a positive"),
         ({"sessions": ["x"], "encoders": {"replicas": 1.5}}, "'encoders.replicas': expected an integer"),
         ({"sessions": ["x"], "encoders": {"prepare_ahead": "yes"}}, "'encoders.prepare_ahead': expected auto, true or false"),
-        ({"sessions": ["x"], "sources": {"process": "thread"}}, "'sources.process': expected 'stream' or 'session'"),
+        ({"sessions": ["x"], "sources": {"process": "session"}}, "unknown config key 'sources.process' (known here: "),
+        ({"sessions": ["x"], "replay": {"rat": 1}}, "unknown config key 'replay.rat' (known here: chunk_seconds, "),
+        ({"sessions": ["x"], "window": {"spans": {"radar": {"span": 1}}}}, "unknown config key 'window.spans.radar'"),
+        ({"sessions": ["x"], "progress": 1}, "'progress': expected auto, true or false, got 1"),
+        ({"sessions": ["x"], "stop_after": 0}, "'stop_after': expected a positive number of seconds"),
+        ({"sessions": ["x"], "live": {"subsample": ["radar"]}}, "'live.subsample': expected modalities"),
+        ({"sessions": ["x"], "ray": {"source_resources": {"gpu_node": -1}}}, "'ray.source_resources.gpu_node'"),
+        ({"sessions": ["x"], "demo_session": 3}, "'demo_session': expected str, got 3"),
+        ({"sessions": [""]}, "'sessions[0]': expected a session folder path"),
         ({"sessions": ["x"], "window": {"hop": -1}}, "'window.hop'"),
         ({"sessions": ["x"], "window": {"spans": {"depth": {"span": 2}}}}, "window.spans.depth"),
         ({"sessions": ["x"], "window": {"release": "all"}}, "'window.release': expected 'stream' or 'window'"),
@@ -57,7 +129,7 @@ def test_bundled_configs_document_every_key():
     ],
 )
 def test_bad_config_is_refused_naming_the_key(data, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(data)
 
 
@@ -111,7 +183,7 @@ def test_malformed_yaml_and_non_mapping(tmp_path):
 
 def test_set_overrides_apply_and_are_validated():
     cfg = load_config(REPO / "configs" / "demo.yaml", ["replay.rate=0", "encoders.max_batch=8", "window.spans.imu.span=4"])
-    assert cfg.rate == 0 and cfg.encoders["max_batch"] == 8 and cfg.align.spans["imu"].span == 4
+    assert cfg.rate == 0 and cfg.encoders.max_batch == 8 and cfg.align.spans["imu"].span == 4
     with pytest.raises(ConfigError, match="unknown config key 'replay.speed'"):
         load_config(REPO / "configs" / "demo.yaml", ["replay.speed=2"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
@@ -146,5 +218,61 @@ def test_prepare_ahead_auto_means_on_a_gpu(setting, device, expected):
     from pipeline.run import _prepare_ahead
 
     cfg = parse_config({"sessions": ["x"], "encoders": {"prepare_ahead": setting}})
-    assert cfg.encoders["prepare_ahead"] == setting
-    assert _prepare_ahead(cfg.encoders["prepare_ahead"], device) is expected
+    assert cfg.encoders.prepare_ahead == setting
+    assert _prepare_ahead(cfg.encoders.prepare_ahead, device) is expected
+
+
+def test_a_section_built_in_code_is_checked_like_one_read_from_a_file():
+    with pytest.raises(ConfigError, match=r"'encoders\.max_batch': expected a positive number, got 0"):
+        EncodersConfig(max_batch=0)
+    assert EncodersConfig(max_wait_ms=5).max_wait_ms == 5.0
+
+
+# -- relative paths ------------------------------------------------------------------------------
+
+def _config_file(folder: Path, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.yaml").write_text(body)
+    return folder / "run.yaml"
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _config_file(tmp_path / "configs", "sessions: [s1, ../data/s2]\ndemo_session: s1\nrecord: rec\n")
+    cfg = load_config(path)
+    assert cfg.sessions == (tmp_path / "configs" / "s1", tmp_path / "data" / "s2")
+    assert cfg.demo_session == tmp_path / "configs" / "s1"
+    assert cfg.record == tmp_path / "configs" / "rec"
+
+
+def test_paths_given_with_set_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _config_file(tmp_path / "configs", "sessions: [s1]\ndemo_session: s1\n")
+    cfg = load_config(path, ["sessions=[here]", "record=out", "demo_session=demo"])
+    assert cfg.sessions == (tmp_path / "here",)
+    assert cfg.record == tmp_path / "out" and cfg.demo_session == tmp_path / "demo"
+    # A key not given on the command line still resolves against the file's folder.
+    assert load_config(path, ["record=out"]).demo_session == tmp_path / "configs" / "s1"
+
+
+def test_inline_session_files_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    from pipeline.run import prepare_sessions
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "notes.jsonl").write_text('{"t": 0.5, "text": "hello"}\n')
+    path = _config_file(folder, "sessions:\n  - format: bindstream.session/1\n    name: inline\n"
+                                "    streams: [{id: notes, modality: text, source: notes.jsonl}]\n")
+    (spec,) = prepare_sessions(load_config(path))
+    assert spec.stream("notes").source == folder / "notes.jsonl"
+
+
+def test_missing_session_folder_error_names_where_it_looked(tmp_path, monkeypatch):
+    from pipeline.run import prepare_sessions
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_config_file(tmp_path / "configs", "sessions: [nowhere]\n"))
+    with pytest.raises(ConfigError, match="session file not found") as err:
+        prepare_sessions(cfg)
+    assert str(tmp_path / "configs" / "nowhere") in str(err.value)

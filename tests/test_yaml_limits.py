@@ -88,3 +88,32 @@ def test_malformed_yaml_names_the_line_without_quoting_it() -> None:
     with pytest.raises(ConfigError) as exc:
         load_yaml("a: [1, 2\nb: " + "z" * 10_000, "cfg.yaml")
     assert str(exc.value).startswith("cfg.yaml: malformed YAML: line") and len(str(exc.value)) < 300
+
+
+def _run_config(tmp_path: Path, text: str | bytes) -> str:
+    from pipeline.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(path) in str(exc.value) and len(str(exc.value)) < 400
+    return str(exc.value)
+
+
+def test_a_second_model_key_in_a_run_config_is_refused(tmp_path: Path) -> None:
+    msg = _run_config(tmp_path, "sessions: [s]\nmodel: {config: imagebind_tiny, checkpoint: none}\n"
+                                "model: {config: imagebind_huge}\n")
+    assert "'model' is given twice" in msg and "line 3" in msg
+
+
+def test_an_alias_bomb_in_replay_rate_is_refused_at_once(tmp_path: Path) -> None:
+    levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    msg = _run_config(tmp_path, "\n".join(levels) + "\nsessions: [s]\nreplay: {rate: *a8}\n")
+    assert "aliases" in msg
+
+
+def test_a_run_config_that_is_not_utf8_or_too_deep_is_refused(tmp_path: Path) -> None:
+    assert "not UTF-8" in _run_config(tmp_path, b"sessions: [s\xff]\n")
+    assert "nested deeper" in _run_config(tmp_path, "sessions: " + "[" * 100_000 + "]" * 100_000 + "\n")

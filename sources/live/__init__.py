@@ -6,6 +6,7 @@ of :mod:`sources.clock`, and runs until :meth:`~sources.live.base.LiveSource.sto
 
 from __future__ import annotations
 
+from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE
 from sources.clock import SessionClock
 from sources.session import StreamSpec
 from sources.live.base import LiveSource
@@ -13,8 +14,8 @@ from sources.live.base import LiveSource
 __all__ = ["LiveSource", "open_live_source"]
 
 
-def open_live_source(spec: StreamSpec, clock: SessionClock, *, chunk_seconds: float = 0.5, video_size: int = 224,
-                     max_pixels: int = 8192 * 8192) -> LiveSource:
+def open_live_source(spec: StreamSpec, clock: SessionClock, *, chunk_seconds: float = 0.5, video_size: int = DEFAULT_VIDEO_SIZE,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> LiveSource:
     """The live source for a stream declared with a ``kind``; nothing opens until iterated."""
     kw = {"chunk_seconds": chunk_seconds, "video_size": video_size, "max_pixels": max_pixels}
     if spec.live == "zmq":

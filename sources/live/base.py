@@ -18,7 +18,7 @@ import numpy as np
 
 from sources.clock import SessionClock, StreamClock
 from sources.session import StreamSpec
-from sources.base import Chunk
+from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE, Chunk
 from sources.imagesize import frame_size_problem
 from sources.video import scaled_size
 
@@ -35,7 +35,7 @@ class LiveSource:
     session clock, or ``None`` when nothing arrived within :data:`POLL_S`."""
 
     def __init__(self, spec: StreamSpec, clock: SessionClock, *, chunk_seconds: float = 0.5,
-                 video_size: int = 224, max_pixels: int = 8192 * 8192) -> None:
+                 video_size: int = DEFAULT_VIDEO_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.spec = spec
         self.session_clock = clock
         self.clock = StreamClock(spec.clock, clock, offset=spec.offset)
