@@ -1,7 +1,8 @@
-"""Command line: ``python -m pipeline {run,record,config,subscribe,demo-session,keys}``.
+"""bindstream's command line: ``bindstream COMMAND`` or ``python -m pipeline COMMAND``.
 
-Exit codes of ``run``: 0 every stream ended cleanly, 2 configuration error (nothing started),
-3 some stream failed (the others ran to the end), 4 weights unavailable, 130 interrupted twice.
+Exit codes of ``run`` and ``record``: 0 every stream ended cleanly, 2 configuration error
+(nothing started), 3 some stream failed (the others ran to the end), 4 model weights
+unavailable or unreadable, 5 a recording could not be written, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -72,9 +73,29 @@ def _print_summary(result) -> None:
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
-    """``record CONFIG --out DIR``: ``run`` with ``record: DIR`` (live sessions, docs/live.md)."""
+    """``record CONFIG --out DIR``: ``run`` with ``record: DIR`` (live sessions, docs/live.md).
+    A config without a live session is refused: there would be nothing to record."""
+    from pipeline.config import InlineSession, load_config
+    from sources.errors import ConfigError
+
     args.set = list(args.set) + [f"record={Path(args.out).resolve()}"]
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    live = [s for s in cfg.sessions if isinstance(s, InlineSession) and _is_live(s.doc)]
+    if not live:
+        print(f"config error: {args.config} has no live session (an inline session whose streams have a 'kind'), "
+              "so nothing would be recorded; to replay recorded sessions use: run CONFIG (docs/live.md)",
+              file=sys.stderr)
+        return 2
     return _cmd_run(args)
+
+
+def _is_live(doc: object) -> bool:
+    streams = doc.get("streams") if isinstance(doc, dict) else None
+    return isinstance(streams, list) and any(isinstance(s, dict) and "kind" in s for s in streams)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -93,8 +114,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _prog() -> str:
+    """``bindstream`` when run as the installed command, else ``python -m pipeline``."""
+    return "bindstream" if Path(sys.argv[0]).name == "bindstream" else "python -m pipeline"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=_prog(), description="Streaming multimodal ImageBind embeddings: sessions in, ZeroMQ out.",
+        epilog="Exit codes: 0 clean, 2 configuration error, 3 a stream failed, 4 weights unavailable, "
+               "5 a recording failed, 130 interrupted. Docs: README.md and docs/.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -115,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_cmd_config)
 
     p = sub.add_parser("demo-session", help="write the deterministic synthetic demo session")
-    p.add_argument("dir")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="demo-ego")
+    p.add_argument("dir", help="folder to write the session into (created if missing)")
+    p.add_argument("--seconds", type=_positive_seconds, default=10.0, help="length of the session (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shapes, sounds and motion (default 0)")
+    p.add_argument("--name", default="demo-ego", help="session name in session.yaml (default demo-ego)")
     p.set_defaults(fn=_cmd_demo)
 
     from sinks.keys import add_keys_args

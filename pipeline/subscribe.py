@@ -100,14 +100,17 @@ def subscribe(
 
     ``topic`` is a ZeroMQ prefix filter (``emb/S/`` for one session's embeddings; mind the
     trailing slash, ``emb/S`` also matches ``emb/S2/...``). Stops after ``count`` valid
-    messages, or when nothing arrived for ``timeout_s`` seconds (``None``: runs until
-    interrupted). Returns the number of messages printed. ``out`` defaults to ``sys.stdout``.
+    messages, or when nothing arrived for ``timeout_s`` seconds after the first message (the
+    first is waited for without limit, so a publisher still starting is not missed; ``None``:
+    runs until interrupted). At exit it logs the messages received per topic and any missed
+    (seq gaps). Returns the number of messages printed. ``out`` defaults to ``sys.stdout``.
     """
     out = sys.stdout if out is None else out
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     printed = 0
     gaps = _GapTracker()
+    received: dict[str, int] = {}
     try:
         # Frames larger than the protocol allows are refused by libzmq before allocation.
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES)
@@ -118,7 +121,7 @@ def subscribe(
         sock.connect(endpoint)
         timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000))
         while count is None or printed < count:
-            if not sock.poll(timeout_ms, zmq.POLLIN):
+            if not sock.poll(timeout_ms if printed else -1, zmq.POLLIN):
                 log.info("subscriber %s: nothing received for %s s, stopping", endpoint, timeout_s)
                 break
             frames = sock.recv_multipart()
@@ -128,15 +131,23 @@ def subscribe(
                 log.warning("subscriber %s: skipped malformed message: %s", endpoint, exc)
                 continue
             gaps.see(msg.topic, msg.seq)
+            received[msg.topic] = received.get(msg.topic, 0) + 1
             out.write(format_message(msg, json_out=json_out) + "\n")
             out.flush()
             printed += 1
     finally:
         sock.close(linger=0)
         ctx.term()
-    if gaps.missed:
-        log.warning("subscriber %s: missed messages per topic: %s", endpoint, gaps.missed)
+    _log_summary(endpoint, received, gaps.missed)
     return printed
+
+
+def _log_summary(endpoint: str, received: dict[str, int], missed: dict[str, int]) -> None:
+    per_topic = ", ".join(f"{t} {n}" for t, n in sorted(received.items())) or "nothing"
+    log.info("subscriber %s: received %s", endpoint, per_topic)
+    if missed:
+        log.warning("subscriber %s: missed messages per topic (seq gaps): %s", endpoint,
+                    ", ".join(f"{t} {n}" for t, n in sorted(missed.items())))
 
 
 def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -157,7 +168,8 @@ def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="CurveZMQ: this subscriber's key pair file (NAME.key_secret)")
     p.add_argument("--count", type=int, default=None, help="stop after this many messages")
     p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
-                   help="stop after this many seconds without a message")
+                   help="stop after this many seconds without a message (counted from the first message; "
+                        "the first is waited for without limit)")
     p.set_defaults(fn=run_subscribe)
     return p
 

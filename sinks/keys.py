@@ -138,13 +138,22 @@ def generate_keys(
     *,
     force: bool = False,
 ) -> dict[str, Path]:
-    """Create the server key pair and one key pair per client in ``directory`` (layout in the
-    module docstring). Returns name -> secret key file (``"server"`` included). Refuses to
-    overwrite existing keys unless ``force``: replacing a key locks out its current holders."""
+    """Create the server key pair (unless ``directory`` holds one already) and one key pair per
+    client in ``directory`` (layout in the module docstring). Returns name -> secret key file of
+    what was written (``"server"`` included when it was). Refuses to overwrite existing keys unless
+    ``force``: replacing a key locks out its current holders. An existing server key is kept, so
+    a subscriber can be added to a running deployment without touching the others' keys."""
     if not zmq.has("curve"):
         raise RuntimeError("this libzmq was built without CurveZMQ support")
     directory = Path(directory)
-    names = ["server", *clients]
+    clients = list(clients)
+    keep_server = (directory / "server.key_secret").exists() and not force
+    if keep_server and not clients:
+        raise FileExistsError(f"{directory / 'server.key_secret'} exists; add a subscriber with --client NAME, "
+                              "or pass --force to replace every key")
+    names = ([] if keep_server else ["server"]) + clients
+    if "server" in clients:
+        raise ValueError("key name 'server' is the publisher's; choose another client name")
     for name in names:
         if not name or "/" in name or name.startswith(".") or name == "authorized_clients":
             raise ValueError(f"key name {name!r} invalid: expected a plain file name")
@@ -175,7 +184,8 @@ def add_keys_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     )
     p.add_argument("dir", type=Path, help="directory to write the keys into (created if missing)")
     p.add_argument("--client", action="append", dest="clients", metavar="NAME",
-                   help="client name; repeat for several subscribers (default: one named 'client')")
+                   help="client name; repeat for several subscribers (default: one named 'client' when the "
+                        "server key is new). With an existing server key, adds these subscribers only")
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
     p.set_defaults(fn=run_keys)
     return p
@@ -183,18 +193,26 @@ def add_keys_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def run_keys(args: argparse.Namespace) -> int:
     """Run ``keys``: write the files and print how to use them. Returns the exit code."""
+    adding = (Path(args.dir) / "server.key_secret").exists() and not args.force
     try:
-        written = generate_keys(args.dir, args.clients or ["client"], force=args.force)
+        written = generate_keys(args.dir, args.clients or ([] if adding else ["client"]), force=args.force)
     except (FileExistsError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    d = Path(args.dir)
-    print(f"server key pair:     {written['server']}  (publisher only)")
+    d = Path(args.dir).resolve()
+    if "server" in written:
+        print(f"server key pair:     {written['server']}  (publisher only)")
     print(f"server public key:   {d / 'server.key'}  (give to subscribers)")
-    for name, path in written.items():
-        if name != "server":
-            print(f"client '{name}':     {path}  (give to that subscriber)")
-    print(f"allowed clients dir: {d / 'authorized_clients'}")
-    print(f"subscribe with: python -m pipeline subscribe ENDPOINT --server-key {d / 'server.key'} "
-          f"--client-key {next((p for n, p in written.items() if n != 'server'), 'CLIENT.key_secret')}")
+    clients = {n: p for n, p in written.items() if n != "server"}
+    for name, path in clients.items():
+        print(f"client '{name}':     {path}  (give to that subscriber)")
+    print(f"allowed clients dir: {d / 'authorized_clients'}  (a publisher reads it when it starts)")
+    print("\nrun config lines:\n"
+          "publish:\n"
+          "  curve:\n"
+          f"    server_secret_key: {d / 'server.key_secret'}\n"
+          f"    authorized_clients: {d / 'authorized_clients'}\n")
+    for name, path in clients.items():
+        print(f"subscribe as '{name}': python -m pipeline subscribe ENDPOINT --server-key {d / 'server.key'} "
+              f"--client-key {Path(path).resolve()}")
     return 0

@@ -4,6 +4,7 @@ the fix, never a traceback: the CLI run as a user runs it."""
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,66 @@ def test_a_truncated_safetensors_checkpoint_is_refused_before_any_actor_starts(t
     out = _cli(tmp_path, "--set", f"model.checkpoint={path}")
     _no_traceback(out)
     assert out.returncode == 4 and "truncated or corrupt" in out.stderr and "model.checkpoint" in out.stderr
+
+
+def _main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_demo_session_with_no_seconds_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    out = _main("demo-session", str(tmp_path / "d"), "--seconds", "0")
+    _no_traceback(out)
+    assert out.returncode == 2 and "expected a positive number of seconds, got '0'" in out.stderr
+
+
+def test_record_with_no_live_session_says_there_is_nothing_to_record(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"sessions: [{_session(tmp_path)}]\nmodel: {{config: imagebind_tiny, checkpoint: none}}\n")
+    out = _main("record", str(config), "--out", str(tmp_path / "rec"))
+    _no_traceback(out)
+    assert out.returncode == 2
+    assert "has no live session" in out.stderr and "use: run CONFIG" in out.stderr
+    assert not (tmp_path / "rec").exists()
+
+
+def test_keys_adds_a_subscriber_to_an_existing_server_and_prints_the_config_lines(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    assert _main("keys", str(keys)).returncode == 0
+    server = (keys / "server.key_secret").read_bytes()
+    out = _main("keys", str(keys), "--client", "laptop")
+    assert out.returncode == 0, out.stderr
+    assert (keys / "server.key_secret").read_bytes() == server, "the server key is kept"
+    assert sorted(p.name for p in (keys / "authorized_clients").iterdir()) == ["client.key", "laptop.key"]
+    assert f"    server_secret_key: {keys.resolve() / 'server.key_secret'}" in out.stdout
+    assert f"    authorized_clients: {keys.resolve() / 'authorized_clients'}" in out.stdout
+    assert f"--client-key {keys.resolve() / 'laptop.key_secret'}" in out.stdout
+    again = _main("keys", str(keys))
+    assert again.returncode == 2 and "add a subscriber with --client NAME" in again.stderr
+
+
+def test_subscribe_timeout_counts_from_the_first_message_not_from_its_start(tmp_path: Path) -> None:
+    import numpy as np
+
+    from live_peers import free_port
+    from sinks.protocol import EmbeddingRecord
+    from sinks.zmq_publisher import Publisher
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "subscribe", endpoint, "--timeout", "1"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3.0)  # longer than --timeout: the subscriber must still be waiting for its first message
+        assert proc.poll() is None, proc.communicate()
+        pub = Publisher(endpoint, wait_for_subscribers=1, wait_timeout_s=30)
+        pub.start_session("s", {"cam": "vision"}, model="imagebind_tiny", dim=4)
+        pub.publish([EmbeddingRecord(session="s", stream="cam", modality="vision", window=0, t_start=0.0, t_end=1.0,
+                                     embedding=np.full(4, 0.5, np.float32), t_ingest=time.time())])
+        pub.close()
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert "emb/s/vision" in stdout and "ctl/s" in stdout
+    assert "received ctl/s 1, emb/s/vision 1" in stderr
