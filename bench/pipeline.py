@@ -13,10 +13,11 @@ Workload: N synthetic sessions written deterministically with PyAV (``sources.de
 * ``naive``: one window and one modality at a time, batch 1, fp32, full-size decode and the
   reference transforms of ``encoders.compat`` (the floor).
 
-Per stream, CPU core-seconds per second of run (per session): the source actor's whole process
-(``cpu_core_s_per_s_per_stream``) and its source split into decode / resize / other
+Per stream, CPU core-seconds per second of run (per session): its reader's thread, read-ahead
+and FFmpeg threads (``cpu_core_s_per_s_per_stream``), split into decode / resize / other
 (``cpu_split_core_s_per_s_per_stream``; decode and resize include FFmpeg's own decoder and
-scaler threads, see ``pipeline.metrics.source_cpu_split``; the rest of the process is Ray's).
+scaler threads, see ``pipeline.metrics.source_cpu_split``); ``cpu_core_s_per_s_total`` counts
+every process of the run.
 
 Latency is per embedding, from the newest sample it used entering the pipeline (its chunk being
 sent) to its arrival at the subscriber, also split by modality (``latency_by_modality``): audio
@@ -68,7 +69,7 @@ __all__ = ["main"]
 log = logging.getLogger("bench.pipeline")
 
 MODALITIES = ("vision", "audio", "imu", "depth", "thermal", "text")
-_SPLIT_PARTS = ("decode_s", "resize_s", "other_s", "total_s")  # SourceActor end stats' cpu_split
+_SPLIT_PARTS = ("decode_s", "resize_s", "other_s", "total_s")  # the readers' end stats' cpu_split
 
 
 # -- workload ---------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
                   "device": args.device, "threads": args.threads},
         "encoders": {"replicas": args.replicas, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                      "coalesce_ms": args.coalesce_ms, "prepare_ahead": {"auto": "auto", "on": True, "off": False}[args.prepare_ahead]},
-        "sources": {"video_size": 224, "select_frames": args.select_frames, "process": args.source_process},
+        "sources": {"video_size": 224, "select_frames": args.select_frames},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "wait_for_subscribers": 1, "wait_timeout_s": 120,
                     "heartbeat_s": 2.0},
         "progress": False,
@@ -339,8 +340,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "stages": {k: {q: float(np.nanmedian([v[q] for v in vs])) for q in ("p50", "p99", "mean")}
                    for k, vs in stages.items()},
         "cpu_core_s_per_s_per_stream": {k: v / elapsed / len(sessions) for k, v in sorted(cpu_stream.items())},
-        # The source thread's CPU (plus FFmpeg's decoder and scaler threads) split by part; the
-        # source process's cpu_s above also holds Ray's own threads (pipeline/metrics.py).
+        # The reader's CPU (its thread, read-ahead, FFmpeg's decoder and scaler threads) by part.
         "cpu_split_core_s_per_s_per_stream": {k: {part: v / elapsed / len(sessions) for part, v in parts.items()}
                                               for k, parts in sorted(split_stream.items())},
         "cpu_core_s_per_s_total": res["cpu_s"] / res["cpu_wall_s"],
@@ -640,9 +640,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-ahead", default="auto", choices=("auto", "on", "off"),
                    help="encoders.prepare_ahead: preprocess the next batch in a second thread while the model "
                         "runs this one (default auto = on a GPU only)")
-    p.add_argument("--source-process", default=DEFAULTS["sources"]["process"], choices=("stream", "session"),
-                   help="sources.process: a session's streams read in threads of its aligner's process "
-                        "(default), or one process per stream")
     p.add_argument("--replicas", type=int, default=1, help="encoder actors in the pipeline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per encoder (default 1 on CPU so decode keeps a core, 0 = torch default)")

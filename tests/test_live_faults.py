@@ -389,11 +389,7 @@ def test_live_publisher_killed_with_two_live_sessions_restarts_and_every_loss_is
     for peer in peers:
         peer.start()
     sessions = ["rig-a", "rig-b"]
-    # Live sources read in a process per stream (sources.process: stream; the other live tests
-    # use the default, a process per session) here: each is stopped through its own actor when
-    # the run is told to stop.
-    cfg = _cfg([_live_imu_session(s, p) for s, p in zip(sessions, ports)], stop_after=150.0,
-               sources={"process": "stream"})
+    cfg = _cfg([_live_imu_session(s, p) for s, p in zip(sessions, ports)], stop_after=150.0)
     reader = _Reader(len(sessions))
     state: dict[str, Any] = {}
     run_over = threading.Event()

@@ -205,17 +205,16 @@ def test_paced_replay_cut_at_window_ends_delivers_the_same_windows(demo_dirs):
 
 def test_two_replays_with_different_batching_and_frame_selection_give_the_same_embeddings(demo_dirs):
     """Every frame scaled and pushed at batch 1, each release sent to an encoder at once,
-    each stream read in a source process of its own, against frame selection
-    (docs/alignment.md) at batch 32 over two replicas with releases coalesced for 50 ms, each
-    batch prepared ahead in the encoders' second thread, and the session's streams read in
-    threads of its aligner's process. The origin is configured (the demo's streams start at 0, as
-    with ``auto``), so the sources select from their first frame on."""
+    against frame selection (docs/alignment.md) at batch 32 over two replicas with releases
+    coalesced for 50 ms, each batch prepared ahead in the encoders' second thread. The origin is
+    configured (the demo's streams start at 0, as with ``auto``), so the sources select from
+    their first frame on."""
     a, _ = demo_dirs
     r1, m1 = _replay([a], encoders={"max_batch": 1, "max_wait_ms": 0, "coalesce_ms": 0},
-                     sources={"select_frames": False, "process": "stream"})
+                     sources={"select_frames": False})
     r2, m2 = _replay([a], encoders={"max_batch": 32, "max_wait_ms": 50, "replicas": 2, "coalesce_ms": 50,
                                     "prepare_ahead": True},
-                     window={"origin": 0.0}, sources={"process": "session"})
+                     window={"origin": 0.0})
     e1, e2 = _embeddings(m1), _embeddings(m2)
     assert e1.keys() == e2.keys() and len(e1) > 20
     for k in e1:
@@ -228,8 +227,7 @@ def test_two_replays_with_different_batching_and_frame_selection_give_the_same_e
     assert skipped[1]["cam"] >= 50 and skipped[1]["depth"] >= 35 and skipped[1]["thermal"] >= 35, skipped[1]
     assert skipped[1]["mic"] == skipped[1]["imu"] == skipped[1]["captions"] == 0
     pids = [{s["stream"]: s["pid"] for s in r.source_stats} for r in (r1, r2)]
-    assert len(set(pids[0].values())) == len(pids[0]) == 6  # a process per stream
-    assert len(set(pids[1].values())) == 1 and len(pids[1]) == 6  # one process for the session
+    assert all(len(set(p.values())) == 1 and len(p) == 6 for p in pids)  # one process for the session
 
 
 @pytest.mark.skipif(not (SHARED / "fixtures" / "real").is_dir(), reason="../shared/fixtures/real is absent")
