@@ -13,10 +13,11 @@ Workload: N synthetic sessions written deterministically with PyAV (``sources.de
 * ``naive``: one window and one modality at a time, batch 1, fp32, full-size decode and the
   reference transforms of ``encoders.compat`` (the floor).
 
-Per stream, CPU core-seconds per second of run (per session): the source actor's whole process
-(``cpu_core_s_per_s_per_stream``) and its source split into decode / resize / other
+Per stream, CPU core-seconds per second of run (per session): its reader's thread, read-ahead
+and FFmpeg threads (``cpu_core_s_per_s_per_stream``), split into decode / resize / other
 (``cpu_split_core_s_per_s_per_stream``; decode and resize include FFmpeg's own decoder and
-scaler threads, see ``pipeline.metrics.source_cpu_split``; the rest of the process is Ray's).
+scaler threads, see ``pipeline.metrics.source_cpu_split``); ``cpu_core_s_per_s_total`` counts
+every process of the run.
 
 Latency is per embedding, from the newest sample it used entering the pipeline (its chunk being
 sent) to its arrival at the subscriber, also split by modality (``latency_by_modality``): audio
@@ -69,7 +70,7 @@ __all__ = ["main"]
 log = logging.getLogger("bench.pipeline")
 
 MODALITIES = ("vision", "audio", "imu", "depth", "thermal", "text")
-_SPLIT_PARTS = ("decode_s", "resize_s", "other_s", "total_s")  # SourceActor end stats' cpu_split
+_SPLIT_PARTS = ("decode_s", "resize_s", "other_s", "total_s")  # the readers' end stats' cpu_split
 
 
 # -- workload ---------------------------------------------------------------------------------
@@ -340,8 +341,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         "stages": {k: {q: float(np.nanmedian([v[q] for v in vs])) for q in ("p50", "p99", "mean")}
                    for k, vs in stages.items()},
         "cpu_core_s_per_s_per_stream": {k: v / elapsed / len(sessions) for k, v in sorted(cpu_stream.items())},
-        # The source thread's CPU (plus FFmpeg's decoder and scaler threads) split by part; the
-        # source process's cpu_s above also holds Ray's own threads (pipeline/metrics.py).
+        # The reader's CPU (its thread, read-ahead, FFmpeg's decoder and scaler threads) by part.
         "cpu_split_core_s_per_s_per_stream": {k: {part: v / elapsed / len(sessions) for part, v in parts.items()}
                                               for k, parts in sorted(split_stream.items())},
         "cpu_core_s_per_s_total": res["cpu_s"] / res["cpu_wall_s"],

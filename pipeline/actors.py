@@ -1,15 +1,12 @@
-"""The Ray actors of the graph: sources, one aligner per session, encoders, the publisher.
+"""The Ray actors of the graph: one aligner per session, encoders, the publisher.
 
-By default (``sources.process: session``) a session's sources are threads of its aligner's
-process (:meth:`AlignerActor.source_run`); ``sources.process: stream`` gives each stream a
-:class:`SourceActor` process of its own.
-
+A session's streams are read in threads of its aligner's process (:mod:`pipeline.reader`).
 The logic lives elsewhere (``sources/`` read, :mod:`pipeline.align` windows,
 :mod:`pipeline.batching` batches, ``encoders/`` embed, ``sinks/`` publish); these classes only
 move data between them and keep work in flight bounded:
 
-* a source keeps at most ``max_inflight_chunks`` pushes outstanding, so a slow aligner holds
-  the reader back (backpressure) instead of queueing decoded frames without limit;
+* a reader keeps at most ``max_inflight_chunks`` pushes outstanding, so a slow aligner holds
+  it back (backpressure) instead of queueing decoded frames without limit;
 * an aligner keeps at most ``max_inflight_windows`` windows between release and publish, and
   makes ``push`` wait while it is full, which in turn holds its sources back;
 * an encoder batches items per tower across every caller (windows and sessions).
@@ -19,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -27,323 +23,18 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
 
 from pipeline.align import AlignConfig, Aligner, Window, WindowItem
 from pipeline.batching import TowerBatcher
+from pipeline.reader import ReaderHost
 
-__all__ = ["SourceActor", "HostedSource", "StreamReader", "AlignerActor", "EncoderActor",
-           "PublisherActor", "PublisherRestartedError"]
+__all__ = ["AlignerActor", "EncoderActor", "PublisherActor", "PublisherRestartedError"]
 
 log = logging.getLogger(__name__)
-
-
-def _result(ref: Any) -> Any:
-    """What a call to the aligner returned: a Ray ref, or a future of an in-process call."""
-    return ref.result() if isinstance(ref, concurrent.futures.Future) else ray.get(ref)
-
-
-def _is_ready(ref: Any) -> bool:
-    return ref.done() if isinstance(ref, concurrent.futures.Future) else bool(ray.wait([ref], timeout=0)[0])
-
-
-class _InProcessAligner:
-    """An :class:`AlignerActor` as the readers it hosts call it (``sources.process: session``):
-    the same ``aligner.push.remote(...)`` calls as on an actor handle, run on the actor's event
-    loop from the reader's thread, each returning a :class:`concurrent.futures.Future`. The
-    chunk goes by reference: no serialisation, no Ray call, no second process."""
-
-    class _Method:
-        def __init__(self, owner: "_InProcessAligner", name: str) -> None:
-            self._owner, self._name = owner, name
-
-        def remote(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-            method = getattr(self._owner.actor, self._name)
-
-            async def call() -> Any:
-                out = method(*args, **kwargs)
-                return await out if asyncio.iscoroutine(out) else out
-
-            return asyncio.run_coroutine_threadsafe(call(), self._owner.loop)
-
-    def __init__(self, actor: "AlignerActor", loop: asyncio.AbstractEventLoop) -> None:
-        self.actor, self.loop = actor, loop
-        self.push = self._Method(self, "push")
-        self.wait_origin = self._Method(self, "wait_origin")
-        self.end_stream = self._Method(self, "end_stream")
-        self.progress = self._Method(self, "progress")
-
-
-class StreamReader:
-    """Reads one stream and pushes its chunks to the session's aligner, paced by ``rate``: the
-    body of a :class:`SourceActor` (one process per stream), or one of the streams an
-    :class:`AlignerActor` reads in threads of its own process (``sources.process: session``),
-    where ``aligner`` is an :class:`_InProcessAligner`."""
-
-    def __init__(self, session: str, spec: Any, aligner: Any, options: dict[str, Any],
-                 shared_process: bool = False) -> None:
-        self.shared_process = shared_process  # other streams run in this process too
-        self.session = session
-        self.spec = spec
-        self.aligner = aligner
-        self.options = options
-        self._stop = False
-        self.chunks = 0
-        self.samples = 0
-        self._live: Any = None  # live source: stop() ends it
-        self._recorder: Any = None  # live recording: written as chunks are pushed
-        self._grid_origin: float | None = None  # the session's window origin, once the aligner says
-
-    def stop(self) -> None:
-        self._stop = True
-        if self._live is not None:
-            self._live.stop()
-
-    def pid(self) -> int:
-        """The process id (fault tests kill it; the driver then ends the stream, see run.py)."""
-        return os.getpid()
-
-    def ready(self) -> int:
-        """Import what :meth:`run` needs and return the pid. The driver waits for every source
-        of the run before starting any, so the streams start reading together and a slow actor
-        start (a fresh Python process importing PyAV and numpy) is not taken for a lagging stream."""
-        import sources.guard  # noqa: F401
-        import sources.live  # noqa: F401
-        import sources.replay  # noqa: F401
-
-        # The first call to an actor sets up the connection to it (tenths of a second on a busy
-        # machine): made here, not by the first chunk of the run. (In process: a no-op.)
-        _result(self.aligner.progress.remote())
-        return os.getpid()
-
-    def run(self, rate: float, max_inflight: int, start_at: float | None = None) -> dict[str, Any]:
-        """Read the stream to its end, pushing chunks to the aligner. ``start_at``: the wall time
-        (``time.time()``) at which every stream of the run starts, for paced replay."""
-        from sources.guard import StreamGuard
-        from pipeline.metrics import source_cpu_split
-        from sources.base import Chunk
-        from sources._common import Prefetch
-        from sources.replay import ReplayPacer, open_source
-
-        stream = self.spec.id
-        error: str | None = None
-        inflight: collections.deque = collections.deque()
-        source = None
-        prefetch = None
-        guard = None
-        select = None
-        cpu0, wall_start = time.process_time(), time.time()  # this actor is the stream's own process
-        thread0 = time.thread_time()  # this method's thread: the base of the decode/resize/other split
-        try:
-            # max_gap_s belongs to the guard (sources/guard.py), not to the source readers;
-            # align/select_frames to the frame selector (replay only: a live frame is already here).
-            opts = {k: v for k, v in self.options.items() if k not in ("max_gap_s", "align", "select_frames")}
-            guard = StreamGuard(self.session, stream, self.spec.modality,
-                                max_gap_s=float(self.options.get("max_gap_s") or 0.0))
-            if self.spec.live is None:
-                select = self._selector()
-                source = open_source(self.spec, select=select, **opts)
-            else:
-                source = self._open_live(opts)
-            align = self.options.get("align")
-            if align is not None and align.origin is not None:
-                self._grid_origin = float(align.origin)
-            pacer = None
-            if rate > 0 and self._live is None:
-                pacer = ReplayPacer(rate, float(self.options.get("chunk_seconds") or 1.0), next_need=self._next_need,
-                                    wall0=start_at)
-            sent_upto = -math.inf  # stream time up to which the aligner has every sample
-            reader = source
-            if pacer is not None:
-                # Paced replay: decode ahead in a thread of lower priority, in the slack before
-                # each chunk is due: half a chunk's period after the last one went out, away
-                # from the window ends where the encoder needs the cores.
-                prefetch = Prefetch(source, depth=2, niceness=4, holdoff_s=pacer.every / rate / 2,
-                                    after_first=lambda: select is None or select.origin is not None,
-                                    after_first_s=max(0.0, (start_at or 0.0) - time.time()) + 0.5)
-                reader = prefetch
-
-            def send(chunk: Any, due: float | None = None) -> None:
-                nonlocal sent_upto
-                # A sample sent before the replay clock reaches it (a stream's first, see
-                # _paced_pieces) counts as entering when a live source could have sent it.
-                chunk.t_ingest = max(time.time(), due) if due is not None else time.time()
-                while len(inflight) >= max_inflight:
-                    self._origin(select, _result(inflight.popleft()))  # raises if the aligner refused the chunk
-                inflight.append(self.aligner.push.remote(chunk, self.chunks))
-                if self._grid_origin is None:
-                    # The selector keeps every frame, and paced replay cannot aim its watermarks
-                    # at window ends, until the grid is known: ask early.
-                    if _is_ready(inflight[0]):
-                        self._origin(select, _result(inflight.popleft()))
-                if self._recorder is not None and len(chunk):
-                    self._recorder.write(chunk)
-                self.chunks += 1
-                self.samples += len(chunk)
-                if len(chunk):
-                    sent_upto = max(sent_upto, float(np.nanmax(chunk.t)))
-                if chunk.passed is not None:
-                    sent_upto = max(sent_upto, float(chunk.passed))
-
-            for chunk in reader:
-                if self._stop and self._live is None:  # a live source drains what it holds, then ends
-                    break
-                chunk = guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
-                if len(chunk) == 0:
-                    continue
-                if pacer is None:
-                    send(chunk)
-                    continue
-                # Paced replay (sources.replay.ReplayPacer): the chunk is cut where windows wait
-                # for the stream, and each piece waits until a live source could send it;
-                # watermark-only chunks tell the aligner meanwhile that a sparse stream has
-                # nothing before the replay clock.
-                for piece, paced in self._paced_pieces(pacer, chunk, select, start_at):
-                    if not paced:
-                        send(piece, due=pacer.anchor(piece))
-                        continue
-                    for x in pacer.wait(piece, lambda: sent_upto):
-                        send(Chunk(stream=stream, modality=self.spec.modality, t=np.empty(0, dtype=np.float64),
-                                   data=[] if self.spec.modality == "text" else np.empty(0, dtype=np.float32),
-                                   meta={"session": self.session}, passed=x))
-                    send(piece)
-            while inflight:
-                _result(inflight.popleft())
-        except Exception as exc:  # reported with the stream id; other streams go on
-            error = f"{type(exc).__name__}: {exc}"
-            log.error("session '%s' stream '%s' failed: %s", self.session, stream, error)
-        if prefetch is not None:
-            prefetch.close()
-        dropped = dict(getattr(source, "dropped", {}) or {})
-        if guard is not None:
-            dropped = guard.merge_into(dropped)
-        for ref in inflight:
-            try:
-                _result(ref)
-            except Exception:
-                pass
-        try:
-            _result(self.aligner.end_stream.remote(stream, error, dropped, self.chunks))
-        except ray.exceptions.RayActorError as exc:  # the session's aligner died: the driver reports it
-            error = error or f"aligner died: {str(exc).splitlines()[0]}"
-        # In a shared process only this stream's threads count (process time would hold the others').
-        split = source_cpu_split(source, time.thread_time() - thread0
-                                 + (prefetch.thread_s if prefetch is not None else 0.0))
-        return {"stream": stream, "chunks": self.chunks, "samples": self.samples, "error": error, "dropped": dropped,
-                "cpu_s": split["total_s"] if self.shared_process else time.process_time() - cpu0,
-                "wall_s": time.time() - wall_start, "t_start": wall_start, "cpu_split": split,
-                "frames_skipped": select.skipped if select is not None else 0,
-                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                **self._close_record()}
-
-    def _paced_pieces(self, pacer: Any, chunk: Any, select: Any,
-                      start_at: float | None) -> Iterator[tuple[Any, bool]]:
-        """``chunk`` in the pieces paced replay sends (``ReplayPacer.split``), each with whether
-        it waits for the replay clock. The stream's very first sample goes alone and at once,
-        before the clock starts (``start_at``; it promises nothing past itself, so a sparse
-        stream does not hold it back for a watermark). The session's grid is fixed from every
-        stream's first sample, so it is known before the clock starts: the rest of the first
-        chunk is cut at the first window's end, and the frame selector and the read-ahead
-        (``Prefetch``) work from the first chunk on, not in the first window."""
-        from sources.replay import cut_chunk
-
-        if self._grid_origin is None and self.chunks == 0:
-            if len(chunk) > 1:
-                head, chunk = cut_chunk(chunk, 1)
-            else:
-                head, chunk = chunk, None
-            head.passed = None
-            yield head, False
-            wait_s = 0.25 + max(0.0, (start_at or 0.0) - time.time())
-            self._origin(select, _result(self.aligner.wait_origin.remote(wait_s)))
-            if chunk is None:
-                return
-        for piece in pacer.split(chunk):
-            yield piece, True
-
-    def _selector(self) -> Any:
-        """The stream's frame selector (docs/alignment.md), or ``None``: off, or every frame counts."""
-        from pipeline.align import frame_selector
-
-        if not self.options.get("select_frames") or self.options.get("align") is None:
-            return None
-        return frame_selector(self.spec.modality, self.options["align"])
-
-    def _origin(self, select: Any, reply: Any) -> None:
-        """``AlignerActor.push`` replies with the session's window origin once it is fixed."""
-        if reply is None or self._grid_origin is not None:
-            return
-        self._grid_origin = float(reply)
-        if select is not None and select.origin is None:
-            select.origin = self._grid_origin
-
-    def _next_need(self, x: float) -> float | None:
-        """When the aligner next waits for this stream (paced replay aims its watermarks there)."""
-        from pipeline.align import next_need
-
-        align = self.options.get("align")
-        if align is None or self._grid_origin is None or self.spec.modality not in align.spans:
-            return None
-        return next_need(align, self.spec.modality, self._grid_origin, x)
-
-    # -- live streams (docs/live.md) ----------------------------------------------------------
-    def _open_live(self, opts: dict[str, Any]) -> Any:
-        """The live source for the stream, and its recorder when the run records.
-        ``opts`` carries ``epoch`` (the session clock) and ``record_dir`` besides the usual ones."""
-        from sources.clock import SessionClock
-        from sources.live import open_live_source
-
-        opts = dict(opts)
-        epoch = opts.pop("epoch")
-        record_dir = opts.pop("record_dir", None)
-        self._live = open_live_source(self.spec, SessionClock(epoch), **opts)
-        if self._stop:
-            self._live.stop()
-        if record_dir:
-            from sources.record import StreamRecorder
-
-            self._recorder = StreamRecorder(record_dir, self.spec.id, self.spec.modality)
-        return self._live
-
-    def _close_record(self) -> dict[str, Any]:
-        if self._recorder is None:
-            return {}
-        try:
-            entry = self._recorder.close()
-        except Exception as exc:
-            log.error("session '%s' stream '%s': closing the recording failed: %s", self.session, self.spec.id, exc)
-            entry = None
-        return {"record": entry, "record_error": self._recorder.error, "session": self.session,
-                "clock_offsets": list(self._live.clock.applied) if self._live else [],
-                "clock_mapping": getattr(self._live, "clock_mapping", None)}  # url/device: rtcp, estimated, arrival
-
-
-@ray.remote(num_cpus=0, max_concurrency=2)
-class SourceActor(StreamReader):
-    """:class:`StreamReader` as a Ray actor, adding nothing else: one stream in a process of its
-    own (``sources.process: stream``), so a crash of its decoder takes no other stream with it."""
-
-
-class HostedSource:
-    """The driver's handle on one stream read in its session's aligner process
-    (``sources.process: session``), with a :class:`SourceActor` handle's calls
-    (``src.run.remote(...)``)."""
-
-    class _Call:
-        def __init__(self, method: Any, stream: str) -> None:
-            self._method, self._stream = method, stream
-
-        def remote(self, *args: Any, **kwargs: Any) -> Any:
-            return self._method.remote(self._stream, *args, **kwargs)
-
-    def __init__(self, aligner: Any, stream: str) -> None:
-        self.ready = self._Call(aligner.source_ready, stream)
-        self.run = self._Call(aligner.source_run, stream)
-        self.stop = self._Call(aligner.source_stop, stream)
-        self.pid = self._Call(aligner.pid, stream)
 
 
 @ray.remote(num_cpus=0)
@@ -631,10 +322,10 @@ class PublisherActor:
 class AlignerActor:
     """Windows one session, sends released items to the encoders, publishes in window order.
 
-    With ``sources`` (``sources.process: session``, the default) it also reads the session's
-    streams, each in a thread of this process (:meth:`source_run`): their chunks reach
-    :meth:`push` by reference, without a Ray call (bench/RESULTS.md: tenth session). A crash of
-    the process ends the whole session (the driver reports each stream, run.py)."""
+    It also reads the session's ``sources``, each in a thread of this process
+    (:meth:`source_run`, :class:`pipeline.reader.ReaderHost`): their chunks reach :meth:`push` by
+    reference, without a Ray call. A crash of the process ends the whole session (the driver
+    reports each stream, run.py)."""
 
     def __init__(
         self,
@@ -655,9 +346,7 @@ class AlignerActor:
         logging.basicConfig(level=logging.INFO)
         self.session = session
         self.streams = streams
-        self._sources = list(sources or [])  # (StreamSpec, options): read here, see source_run
-        self._readers: dict[str, StreamReader] = {}
-        self._reader_pool: ThreadPoolExecutor | None = None
+        self._readers = ReaderHost(session, list(sources or []), self)  # (StreamSpec, options) each
         if live and live.get("idle_timeout_s"):
             # Live: a silent sensor holds the session's windows back at most this long.
             align = dataclasses.replace(align, idle_after=float(live["idle_timeout_s"]))
@@ -707,35 +396,21 @@ class AlignerActor:
         self.restart_timeout_s = 120.0  # how long a batch waits for a restarting encoder (or publisher)
         self._publisher_init(publish_start)  # publisher restarts
 
-    # -- the session's sources, read in this process (sources.process: session) ---------------
-    def _reader(self, stream: str) -> StreamReader:
-        if not self._readers:
-            port = _InProcessAligner(self, asyncio.get_running_loop())
-            self._readers = {spec.id: StreamReader(self.session, spec, port, opts, shared_process=True)
-                             for spec, opts in self._sources}
-            # A thread per stream for its run, and as many again for ready() calls made meanwhile.
-            self._reader_pool = ThreadPoolExecutor(max_workers=2 * len(self._readers), thread_name_prefix="source")
-        return self._readers[stream]
-
+    # -- the session's sources, read in threads of this process (pipeline.reader) -----------
     async def source_ready(self, stream: str) -> int:
-        """:meth:`StreamReader.ready` for ``stream``, in a thread of this process."""
-        reader = self._reader(stream)
-        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, reader.ready)
+        """:meth:`pipeline.reader.StreamReader.ready` for ``stream``; returns the process id."""
+        return await self._readers.ready(stream)
 
     async def source_run(self, stream: str, rate: float, max_inflight: int,
                          start_at: float | None = None) -> dict[str, Any]:
-        """:meth:`StreamReader.run` for ``stream``, in a thread of this process: its pushes run
-        on this event loop, between the encoder and publisher calls."""
-        reader = self._reader(stream)
-        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, reader.run, rate, max_inflight,
-                                                                start_at)
+        """Read ``stream`` to its end (:meth:`pipeline.reader.StreamReader.run`); returns its end stats."""
+        return await self._readers.run(stream, rate, max_inflight, start_at)
 
     async def source_stop(self, stream: str) -> None:
-        self._reader(stream).stop()
+        self._readers.stop(stream)
 
-    def pid(self, stream: str | None = None) -> int:
-        """The process id: the aligner's, and with ``sources.process: session`` its sources'
-        (fault tests kill it: the whole session goes, see run.py)."""
+    def pid(self) -> int:
+        """The process id of the session: its aligner and its readers (fault tests kill it)."""
         return os.getpid()
 
     # -- lifecycle -------------------------------------------------------------------------

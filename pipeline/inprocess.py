@@ -12,11 +12,11 @@ notebooks and small jobs that want embeddings without starting Ray::
     sink = ListSink(model_name="imagebind_tiny")
     result = run_inprocess([load_session(path)], model, sink, align=AlignConfig())
 
-The loop reads one chunk from every stream in turn (as concurrent source actors would deliver
+The loop reads one chunk from every stream in turn (as concurrent stream readers would deliver
 them), releases windows, encodes released items per modality in batches of ``max_batch``
 once ``max_batch`` windows are waiting or the oldest waited ``max_wait_s`` (the encoders' rule),
 and publishes them in window order. At ``rate > 0`` each chunk is read when it is known
-complete (``Chunk.known_at``) on the session clock; unlike the source actors there are no
+complete (``Chunk.known_at``) on the session clock; unlike the stream readers there are no
 watermark-only chunks between a sparse stream's samples. Memory is bounded: at most
 ``max_batch`` windows (plus one round) are held.
 """
@@ -47,7 +47,7 @@ def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, sele
                     max_gap_s: float = SourcesConfig.max_gap_s, **source_options: Any) -> list[Window]:
     """Every window of a recorded session, aligned in this process: the reference for what the
     graph publishes (tests, benchmarks). Streams are read round-robin, one chunk at a time, as
-    concurrent source actors would deliver them; the windows do not depend on that order.
+    concurrent stream readers would deliver them; the windows do not depend on that order.
     Every frame is read unless ``select_frames`` (the graph's default, which must give the same
     windows: docs/alignment.md). ``max_gap_s``: the clock-jump guard, as ``sources.max_gap_s``."""
     from sources.guard import StreamGuard

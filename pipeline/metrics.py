@@ -55,7 +55,8 @@ def percentiles(values: Iterable[float], qs: tuple[float, ...] = (50, 99)) -> di
 
 
 def source_cpu_split(source: Any, thread_s: float) -> dict[str, Any]:
-    """CPU seconds of one stream's source by part, for the source actor's end stats.
+    """CPU seconds of one stream's source by part, for its reader's end stats
+    (:class:`pipeline.reader.StreamReader`).
 
     ``thread_s`` is the ``time.thread_time()`` of the thread that iterated ``source`` (opening
     it, reading, pacing, pushing chunks). A replay source's ``cpu`` meter
@@ -68,7 +69,8 @@ def source_cpu_split(source: Any, thread_s: float) -> dict[str, Any]:
         other_s    the rest of the thread: parsing, the guard, pacing, Ray pushes
         total_s    thread_s + the helper threads' CPU = decode_s + resize_s + other_s
 
-    The source actor's process CPU (``cpu_s``) is larger: it also holds Ray's own threads.
+    The reader reports ``total_s`` as the stream's ``cpu_s``: its process also reads the
+    session's other streams and runs the aligner and Ray's own threads.
 
     A source without a meter (the live sources; the CSV, JSONL and ``.npy`` readers, which
     neither decode media nor resize) reports all of its thread as ``other_s``, ``measured: False``.

@@ -39,7 +39,7 @@ class RunResult:
     model: dict[str, Any]
     elapsed_s: float
     encoder_stats: list[dict[str, Any]] = field(default_factory=list)
-    # What each source actor's run returned (stream, chunks, samples, error, dropped, cpu_s, wall_s,
+    # What each stream's reader returned (stream, chunks, samples, error, dropped, cpu_s, wall_s, node_id, pid,
     # cpu_split: decode/resize/other seconds, see pipeline.metrics.source_cpu_split; frames_skipped:
     # frames left out by frame selection, docs/alignment.md).
     source_stats: list[dict[str, Any]] = field(default_factory=list)
@@ -149,135 +149,30 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     publisher is bound, before any data flows (tests connect their subscribers there)."""
     import ray
 
-    from pipeline.actors import AlignerActor, EncoderActor, HostedSource, PublisherActor, SourceActor
-
     specs = prepare_sessions(cfg)
     live = _live_settings(cfg, specs)  # None unless a session is live
     model_opts = resolve_model_options(cfg)
     curve = curve_server_config(cfg)
     started_ray = _ray_init(cfg)
     t0 = time.time()
-    actors: list[Any] = []
+    actors: list[Any] = []  # every actor of the run, killed at its end
     try:
-        enc_opts: dict[str, Any] = {}
-        num_gpus = cfg.encoders.num_gpus
-        if num_gpus == "auto":
-            num_gpus = 1 if str(model_opts["device"]).startswith("cuda") else 0
-        if num_gpus:
-            enc_opts["num_gpus"] = num_gpus
-        enc_opts.update(_placement(cfg, "encoder_resources"))
         # Named (unique per run) so operators and fault tests can find them: ray.get_actor(name).
         uid = uuid.uuid4().hex[:8]
-        encoders = [
-            EncoderActor.options(name=f"bindstream.encoder.{i}.{uid}", max_restarts=2, max_task_retries=0,
-                                 **enc_opts).remote(
-                model_opts, int(cfg.encoders.max_batch), float(cfg.encoders.max_wait_ms),
-                prepare_ahead=_prepare_ahead(cfg.encoders.prepare_ahead, model_opts["device"]),
-                imu_span=cfg.align.spans["imu"].span,
-            )
-            for i in range(int(cfg.encoders.replicas))
-        ]
-        actors += encoders
-        infos = ray.get([e.info.remote() for e in encoders])
-        info = infos[0]
-        # Each tower's one-off first-call costs are paid here, not by the first windows.
-        warm = ray.get([e.warmup.remote() for e in encoders])
-        log.info("encoders warmed up in %.2f s", max(warm))
-        pub_opts = {
-            "endpoint": cfg.publish.endpoint,
-            "mode": "live" if live else "replay",
-            "wait_for_subscribers": int(cfg.publish.wait_for_subscribers),
-            "wait_timeout_s": cfg.publish.wait_timeout_s,
-            "hwm": int(cfg.publish.hwm),
-            "sndbuf": int(cfg.publish.sndbuf),
-            "model_name": info["model"],
-            "curve": curve,
-        }
-        for attempt in range(3):
-            # A "*" port is fixed here, so that a restarted publisher binds the same one and
-            # subscribers reconnect by themselves. Another process may take it before the
-            # publisher binds it: then pick again.
-            pub_opts["endpoint"] = _fixed_endpoint(cfg.publish.endpoint)
-            publisher = PublisherActor.options(name=f"bindstream.publisher.{uid}" + (f".{attempt}" if attempt else ""),
-                                               max_restarts=PUBLISHER_MAX_RESTARTS, max_task_retries=0,
-                                               **_placement(cfg, "publisher_resources")).remote(pub_opts)
-            actors.append(publisher)
-            try:
-                endpoint = ray.get(publisher.endpoint.remote())
-                break
-            except ray.exceptions.RayActorError as exc:
-                picked = pub_opts["endpoint"] != cfg.publish.endpoint
-                if not picked or attempt == 2 or "Address already in use" not in str(exc):
-                    raise
-                log.warning("publisher: %s was taken before the publisher bound it; picking another port",
-                            pub_opts["endpoint"])
-        log.info("publishing on %s (model %s, dim %d, %s %s)", endpoint, info["model"], info["dim"],
-                 info["device"], info["dtype"])
+        encoders, info = _start_encoders(cfg, model_opts, uid, actors)
+        publisher, endpoint = _start_publisher(cfg, info, live, curve, uid, actors)
         if on_ready is not None:
             on_ready(endpoint)
         ray.get(publisher.wait_for_subscribers.remote())
-
-        aligners, sources, runs = [], [], []
-        source_procs: list[Any] = []  # SourceActor per stream (sources.process: stream)
-        watch = _SourceWatch()
-        hosted = True  # a session's sources in its aligner's process
-        src_opts = {
-            "chunk_seconds": cfg.chunk_seconds,
-            "video_size": int(cfg.sources.video_size),
-            "max_pixels": int(cfg.sources.max_pixels),
-            "max_gap_s": float(cfg.sources.max_gap_s),
-            "select_frames": bool(cfg.sources.select_frames),  # docs/alignment.md
-            "align": cfg.align,
-        }
-        for spec in specs:
-            streams = {s.id: s.modality for s in spec.streams}
-            unsupported = sorted({m for m in streams.values() if m not in info["modalities"]})
-            if unsupported:
-                raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
-            # start first: its seqs go to the aligner, which resumes a restarted publisher from them.
-            start_seqs = ray.get(publisher.start_session.remote(
-                spec.name, streams, info["model"], info["dim"]))
-            opts = _live_source_options(src_opts, live, spec) if spec.live else src_opts
-            # Named (unique per run) like the encoders: operators and fault tests find them.
-            # Hosting the session's sources, the aligner goes where sources are placed.
-            al = AlignerActor.options(name=f"bindstream.aligner.{spec.name}.{uid}",
-                                      **(_placement(cfg, "source_resources") if hosted else {})).remote(
-                spec.name, streams, cfg.align, encoders, publisher,
-                max_inflight_windows=int(cfg.encoders.max_inflight_windows),
-                coalesce_ms=float(cfg.encoders.coalesce_ms),
-                heartbeat_s=float(cfg.publish.heartbeat_s),
-                live=live["aligner"] if live and spec.live else None,
-                publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
-                sources=[(s, opts) for s in spec.streams] if hosted else None,
-            )
-            aligners.append(al)
-            if hosted:
-                members = [HostedSource(al, s.id) for s in spec.streams]
-            else:
-                members = [SourceActor.options(name=f"bindstream.source.{spec.name}.{s.id}.{uid}",
-                                               **_placement(cfg, "source_resources")).remote(spec.name, s, al, opts)
-                           for s in spec.streams]
-                source_procs += members
-            for s, src in zip(spec.streams, members):
-                sources.append(src)
-                watch.add(src, al, spec.name, s.id)
-        actors += aligners + source_procs
-        # Every actor started before any stream reads (StreamReader.ready). Failures are left to
-        # the run calls below, which report them per stream.
-        starting = [s.ready.remote() for s in sources] + [a.connect.remote() for a in aligners]
+        aligners = _start_sessions(cfg, specs, info, live, encoders, publisher, uid, actors)
+        # Every stream ready and every aligner connected before any stream reads. Failures are
+        # left to the run calls, which report them per stream.
+        starting = [al.source_ready.remote(s.id) for spec, al in zip(specs, aligners) for s in spec.streams]
+        starting += [al.connect.remote() for al in aligners]
         ray.wait(starting, num_returns=len(starting), timeout=120)
         done_refs = [al.wait_done.remote() for al in aligners]
-        # Paced replay keeps one clock for every stream: each maps its first sample to this
-        # wall time, however late its run call lands. The lead lets every source read its
-        # first chunks ahead and the aligners fix each session's grid before the clock starts,
-        # so the first windows do not meet the start-up decoding (StreamReader._paced_pieces).
-        lead = min(3.0, 2 * cfg.chunk_seconds / cfg.rate) if cfg.rate > 0 else 0.0
-        start_at = time.time() + 0.1 + lead
-        for src in sources:
-            runs.append(src.run.remote(cfg.rate, cfg.max_inflight_chunks, start_at))
-        watch.started(runs)
-
-        summaries = _wait(done_refs, aligners, specs, sources, progress, watch=watch,
+        watch = _start_streams(cfg, specs, aligners)
+        summaries = _wait(done_refs, aligners, specs, progress, watch=watch,
                           stop_after=cfg.stop_after if live else None, publisher=publisher)
         watch.poll(final=True)
         if live:
@@ -294,6 +189,135 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 pass
         if started_ray:
             ray.shutdown()
+
+
+def _start_encoders(cfg: RunConfig, model_opts: dict[str, Any], uid: str,
+                    actors: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The encoder actors (added to ``actors``), warmed up, and the model's ``info()``."""
+    import ray
+
+    from pipeline.actors import EncoderActor
+
+    enc_opts: dict[str, Any] = {}
+    num_gpus = cfg.encoders.num_gpus
+    if num_gpus == "auto":
+        num_gpus = 1 if str(model_opts["device"]).startswith("cuda") else 0
+    if num_gpus:
+        enc_opts["num_gpus"] = num_gpus
+    enc_opts.update(_placement(cfg, "encoder_resources"))
+    encoders = [
+        EncoderActor.options(name=f"bindstream.encoder.{i}.{uid}", max_restarts=2, max_task_retries=0,
+                             **enc_opts).remote(
+            model_opts, int(cfg.encoders.max_batch), float(cfg.encoders.max_wait_ms),
+            prepare_ahead=_prepare_ahead(cfg.encoders.prepare_ahead, model_opts["device"]),
+            imu_span=cfg.align.spans["imu"].span,
+        )
+        for i in range(int(cfg.encoders.replicas))
+    ]
+    actors += encoders
+    infos = ray.get([e.info.remote() for e in encoders])
+    # Each tower's one-off first-call costs are paid here, not by the first windows.
+    warm = ray.get([e.warmup.remote() for e in encoders])
+    log.info("encoders warmed up in %.2f s", max(warm))
+    return encoders, infos[0]
+
+
+def _start_publisher(cfg: RunConfig, info: dict[str, Any], live: dict[str, Any] | None, curve: Any, uid: str,
+                     actors: list[Any]) -> tuple[Any, str]:
+    """The publisher actor (added to ``actors``), bound; and its endpoint."""
+    import ray
+
+    from pipeline.actors import PublisherActor
+
+    pub_opts = {
+        "endpoint": cfg.publish.endpoint,
+        "mode": "live" if live else "replay",
+        "wait_for_subscribers": int(cfg.publish.wait_for_subscribers),
+        "wait_timeout_s": cfg.publish.wait_timeout_s,
+        "hwm": int(cfg.publish.hwm),
+        "sndbuf": int(cfg.publish.sndbuf),
+        "model_name": info["model"],
+        "curve": curve,
+    }
+    for attempt in range(3):
+        # A "*" port is fixed here, so that a restarted publisher binds the same one and
+        # subscribers reconnect by themselves. Another process may take it before the
+        # publisher binds it: then pick again.
+        pub_opts["endpoint"] = _fixed_endpoint(cfg.publish.endpoint)
+        publisher = PublisherActor.options(name=f"bindstream.publisher.{uid}" + (f".{attempt}" if attempt else ""),
+                                           max_restarts=PUBLISHER_MAX_RESTARTS, max_task_retries=0,
+                                           **_placement(cfg, "publisher_resources")).remote(pub_opts)
+        actors.append(publisher)
+        try:
+            endpoint = ray.get(publisher.endpoint.remote())
+            break
+        except ray.exceptions.RayActorError as exc:
+            picked = pub_opts["endpoint"] != cfg.publish.endpoint
+            if not picked or attempt == 2 or "Address already in use" not in str(exc):
+                raise
+            log.warning("publisher: %s was taken before the publisher bound it; picking another port",
+                        pub_opts["endpoint"])
+    log.info("publishing on %s (model %s, dim %d, %s %s)", endpoint, info["model"], info["dim"],
+             info["device"], info["dtype"])
+    return publisher, endpoint
+
+
+def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, Any], live: dict[str, Any] | None,
+                    encoders: list[Any], publisher: Any, uid: str, actors: list[Any]) -> list[Any]:
+    """One aligner actor per session (added to ``actors``), which also reads the session's
+    streams; each session's ``start`` is published first."""
+    import ray
+
+    from pipeline.actors import AlignerActor
+
+    src_opts = {
+        "chunk_seconds": cfg.chunk_seconds,
+        "video_size": int(cfg.sources.video_size),
+        "max_pixels": int(cfg.sources.max_pixels),
+        "max_gap_s": float(cfg.sources.max_gap_s),
+        "select_frames": bool(cfg.sources.select_frames),  # docs/alignment.md
+        "align": cfg.align,
+    }
+    aligners = []
+    for spec in specs:
+        streams = {s.id: s.modality for s in spec.streams}
+        unsupported = sorted({m for m in streams.values() if m not in info["modalities"]})
+        if unsupported:
+            raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
+        # start first: its seqs go to the aligner, which resumes a restarted publisher from them.
+        start_seqs = ray.get(publisher.start_session.remote(
+            spec.name, streams, info["model"], info["dim"]))
+        opts = _live_source_options(src_opts, live, spec) if spec.live else src_opts
+        # Reading the session's streams, the aligner goes where sources are placed.
+        al = AlignerActor.options(name=f"bindstream.aligner.{spec.name}.{uid}",
+                                  **_placement(cfg, "source_resources")).remote(
+            spec.name, streams, cfg.align, encoders, publisher,
+            max_inflight_windows=int(cfg.encoders.max_inflight_windows),
+            coalesce_ms=float(cfg.encoders.coalesce_ms),
+            heartbeat_s=float(cfg.publish.heartbeat_s),
+            live=live["aligner"] if live and spec.live else None,
+            publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
+            sources=[(s, opts) for s in spec.streams],
+        )
+        aligners.append(al)
+        actors.append(al)
+    return aligners
+
+
+def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]) -> "_SourceWatch":
+    """Start reading every stream; the watch that collects their end stats.
+
+    Paced replay keeps one clock for every stream: each maps its first sample to one wall time,
+    however late its run call lands. The lead lets every stream read its first chunks ahead and
+    the aligners fix each session's grid before the clock starts, so the first windows do not
+    meet the start-up decoding (``StreamReader._paced_pieces``)."""
+    lead = min(3.0, 2 * cfg.chunk_seconds / cfg.rate) if cfg.rate > 0 else 0.0
+    start_at = time.time() + 0.1 + lead
+    watch = _SourceWatch()
+    for spec, al in zip(specs, aligners):
+        for s in spec.streams:
+            watch.add(al.source_run.remote(s.id, cfg.rate, cfg.max_inflight_chunks, start_at), al, s.id)
+    return watch
 
 
 def _prepare_ahead(setting: str | bool, device: str) -> bool:
@@ -362,9 +386,10 @@ def _close_publisher(publisher: Any) -> dict[str, Any]:
         return {}
 
 
-def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], sources: list[Any],
-          progress: bool | None, watch: "_SourceWatch | None" = None,
-          stop_after: float | None = None, publisher: Any = None) -> list[dict[str, Any]]:
+def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], progress: bool | None,
+          watch: "_SourceWatch", stop_after: float | None = None, publisher: Any = None) -> list[dict[str, Any]]:
+    """Every session's summary, once all are done; stops the streams on SIGINT/SIGTERM or at
+    ``stop_after`` seconds (live), and at a second signal at once."""
     import ray
 
     bars = _progress_bars(specs, progress)
@@ -376,8 +401,7 @@ def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], s
         if interrupted["n"] >= 2:
             raise KeyboardInterrupt
         log.warning("stopping: draining in-flight windows (press Ctrl-C again to stop at once)")
-        for s in sources:
-            s.stop.remote()
+        watch.stop()
 
     old = {}
     if _is_main_thread():
@@ -391,10 +415,8 @@ def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], s
             if stop_at is not None and time.monotonic() >= stop_at:  # live: stop_after reached
                 log.info("stop_after %.1f s reached: stopping the live sources", stop_after)
                 stop_at = None
-                for s in sources:
-                    s.stop.remote()
-            if watch is not None:
-                watch.poll()
+                watch.stop()
+            watch.poll()
             _poll_progress(aligners, last)
             for bar, p in zip(bars, last):
                 if p is not None:
@@ -424,11 +446,11 @@ def _poll_progress(aligners: list[Any], last: list[dict[str, Any] | None]) -> No
 
 def _session_result(ref: Any, spec: SessionSpec, publisher: Any, progress: dict[str, Any] | None) -> dict[str, Any]:
     """The session's summary from its aligner, or, where the aligner's process died (killed,
-    crashed, node lost; with ``sources.process: session`` it was also reading the session's
-    streams), one the driver makes: every stream named with the error, so the run exits 3,
-    and the counts the publisher delivered. Subscribers get the session's ``end`` with the same
-    errors; windows released but not yet published when the process died are lost (counted
-    in ``windows``, missing from ``counts``). Other sessions are not affected."""
+    crashed, node lost; it was also reading the session's streams), one the driver makes: every
+    stream named with the error, so the run exits 3, and the counts the publisher delivered.
+    Subscribers get the session's ``end`` with the same errors; windows released but not yet
+    published when the process died are lost (counted in ``windows``, missing from ``counts``).
+    Other sessions are not affected."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -468,43 +490,34 @@ def curve_server_config(cfg: RunConfig) -> Any:
 
 
 class _SourceWatch:
-    """Notices source actors that died (SIGKILL, node loss: no ``end_stream`` ever comes) and
-    ends their stream at the aligner with the error, so the session finishes without them
-    and the run exits 3. A source that fails cleanly reports itself; this is for the rest.
-    Where the aligner died too (the same process with ``sources.process: session``), the
-    session's result says so (:func:`_session_result`)."""
+    """Each stream's run call (``AlignerActor.source_run``): collects its end stats as it ends,
+    and stops every stream when the run is told to. A stream whose session process died has
+    no stats, only the error; the session's result names every such stream (:func:`_session_result`)."""
 
     def __init__(self) -> None:
-        self._owners: list[tuple[Any, Any, str, str]] = []  # (source, aligner, session, stream)
-        self._refs: dict[Any, tuple[Any, str, str]] = {}
+        self._runs: dict[Any, tuple[Any, str]] = {}  # run ref -> (aligner, stream)
         self.results: list[dict[str, Any]] = []
 
-    def add(self, source: Any, aligner: Any, session: str, stream: str) -> None:
-        self._owners.append((source, aligner, session, stream))
+    def add(self, run: Any, aligner: Any, stream: str) -> None:
+        self._runs[run] = (aligner, stream)
 
-    def started(self, runs: list[Any]) -> None:
-        self._refs = {ref: owner[1:] for ref, owner in zip(runs, self._owners)}
+    def stop(self) -> None:
+        for aligner, stream in list(self._runs.values()):
+            aligner.source_stop.remote(stream)
 
     def poll(self, final: bool = False) -> None:
         import ray
         from ray.exceptions import RayActorError
 
-        if not self._refs:
+        if not self._runs:
             return
-        ready, _ = ray.wait(list(self._refs), num_returns=len(self._refs), timeout=None if final else 0)
+        ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=None if final else 0)
         for ref in ready:
-            aligner, session, stream = self._refs.pop(ref)
+            _, stream = self._runs.pop(ref)
             try:
                 self.results.append(ray.get(ref))
-            except RayActorError as exc:  # the source's process died (its Python errors are in its result)
-                error = f"source actor died: {str(exc).splitlines()[0]}"
-                log.error("session '%s' stream '%s': %s", session, stream, error)
-                # chunks=None: the count is unknown; the aligner ends the stream with what it has.
-                try:
-                    ray.get(aligner.end_stream.remote(stream, error, None, None))
-                except RayActorError:
-                    pass  # the aligner died too (the same process: sources.process: session); see _wait
-                self.results.append({"stream": stream, "error": error})
+            except RayActorError as exc:  # the session's process died (a reader's errors are in its result)
+                self.results.append({"stream": stream, "error": f"session process died: {str(exc).splitlines()[0]}"})
 
 
 # -- live sessions (docs/live.md) ------------------------------------------------------------------

@@ -292,7 +292,7 @@ def _chunked(chunker: _Chunker, samples: Iterator[tuple[float, Any]], select: An
 class Prefetch:
     """Iterates ``source`` in a thread of its own, at most ``depth`` items ahead of the consumer.
 
-    Paced replay (``pipeline.actors.StreamReader``) holds each chunk until a live source could
+    Paced replay (``pipeline.reader.StreamReader``) holds each chunk until a live source could
     send it. Read inline, the next chunk would be decoded right after the previous one went out, i.e.
     just after a window end, when every session's windows reach the encoder at once and need
     the cores. Read here, decoding runs ahead in the slack:

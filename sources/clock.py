@@ -4,7 +4,7 @@ The rule (also in ``docs/live.md``):
 
 * The **session clock** of a live run is Unix time minus the session *epoch*, the Unix time at
   which the run started (:class:`SessionClock`). Every host that keeps Unix time (NTP/PTP) is
-  on it up to that constant, so all source actors of a session share it without talking.
+  on it up to that constant, so all streams of a session share it without talking.
 * A stream declares how its timestamps relate to it (``clock:`` in the stream entry):
 
   - ``session``: the timestamps are Unix time already (a rig stamping with a synced wall

@@ -1,6 +1,6 @@
 """Per-stream input guard between a source and the aligner: clock jumps and non-finite data.
 
-Pure logic (no Ray); :class:`pipeline.actors.StreamReader` runs one guard per stream on every
+Pure logic (no Ray); :class:`pipeline.reader.StreamReader` runs one guard per stream on every
 chunk before it is pushed. What it drops is counted by reason in :attr:`StreamGuard.dropped`
 (merged into the stream's ``dropped`` counters: ``imu:jump``, ``audio:non_finite_data``) and
 the first few drops of each reason are logged naming the session, the stream and the time.

@@ -119,7 +119,7 @@ class ReplayPacer:
 
     def anchor(self, chunk: Chunk) -> float:
         """Start the stream's clock at ``chunk``'s first sample without waiting (paced replay
-        sends a stream's first sample before the run's clock starts, see ``StreamReader``).
+        sends a stream's first sample before the run's clock starts, see ``pipeline.reader.StreamReader``).
         Returns the wall time at which the clock reaches ``chunk``'s newest sample: when a live
         source could have sent it, which is when it counts as entering the pipeline."""
         if self.t_first is None:

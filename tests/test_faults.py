@@ -1,4 +1,5 @@
-"""Faults with real actors: encoders killed mid-replay (restarted by Ray), sources killed.
+"""Faults with real actors: encoders and the publisher killed mid-replay (restarted by Ray), a
+session's process killed.
 
 Real Ray actors, real processes killed with ``ray.kill`` or SIGKILL, real sockets. A kill is
 made while the subscriber is still receiving (before the session's ``end``), and the test
@@ -133,7 +134,7 @@ def test_killed_encoder_restarts_and_every_window_arrives_exactly_once(session_d
     assert all(np.isfinite(embedding_array(m)).all() for m in messages if m.topic.startswith("emb/"))
 
 
-def _kill_source_mid_replay(session_dirs, actor_prefix: str, **over):
+def _kill_mid_replay(session_dirs, actor_prefix: str, **over):
     """Replay in real time (the sources read for the whole 5 s, so a kill right after the first
     embeddings lands while they are still running), SIGKILL the process of the actor named
     ``actor_prefix*`` then, and check the run ends with exit 3 and publishes nothing twice.
@@ -146,7 +147,7 @@ def _kill_source_mid_replay(session_dirs, actor_prefix: str, **over):
         os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
 
     result, messages, mid_replay = _run_with_killer(cfg, kill, after_embeddings=1)
-    assert mid_replay, "the replay ended before the source was killed"
+    assert mid_replay, "the replay ended before the process was killed"
     assert result.exit_code == 3
     summary = next(s for s in result.sessions if s["session"] == "fault-s")
     published = [k for k in _published(messages) if k[0] == "fault-s"]
@@ -167,7 +168,7 @@ def test_killed_aligner_process_fails_every_stream_of_its_session_with_exit_3_an
     # A session's streams are read in threads of its aligner's process. Killing that process
     # ends the session: the driver names every stream and sends the session's end; the other
     # session is untouched.
-    cfg, result, published, summary, end, everything = _kill_source_mid_replay(
+    cfg, result, published, summary, end, everything = _kill_mid_replay(
         [session_dir, other_session_dir], "bindstream.aligner.fault-s.")
     assert set(summary["errors"]) == {"cam", "captions", "depth", "imu", "mic", "thermal"}
     assert all("died" in e for e in summary["errors"].values())

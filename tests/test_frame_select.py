@@ -17,7 +17,7 @@ from sources.base import Chunk
 
 
 def _windows(modality: str, cfg: AlignConfig, t: np.ndarray, size: int, select: bool):
-    """Windows of one stream pushed in chunks of ``size`` frames, as a source actor does: with
+    """Windows of one stream pushed in chunks of ``size`` frames, as a stream reader does: with
     ``select`` each frame goes through the selector first, which learns the origin from the
     aligner after each push (the push reply). Also returns the selector's keep mask."""
     al = Aligner("s", {"x": modality}, cfg, clock=lambda: 0.0)
@@ -61,7 +61,7 @@ def _timeline(rng: np.random.Generator, kind: str) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["regular", "irregular", "messy"])
 def test_windows_from_the_kept_frames_equal_the_windows_from_all_frames(modality, kind):
     """``messy``: equal times and jumps ahead. Chunks end at different frames in the two runs
-    (every ``size`` frames read vs every ``size`` frames kept), as in the source actors."""
+    (every ``size`` frames read vs every ``size`` frames kept), as in the stream readers."""
     kinds = ["regular", "irregular", "messy"]
     rng = np.random.default_rng(["vision", "depth"].index(modality) * 10 + kinds.index(kind))
     skipped = kept = 0

@@ -23,7 +23,7 @@ class FakeTime:
 
 
 def _replay(chunks: list[Chunk], rate: float = 1.0, every: float = 0.5):
-    """[(wall seconds since the first chunk was waited for, 'chunk' | 'beat', passed or newest)] as a source actor sends."""
+    """[(wall seconds since the first chunk was waited for, 'chunk' | 'beat', passed or newest)] as a stream reader sends."""
     ft = FakeTime()
     pacer = ReplayPacer(rate, every, clock=ft.clock, sleep=ft.sleep)
     sent_upto = -np.inf

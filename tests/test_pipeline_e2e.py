@@ -207,10 +207,10 @@ def test_paced_replay_cut_at_window_ends_delivers_the_same_windows(demo_dirs):
 
 def test_two_replays_with_different_batching_and_frame_selection_give_the_same_embeddings(demo_dirs):
     """Every frame scaled and pushed at batch 1, each release sent to an encoder at once,
-    against frame selection
-    (docs/alignment.md) at batch 32 over two replicas with releases coalesced for 50 ms, each
-    batch prepared ahead in the encoders' second thread. The origin is configured (the demo's streams start at 0, as
-    with ``auto``), so the sources select from their first frame on."""
+    against frame selection (docs/alignment.md) at batch 32 over two replicas with releases
+    coalesced for 50 ms, each batch prepared ahead in the encoders' second thread. The origin is
+    configured (the demo's streams start at 0, as with ``auto``), so the sources select from
+    their first frame on."""
     a, _ = demo_dirs
     r1, m1 = _replay([a], encoders={"max_batch": 1, "max_wait_ms": 0, "coalesce_ms": 0},
                      sources={"select_frames": False})

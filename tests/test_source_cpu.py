@@ -1,5 +1,5 @@
 """Per-stream CPU split of the replay sources: decode / resize / other, as the bench
-reports it. Real PyAV decoding of generated and real (../shared) video; real Ray actors.
+reports it. Real PyAV decoding of generated and real (../shared) video.
 
 Nothing here asserts a duration: the checks compare CPU counters of one process with each other
 (the split cannot claim more CPU than the process used, and must not miss FFmpeg's own decoder
@@ -8,6 +8,8 @@ and scaler threads, where most of the work of a threaded video decode happens).
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -90,36 +92,45 @@ def test_stream_without_a_meter_reports_its_thread_as_other(demo: Path) -> None:
     assert split["decode_s"] == split["resize_s"] == 0.0 and split["other_s"] == split["total_s"] > 0
 
 
-def test_source_actor_end_stats_carry_the_split(demo: Path, ray_cluster: None) -> None:
-    import ray
+class _CountingSession:
+    """Stands in for the session's aligner: counts what the reader pushes."""
 
-    from pipeline.actors import SourceActor
+    def __init__(self) -> None:
+        self.samples = 0
+        self.ended: list = []
 
-    @ray.remote(num_cpus=0)
-    class _CountingAligner:
-        """Stands in for the AlignerActor: counts what the source pushes."""
+    async def push(self, chunk, seq: int) -> None:
+        self.samples += len(chunk)
 
-        def __init__(self) -> None:
-            self.samples = 0
-            self.ended: list = []
+    async def wait_origin(self, timeout_s: float) -> None:
+        return None
 
-        def push(self, chunk, seq: int) -> None:
-            self.samples += len(chunk)
+    async def end_stream(self, stream: str, error=None, dropped=None, chunks: int | None = 0) -> None:
+        self.ended.append((stream, error))
 
-        def end_stream(self, stream: str, error=None, dropped=None, chunks: int = 0) -> None:
-            self.ended.append((stream, error))
 
-        def state(self) -> tuple[int, list]:
-            return self.samples, self.ended
+def test_reader_end_stats_carry_the_split(demo: Path) -> None:
+    from pipeline.reader import SessionPort, StreamReader
 
-    al = _CountingAligner.remote()
+    # The reader's pushes run on the session's event loop, in another thread, as in an aligner.
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    session = _CountingSession()
     opts = {"chunk_seconds": 0.5, "video_size": 224, "max_pixels": 8192 * 8192, "max_gap_s": 0.0}
-    src = SourceActor.remote("cpu-1", _stream(demo, "cam"), al, opts)
-    stats = ray.get(src.run.remote(0.0, 4), timeout=180)
+    try:
+        p0 = time.process_time()
+        stats = StreamReader("cpu-1", _stream(demo, "cam"), opts).run(SessionPort(session, loop, "cam", 4), 0.0)
+        process_s = time.process_time() - p0
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(10)
+        loop.close()
     assert stats["error"] is None
-    assert ray.get(al.state.remote()) == (90, [("cam", None)])
+    assert (session.samples, session.ended) == (90, [("cam", None)])
+    assert stats["samples"] == 90 and stats["chunks"] == 6
     split = stats["cpu_split"]
-    _assert_consistent(split, "cam actor")
+    _assert_consistent(split, "cam reader")
     assert split["decode_s"] > 0 and split["resize_s"] > 0
-    # The actor's process CPU also holds Ray's own threads: the split is part of it.
-    assert split["total_s"] <= stats["cpu_s"] + 0.005, (split, stats["cpu_s"])
+    # The process's CPU also holds the event loop's thread: the split is part of it.
+    assert stats["cpu_s"] == split["total_s"] <= process_s + 0.005, (split, process_s)
