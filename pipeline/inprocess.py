@@ -32,8 +32,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.align import AlignConfig, Aligner, Window
+from pipeline.align import AlignConfig, Aligner, Window, WindowItem
 from pipeline.metrics import StageRecorder
+from pipeline.stats import SessionResult, SessionStats, merge_dropped
 from sinks.protocol import EmbeddingRecord
 from sources.session import SessionSpec
 
@@ -88,10 +89,10 @@ def _tell_origin(selectors: dict[str, Any], al: Aligner) -> None:
 
 @dataclass
 class InProcessResult:
-    sessions: list[dict[str, Any]]  # per session: windows, counts, dropped, missing, errors
+    sessions: list[dict[str, Any]]  # per session: SessionResult.to_dict()
     elapsed_s: float
-    stages: dict[str, dict[str, float]]  # StageRecorder.summary()
-    latencies: list[float]  # total latency per embedding (bounded to the last 100k)
+    stages: dict[str, dict[str, float]]  # StageRecorder.summary(), every session
+    latencies: list[float]  # total latency per embedding, every session (bounded to the last 100k)
     items: dict[str, int] = field(default_factory=dict)  # encoded per modality
     forward_s: dict[str, float] = field(default_factory=dict)  # preprocess + forward per modality
     batch_sizes: dict[str, list[int]] = field(default_factory=dict)
@@ -111,8 +112,168 @@ class _Stream:
         self.guard = guard
         self.t_first: float | None = None
         self.cpu_s = 0.0
-        self.done = False
         self.error: str | None = None
+
+
+class _Session:
+    """One session's aligner, frame selectors, counters and stage samples."""
+
+    def __init__(self, spec: SessionSpec, align: AlignConfig, clock: Callable[[], float], select_frames: bool) -> None:
+        self.name = spec.name
+        self.streams = {s.id: s.modality for s in spec.streams}
+        self.aligner = Aligner(spec.name, self.streams, align, clock=clock)
+        self.selectors = _selectors(spec, align) if select_frames else {}
+        self.stats = SessionStats(spec.name)
+        self.stages = StageRecorder()
+
+    def result(self) -> SessionResult:
+        return self.stats.result(windows=self.aligner.windows_released,
+                                 dropped=merge_dropped(self.aligner.dropped, self.stats.source_dropped),
+                                 missing=self.aligner.missing, stages=self.stages.summary())
+
+
+class _Encoder:
+    """``model`` in batches of at most ``max_batch`` per modality, with the encoders' counters."""
+
+    def __init__(self, model: Any, device: Any, max_batch: int, clock: Callable[[], float]) -> None:
+        self.model, self.device, self.max_batch, self.clock = model, device, max_batch, clock
+        self.items: collections.Counter[str] = collections.Counter()
+        self.forward_s: collections.Counter[str] = collections.Counter()
+        self.batch_sizes: dict[str, list[int]] = collections.defaultdict(list)
+
+    def encode(self, items: list[WindowItem]) -> dict[int, tuple[np.ndarray, float, float]]:
+        """id(item) -> (row, forward start, forward end)."""
+        from encoders.preprocess import prepare
+
+        by_mod: dict[str, list[WindowItem]] = collections.defaultdict(list)
+        for it in items:
+            by_mod[it.modality].append(it)
+        out: dict[int, tuple[np.ndarray, float, float]] = {}
+        for modality, its in by_mod.items():
+            for lo in range(0, len(its), self.max_batch):
+                part = its[lo:lo + self.max_batch]
+                t0 = self.clock()
+                x = prepare(modality, [it.payload for it in part], self.device)
+                rows = self.model.encode(modality, x).float().cpu().numpy()
+                t1 = self.clock()
+                self.items[modality] += len(part)
+                self.forward_s[modality] += t1 - t0
+                self.batch_sizes[modality].append(len(part))
+                for it, row in zip(part, rows):
+                    out[id(it)] = (row, t0, t1)
+        return out
+
+
+class _Loop:
+    """Reads every stream round-robin, releases windows, encodes and publishes them in order."""
+
+    def __init__(self, sessions: dict[str, _Session], encoder: _Encoder, sink: Any, clock: Callable[[], float], *,
+                 rate: float, max_batch: int, max_wait_s: float) -> None:
+        self.sessions, self.encoder, self.sink, self.clock = sessions, encoder, sink, clock
+        self.rate, self.max_batch, self.max_wait_s = rate, max_batch, max_wait_s
+        self.released: list[tuple[Window, float]] = []  # (window, t_release)
+        self.stages = StageRecorder()
+        self.latencies: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.wall0 = clock()
+
+    def run(self, streams: list[_Stream]) -> None:
+        live = list(streams)
+        while live:
+            for st in list(live):
+                if not self.step(st):
+                    live.remove(st)
+            # The encoders' batching rule: a full batch, or the oldest released window waited long enough.
+            if len(self.released) >= self.max_batch or (
+                    self.released and self.clock() - self.released[0][1] >= self.max_wait_s):
+                self.encode_and_publish()
+        self.encode_and_publish()
+
+    def step(self, st: _Stream) -> bool:
+        """One chunk of ``st`` into its aligner; False once the stream has ended."""
+        chunk = self._next_chunk(st)
+        sess = self.sessions[st.session]
+        if chunk is None:
+            sess.stats.stream_ended(st.spec.id, st.error,
+                                    st.guard.merge_into(getattr(st.source, "dropped", {}) or {}))
+            self._release(sess.aligner.end_stream(st.spec.id, st.error))
+            return False
+        chunk = st.guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
+        if len(chunk) == 0:
+            return True
+        if self.rate > 0:
+            if st.t_first is None:
+                st.t_first = float(np.nanmin(chunk.t))
+            delay = self.wall0 + (chunk.known_at() - st.t_first) / self.rate - self.clock()
+            if delay > 0:
+                time.sleep(delay)
+        chunk.t_ingest = self.clock()
+        windows = sess.aligner.push(chunk)
+        _tell_origin(sess.selectors, sess.aligner)
+        self._release(windows)
+        return True
+
+    @staticmethod
+    def _next_chunk(st: _Stream) -> Any:
+        # Process CPU, not thread CPU: PyAV decodes in its own threads, and nothing else runs
+        # while this loop waits for a chunk.
+        t0 = time.process_time()
+        try:
+            chunk = next(st.it, None)
+        except Exception as exc:  # one broken stream must not stop the others
+            chunk = None
+            st.error = f"{type(exc).__name__}: {exc}"
+            log.error("session '%s' stream '%s' failed: %s", st.session, st.spec.id, st.error)
+        st.cpu_s += time.process_time() - t0
+        return chunk
+
+    def _release(self, windows: list[Window]) -> None:
+        t_rel = self.clock()
+        self.released.extend((w, t_rel) for w in windows)
+
+    def encode_and_publish(self) -> None:
+        if not self.released:
+            return
+        rows = self.encoder.encode([it for w, _ in self.released for it in w.items])
+        # Windows are released in order per session, so publishing them as released keeps order.
+        for w, t_rel in self.released:
+            records = [EmbeddingRecord(session=it.session, stream=it.stream, modality=it.modality, window=it.window,
+                                       t_start=it.t_start, t_end=it.t_end,
+                                       embedding=rows[id(it)][0].astype(np.float32), t_ingest=it.t_ingest)
+                       for it in w.items]
+            if records:
+                self.sink.publish(records)
+            t_pub = self.clock()
+            sess = self.sessions[w.session]
+            sess.stats.record_published(((it.modality, it.t_ingest) for it in w.items), t_pub)
+            for it in w.items:
+                _, t0, t1 = rows[id(it)]
+                for rec in (self.stages, sess.stages):
+                    rec.record(it.t_ingest, t_rel, t0, t1, t_pub, t_first_ingest=it.t_first_ingest)
+                self.latencies.append(t_pub - it.t_ingest)
+        self.released.clear()
+
+    def finish(self) -> list[SessionResult]:
+        """Each session's ``end`` sent to the sink; their results."""
+        results = []
+        for sess in self.sessions.values():
+            res = sess.result()
+            self.sink.end_session(sess.name, counts=res.counts, windows=res.windows, dropped=res.dropped,
+                                  missing=res.missing, errors=res.errors)
+            results.append(res)
+        return results
+
+
+def _open_streams(spec: SessionSpec, sess: _Session, *, chunk_seconds: float, video_size: int, max_pixels: int,
+                  max_gap_s: float) -> list[_Stream]:
+    from sources.guard import StreamGuard
+    from sources.replay import open_source
+
+    out = []
+    for s in spec.streams:
+        src = open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels,
+                          select=sess.selectors.get(s.id))
+        out.append(_Stream(spec.name, s, src, StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s)))
+    return out
 
 
 def run_inprocess(
@@ -138,136 +299,26 @@ def run_inprocess(
     ``select_frames``: only frames some window can pick are scaled / decoded, as the graph's
     ``sources.select_frames`` (docs/alignment.md). ``max_gap_s``: the clock-jump and
     non-finite-data guard of every stream, as the graph's ``sources.max_gap_s``
-    (sources/guard.py; its drops are counted with the source's).
+    (sources/guard.py; its drops are counted with the source's). Each session's summary
+    (:class:`pipeline.stats.SessionResult`) holds its own counts and latencies.
     """
     import torch
 
-    from encoders.preprocess import prepare
-    from sources.guard import StreamGuard
-    from sources.replay import open_source
-
     align = align or AlignConfig()
     dev = torch.device(device) if device is not None else model.device
-    info_model = model.config.name
-    dim = int(model.out_dim)
-    aligners: dict[str, Aligner] = {}
-    selectors: dict[str, dict[str, Any]] = {}
+    sessions: dict[str, _Session] = {}
     streams: list[_Stream] = []
     for spec in specs:
-        sm = {s.id: s.modality for s in spec.streams}
-        aligners[spec.name] = Aligner(spec.name, sm, align, clock=clock)
-        selectors[spec.name] = _selectors(spec, align) if select_frames else {}
-        sink.start_session(spec.name, sm, info_model, dim)
-        for s in spec.streams:
-            src = open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels,
-                              select=selectors[spec.name].get(s.id))
-            streams.append(_Stream(spec.name, s, src, StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s)))
-
-    recorder = StageRecorder()
-    latencies: collections.deque = collections.deque(maxlen=100_000)
-    counts: dict[str, collections.Counter] = {n: collections.Counter() for n in aligners}
-    errors: dict[str, dict[str, str]] = {n: {} for n in aligners}
-    source_dropped: dict[str, collections.Counter] = {n: collections.Counter() for n in aligners}
-    items_n: collections.Counter = collections.Counter()
-    forward_s: collections.Counter = collections.Counter()
-    batch_sizes: dict[str, list[int]] = collections.defaultdict(list)
-    released: list[tuple[Window, float]] = []  # (window, t_release)
-    wall0 = clock()
-
-    def encode_and_publish() -> None:
-        if not released:
-            return
-        by_mod: dict[str, list[Any]] = collections.defaultdict(list)
-        for w, _ in released:
-            for it in w.items:
-                by_mod[it.modality].append(it)
-        emb: dict[int, np.ndarray] = {}
-        fwd: dict[int, tuple[float, float]] = {}
-        for modality, its in by_mod.items():
-            for lo in range(0, len(its), max_batch):
-                part = its[lo:lo + max_batch]
-                t0 = clock()
-                x = prepare(modality, [it.payload for it in part], dev)
-                rows = model.encode(modality, x).float().cpu().numpy()
-                t1 = clock()
-                items_n[modality] += len(part)
-                forward_s[modality] += t1 - t0
-                batch_sizes[modality].append(len(part))
-                for it, row in zip(part, rows):
-                    emb[id(it)] = row
-                    fwd[id(it)] = (t0, t1)
-        # Windows are released in order per session, so publishing them as released keeps order.
-        for w, t_rel in released:
-            records = [EmbeddingRecord(session=it.session, stream=it.stream, modality=it.modality, window=it.window,
-                                       t_start=it.t_start, t_end=it.t_end, embedding=emb[id(it)].astype(np.float32),
-                                       t_ingest=it.t_ingest) for it in w.items]
-            if records:
-                sink.publish(records)
-            t_pub = clock()
-            for it in w.items:
-                t0, t1 = fwd[id(it)]
-                recorder.record(it.t_ingest, t_rel, t0, t1, t_pub, t_first_ingest=it.t_first_ingest)
-                latencies.append(t_pub - it.t_ingest)
-                counts[w.session][it.modality] += 1
-        released.clear()
-
-    live = list(streams)
-    while live:
-        for st in list(live):
-            # Process CPU, not thread CPU: PyAV decodes in its own threads, and nothing else runs
-            # while this loop waits for a chunk.
-            t0 = time.process_time()
-            try:
-                chunk = next(st.it, None)
-            except Exception as exc:  # one broken stream must not stop the others
-                chunk = None
-                st.error = f"{type(exc).__name__}: {exc}"
-                log.error("session '%s' stream '%s' failed: %s", st.session, st.spec.id, st.error)
-            st.cpu_s += time.process_time() - t0
-            al = aligners[st.session]
-            if chunk is None:
-                live.remove(st)
-                if st.error:
-                    errors[st.session][st.spec.id] = st.error
-                for reason, n in st.guard.merge_into(getattr(st.source, "dropped", {}) or {}).items():
-                    source_dropped[st.session][f"{st.spec.id}:{reason}"] += int(n)
-                t_rel = clock()
-                released.extend((w, t_rel) for w in al.end_stream(st.spec.id, st.error))
-                continue
-            chunk = st.guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
-            if len(chunk) == 0:
-                continue
-            if rate > 0:
-                if st.t_first is None:
-                    st.t_first = float(np.nanmin(chunk.t))
-                delay = wall0 + (chunk.known_at() - st.t_first) / rate - clock()
-                if delay > 0:
-                    time.sleep(delay)
-            chunk.t_ingest = clock()
-            windows = al.push(chunk)
-            _tell_origin(selectors[st.session], al)
-            t_rel = clock()
-            released.extend((w, t_rel) for w in windows)
-        # The encoders' batching rule: a full batch, or the oldest released window waited long enough.
-        if len(released) >= max_batch or (released and clock() - released[0][1] >= max_wait_s):
-            encode_and_publish()
-    encode_and_publish()
-
-    sessions = []
-    for name, al in aligners.items():
-        dropped: collections.Counter = collections.Counter()
-        for (stream, reason), n in al.dropped.items():
-            dropped[f"{stream}:{reason}"] += n
-        dropped.update(source_dropped[name])
-        sink.end_session(name, counts=dict(counts[name]), windows=al.windows_released, dropped=dict(dropped),
-                         missing=dict(al.missing), errors=dict(errors[name]))
-        lat = np.array([v for v in latencies]) if latencies else np.zeros(1)
-        sessions.append({"session": name, "windows": al.windows_released, "counts": dict(counts[name]),
-                         "dropped": dict(dropped), "missing": dict(al.missing), "errors": dict(errors[name]),
-                         "latency_p50_s": float(np.percentile(lat, 50)),
-                         "latency_p99_s": float(np.percentile(lat, 99))})
+        sess = sessions[spec.name] = _Session(spec, align, clock, select_frames)
+        sink.start_session(spec.name, sess.streams, model.config.name, int(model.out_dim))
+        streams += _open_streams(spec, sess, chunk_seconds=chunk_seconds, video_size=video_size,
+                                 max_pixels=max_pixels, max_gap_s=max_gap_s)
+    encoder = _Encoder(model, dev, max_batch, clock)
+    loop = _Loop(sessions, encoder, sink, clock, rate=rate, max_batch=max_batch, max_wait_s=max_wait_s)
+    loop.run(streams)
+    results = loop.finish()
     return InProcessResult(
-        sessions=sessions, elapsed_s=clock() - wall0, stages=recorder.summary(), latencies=list(latencies),
-        items=dict(items_n), forward_s=dict(forward_s), batch_sizes=dict(batch_sizes),
-        source_cpu_s={f"{s.session}/{s.spec.id}": s.cpu_s for s in streams},
+        sessions=[r.to_dict() for r in results], elapsed_s=clock() - loop.wall0, stages=loop.stages.summary(),
+        latencies=list(loop.latencies), items=dict(encoder.items), forward_s=dict(encoder.forward_s),
+        batch_sizes=dict(encoder.batch_sizes), source_cpu_s={f"{s.session}/{s.spec.id}": s.cpu_s for s in streams},
     )

@@ -90,3 +90,27 @@ def test_the_stream_guard_runs_in_process_too(tmp_path, session_dir, model):
     (summary,) = result.sessions
     assert summary["dropped"].get("imu:jump") == 1, summary["dropped"]
     assert summary["errors"] == {} and summary["counts"]["imu"] == summary["windows"]
+
+
+def test_each_session_reports_the_latency_of_its_own_embeddings(tmp_path, session_dir, model):
+    """Two sessions in one run: each summary's percentiles are those of its own embeddings."""
+    fast = load_session(session_dir)
+    slow = load_session(write_demo_session(tmp_path / "slow", seconds=3.0, seed=4, name="inproc-slow"))
+    now = [0.0]
+    own: dict[str, list[float]] = collections.defaultdict(list)
+
+    class SlowSink(ListSink):
+        """Publishing for ``inproc-slow`` takes 1 s of the run's clock, for the other 1 ms."""
+
+        def publish(self, records):
+            now[0] += 1.0 if records[0].session == "inproc-slow" else 0.001
+            own[records[0].session] += [now[0] - r.t_ingest for r in records]
+            return super().publish(records)
+
+    sink = SlowSink(model_name="imagebind_tiny")
+    result = run_inprocess([fast, slow], model, sink, max_batch=2, max_wait_s=0.0, clock=lambda: now[0])
+    by_name = {s["session"]: s for s in result.sessions}
+    for name in ("inproc-a", "inproc-slow"):
+        assert by_name[name]["latency_p50_s"] == pytest.approx(np.percentile(own[name], 50)), name
+        assert by_name[name]["latency_p99_s"] == pytest.approx(np.percentile(own[name], 99)), name
+    assert by_name["inproc-slow"]["latency_p50_s"] >= 1.0
