@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -46,26 +45,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result) -> None:
+    from pipeline.stats import SessionResult
+
     m = result.model
     print(f"bindstream: {len(result.sessions)} session(s) in {result.elapsed_s:.1f} s, model {m['model']} "
           f"(dim {m['dim']}, {m['device']} {m['dtype']}), published on {result.endpoint}")
     for s in result.sessions:
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())) or "none"
-        latency = ("latency unknown" if math.isnan(s["latency_p50_s"])  # its aligner died (run.py)
-                   else f"latency p50 {s['latency_p50_s'] * 1000:.0f} ms, p99 {s['latency_p99_s'] * 1000:.0f} ms")
-        print(f"  {s['session']}: {s['windows']} windows; embeddings: {counts}; {latency}")
-        if s["missing"]:
-            print("    windows without: " + ", ".join(f"{k} {v}" for k, v in sorted(s["missing"].items())))
-        if s["dropped"]:
-            print("    dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())))
-        for stream, err in sorted(s["errors"].items()):
-            print(f"    FAILED stream '{stream}': {err}")
-        if s.get("recording"):
-            print(f"    recorded to {s['recording']}")
-        if s.get("recording_error"):
-            print(f"    RECORDING FAILED: {s['recording_error']}")
-        if s.get("publisher_restarts"):
-            print(f"    publisher restarted: resumed {s['publisher_restarts']} time(s); seq gaps mark what was lost")
+        print("\n".join(SessionResult.from_dict(s).lines()))
     # Live mode: messages the publisher refused at a subscriber's high-water mark, per topic.
     pub_dropped = {k: v for k, v in (getattr(result, "publisher_stats", None) or {}).get("dropped", {}).items() if v}
     if pub_dropped:

@@ -18,7 +18,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import math
 import os
 import time
 import warnings
@@ -28,9 +27,16 @@ from typing import Any
 import numpy as np
 import ray
 
+from pipeline.admission import LiveAdmission
 from pipeline.align import AlignConfig, Aligner, Window, WindowItem
 from pipeline.batching import TowerBatcher
+from pipeline.dispatch import EncoderDispatch, PublishLedger, backoff_s
+from pipeline.metrics import percentiles
+from pipeline.observe import StageObserver
+from pipeline.ordering import ChunkSequencer, PublishOrder, ReleaseCoalescer, StreamEnd
 from pipeline.reader import ReaderHost
+from pipeline.stats import SessionResult, SessionStats, merge_dropped
+from sinks.protocol import EmbeddingRecord, ctl_topic, emb_topic
 
 __all__ = ["AlignerActor", "EncoderActor", "PublisherActor", "PublisherRestartedError"]
 
@@ -325,7 +331,16 @@ class AlignerActor:
     It also reads the session's ``sources``, each in a thread of this process
     (:meth:`source_run`, :class:`pipeline.reader.ReaderHost`): their chunks reach :meth:`push` by
     reference, without a Ray call. A crash of the process ends the whole session (the driver
-    reports each stream, run.py)."""
+    reports each stream, run.py).
+
+    The rules are plain classes, each tested on its own; this actor holds them and moves data:
+    chunks in order and stream ends (:class:`pipeline.ordering.ChunkSequencer`), windows
+    (:class:`pipeline.align.Aligner`), coalesced releases (:class:`pipeline.ordering.ReleaseCoalescer`)
+    or live admission (:class:`pipeline.admission.LiveAdmission`), encoder replicas and retries
+    (:class:`pipeline.dispatch.EncoderDispatch`), publish order (:class:`pipeline.ordering.PublishOrder`),
+    seqs across publisher restarts (:class:`pipeline.dispatch.PublishLedger`), the session's
+    counters (:class:`pipeline.stats.SessionStats`) and instrumentation (``observer``, a
+    :class:`pipeline.observe.StageObserver` unless given)."""
 
     def __init__(
         self,
@@ -342,6 +357,7 @@ class AlignerActor:
         live: dict[str, Any] | None = None,
         publish_start: dict[str, Any] | None = None,
         sources: list[tuple[Any, dict[str, Any]]] | None = None,
+        observer: Any = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.session = session
@@ -352,49 +368,32 @@ class AlignerActor:
             align = dataclasses.replace(align, idle_after=float(live["idle_timeout_s"]))
         self.aligner = Aligner(session, streams, align)
         self.encoders = encoders
-        self._load = [0] * len(encoders)  # items in flight per replica, from this session
         self.publisher = publisher
         self.max_inflight = max_inflight_windows
-        # Replay: releases within coalesce_ms of the first go to an encoder in one call.
-        self.coalesce_s = max(0.0, float(coalesce_ms)) / 1000.0
-        self._coalesced: list[Window] = []
         self.heartbeat_s = heartbeat_s
-        self.retries = retries
-        self._live_init(live)  # bounded latency for live sessions
-        self._pending: collections.deque = collections.deque()  # (window, [(item, task, row)])
+        self.restart_timeout_s = 120.0  # how long a call waits for a restarting encoder or publisher
+        self._order: ChunkSequencer[Any] = ChunkSequencer()
+        # Replay: releases within coalesce_ms of the first go to an encoder in one call.
+        self._coalesce = ReleaseCoalescer(0.0 if live else float(coalesce_ms) / 1000.0)
+        self._admission = LiveAdmission.from_options(live) if live else None  # bounded latency (docs/live.md)
+        self._encoding = EncoderDispatch(len(encoders), retries, self.restart_timeout_s)
+        self._publish_order = PublishOrder()
+        self._pub_start = dict(publish_start or {})  # model, dim: what a restarted publisher needs
+        self._ledger = PublishLedger(self._pub_start.get("seqs"))
+        self._ctl_topic = ctl_topic(session)
+        self.stats = SessionStats(session)
+        self.observer = observer if observer is not None else StageObserver(session)
+        # (window, [(item, encode task, row)]) from release to publish, in window order
+        self._pending: collections.deque = collections.deque()
         self._pending_changed: asyncio.Event | None = None
         self._pump_task: asyncio.Task | None = None
         self._hb_task: asyncio.Task | None = None
         self._done: asyncio.Event | None = None
+        self._pub_lock: asyncio.Lock | None = None
         self._finished = False
-        self.counts: collections.Counter[str] = collections.Counter()  # published per modality
-        self.encode_errors: collections.Counter[str] = collections.Counter()
-        self.source_dropped: collections.Counter[str] = collections.Counter()
-        self.source_errors: dict[str, str] = {}  # stream -> error
-        self.publisher_error: str | None = None  # set once the publisher is gone for good
-        self.latencies: list[float] = []
-        # Stage timing and Ray metrics: item id -> [t_release, t_fwd0, t_fwd1] until published.
-        from pipeline.metrics import RayMetrics, StageRecorder, percentiles
-
         # np.percentile imports numpy.ma on its first call (tenths of a second on a loaded
         # machine): paid here, not by the first heartbeat on the event loop that takes pushes.
         percentiles([0.0])
-        self._metrics = RayMetrics()
-        self.stages = StageRecorder(keep=20_000, metrics=self._metrics, session=session)
-        self._stamps: dict[int, list[float]] = {}
-        self._dropped_exported: collections.Counter[str] = collections.Counter()
-        self._held: dict[str, dict[int, Any]] = collections.defaultdict(dict)
-        self._next_seq: collections.Counter[str] = collections.Counter()
-        self._ends: dict[str, tuple[int | None, str | None]] = {}
-        # Fault handling: streams whose end was applied, the newest window published
-        # per stream (a session may hold two streams of one modality; windows go out in order, so anything at or below it is a duplicate:
-        # exactly-once whatever happened upstream), encoders found dead.
-        self._ended: set[str] = set()
-        self._last_window: dict[str, int] = {}  # stream -> newest window published
-        self._dead_encoders: set[int] = set()
-        self.encode_retries = 0
-        self.restart_timeout_s = 120.0  # how long a batch waits for a restarting encoder (or publisher)
-        self._publisher_init(publish_start)  # publisher restarts
 
     # -- the session's sources, read in threads of this process (pipeline.reader) -----------
     async def source_ready(self, stream: str) -> int:
@@ -425,20 +424,7 @@ class AlignerActor:
         """Apply ``chunk`` (the ``seq``-th of its stream); returns the session's window origin
         once it is fixed (the sources' frame selectors need it), else ``None``."""
         self._ensure_tasks()
-        if chunk.stream in self._ended:
-            # Its source was declared dead (end_stream with chunks=None): too late to apply.
-            self.source_dropped[f"{chunk.stream}:after_source_failure"] += len(chunk)
-            return self.aligner.origin
-        # An async actor may start calls out of submission order; chunks carry a per-stream
-        # sequence number and are applied strictly in order.
-        held = self._held[chunk.stream]
-        held[seq] = chunk
-        nxt = self._next_seq[chunk.stream]
-        while nxt in held:
-            self._dispatch(self.aligner.push(held.pop(nxt)))
-            nxt += 1
-        self._next_seq[chunk.stream] = nxt
-        self._maybe_end(chunk.stream)
+        self._apply(self._order.push(chunk.stream, seq, chunk))
         # Backpressure: the source waits on this call while too much is in flight.
         while len(self._pending) > self.max_inflight and not self._finished:  # finished: publisher lost
             self._pending_changed.clear()
@@ -458,26 +444,19 @@ class AlignerActor:
         driver saw the actor fail) and the count is unknown: the stream ends at once with the
         chunks applied so far; held and later chunks are dropped as ``after_source_failure``."""
         self._ensure_tasks()
-        if stream in self._ended:
+        if self._order.ended(stream):
             return  # already ended (e.g. the source ended cleanly, then its process died)
-        if error:
-            self.source_errors[stream] = error
-        for reason, n in (dropped or {}).items():
-            self.source_dropped[f"{stream}:{reason}"] += int(n)
-        self._ends[stream] = (chunks, error)
-        self._maybe_end(stream)
+        self.stats.stream_ended(stream, error, dropped)
+        self._apply(self._order.end(stream, chunks, error))
 
-    def _maybe_end(self, stream: str) -> None:
-        end = self._ends.get(stream)
-        if end is None or (end[0] is not None and self._next_seq[stream] < end[0]):
-            return  # chunks still on their way
-        del self._ends[stream]
-        self._ended.add(stream)
-        held = self._held.pop(stream, {})
-        if held:
-            self.source_dropped[f"{stream}:after_source_failure"] += sum(len(c) for c in held.values())
-        self._dispatch(self.aligner.end_stream(stream, end[1]))
-        self._pending_changed.set()
+    def _apply(self, steps: list[Any]) -> None:
+        """Chunks and stream ends, in order, to the aligner; what it releases to the encoders."""
+        for step in steps:
+            if isinstance(step, StreamEnd):
+                self._dispatch(self.aligner.end_stream(step.stream, step.error))
+                self._pending_changed.set()
+            else:
+                self._dispatch(self.aligner.push(step))
 
     async def wait_done(self) -> dict[str, Any]:
         self._ensure_tasks()
@@ -494,65 +473,45 @@ class AlignerActor:
     def progress(self) -> dict[str, Any]:
         return {
             "windows": self.aligner.windows_released,
-            "published": sum(self.counts.values()),
+            "published": self.stats.published,
             "pending": len(self._pending),
             "done": self._finished,
         }
 
-    def summary(self) -> dict[str, Any]:
-        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
-        return {
-            "session": self.session,
-            "windows": self.aligner.windows_released,
-            "counts": dict(self.counts),
-            "dropped": self._dropped(),
-            "missing": dict(self.aligner.missing),
-            "errors": self._errors(),
-            "latency_p50_s": float(np.percentile(lat, 50)),
-            "latency_p99_s": float(np.percentile(lat, 99)),
-            "encode_retries": self.encode_retries,
-            "publisher_restarts": self.publisher_restarts,
-            "stages": self.stages.summary(),
-        }
+    def result(self) -> SessionResult:
+        return self.stats.result(windows=self.aligner.windows_released, dropped=self._dropped(),
+                                 missing=self.aligner.missing, encode_retries=self._encoding.retries_done,
+                                 publisher_restarts=self._ledger.restarts, stages=self.observer.summary())
 
-    def _errors(self) -> dict[str, str]:
-        """The summary's ``errors``: per stream, and ``publisher`` once the publisher is lost."""
-        out = dict(self.source_errors)
-        if self.publisher_error is not None:
-            out["publisher"] = self.publisher_error
-        return out
+    def summary(self) -> dict[str, Any]:
+        """:meth:`result` as the run's session summary (``RunResult.sessions``)."""
+        return self.result().to_dict()
 
     def _dropped(self) -> dict[str, int]:
-        out: collections.Counter[str] = collections.Counter()
-        for (stream, reason), n in self.aligner.dropped.items():
-            out[f"{stream}:{reason}"] += n
-        out.update(self.source_dropped)
-        out.update(self._shed)
-        for m, n in self.encode_errors.items():
-            out[f"{m}:encoder_error"] += n
-        return dict(out)
+        return merge_dropped(self.aligner.dropped, self.stats.source_dropped, self._order.dropped,
+                             self._publish_order.dropped, self._admission.dropped if self._admission else {},
+                             self._encoding.dropped())
 
-    # -- encode ----------------------------------------------------------------------------
+    # -- release -> encode -----------------------------------------------------------------
     def _dispatch(self, windows: list[Window]) -> None:
-        if self._live is not None and not self._feeding:
-            self._backlog.extend(windows)  # live: admitted by _live_feed, which may shed
+        if self._admission is not None:
+            self._admission.offer(windows)  # live: admitted by _live_feed, which may shed
             self._live_feed()
             return
-        if not windows:
-            return
-        if self.coalesce_s > 0 and self._live is None:
-            # Streams that complete a window together (audio and IMU at its end, say) arrive as
-            # separate pushes a few ms apart: held this long, their parts share one encoder call
-            # (a Ray round trip each, in the window-end burst where every core is busy).
-            if not self._coalesced:
-                asyncio.get_running_loop().call_later(self.coalesce_s, self._flush_coalesced)
-            self._coalesced.extend(windows)
-            return
-        self._send(windows)
+        first = self._coalesce.deadline is None
+        now_ready = self._coalesce.add(windows, time.monotonic())
+        if now_ready:
+            self._send(now_ready)
+        elif first and self._coalesce.held:
+            asyncio.get_running_loop().call_later(self._coalesce.window_s, self._flush_coalesced)
 
     def _flush_coalesced(self) -> None:
-        windows, self._coalesced = self._coalesced, []
-        self._send(windows)
+        self._send(self._coalesce.flush())
+
+    def _live_feed(self) -> None:
+        admitted = self._admission.admit(time.time())
+        if admitted:
+            self._send(admitted)
 
     def _send(self, windows: list[Window]) -> None:
         """One encoder call for every item of ``windows``; each window queued for publishing."""
@@ -560,24 +519,18 @@ class AlignerActor:
         for w in windows:
             for item in w.items:
                 by_modality[item.modality].append(item)
-        # item -> (the encode task of the release, its row in that task's result: the rows of
-        # every modality, concatenated in ``by_modality`` order)
-        results: dict[int, tuple[asyncio.Future, int]] = {}
+        loop = asyncio.get_running_loop()
         if by_modality:
-            fut = asyncio.get_running_loop().create_task(self._encode_group(dict(by_modality)))
+            fut = loop.create_task(self._encode_group(dict(by_modality)))
         else:  # windows that hold nothing (no caption in them, say): no call to an encoder
-            fut = asyncio.get_running_loop().create_future()
+            fut = loop.create_future()
             fut.set_result([])
-        row = 0
-        for items in by_modality.values():
-            for item in items:
-                results[id(item)] = (fut, row)
-                row += 1
+        # Each item's row in the task's result: every modality's rows, in ``by_modality`` order.
+        rows = {id(item): row for row, item in enumerate(it for items in by_modality.values() for it in items)}
         t_release = time.time()
         for w in windows:
-            self._pending.append((w, [(item, *results[id(item)]) for item in w.items]))
-            for item in w.items:
-                self._stamps[id(item)] = [t_release, math.nan, math.nan]
+            self._pending.append((w, [(item, fut, rows[id(item)]) for item in w.items]))
+            self.observer.released(w.items, t_release)
         self._pending_changed.set()
 
     async def _encode_group(self, by_modality: dict[str, list[WindowItem]]) -> list[np.ndarray | None]:
@@ -585,94 +538,75 @@ class AlignerActor:
         to the least-loaded encoder carries every modality (:meth:`EncoderActor.encode_many`). A
         modality whose batch failed there, or every modality when the call itself failed (a dead
         or restarting encoder), goes through :meth:`_encode`, which retries it on its own."""
-        live = [i for i in range(len(self.encoders)) if i not in self._dead_encoders]
-        out: dict[str, Any] = {}
-        if live:
-            i = min(live, key=lambda j: self._load[j])
-            n = sum(len(items) for items in by_modality.values())
-            self._load[i] += n
-            try:
-                out = await self.encoders[i].encode_many.remote(
-                    {m: [it.payload for it in items] for m, items in by_modality.items()})
-            except Exception as exc:  # lost with the encoder, or refused: every modality on its own
-                log.warning("session '%s': encoder %d lost a release of %d items, re-sending per modality: %s",
-                            self.session, i, n, str(exc).splitlines()[0])
-                out = {}
-            finally:
-                self._load[i] -= n
-        # Per modality its rows, or the task retrying it (all retries run at once).
-        parts: list[Any] = []
+        out, i = await self._encode_many(by_modality)
+        parts: list[Any] = []  # per modality its rows, or the task retrying it (all retries run at once)
         for m, items in by_modality.items():
             got = out.get(m)
             if isinstance(got, tuple):
-                self._note_forward(items, got[1])
+                self.observer.forwarded(items, got[1])
                 parts.append(got[0])
                 continue
-            failed, last = 0, None
             if got is not None:  # the tower refused the batch: one attempt spent
                 log.warning("session '%s': %s batch of %d failed on encoder %d: %s",
                             self.session, m, len(items), i, got)
-                self.encode_retries += int(self.retries > 0)
-                failed, last = 1, RuntimeError(got)
-            parts.append(asyncio.ensure_future(self._encode(m, items, failed=failed, last_exc=last)))
+            parts.append(asyncio.ensure_future(self._encode(m, items, refused_on=i if got is not None else None)))
         rows: list[np.ndarray | None] = []
         for part in parts:
             rows.extend(await part if isinstance(part, asyncio.Future) else part)
         return rows
 
-    async def _encode(self, modality: str, items: list[WindowItem], failed: int = 0,
-                      last_exc: Exception | None = None) -> list[np.ndarray | None]:
-        """Results for ``items``, retried until they come back. A dead or restarting encoder
-        (Ray restarts it, ``max_restarts``) is not the batch's fault: the batch is re-sent, to
-        another replica where there is one, for up to ``restart_timeout_s``. A batch the encoder
-        itself refuses (an exception inside ``encode``) is retried ``retries`` times (``failed``:
-        the attempts it already had, in :meth:`_encode_group`). Encoders are
-        pure functions of their input, so a batch run twice gives the same rows, and each
-        window's result is used once: delivery stays exactly-once."""
+    async def _encode_many(self, by_modality: dict[str, list[WindowItem]]) -> tuple[dict[str, Any], int | None]:
+        """:meth:`EncoderActor.encode_many` on the least-loaded live replica, and which one;
+        ``{}`` where the call was lost (or no replica is left)."""
+        i = self._encoding.pick()
+        if i is None:
+            return {}, None
+        n = sum(len(items) for items in by_modality.values())
+        self._encoding.sent(i, n)
+        try:
+            return await self.encoders[i].encode_many.remote(
+                {m: [it.payload for it in items] for m, items in by_modality.items()}), i
+        except Exception as exc:  # lost with the encoder, or refused: every modality on its own
+            log.warning("session '%s': encoder %d lost a release of %d items, re-sending per modality: %s",
+                        self.session, i, n, str(exc).splitlines()[0])
+            return {}, i
+        finally:
+            self._encoding.returned(i, n)
+
+    async def _encode(self, modality: str, items: list[WindowItem], refused_on: int | None = None) -> list[Any]:
+        """Results for ``items``, tried as :class:`pipeline.dispatch.RetryBudget` says; ``None``
+        rows (counted as ``<modality>:encoder_error``) once it gives up."""
         from ray.exceptions import ActorDiedError, RayActorError
 
         payloads = [it.payload for it in items]
-        failures = failed
-        attempt = failed
-        deadline = time.monotonic() + self.restart_timeout_s
-        if 0 < failures <= self.retries:
-            await asyncio.sleep(0.5 * failures)
-        while failures <= self.retries:
-            live = [i for i in range(len(self.encoders)) if i not in self._dead_encoders]
-            if not live:
-                break
-            i = min(live, key=lambda j: self._load[j])
-            attempt += 1
-            self._load[i] += len(items)
+        budget = self._encoding.budget(modality, len(items), time.monotonic(), refused_on)
+        last_exc: Exception | None = None
+        while (step := budget.next()) is not None:
+            if step.delay_s > 0:
+                await asyncio.sleep(step.delay_s)
+            i = step.replica
+            self._encoding.sent(i, len(items))
             try:
                 rows, spans = await self.encoders[i].encode_timed.remote(modality, payloads)
-                self._note_forward(items, spans)
+                self.observer.forwarded(items, spans)
                 return rows
             except RayActorError as exc:  # the actor died, or is restarting
                 last_exc = exc
-                self.encode_retries += 1
                 log.warning("session '%s': encoder %d lost a %s batch of %d (attempt %d), re-sending: %s",
-                            self.session, i, modality, len(items), attempt, str(exc).splitlines()[0])
+                            self.session, i, modality, len(items), budget.attempts, str(exc).splitlines()[0])
                 if isinstance(exc, ActorDiedError) and await self._encoder_dead(i):
-                    self._dead_encoders.add(i)
+                    self._encoding.mark_dead(i)
                     log.error("session '%s': encoder %d is dead (restarts exhausted)", self.session, i)
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(min(2.0, 0.2 * attempt))
+                budget.lost(i, time.monotonic())
             except Exception as exc:  # the batch failed inside the encoder
                 last_exc = exc
-                failures += 1
                 log.warning("session '%s': %s batch of %d failed on encoder %d (attempt %d): %s",
-                            self.session, modality, len(items), i, attempt, exc)
-                if failures > self.retries:
-                    break
-                self.encode_retries += 1
-                await asyncio.sleep(0.5 * failures)
+                            self.session, modality, len(items), i, budget.attempts, exc)
+                budget.refused(i)
             finally:
-                self._load[i] -= len(items)
+                self._encoding.returned(i, len(items))
         log.error("session '%s': dropping %d %s items after %d attempts: %s",
-                  self.session, len(items), modality, attempt, last_exc)
-        self.encode_errors[modality] += len(items)
+                  self.session, len(items), modality, budget.attempts, last_exc)
         return [None] * len(items)
 
     async def _encoder_dead(self, i: int) -> bool:
@@ -689,69 +623,80 @@ class AlignerActor:
 
     # -- publish ---------------------------------------------------------------------------
     async def _pump(self) -> None:
-        from sinks.protocol import EmbeddingRecord
-
         while True:
-            if self._live is not None:
+            if self._admission is not None:
                 self._live_feed()
             if not self._pending:
-                if self.aligner.done and not self._coalesced:
+                if self.aligner.done and not self._coalesce.held:
                     break
                 self._pending_changed.clear()
                 await self._pending_changed.wait()
                 continue
-            # Publish every window whose results are in, in window order, in one call.
-            records = []
-            stamped: list[WindowItem] = []  # the items behind ``records``, for stage timing
-            while self._pending:
-                w, entries = self._pending[0]
-                if not all(f.done() for _, f, _ in entries):
-                    if records:
-                        break
-                    await asyncio.gather(*(f for _, f, _ in entries))
-                    continue
-                self._pending.popleft()
-                if self._live is not None:
-                    self._live_served(w)
-                for item, fut, row in entries:
-                    emb = fut.result()[row]
-                    if emb is None:
-                        continue
-                    if self._live is not None and self._live_late(item):
-                        continue  # would break the latency bound: counted, not published
-                    if item.window <= self._last_window.get(item.stream, -1):
-                        self.source_dropped[f"{item.stream}:duplicate_window"] += 1
-                        continue  # never twice
-                    self._last_window[item.stream] = item.window
-                    stamped.append(item)
-                    records.append(EmbeddingRecord(
-                        session=self.session, stream=item.stream, modality=item.modality,
-                        window=item.window, t_start=item.t_start, t_end=item.t_end,
-                        embedding=np.asarray(emb, dtype=np.float32), t_ingest=item.t_ingest,
-                    ))
+            records, items = await self._collect()
             self._pending_changed.set()
-            if records:
-                if not await self._publisher_call("publish", records, claims=self._claims(records)):
-                    break  # the publisher is gone for good: the session ends with the error
-                self._note_published(stamped, time.time())
-                now = time.time()
-                for r in records:
-                    self.counts[r.modality] += 1
-                    self.latencies.append(now - r.t_ingest)
-                if len(self.latencies) > 100_000:
-                    self.latencies = self.latencies[-50_000:]
+            if records and not await self._publish(records, items):
+                break  # the publisher is gone for good: the session ends with the error
+        await self._finish()
+
+    async def _collect(self) -> tuple[list[Any], list[WindowItem]]:
+        """Every window whose results are in, in window order: their records, and the items
+        behind them. Waits for the first window when none is complete."""
+        records: list[Any] = []
+        items: list[WindowItem] = []
+        while self._pending:
+            w, entries = self._pending[0]
+            if not all(f.done() for _, f, _ in entries):
+                if records:
+                    break
+                await asyncio.gather(*(f for _, f, _ in entries))
+                continue
+            self._pending.popleft()
+            now = time.time()
+            if self._admission is not None:
+                self._admission.served(w, now)
+            for item, fut, row in entries:
+                emb = fut.result()[row]
+                if not self._publishable(item, emb, now):
+                    self.observer.discarded([item])
+                    continue
+                items.append(item)
+                records.append(EmbeddingRecord(
+                    session=self.session, stream=item.stream, modality=item.modality,
+                    window=item.window, t_start=item.t_start, t_end=item.t_end,
+                    embedding=np.asarray(emb, dtype=np.float32), t_ingest=item.t_ingest,
+                ))
+        return records, items
+
+    def _publishable(self, item: WindowItem, emb: Any, now: float) -> bool:
+        """No encoder error, within a live session's bound, and never a window twice."""
+        if emb is None:
+            return False
+        if self._admission is not None and self._admission.late(item, now):
+            return False  # would break the latency bound: counted, not published
+        return self._publish_order.admit(item.stream, item.window)
+
+    async def _publish(self, records: list[Any], items: list[WindowItem]) -> bool:
+        claims = PublishLedger.count(emb_topic(r.session, r.modality) for r in records)
+        if not await self._publisher_call("publish", records, claims=claims):
+            return False
+        t_pub = time.time()
+        self.observer.published(items, t_pub)
+        self.stats.record_published(((r.modality, r.t_ingest) for r in records), t_pub)
+        return True
+
+    async def _finish(self) -> None:
         # The last gauges and drop counts: a session shorter than heartbeat_s has had no tick yet,
         # and drops since the last one would be lost.
-        self._metrics_tick()
-        if self.publisher_error is None:
+        self._tick()
+        if self.stats.publisher_error is None:
             await self._publisher_call(
                 "end_session",
                 self.session,
-                counts=dict(self.counts),
+                counts=dict(self.stats.counts),
                 windows=self.aligner.windows_released,
                 dropped=self._dropped(),
                 missing=dict(self.aligner.missing),
-                errors=dict(self.source_errors),
+                errors=dict(self.stats.errors),
                 claims={self._ctl_topic: 1},
             )
         self._finished = True
@@ -760,70 +705,48 @@ class AlignerActor:
             self._hb_task.cancel()
         self._done.set()
 
+    def _tick(self) -> dict[str, Any]:
+        return self.observer.tick(len(self._pending), self._dropped())
+
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            if self._finished:
-                return
-            if self.publisher_error is not None:
+            if self._finished or self.stats.publisher_error is not None:
                 return
             try:
                 await self._publisher_call("heartbeat", self.session, {
                     "windows": self.aligner.windows_released,
-                    "counts": dict(self.counts),
+                    "counts": dict(self.stats.counts),
                     "dropped": self._dropped(),
                     "pending": len(self._pending),
                     "buffered_samples": self.aligner.buffered_samples(),
-                    **self._metrics_tick(),
+                    **self._tick(),
                 }, claims={self._ctl_topic: 1})
             except Exception as exc:
                 log.warning("session '%s': heartbeat failed: %s", self.session, exc)
 
-    # -- publisher restarts (docs/guarantees.md) ------------------------------------------------
-    # Every topic of this session (ctl/<session>, emb/<session>/<modality>) is written by this
-    # aligner alone (plus the driver's ``start``, whose seqs come in ``publish_start``). Before
-    # each call the aligner adds the seqs the call will consume (one per record of a topic, one
-    # per control message) to ``_pub_seq``; so ``_pub_seq`` is always at or past what the
-    # publisher used, even for a call that died half-way. A restarted publisher is resumed at
-    # ``_pub_seq``: seqs never repeat; the ones a dead call burned show up as a gap.
-    def _publisher_init(self, start: dict[str, Any] | None) -> None:
-        from sinks.protocol import ctl_topic
-
-        start = dict(start or {})
-        self._pub_start = start  # model, dim: what a restarted publisher needs to accept records
-        self._pub_seq: dict[str, int] = {str(k): int(v) for k, v in (start.get("seqs") or {}).items()}
-        self._ctl_topic = ctl_topic(self.session)
-        self._pub_lock: asyncio.Lock | None = None
-        self.publisher_restarts = 0
-
-    def _claims(self, records: list[Any]) -> dict[str, int]:
-        from sinks.protocol import emb_topic
-
-        return dict(collections.Counter(emb_topic(r.session, r.modality) for r in records))
-
+    # -- publisher restarts (docs/guarantees.md; the seq rule: pipeline.dispatch.PublishLedger) --
     async def _publisher_call(self, method: str, *args: Any, claims: dict[str, int], **kwargs: Any) -> bool:
         """``publisher.<method>(*args, **kwargs)``, surviving a publisher restart: a call lost
         with the process (``RayActorError``) or refused by the new incarnation
         (:class:`PublisherRestartedError`) is re-sent after :meth:`_resume_publisher`, for up to
-        ``restart_timeout_s``. False (and the error recorded as :attr:`publisher_error`, reported as
-        ``errors["publisher"]`` in the summary, so the run exits 3) when the publisher is gone for good."""
+        ``restart_timeout_s``. False (and the error recorded as the session's publisher error,
+        so the run exits 3) when the publisher is gone for good."""
         from ray.exceptions import ActorDiedError, RayActorError
 
         if self._pub_lock is None:
             self._pub_lock = asyncio.Lock()
         deadline = time.monotonic() + self.restart_timeout_s
         attempt = 0
-        async with self._pub_lock:  # one call at a time: _pub_seq is exact when resuming
+        async with self._pub_lock:  # one call at a time: the ledger is exact when resuming
             while True:
                 attempt += 1
-                for topic, n in claims.items():
-                    self._pub_seq[topic] = self._pub_seq.get(topic, 0) + n
+                self._ledger.claim(claims)
                 try:
                     seqs = await getattr(self.publisher, method).remote(*args, **kwargs)
                 except (RayActorError, PublisherRestartedError) as exc:
                     if isinstance(exc, PublisherRestartedError):  # refused: consumed no seq
-                        for topic, n in claims.items():
-                            self._pub_seq[topic] -= n
+                        self._ledger.refund(claims)
                     log.warning("session '%s': publisher %s failed (attempt %d), resuming and re-sending: %s",
                                 self.session, method, attempt, str(exc).splitlines()[0])
                     if (isinstance(exc, ActorDiedError) and await self._publisher_dead()) \
@@ -831,8 +754,7 @@ class AlignerActor:
                         self._publisher_lost(exc)
                         return False
                     continue
-                for topic, n in (seqs or {}).items():
-                    self._pub_seq[topic] = max(self._pub_seq.get(topic, 0), int(n))
+                self._ledger.settle(seqs)
                 return True
 
     async def _resume_publisher(self, deadline: float) -> bool:
@@ -845,12 +767,12 @@ class AlignerActor:
             try:
                 await self.publisher.resume.remote(
                     self.session, self.streams, self._pub_start.get("model"), int(self._pub_start.get("dim") or 1024),
-                    dict(self._pub_seq))
-                self.publisher_restarts += 1
-                log.warning("session '%s': publisher resumed at %s", self.session, self._pub_seq)
+                    self._ledger.resume_point())
+                self._ledger.resumed()
+                log.warning("session '%s': publisher resumed at %s", self.session, self._ledger.resume_point())
                 return True
             except RayActorError:  # still restarting
-                await asyncio.sleep(min(2.0, 0.2 * attempt))
+                await asyncio.sleep(backoff_s(attempt))
         return False
 
     async def _publisher_dead(self) -> bool:
@@ -867,106 +789,4 @@ class AlignerActor:
     def _publisher_lost(self, exc: Exception) -> None:
         error = f"publisher lost: {str(exc).splitlines()[0]}"
         log.error("session '%s': %s", self.session, error)
-        self.publisher_error = error
-
-    # -- stage timing and metrics ---------------------------------------------------------------
-    def _note_forward(self, items: list[WindowItem], spans: list[tuple[float, float]]) -> None:
-        for item, (t0, t1) in zip(items, spans):
-            st = self._stamps.get(id(item))
-            if st is not None:
-                st[1], st[2] = t0, t1
-
-    def _note_published(self, items: list[WindowItem], t_pub: float) -> None:
-        by_modality: collections.Counter[str] = collections.Counter()
-        for item in items:
-            st = self._stamps.pop(id(item), None)
-            by_modality[item.modality] += 1
-            if st is not None:
-                self.stages.record(item.t_ingest, st[0], st[1], st[2], t_pub, t_first_ingest=item.t_first_ingest)
-        self._metrics.embeddings(self.session, by_modality)
-        # Items never published (encoder errors, duplicates) leave with their window.
-        if len(self._stamps) > 4 * (self.max_inflight + 1) * max(1, len(self.streams)):
-            live = {id(it) for _, entries in self._pending for it, _, _ in entries}
-            self._stamps = {k: v for k, v in self._stamps.items() if k in live}
-
-    def _metrics_tick(self) -> dict[str, Any]:
-        """Export gauges and drop deltas; return the heartbeat's stage summary."""
-        self._metrics.pending(self.session, len(self._pending))
-        for reason, n in self._dropped().items():
-            delta = n - self._dropped_exported[reason]
-            if delta > 0:
-                self._metrics.dropped(self.session, reason, delta)
-                self._dropped_exported[reason] = n
-        return {"latency": self.stages.brief()}
-
-    # -- live: bounded publish latency (docs/live.md) -------------------------------------------
-    # Released windows wait in a backlog; at most ``inflight`` of them are with the encoders.
-    # Before admitting one, windows that can no longer be published within max_latency_s (their
-    # age plus the recent dispatch-to-publish time) are shed, oldest first, counted per stream as
-    # ``shed_latency``; with ``shed: subsample`` the ``subsample`` modalities of every other
-    # window are dropped first once half the bound is used (``subsampled``). A result older
-    # than 90 % of the bound when its turn to publish comes is dropped as ``late_publish``.
-    def _live_init(self, live: dict[str, Any] | None) -> None:
-        self._live = live
-        self._feeding = False
-        self._backlog: collections.deque = collections.deque()
-        self._shed: collections.Counter[str] = collections.Counter()
-        self._served_s = 0.0  # EWMA of dispatch -> publish time of one window
-        self._dispatched_at: dict[int, float] = {}
-
-    @staticmethod
-    def _age(w: Window, now: float) -> float:
-        return now - max((it.t_ingest for it in w.items), default=now)
-
-    def _live_feed(self) -> None:
-        live = self._live
-        assert live is not None
-        bound = float(live.get("max_latency_s") or 0.0)
-        cap = max(1, int(live.get("inflight", 2)))
-        now = time.time()
-        subsample = set(live.get("subsample") or ()) if live.get("shed") == "subsample" else set()
-        admit: list[Window] = []
-        # The cap counts windows: with ``release: stream`` a window comes in several parts.
-        busy = {w.index for w, _ in self._pending}
-        while self._backlog and (len(busy) < cap or self._backlog[0].index in busy):
-            w = self._backlog.popleft()
-            if bound > 0:
-                expected = self._age(w, now) + self._served_s
-                if expected > bound:
-                    for it in w.items:
-                        self._shed[f"{it.stream}:shed_latency"] += 1
-                    if not self._pending and not admit and self._age(w, now) <= bound:
-                        # Nothing in flight can refresh an estimate taken during a stall (a
-                        # publisher restart): let it decay, or every window is shed from now on.
-                        self._served_s *= 0.5
-                    continue
-                if subsample and expected > bound / 2:
-                    if w.index % 2:  # every other window, by index: the same for all its parts
-                        keep = [it for it in w.items if it.modality not in subsample]
-                        for it in w.items:
-                            if it.modality in subsample:
-                                self._shed[f"{it.stream}:subsampled"] += 1
-                        w.items = keep
-            admit.append(w)
-            busy.add(w.index)
-        for w in admit:
-            self._dispatched_at[id(w)] = now
-        if admit:
-            self._feeding = True
-            try:
-                self._dispatch(admit)
-            finally:
-                self._feeding = False
-
-    def _live_served(self, w: Window) -> None:
-        t0 = self._dispatched_at.pop(id(w), None)
-        if t0 is not None:
-            self._served_s = 0.7 * self._served_s + 0.3 * (time.time() - t0)
-
-    def _live_late(self, item: WindowItem) -> bool:
-        bound = float(self._live.get("max_latency_s") or 0.0) if self._live else 0.0
-        # 10 % of the bound is left for the publish call and the socket.
-        if bound > 0 and time.time() - item.t_ingest > 0.9 * bound:
-            self._shed[f"{item.stream}:late_publish"] += 1
-            return True
-        return False
+        self.stats.publisher_lost(error)

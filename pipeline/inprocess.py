@@ -2,7 +2,7 @@
 
 The same parts as the Ray graph (``sources.replay.open_source`` with its frame selection, the
 :class:`sources.guard.StreamGuard` of every stream, :class:`pipeline.align.Aligner`,
-:func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.memory.SinkBase` such as
+:func:`encoders.preprocess.prepare`, ``model.encode``, any :class:`sinks.base.SinkBase` such as
 the ZeroMQ :class:`sinks.zmq_publisher.Publisher`) driven by one loop. It is what the Ray graph
 must beat (``bench/pipeline.py`` measures both on the same work), and a library entry point for
 notebooks and small jobs that want embeddings without starting Ray::
@@ -32,9 +32,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.align import AlignConfig, Aligner, Window
+from pipeline.align import AlignConfig, Aligner, Window, WindowItem
 from pipeline.config import EncodersConfig, ReplayConfig, SourcesConfig
 from pipeline.metrics import StageRecorder
+from pipeline.stats import SessionResult, SessionStats, merge_dropped
 from sinks.protocol import EmbeddingRecord
 from sources.session import SessionSpec
 
@@ -89,10 +90,10 @@ def _tell_origin(selectors: dict[str, Any], al: Aligner) -> None:
 
 @dataclass
 class InProcessResult:
-    sessions: list[dict[str, Any]]  # per session: windows, counts, dropped, missing, errors
+    sessions: list[dict[str, Any]]  # per session: SessionResult.to_dict()
     elapsed_s: float
-    stages: dict[str, dict[str, float]]  # StageRecorder.summary()
-    latencies: list[float]  # total latency per embedding (bounded to the last 100k)
+    stages: dict[str, dict[str, float]]  # StageRecorder.summary(), every session
+    latencies: list[float]  # total latency per embedding, every session (bounded to the last 100k)
     items: dict[str, int] = field(default_factory=dict)  # encoded per modality
     forward_s: dict[str, float] = field(default_factory=dict)  # preprocess + forward per modality
     batch_sizes: dict[str, list[int]] = field(default_factory=dict)
@@ -112,51 +113,111 @@ class _Stream:
         self.guard = guard
         self.t_first: float | None = None
         self.cpu_s = 0.0
-        self.done = False
         self.error: str | None = None
 
 
-class _InProcessRun:
-    """The state of one :func:`run_inprocess` call: its streams, aligners, released windows and counters."""
+class _Session:
+    """One session's aligner, frame selectors, counters and stage samples."""
 
-    def __init__(self, model: Any, sink: Any, clock: Callable[[], float], max_batch: int, device: Any) -> None:
-        self.model, self.sink, self.clock, self.max_batch, self.device = model, sink, clock, max_batch, device
-        self.aligners: dict[str, Aligner] = {}
-        self.selectors: dict[str, dict[str, Any]] = {}
-        self.streams: list[_Stream] = []
-        self.recorder = StageRecorder()
-        self.latencies: collections.deque = collections.deque(maxlen=100_000)
-        self.session_latencies: dict[str, collections.deque] = collections.defaultdict(
-            lambda: collections.deque(maxlen=100_000))
-        self.imu_span: float | None = None  # what an IMU window covers: the encoder resamples over it
-        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        self.errors: dict[str, dict[str, str]] = collections.defaultdict(dict)
-        self.source_dropped: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        self.items_n: collections.Counter = collections.Counter()
-        self.forward_s: collections.Counter = collections.Counter()
+    def __init__(self, spec: SessionSpec, align: AlignConfig, clock: Callable[[], float], select_frames: bool) -> None:
+        self.name = spec.name
+        self.streams = {s.id: s.modality for s in spec.streams}
+        self.aligner = Aligner(spec.name, self.streams, align, clock=clock)
+        self.selectors = _selectors(spec, align) if select_frames else {}
+        self.stats = SessionStats(spec.name)
+        self.stages = StageRecorder()
+
+    def result(self) -> SessionResult:
+        return self.stats.result(windows=self.aligner.windows_released,
+                                 dropped=merge_dropped(self.aligner.dropped, self.stats.source_dropped),
+                                 missing=self.aligner.missing, stages=self.stages.summary())
+
+
+class _Encoder:
+    """``model`` in batches of at most ``max_batch`` per modality, with the encoders' counters."""
+
+    def __init__(self, model: Any, device: Any, max_batch: int, clock: Callable[[], float],
+                 imu_span: float | None = None) -> None:
+        self.model, self.device, self.max_batch, self.clock = model, device, max_batch, clock
+        self.imu_span = imu_span  # what an IMU window covers: the encoder resamples over it
+        self.items: collections.Counter[str] = collections.Counter()
+        self.forward_s: collections.Counter[str] = collections.Counter()
         self.batch_sizes: dict[str, list[int]] = collections.defaultdict(list)
+
+    def encode(self, items: list[WindowItem]) -> dict[int, tuple[np.ndarray, float, float]]:
+        """id(item) -> (row, forward start, forward end)."""
+        from encoders.preprocess import prepare
+
+        by_mod: dict[str, list[WindowItem]] = collections.defaultdict(list)
+        for it in items:
+            by_mod[it.modality].append(it)
+        out: dict[int, tuple[np.ndarray, float, float]] = {}
+        for modality, its in by_mod.items():
+            for lo in range(0, len(its), self.max_batch):
+                part = its[lo:lo + self.max_batch]
+                t0 = self.clock()
+                x = prepare(modality, [it.payload for it in part], self.device, config=self.model.config,
+                            imu_duration=self.imu_span)
+                rows = self.model.encode(modality, x).float().cpu().numpy()
+                t1 = self.clock()
+                self.items[modality] += len(part)
+                self.forward_s[modality] += t1 - t0
+                self.batch_sizes[modality].append(len(part))
+                for it, row in zip(part, rows):
+                    out[id(it)] = (row, t0, t1)
+        return out
+
+
+class _Loop:
+    """Reads every stream round-robin, releases windows, encodes and publishes them in order."""
+
+    def __init__(self, sessions: dict[str, _Session], encoder: _Encoder, sink: Any, clock: Callable[[], float], *,
+                 rate: float, max_batch: int, max_wait_s: float) -> None:
+        self.sessions, self.encoder, self.sink, self.clock = sessions, encoder, sink, clock
+        self.rate, self.max_batch, self.max_wait_s = rate, max_batch, max_wait_s
         self.released: list[tuple[Window, float]] = []  # (window, t_release)
+        self.stages = StageRecorder()
+        self.latencies: collections.deque[float] = collections.deque(maxlen=100_000)
         self.wall0 = clock()
 
-    def open(self, specs: Sequence[SessionSpec], align: AlignConfig, select_frames: bool, max_gap_s: float,
-             **source_options: Any) -> None:
-        from sources.guard import StreamGuard
-        from sources.replay import open_source
+    def run(self, streams: list[_Stream]) -> None:
+        live = list(streams)
+        while live:
+            for st in list(live):
+                if not self.step(st):
+                    live.remove(st)
+            # The encoders' batching rule: a full batch, or the oldest released window waited long enough.
+            if len(self.released) >= self.max_batch or (
+                    self.released and self.clock() - self.released[0][1] >= self.max_wait_s):
+                self.encode_and_publish()
+        self.encode_and_publish()
 
-        self.imu_span = align.spans["imu"].span if "imu" in align.spans else None
-        for spec in specs:
-            sm = {s.id: s.modality for s in spec.streams}
-            self.aligners[spec.name] = Aligner(spec.name, sm, align, clock=self.clock)
-            self.selectors[spec.name] = _selectors(spec, align) if select_frames else {}
-            self.sink.start_session(spec.name, sm, self.model.config.name, int(self.model.out_dim))
-            for s in spec.streams:
-                src = open_source(s, select=self.selectors[spec.name].get(s.id), **source_options)
-                guard = StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s)
-                self.streams.append(_Stream(spec.name, s, src, guard))
-        self.wall0 = self.clock()  # the replay clock starts once every source is open
+    def step(self, st: _Stream) -> bool:
+        """One chunk of ``st`` into its aligner; False once the stream has ended."""
+        chunk = self._next_chunk(st)
+        sess = self.sessions[st.session]
+        if chunk is None:
+            sess.stats.stream_ended(st.spec.id, st.error,
+                                    st.guard.merge_into(getattr(st.source, "dropped", {}) or {}))
+            self._release(sess.aligner.end_stream(st.spec.id, st.error))
+            return False
+        chunk = st.guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
+        if len(chunk) == 0:
+            return True
+        if self.rate > 0:
+            if st.t_first is None:
+                st.t_first = float(np.nanmin(chunk.t))
+            delay = self.wall0 + (chunk.known_at() - st.t_first) / self.rate - self.clock()
+            if delay > 0:
+                time.sleep(delay)
+        chunk.t_ingest = self.clock()
+        windows = sess.aligner.push(chunk)
+        _tell_origin(sess.selectors, sess.aligner)
+        self._release(windows)
+        return True
 
-    def read(self, st: _Stream, rate: float) -> bool:
-        """Push the next chunk of ``st`` to its aligner; ``False`` once the stream has ended."""
+    @staticmethod
+    def _next_chunk(st: _Stream) -> Any:
         # Process CPU, not thread CPU: PyAV decodes in its own threads, and nothing else runs
         # while this loop waits for a chunk.
         t0 = time.process_time()
@@ -167,101 +228,56 @@ class _InProcessRun:
             st.error = f"{type(exc).__name__}: {exc}"
             log.error("session '%s' stream '%s' failed: %s", st.session, st.spec.id, st.error)
         st.cpu_s += time.process_time() - t0
-        al = self.aligners[st.session]
-        if chunk is None:
-            self._end_stream(st, al)
-            return False
-        chunk = st.guard.apply(chunk)  # clock jumps, non-finite data: dropped and counted
-        if len(chunk) == 0:
-            return True
-        if rate > 0:
-            if st.t_first is None:
-                st.t_first = float(np.nanmin(chunk.t))
-            delay = self.wall0 + (chunk.known_at() - st.t_first) / rate - self.clock()
-            if delay > 0:
-                time.sleep(delay)
-        chunk.t_ingest = self.clock()
-        windows = al.push(chunk)
-        _tell_origin(self.selectors[st.session], al)
+        return chunk
+
+    def _release(self, windows: list[Window]) -> None:
         t_rel = self.clock()
         self.released.extend((w, t_rel) for w in windows)
-        return True
-
-    def _end_stream(self, st: _Stream, al: Aligner) -> None:
-        if st.error:
-            self.errors[st.session][st.spec.id] = st.error
-        for reason, n in st.guard.merge_into(getattr(st.source, "dropped", {}) or {}).items():
-            self.source_dropped[st.session][f"{st.spec.id}:{reason}"] += int(n)
-        t_rel = self.clock()
-        self.released.extend((w, t_rel) for w in al.end_stream(st.spec.id, st.error))
 
     def encode_and_publish(self) -> None:
         if not self.released:
             return
-        emb, fwd = self._encode()
+        rows = self.encoder.encode([it for w, _ in self.released for it in w.items])
         # Windows are released in order per session, so publishing them as released keeps order.
         for w, t_rel in self.released:
             records = [EmbeddingRecord(session=it.session, stream=it.stream, modality=it.modality, window=it.window,
-                                       t_start=it.t_start, t_end=it.t_end, embedding=emb[id(it)].astype(np.float32),
-                                       t_ingest=it.t_ingest) for it in w.items]
+                                       t_start=it.t_start, t_end=it.t_end,
+                                       embedding=rows[id(it)][0].astype(np.float32), t_ingest=it.t_ingest)
+                       for it in w.items]
             if records:
                 self.sink.publish(records)
             t_pub = self.clock()
+            sess = self.sessions[w.session]
+            sess.stats.record_published(((it.modality, it.t_ingest) for it in w.items), t_pub)
             for it in w.items:
-                t0, t1 = fwd[id(it)]
-                self.recorder.record(it.t_ingest, t_rel, t0, t1, t_pub, t_first_ingest=it.t_first_ingest)
+                _, t0, t1 = rows[id(it)]
+                for rec in (self.stages, sess.stages):
+                    rec.record(it.t_ingest, t_rel, t0, t1, t_pub, t_first_ingest=it.t_first_ingest)
                 self.latencies.append(t_pub - it.t_ingest)
-                self.session_latencies[w.session].append(t_pub - it.t_ingest)
-                self.counts[w.session][it.modality] += 1
         self.released.clear()
 
-    def _encode(self) -> tuple[dict[int, np.ndarray], dict[int, tuple[float, float]]]:
-        """Embeddings of every released item (by ``id``) and the (start, end) of its forward."""
-        from encoders.preprocess import prepare
+    def finish(self) -> list[SessionResult]:
+        """Each session's ``end`` sent to the sink; their results."""
+        results = []
+        for sess in self.sessions.values():
+            res = sess.result()
+            self.sink.end_session(sess.name, counts=res.counts, windows=res.windows, dropped=res.dropped,
+                                  missing=res.missing, errors=res.errors)
+            results.append(res)
+        return results
 
-        by_mod: dict[str, list[Any]] = collections.defaultdict(list)
-        for w, _ in self.released:
-            for it in w.items:
-                by_mod[it.modality].append(it)
-        emb: dict[int, np.ndarray] = {}
-        fwd: dict[int, tuple[float, float]] = {}
-        for modality, its in by_mod.items():
-            for lo in range(0, len(its), self.max_batch):
-                part = its[lo:lo + self.max_batch]
-                t0 = self.clock()
-                x = prepare(modality, [it.payload for it in part], self.device, config=self.model.config,
-                            imu_duration=self.imu_span)
-                rows = self.model.encode(modality, x).float().cpu().numpy()
-                t1 = self.clock()
-                self.items_n[modality] += len(part)
-                self.forward_s[modality] += t1 - t0
-                self.batch_sizes[modality].append(len(part))
-                for it, row in zip(part, rows):
-                    emb[id(it)] = row
-                    fwd[id(it)] = (t0, t1)
-        return emb, fwd
 
-    def result(self) -> InProcessResult:
-        """End every session at the sink and sum the run up."""
-        sessions = []
-        for name, al in self.aligners.items():
-            lat = np.array(self.session_latencies[name]) if self.session_latencies[name] else np.zeros(1)
-            dropped: collections.Counter = collections.Counter()
-            for (stream, reason), n in al.dropped.items():
-                dropped[f"{stream}:{reason}"] += n
-            dropped.update(self.source_dropped[name])
-            counts, errors = dict(self.counts[name]), dict(self.errors[name])
-            self.sink.end_session(name, counts=counts, windows=al.windows_released, dropped=dict(dropped),
-                                  missing=dict(al.missing), errors=errors)
-            sessions.append({"session": name, "windows": al.windows_released, "counts": counts,
-                             "dropped": dict(dropped), "missing": dict(al.missing), "errors": errors,
-                             "latency_p50_s": float(np.percentile(lat, 50)),
-                             "latency_p99_s": float(np.percentile(lat, 99))})
-        return InProcessResult(
-            sessions=sessions, elapsed_s=self.clock() - self.wall0, stages=self.recorder.summary(),
-            latencies=list(self.latencies), items=dict(self.items_n), forward_s=dict(self.forward_s),
-            batch_sizes=dict(self.batch_sizes), source_cpu_s={f"{s.session}/{s.spec.id}": s.cpu_s for s in self.streams},
-        )
+def _open_streams(spec: SessionSpec, sess: _Session, *, chunk_seconds: float, video_size: int, max_pixels: int,
+                  max_gap_s: float) -> list[_Stream]:
+    from sources.guard import StreamGuard
+    from sources.replay import open_source
+
+    out = []
+    for s in spec.streams:
+        src = open_source(s, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels,
+                          select=sess.selectors.get(s.id))
+        out.append(_Stream(spec.name, s, src, StreamGuard(spec.name, s.id, s.modality, max_gap_s=max_gap_s)))
+    return out
 
 
 def run_inprocess(
@@ -287,21 +303,26 @@ def run_inprocess(
     ``select_frames``: only frames some window can pick are scaled / decoded, as the graph's
     ``sources.select_frames`` (docs/alignment.md). ``max_gap_s``: the clock-jump and
     non-finite-data guard of every stream, as the graph's ``sources.max_gap_s``
-    (sources/guard.py; its drops are counted with the source's).
+    (sources/guard.py; its drops are counted with the source's). Each session's summary
+    (:class:`pipeline.stats.SessionResult`) holds its own counts and latencies.
     """
     import torch
 
+    align = align or AlignConfig()
     dev = torch.device(device) if device is not None else model.device
-    r = _InProcessRun(model, sink, clock, max_batch, dev)
-    r.open(specs, align or AlignConfig(), select_frames, max_gap_s, chunk_seconds=chunk_seconds,
-           video_size=video_size, max_pixels=max_pixels)
-    live = list(r.streams)
-    while live:
-        for st in list(live):
-            if not r.read(st, rate):
-                live.remove(st)
-        # The encoders' batching rule: a full batch, or the oldest released window waited long enough.
-        if len(r.released) >= max_batch or (r.released and clock() - r.released[0][1] >= max_wait_s):
-            r.encode_and_publish()
-    r.encode_and_publish()
-    return r.result()
+    sessions: dict[str, _Session] = {}
+    streams: list[_Stream] = []
+    for spec in specs:
+        sess = sessions[spec.name] = _Session(spec, align, clock, select_frames)
+        sink.start_session(spec.name, sess.streams, model.config.name, int(model.out_dim))
+        streams += _open_streams(spec, sess, chunk_seconds=chunk_seconds, video_size=video_size,
+                                 max_pixels=max_pixels, max_gap_s=max_gap_s)
+    encoder = _Encoder(model, dev, max_batch, clock, align.spans["imu"].span if "imu" in align.spans else None)
+    loop = _Loop(sessions, encoder, sink, clock, rate=rate, max_batch=max_batch, max_wait_s=max_wait_s)
+    loop.run(streams)
+    results = loop.finish()
+    return InProcessResult(
+        sessions=[r.to_dict() for r in results], elapsed_s=clock() - loop.wall0, stages=loop.stages.summary(),
+        latencies=list(loop.latencies), items=dict(encoder.items), forward_s=dict(encoder.forward_s),
+        batch_sizes=dict(encoder.batch_sizes), source_cpu_s={f"{s.session}/{s.spec.id}": s.cpu_s for s in streams},
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.stats import SessionResult
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
@@ -34,7 +35,7 @@ PUBLISHER_MAX_RESTARTS = 2  # Ray restarts of the publisher actor (docs/guarante
 
 @dataclass
 class RunResult:
-    sessions: list[dict[str, Any]]
+    sessions: list[dict[str, Any]]  # per session: pipeline.stats.SessionResult.to_dict()
     endpoint: str
     model: dict[str, Any]
     elapsed_s: float
@@ -470,9 +471,8 @@ def _session_result(ref: Any, spec: SessionSpec, publisher: Any, progress: dict[
             counts = dict(ray.get(publisher.stats.remote())["published"].get(spec.name, {}))
         except Exception as exc:  # the publisher is gone too: the summary still names the streams
             log.error("session '%s': cannot send its end: %s", spec.name, str(exc).splitlines()[0])
-    return {"session": spec.name, "windows": windows, "counts": counts, "dropped": {}, "missing": {},
-            "errors": errors, "latency_p50_s": math.nan, "latency_p99_s": math.nan, "encode_retries": 0,
-            "publisher_restarts": 0, "stages": {}}
+    return SessionResult(session=spec.name, windows=windows, counts=counts, dropped={}, missing={}, errors=errors,
+                         latency_p50_s=math.nan, latency_p99_s=math.nan).to_dict()
 
 
 def curve_server_config(cfg: RunConfig) -> Any:
