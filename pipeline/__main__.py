@@ -87,7 +87,7 @@ def _is_live(doc: object) -> bool:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     """``config``: every run-config key with its default and meaning, as YAML (or Markdown)."""
-    from pipeline.config import config_reference_markdown, default_config_yaml
+    from pipeline.config_doc import config_reference_markdown, default_config_yaml
 
     print(config_reference_markdown() if args.markdown else default_config_yaml(), end="")
     return 0

@@ -55,8 +55,7 @@ import numpy as np
 
 from sources.base import AUDIO_RATE, MODALITIES, Chunk
 
-__all__ = ["ModalitySpan", "AlignConfig", "WindowItem", "Window", "Aligner", "DEFAULT_SPANS", "FrameSelector",
-           "frame_selector", "next_need"]
+__all__ = ["ModalitySpan", "AlignConfig", "WindowItem", "Window", "Aligner", "DEFAULT_SPANS", "window_end"]
 
 
 @dataclass(frozen=True)
@@ -279,39 +278,7 @@ class Aligner:
                 buf.watermark = max(buf.watermark, float(chunk.passed))
                 return self._release()
             return []
-        keep = np.isfinite(t)
-        self._count(chunk.stream, "bad_timestamp", int(n - keep.sum()))
-        lateness = self.config.allowed_lateness
-        # Samples older than the lateness bound, or than anything an unreleased window can
-        # still use, cannot be placed any more.
-        floor = buf.watermark - lateness
-        first_reach = -math.inf
-        if self.origin is not None:
-            floor = max(floor, self._earliest_needed(buf))
-            # Before the first window's reach no window was ever missed: not late (paced
-            # replay sends a stream's first sample alone, so the rest of its first chunk can
-            # arrive once the grid is fixed). Buffered, then evicted like any unused sample.
-            first_reach = self._window_end(0) - self.config.spans[buf.modality].lookback()
-        late = keep & (t < floor) & (t >= first_reach)
-        self._count(chunk.stream, "late", int(late.sum()))
-        keep &= ~late
-        # Duplicates of buffered timestamps, and repeats inside the chunk itself.
-        if keep.any():
-            dup = np.zeros(n, dtype=bool)
-            if len(buf):
-                pos = np.searchsorted(buf.t, t)
-                pos_c = np.clip(pos, 0, len(buf.t) - 1)
-                dup |= buf.t[pos_c] == t
-            idx = np.flatnonzero(keep)
-            tk = t[idx]
-            if not np.all(tk[1:] > tk[:-1]):  # strictly increasing (the usual chunk): no repeats
-                _, first = np.unique(tk, return_index=True)
-                repeated = np.ones(len(idx), dtype=bool)
-                repeated[first] = False
-                dup[idx[repeated]] = True
-            dup &= keep
-            self._count(chunk.stream, "duplicate", int(dup.sum()))
-            keep &= ~dup
+        keep = self._placeable(buf, chunk.stream, t)
         if not keep.all():
             t = t[keep]
             data = [d for d, k in zip(data, keep) if k] if buf.modality == "text" else data[keep]
@@ -328,6 +295,45 @@ class Aligner:
         self._t_last = max(self._t_last, float(t.max()))
         buf.insert(t, data, chunk.t_ingest or self.clock())
         return self._release()
+
+    def _placeable(self, buf: _StreamBuffer, stream: str, t: np.ndarray) -> np.ndarray:
+        """Which of a chunk's times can be buffered: finite, not late, not a duplicate; the
+        rest are counted by reason (``bad_timestamp``, ``late``, ``duplicate``)."""
+        n = len(t)
+        keep = np.isfinite(t)
+        self._count(stream, "bad_timestamp", int(n - keep.sum()))
+        lateness = self.config.allowed_lateness
+        # Samples older than the lateness bound, or than anything an unreleased window can
+        # still use, cannot be placed any more.
+        floor = buf.watermark - lateness
+        first_reach = -math.inf
+        if self.origin is not None:
+            floor = max(floor, self._earliest_needed(buf))
+            # Before the first window's reach no window was ever missed: not late (paced
+            # replay sends a stream's first sample alone, so the rest of its first chunk can
+            # arrive once the grid is fixed). Buffered, then evicted like any unused sample.
+            first_reach = self._window_end(0) - self.config.spans[buf.modality].lookback()
+        late = keep & (t < floor) & (t >= first_reach)
+        self._count(stream, "late", int(late.sum()))
+        keep &= ~late
+        # Duplicates of buffered timestamps, and repeats inside the chunk itself.
+        if keep.any():
+            dup = np.zeros(n, dtype=bool)
+            if len(buf):
+                pos = np.searchsorted(buf.t, t)
+                pos_c = np.clip(pos, 0, len(buf.t) - 1)
+                dup |= buf.t[pos_c] == t
+            idx = np.flatnonzero(keep)
+            tk = t[idx]
+            if not np.all(tk[1:] > tk[:-1]):  # strictly increasing (the usual chunk): no repeats
+                _, first = np.unique(tk, return_index=True)
+                repeated = np.ones(len(idx), dtype=bool)
+                repeated[first] = False
+                dup[idx[repeated]] = True
+            dup &= keep
+            self._count(stream, "duplicate", int(dup.sum()))
+            keep &= ~dup
+        return keep
 
     def end_stream(self, stream: str, error: str | None = None) -> list[Window]:
         """Mark a stream finished (cleanly, or with ``error``); it stops holding windows."""
@@ -509,109 +515,3 @@ def window_end(origin: float, hop: float, k: int) -> float:
     """``e_k``, computed one way everywhere (the aligner, the frame selector, paced replay), so
     their float comparisons agree exactly."""
     return origin + (k + 1) * hop
-
-
-# -- decode-side frame selection (docs/alignment.md, "Frames no window picks") ---------------------
-# Gaps between neighbouring frames above this are left alone: frames next to a gap are always
-# kept, so the source guard's clock-jump rule (which drops the first sample after a jump) sees
-# what it would without selection.
-_SELECT_MAX_GAP_S = 1.0
-
-
-class FrameSelector:
-    """Tells a frame source which frames some window can pick, before it converts or decodes them.
-
-    Vision with ``frames <= 2`` takes the first and the last frame of each span
-    ``[e_k - span, e_k)``; depth and thermal take the frame nearest to ``e_k``. Every other
-    frame is never used, yet a 30 fps camera at a 1 s hop would have all of them scaled to RGB,
-    shipped and buffered. :meth:`keep` decides one frame from its neighbours' times with the
-    aligner's own expressions, so the windows made from the kept frames are the same as from
-    all of them, for streams whose times do not go back (tested on random timelines). It keeps
-    a frame whenever it cannot be sure: before the origin is known, at the first and last
-    frame, next to equal times or a jump of more than 1 s, and every frame after the stream's
-    times first go back (out-of-order samples are judged late per chunk, so what the aligner
-    keeps of them depends on where chunks end, with or without selection).
-
-    ``origin`` is set by the owner once the session's aligner has fixed it.
-    """
-
-    def __init__(self, modality: str, config: AlignConfig, origin: float | None = None) -> None:
-        self.spec = config.spans[modality]
-        self.hop = config.hop
-        self.origin = origin if origin is not None else config.origin
-        self.kept = 0
-        self.skipped = 0
-        self._prev: tuple[float, float] | None = None  # (t of the frame before the last, t of the last)
-        self._disorder = False  # the times went back once: keep everything from then on
-
-    def keep(self, t: float, t_next: float | None) -> bool:
-        """Whether the frame at ``t`` (frames fed in arrival order) can be picked by a window.
-        ``t_next``: the next frame's time, ``None`` when unknown (end of stream)."""
-        prev = self._prev
-        if prev is not None and not t >= prev[1]:
-            self._disorder = True
-        ok = self._disorder or self._decide(prev, t, t_next)
-        self._prev = (prev[1] if prev is not None else -math.inf, t)
-        if ok:
-            self.kept += 1
-        else:
-            self.skipped += 1
-        return ok
-
-    def _decide(self, prev: tuple[float, float] | None, t: float, tn: float | None) -> bool:
-        o = self.origin
-        if o is None or prev is None or tn is None:
-            return True
-        tpp, tp = prev
-        gap = _SELECT_MAX_GAP_S
-        # Strictly increasing and no jump: then the aligner holds tp and tn as this frame's
-        # neighbours (neither dropped as late or duplicate, nor by the clock-jump guard).
-        if not (tpp < tp < t < tn and tp - tpp <= gap and t - tp <= gap and tn - t <= gap):
-            return True
-        spec, h = self.spec, self.hop
-        if spec.nearest:
-            # argmin |t_i - e| picks this frame for e in about ((tp+t)/2, (t+tn)/2].
-            for k in _ks(o, h, tp, tn):
-                e = window_end(o, h, k)
-                if abs(t - e) < abs(tp - e) and abs(t - e) <= abs(tn - e):
-                    return True
-            return False
-        # Vision: the first frame with time >= e - span and the last before e (the payload with
-        # frames == 2; with frames == 1 the last still gives the published t_end).
-        for k in _ks(o, h, tp + spec.span, t + spec.span):
-            start = window_end(o, h, k) - spec.span
-            if tp < start <= t:
-                return True
-        for k in _ks(o, h, t, tn):
-            e = window_end(o, h, k)
-            if t < e <= tn:
-                return True
-        return False
-
-
-def _ks(origin: float, hop: float, lo: float, hi: float) -> range:
-    """Window indices whose end may lie in ``[lo, hi]``, padded by one each side for rounding."""
-    first = math.floor((lo - origin) / hop) - 2
-    last = math.ceil((hi - origin) / hop)
-    return range(max(first, 0), max(last + 1, 0))
-
-
-def frame_selector(modality: str, config: AlignConfig) -> FrameSelector | None:
-    """A :class:`FrameSelector` where the modality takes only some frames (nearest-frame depth
-    and thermal, vision with ``frames`` 1 or 2); ``None`` where every sample can matter."""
-    spec = config.spans.get(modality)
-    if spec is None or modality not in ("vision", "depth", "thermal"):
-        return None
-    if spec.nearest or (modality == "vision" and 1 <= spec.frames <= 2):
-        return FrameSelector(modality, config)
-    return None
-
-
-def next_need(config: AlignConfig, modality: str, origin: float, x: float) -> float:
-    """The first stream time after ``x`` up to which a window waits for a stream of ``modality``
-    to have passed: ``e_k + lookahead`` (docs/alignment.md). Paced replay sends its watermarks then."""
-    la = config.spans[modality].lookahead()
-    k = max(0, math.floor((x - la - origin) / config.hop) - 1)
-    while window_end(origin, config.hop, k) + la <= x:
-        k += 1
-    return window_end(origin, config.hop, k) + la

@@ -2,7 +2,8 @@
 
 Each key is a dataclass field below; its default and its one-line meaning (``metadata["help"]``)
 live there and nowhere else. ``python -m pipeline config`` prints them as an annotated YAML config
-(:func:`default_config_yaml`), and docs/configuration.md lists them (:func:`config_reference_markdown`).
+(:func:`pipeline.config_doc.default_config_yaml`), and docs/configuration.md lists them
+(:func:`pipeline.config_doc.config_reference_markdown`).
 
 Errors are :class:`ConfigError` naming the key path (``encoders.max_batch``) and what was expected;
 the CLI turns them into exit code 2.
@@ -23,7 +24,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from pipeline.align import DEFAULT_SPANS, AlignConfig, ModalitySpan
 from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE, MODALITIES
@@ -32,7 +32,7 @@ from sources.yamlfile import load_yaml, read_yaml_file, short
 
 __all__ = ["RunConfig", "ReplayConfig", "WindowConfig", "ModelConfig", "EncodersConfig", "SourcesConfig",
            "PublishConfig", "CurveConfig", "RayConfig", "LiveConfig", "InlineSession", "load_config",
-           "parse_config", "apply_overrides", "DEFAULTS", "default_config_yaml", "config_reference_markdown"]
+           "parse_config", "apply_overrides", "DEFAULTS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SHED_POLICIES = ("drop_oldest", "subsample")
@@ -570,82 +570,3 @@ def _plain(value: Any) -> Any:
 
 DEFAULTS: dict[str, Any] = _plain(RunConfig())
 """The default of every key as plain data (derived from the dataclasses above)."""
-
-
-_COMMENT_COLUMN = 30
-_HEADER = """\
-# bindstream run config: every key, its default and its meaning (`python -m pipeline config`).
-# A config file needs only the keys it changes; docs/configuration.md lists the same keys.
-# Relative paths resolve against the folder of the config file.
-"""
-
-
-def _yaml_value(value: Any) -> str:
-    text = yaml.safe_dump(_plain(value), default_flow_style=True, sort_keys=False, width=10_000).strip()
-    return text.removesuffix("...").strip()
-
-
-def _span_value(modality: str, span: ModalitySpan) -> str:
-    return _yaml_value({k: getattr(span, k) for k in _span_keys(modality)})
-
-
-def _commented(text: str, comment: str) -> str:
-    return f"{text.ljust(_COMMENT_COLUMN - 1)} # {comment}"
-
-
-def _shown(f: dataclasses.Field, value: Any) -> Any:
-    return f.metadata.get("example", value)
-
-
-def _yaml_lines(section: _Section, indent: str) -> list[str]:
-    lines = []
-    for f in fields(section):
-        value, help = getattr(section, f.name), f.metadata["help"]
-        if isinstance(value, _Section):
-            lines.append(_commented(f"{indent}{f.name}:", help))
-            lines += _yaml_lines(value, indent + "  ")
-        elif f.metadata.get("build") is _build_spans:
-            lines.append(_commented(f"{indent}{f.name}:", help))
-            lines += [_commented(f"{indent}  {m}: {_span_value(m, s)}", _span_help(m, s))
-                      for m, s in value.items()]
-        else:
-            lines.append(_commented(f"{indent}{f.name}: {_yaml_value(_shown(f, value))}", help))
-    return lines
-
-
-def default_config_yaml() -> str:
-    """Every key with its default (``sessions``: an example) and its meaning, as a YAML config
-    that :func:`load_config` accepts."""
-    return _HEADER + "\n".join(_yaml_lines(RunConfig(), "")) + "\n"
-
-
-def _md_rows(section: _Section, prefix: str) -> list[str]:
-    rows = []
-    for f in fields(section):
-        value, key = getattr(section, f.name), prefix + f.name
-        if isinstance(value, _Section):
-            continue
-        if f.metadata.get("build") is _build_spans:
-            rows += [f"| `{key}.{m}` | `{_span_value(m, s)}` | {_span_help(m, s)} |"
-                     for m, s in value.items()]
-            continue
-        shown = f"`{_yaml_value(_shown(f, value))}`"
-        if "example" in f.metadata:
-            shown = f"none; e.g. {shown}"
-        rows.append(f"| `{key}` | {shown} | {f.metadata['help'].replace('|', chr(92) + '|')} |")
-    return rows
-
-
-def config_reference_markdown() -> str:
-    """The keys as Markdown: one table per section (docs/configuration.md holds this text)."""
-    out = []
-
-    def table(title: str, section: _Section, prefix: str) -> None:
-        out.extend([title, "", "| key | default | meaning |", "|---|---|---|", *_md_rows(section, prefix), ""])
-        for f in fields(section):
-            sub = getattr(section, f.name)
-            if isinstance(sub, _Section):
-                table(f"### `{prefix}{f.name}`: {f.metadata['help']}", sub, f"{prefix}{f.name}.")
-
-    table("### Top level", RunConfig(), "")
-    return "\n".join(out)

@@ -74,7 +74,7 @@ def session_windows(spec: SessionSpec, align: AlignConfig | None = None, *, sele
 
 
 def _selectors(spec: SessionSpec, align: AlignConfig) -> dict[str, Any]:
-    from pipeline.align import frame_selector
+    from pipeline.selection import frame_selector
 
     out = {s.id: frame_selector(s.modality, align) for s in spec.streams}
     return {k: v for k, v in out.items() if v is not None}

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class Session(Protocol):
-    """What a reader needs of its session (:class:`pipeline.actors.AlignerActor`)."""
+    """What a reader needs of its session (:class:`pipeline.session_actor.AlignerActor`)."""
 
     async def push(self, chunk: Any, seq: int) -> float | None: ...
 
@@ -252,7 +252,7 @@ class StreamReader:
 
     def _selector(self) -> Any:
         """The stream's frame selector (docs/alignment.md), or ``None``: off, or every frame counts."""
-        from pipeline.align import frame_selector
+        from pipeline.selection import frame_selector
 
         if not self.options.get("select_frames") or self.options.get("align") is None:
             return None
@@ -268,7 +268,7 @@ class StreamReader:
 
     def _next_need(self, x: float) -> float | None:
         """When the session next waits for this stream (paced replay aims its watermarks there)."""
-        from pipeline.align import next_need
+        from pipeline.selection import next_need
 
         align = self.options.get("align")
         if align is None or self._grid_origin is None or self.spec.modality not in align.spans:

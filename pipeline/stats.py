@@ -1,7 +1,7 @@
 """What one session did: counts, latencies, drops, errors; one implementation for every runtime.
 
 :class:`SessionStats` is filled while a session runs (the Ray graph's
-:class:`pipeline.actors.AlignerActor`, the one-process :func:`pipeline.inprocess.run_inprocess`);
+:class:`pipeline.session_actor.AlignerActor`, the one-process :func:`pipeline.inprocess.run_inprocess`);
 :meth:`SessionStats.result` gives the typed :class:`SessionResult`, whose :meth:`SessionResult.to_dict`
 is the session summary of ``RunResult.sessions`` and :meth:`SessionResult.lines` the CLI's text.
 

@@ -123,7 +123,7 @@ class FrameFolderSource:
     frame that does not decode, has the wrong bit depth or a different size from the first
     raises :class:`SourceError` naming it, after the frames before it were emitted.
 
-    ``select``: a :class:`pipeline.align.FrameSelector`; a frame no window can pick is not
+    ``select``: a :class:`pipeline.selection.FrameSelector`; a frame no window can pick is not
     decoded at all (its file is not opened, so a broken PNG there goes unnoticed).
     """
 

@@ -34,8 +34,8 @@ def open_source(spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int
                 max_pixels: int = DEFAULT_MAX_PIXELS, select: Any = None) -> Source:
     """The replay source for ``spec``. Nothing is decoded until it is iterated, except that
     frame folders and ``.npy`` arrays check their timestamps file here (``SourceError``).
-    ``select``: a :class:`pipeline.align.FrameSelector` for the stream (video and PNG-folder
-    frames only; see :func:`pipeline.align.frame_selector`), or ``None`` for every frame."""
+    ``select``: a :class:`pipeline.selection.FrameSelector` for the stream (video and PNG-folder
+    frames only; see :func:`pipeline.selection.frame_selector`), or ``None`` for every frame."""
     kind = spec.kind
     if kind == "media":
         if spec.modality == "audio":

@@ -305,6 +305,80 @@ def _parse_curve_client(raw: Mapping, opts: dict[str, Any], at: str) -> None:
     opts["curve_client_key"] = str(raw["curve_client_key"])
 
 
+class _LiveOptions:
+    """A live stream's kind-specific options, each checked as it is read (``opts``)."""
+
+    def __init__(self, raw: Mapping, kind: str, at: str) -> None:
+        self.raw, self.kind, self.at = raw, kind, at
+        self.opts: dict[str, Any] = {}
+
+    def text(self, key: str, required: bool = False) -> None:
+        if key not in self.raw:
+            if required:
+                raise ConfigError(f"{self.at}: key '{key}' is missing (kind '{self.kind}' needs it)")
+            return
+        v = self.raw[key]
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise ConfigError(f"{self.at}: key '{key}': expected a non-empty string, got {_tname(v)}")
+        self.opts[key] = v
+
+    def number(self, key: str, lo: float, integer: bool = False) -> None:
+        if key in self.raw:
+            v = self.raw[key]
+            ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+            if not ok or not math.isfinite(v) or v < lo:
+                raise ConfigError(f"{self.at}: key '{key}': expected {'an integer' if integer else 'a number'} >= {lo}, "
+                                  f"got {_tname(v)}")
+            self.opts[key] = v
+
+    def flag(self, key: str) -> None:
+        if key in self.raw:
+            if not isinstance(self.raw[key], bool):
+                raise ConfigError(f"{self.at}: key '{key}': expected true/false, got {_tname(self.raw[key])}")
+            self.opts[key] = self.raw[key]
+
+    def endpoint(self) -> None:
+        self.text("endpoint", required=True)
+        if "://" not in self.opts["endpoint"]:
+            raise ConfigError(f"{self.at}: key 'endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5560, "
+                              f"got {short(self.opts['endpoint'])}")
+
+    def zmq(self) -> None:
+        self.endpoint()
+        self.flag("bind")
+        if "topic" in self.raw:
+            if not isinstance(self.raw["topic"], str):
+                raise ConfigError(f"{self.at}: key 'topic': expected a string, got {_tname(self.raw['topic'])}")
+            self.opts["topic"] = self.raw["topic"]
+        self.number("max_bytes", 1, integer=True)
+        _parse_curve_client(self.raw, self.opts, self.at)
+
+    def imagezmq(self) -> None:
+        self.endpoint()
+        self.opts["mode"] = _choice(self.raw.get("mode", "reqrep"), ("reqrep", "pubsub"), f"{self.at}: key 'mode'")
+        self.opts["color"] = _choice(self.raw.get("color", "bgr"), ("bgr", "rgb"), f"{self.at}: key 'color'")
+
+    def av(self) -> None:
+        """``url`` and ``device``: what PyAV opens, and FFmpeg's own options."""
+        self.text("url", required=self.kind == "url")
+        self.text("format", required=self.kind == "device")
+        self.text("device", required=self.kind == "device")
+        self.text("size")
+        if "size" in self.opts and not re.fullmatch(r"[0-9]+x[0-9]+", self.opts["size"]):
+            raise ConfigError(f"{self.at}: key 'size': expected WIDTHxHEIGHT like 640x480, got {short(self.opts['size'])}")
+        for key in ("rate", "timeout_s", "max_backoff_s"):
+            self.number(key, 0)
+        self.number("track", 0, integer=True)
+        if "options" in self.raw:
+            o = self.raw["options"]
+            if not isinstance(o, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                    for k, v in o.items()):
+                raise ConfigError(f"{self.at}: key 'options': expected a mapping of FFmpeg option names to strings or "
+                                  f"numbers, got {_tname(o)}")
+            self.opts["options"] = tuple((k, str(v)) for k, v in o.items())
+
+
 def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root: Path, at: str) -> StreamSpec:
     kind = _choice(raw["kind"], tuple(LIVE_KINDS), f"{at}: key 'kind'")
     rule = LIVE_KINDS[kind]
@@ -315,67 +389,10 @@ def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root
     offset = raw.get("offset", 0.0)
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
         raise ConfigError(f"{at}: key 'offset': expected a finite number of seconds, got {_tname(offset)}")
-    opts: dict[str, Any] = {}
-
-    def text(key: str, required: bool = False) -> None:
-        if key not in raw:
-            if required:
-                raise ConfigError(f"{at}: key '{key}' is missing (kind '{kind}' needs it)")
-            return
-        v = raw[key]
-        if not isinstance(v, str) or not v or "\x00" in v:
-            raise ConfigError(f"{at}: key '{key}': expected a non-empty string, got {_tname(v)}")
-        opts[key] = v
-
-    def number(key: str, lo: float, integer: bool = False) -> None:
-        if key in raw:
-            v = raw[key]
-            ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
-            if not ok or not math.isfinite(v) or v < lo:
-                raise ConfigError(f"{at}: key '{key}': expected {'an integer' if integer else 'a number'} >= {lo}, "
-                                  f"got {_tname(v)}")
-            opts[key] = v
-
-    if kind in ("zmq", "imagezmq"):
-        text("endpoint", required=True)
-        if "://" not in opts["endpoint"]:
-            raise ConfigError(f"{at}: key 'endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5560, "
-                              f"got {short(opts['endpoint'])}")
-    if kind == "zmq":
-        if "bind" in raw:
-            if not isinstance(raw["bind"], bool):
-                raise ConfigError(f"{at}: key 'bind': expected true/false, got {_tname(raw['bind'])}")
-            opts["bind"] = raw["bind"]
-        if "topic" in raw:
-            if not isinstance(raw["topic"], str):
-                raise ConfigError(f"{at}: key 'topic': expected a string, got {_tname(raw['topic'])}")
-            opts["topic"] = raw["topic"]
-        number("max_bytes", 1, integer=True)
-        _parse_curve_client(raw, opts, at)
-    elif kind == "imagezmq":
-        opts["mode"] = _choice(raw.get("mode", "reqrep"), ("reqrep", "pubsub"), f"{at}: key 'mode'")
-        opts["color"] = _choice(raw.get("color", "bgr"), ("bgr", "rgb"), f"{at}: key 'color'")
-    else:
-        text("url", required=kind == "url")
-        text("format", required=kind == "device")
-        text("device", required=kind == "device")
-        text("size")
-        if "size" in opts and not re.fullmatch(r"[0-9]+x[0-9]+", opts["size"]):
-            raise ConfigError(f"{at}: key 'size': expected WIDTHxHEIGHT like 640x480, got {short(opts['size'])}")
-        number("rate", 0)
-        number("timeout_s", 0)
-        number("max_backoff_s", 0)
-        number("track", 0, integer=True)
-        if "options" in raw:
-            o = raw["options"]
-            if not isinstance(o, Mapping) or not all(
-                    isinstance(k, str) and isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                    for k, v in o.items()):
-                raise ConfigError(f"{at}: key 'options': expected a mapping of FFmpeg option names to strings or "
-                                  f"numbers, got {_tname(o)}")
-            opts["options"] = tuple((k, str(v)) for k, v in o.items())
+    options = _LiveOptions(raw, kind, at)
+    getattr(options, kind if kind in ("zmq", "imagezmq") else "av")()
     return StreamSpec(id=sid, modality=modality, source=root, session=session, offset=float(offset),
-                      live=kind, clock=clock, options=tuple(sorted(opts.items())))
+                      live=kind, clock=clock, options=tuple(sorted(options.opts.items())))
 
 
 def _parse_imu(raw: Mapping, at: str) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class VideoSource:
     Sample time = frame pts * time_base + ``spec.offset``. ``cpu`` accumulates the CPU seconds
     spent decoding and scaling (see :class:`sources._common._CpuMeter`).
 
-    ``select``: a :class:`pipeline.align.FrameSelector`. Every frame is still decoded (later
+    ``select``: a :class:`pipeline.selection.FrameSelector`. Every frame is still decoded (later
     frames depend on it), but only those some window can pick are scaled and emitted; the
     decision needs the next frame's time, so each frame waits for the next one to decode.
     """

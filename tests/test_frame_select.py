@@ -1,4 +1,4 @@
-"""Decode-side frame selection (pipeline.align.FrameSelector): the windows made from the frames
+"""Decode-side frame selection (pipeline.selection.FrameSelector): the windows made from the frames
 it keeps are the windows made from every frame, on random timelines, with far fewer frames."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.align import AlignConfig, Aligner, ModalitySpan, frame_selector
+from pipeline.align import AlignConfig, Aligner, ModalitySpan
+from pipeline.selection import frame_selector
 from sources.demo import write_demo_session
 from pipeline.inprocess import session_windows
 from sources.session import load_session

@@ -38,3 +38,30 @@ def test_the_wire_and_the_sources_name_the_same_modalities_in_the_same_order() -
     from sources.base import MODALITIES
 
     assert WIRE == MODALITIES
+
+
+PACKAGES = ("pipeline", "sources", "sinks", "encoders")
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 600
+
+
+def _functions(path: Path):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.lineno, node.end_lineno - node.lineno + 1
+
+
+def test_every_function_fits_on_a_screen_and_every_module_under_600_lines() -> None:
+    long_functions, long_modules = [], []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT)
+            n = len(path.read_text().splitlines())
+            if n > MAX_MODULE_LINES:
+                long_modules.append(f"{rel}: {n} lines")
+            long_functions += [f"{rel}:{line} {name}: {size} lines" for name, line, size in _functions(path)
+                               if size > MAX_FUNCTION_LINES]
+    assert not long_functions, "functions over 60 lines (split them):\n" + "\n".join(long_functions)
+    assert not long_modules, "modules over 600 lines (split them):\n" + "\n".join(long_modules)

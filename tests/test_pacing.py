@@ -94,7 +94,8 @@ def test_rate_and_every_must_be_positive():
 def test_watermarks_are_aimed_at_the_times_windows_wait_for():
     """Depth with a 0.1 s tolerance: a window ending at e waits for the stream to pass e + 0.1,
     so a sparse stream's watermarks go out exactly then (and every ``every`` at the latest)."""
-    from pipeline.align import AlignConfig, ModalitySpan, next_need
+    from pipeline.align import AlignConfig, ModalitySpan
+    from pipeline.selection import next_need
 
     cfg = AlignConfig(hop=1.0, spans={"depth": ModalitySpan(tolerance=0.1)})
     need = lambda x: next_need(cfg, "depth", 0.0, x)  # noqa: E731
@@ -114,7 +115,8 @@ def test_watermarks_are_aimed_at_the_times_windows_wait_for():
 def test_chunks_are_cut_where_windows_wait_so_a_long_chunk_holds_no_window_back():
     """A 1 s IMU chunk spanning the end of window 0 (e_0 = 1.0): the samples before 1.0 go out
     when the replay clock reaches 1.0, bounded by the next sample, not at the chunk's end."""
-    from pipeline.align import AlignConfig, next_need
+    from pipeline.align import AlignConfig
+    from pipeline.selection import next_need
 
     cfg = AlignConfig(hop=1.0)
     ft = FakeTime()
@@ -138,7 +140,8 @@ def test_chunks_are_cut_where_windows_wait_so_a_long_chunk_holds_no_window_back(
 def test_a_frame_goes_out_when_its_window_waits_not_when_the_next_frame_exists():
     """Depth at 10 Hz, tolerance 0.05: the frame at e_0 = 1.0 is bounded by the next at 1.1, but
     the window waits only until 1.05, when a live sensor's silence since 1.0 is known."""
-    from pipeline.align import AlignConfig, ModalitySpan, next_need
+    from pipeline.align import AlignConfig, ModalitySpan
+    from pipeline.selection import next_need
 
     cfg = AlignConfig(hop=1.0, spans={"depth": ModalitySpan(tolerance=0.05)})
     ft = FakeTime()

@@ -1,0 +1,353 @@
+"""The session actor (:class:`AlignerActor`): one per session, in whose process the session's
+streams are read (:mod:`pipeline.reader`). It holds the session's rules, each a plain class
+tested on its own, and moves data between them, keeping work in flight bounded:
+
+* a reader keeps at most ``max_inflight_chunks`` pushes outstanding, so a slow aligner holds
+  it back (backpressure) instead of queueing decoded frames without limit;
+* the actor keeps at most ``max_inflight_windows`` windows between release and publish, and
+  makes ``push`` wait while it is full, which in turn holds its readers back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from pipeline.admission import LiveAdmission
+from pipeline.align import AlignConfig, Aligner, Window, WindowItem
+from pipeline.dispatch import EncoderDispatch, PublishLedger
+from pipeline.encoder_link import EncoderLink
+from pipeline.metrics import percentiles
+from pipeline.observe import StageObserver
+from pipeline.ordering import ChunkSequencer, PublishOrder, ReleaseCoalescer, StreamEnd
+from pipeline.publisher_link import PublisherLink
+from pipeline.reader import ReaderHost
+from pipeline.stats import SessionResult, SessionStats, merge_dropped
+from sinks.protocol import EmbeddingRecord, ctl_topic, emb_topic
+
+__all__ = ["AlignerActor"]
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class AlignerActor:
+    """Windows one session, sends released items to the encoders, publishes in window order.
+
+    It also reads the session's ``sources``, each in a thread of this process
+    (:meth:`source_run`, :class:`pipeline.reader.ReaderHost`): their chunks reach :meth:`push` by
+    reference, without a Ray call. A crash of the process ends the whole session (the driver
+    reports each stream, run.py).
+
+    The rules are plain classes, each tested on its own; this actor holds them and moves data:
+    chunks in order and stream ends (:class:`pipeline.ordering.ChunkSequencer`), windows
+    (:class:`pipeline.align.Aligner`), coalesced releases (:class:`pipeline.ordering.ReleaseCoalescer`)
+    or live admission (:class:`pipeline.admission.LiveAdmission`), encoder replicas and retries
+    (:class:`pipeline.dispatch.EncoderDispatch`), publish order (:class:`pipeline.ordering.PublishOrder`),
+    seqs across publisher restarts (:class:`pipeline.dispatch.PublishLedger`), the session's
+    counters (:class:`pipeline.stats.SessionStats`) and instrumentation (``observer``, a
+    :class:`pipeline.observe.StageObserver` unless given)."""
+
+    def __init__(
+        self,
+        session: str,
+        streams: dict[str, str],
+        align: AlignConfig,
+        encoders: list[Any],
+        publisher: Any,
+        *,
+        max_inflight_windows: int = 64,
+        coalesce_ms: float = 0.0,
+        heartbeat_s: float = 2.0,
+        retries: int = 2,
+        live: dict[str, Any] | None = None,
+        publish_start: dict[str, Any] | None = None,
+        sources: list[tuple[Any, dict[str, Any]]] | None = None,
+        observer: Any = None,
+    ) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.session = session
+        self.streams = streams
+        self._readers = ReaderHost(session, list(sources or []), self)  # (StreamSpec, options) each
+        if live and live.get("idle_timeout_s"):
+            # Live: a silent sensor holds the session's windows back at most this long.
+            align = dataclasses.replace(align, idle_after=float(live["idle_timeout_s"]))
+        self.aligner = Aligner(session, streams, align)
+        self.encoders = encoders
+        self.publisher = publisher
+        self.max_inflight = max_inflight_windows
+        self.heartbeat_s = heartbeat_s
+        self.restart_timeout_s = 120.0  # how long a call waits for a restarting encoder or publisher
+        self._order: ChunkSequencer[Any] = ChunkSequencer()
+        # Replay: releases within coalesce_ms of the first go to an encoder in one call.
+        self._coalesce = ReleaseCoalescer(0.0 if live else float(coalesce_ms) / 1000.0)
+        self._admission = LiveAdmission.from_options(live) if live else None  # bounded latency (docs/live.md)
+        self._publish_order = PublishOrder()
+        self._ctl_topic = ctl_topic(session)
+        self.stats = SessionStats(session)
+        self.observer = observer if observer is not None else StageObserver(session)
+        self._encoding = EncoderLink(session, encoders, EncoderDispatch(len(encoders), retries, self.restart_timeout_s),
+                                     self.observer)
+        # model, dim and start seqs: what a restarted publisher needs (pipeline.publisher_link)
+        self._publisher = PublisherLink(session, streams, publisher, dict(publish_start or {}),
+                                        self.restart_timeout_s, self.stats.publisher_lost)
+        # (window, [(item, encode task, row)]) from release to publish, in window order
+        self._pending: collections.deque = collections.deque()
+        self._pending_changed: asyncio.Event | None = None
+        self._pump_task: asyncio.Task | None = None
+        self._hb_task: asyncio.Task | None = None
+        self._done: asyncio.Event | None = None
+        self._finished = False
+        # np.percentile imports numpy.ma on its first call (tenths of a second on a loaded
+        # machine): paid here, not by the first heartbeat on the event loop that takes pushes.
+        percentiles([0.0])
+
+    # -- the session's sources, read in threads of this process (pipeline.reader) -----------
+    async def source_ready(self, stream: str) -> int:
+        """:meth:`pipeline.reader.StreamReader.ready` for ``stream``; returns the process id."""
+        return await self._readers.ready(stream)
+
+    async def source_run(self, stream: str, rate: float, max_inflight: int,
+                         start_at: float | None = None) -> dict[str, Any]:
+        """Read ``stream`` to its end (:meth:`pipeline.reader.StreamReader.run`); returns its end stats."""
+        return await self._readers.run(stream, rate, max_inflight, start_at)
+
+    async def source_stop(self, stream: str) -> None:
+        self._readers.stop(stream)
+
+    def pid(self) -> int:
+        """The process id of the session: its aligner and its readers (fault tests kill it)."""
+        return os.getpid()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _ensure_tasks(self) -> None:
+        if self._pump_task is None:
+            self._pending_changed = asyncio.Event()
+            self._done = asyncio.Event()
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+            self._hb_task = asyncio.get_running_loop().create_task(self._heartbeats())
+
+    async def push(self, chunk: Any, seq: int) -> float | None:
+        """Apply ``chunk`` (the ``seq``-th of its stream); returns the session's window origin
+        once it is fixed (the sources' frame selectors need it), else ``None``."""
+        self._ensure_tasks()
+        self._apply(self._order.push(chunk.stream, seq, chunk))
+        # Backpressure: the source waits on this call while too much is in flight.
+        while len(self._pending) > self.max_inflight and not self._finished:  # finished: publisher lost
+            self._pending_changed.clear()
+            await self._pending_changed.wait()
+        return self.aligner.origin
+
+    async def wait_origin(self, timeout_s: float) -> float | None:
+        """The session's window origin, waiting up to ``timeout_s`` for it to be fixed."""
+        deadline = time.monotonic() + timeout_s
+        while self.aligner.origin is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return self.aligner.origin
+
+    async def end_stream(self, stream: str, error: str | None = None, dropped: dict[str, int] | None = None,
+                         chunks: int | None = 0) -> None:
+        """The stream sent ``chunks`` chunks and stops. ``chunks=None``: its source died (the
+        driver saw the actor fail) and the count is unknown: the stream ends at once with the
+        chunks applied so far; held and later chunks are dropped as ``after_source_failure``."""
+        self._ensure_tasks()
+        if self._order.ended(stream):
+            return  # already ended (e.g. the source ended cleanly, then its process died)
+        self.stats.stream_ended(stream, error, dropped)
+        self._apply(self._order.end(stream, chunks, error))
+
+    def _apply(self, steps: list[Any]) -> None:
+        """Chunks and stream ends, in order, to the aligner; what it releases to the encoders."""
+        for step in steps:
+            if isinstance(step, StreamEnd):
+                self._dispatch(self.aligner.end_stream(step.stream, step.error))
+                self._pending_changed.set()
+            else:
+                self._dispatch(self.aligner.push(step))
+
+    async def wait_done(self) -> dict[str, Any]:
+        self._ensure_tasks()
+        await self._done.wait()
+        return self.summary()
+
+    async def connect(self) -> dict[str, Any]:
+        """Call every encoder and the publisher once before the run, so the first windows do not
+        pay for setting up those connections; returns :meth:`progress`."""
+        await asyncio.gather(*(e.info.remote() for e in self.encoders), self.publisher.pid.remote(),
+                             return_exceptions=True)  # a dead actor is the run's business, reported there
+        return self.progress()
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "windows": self.aligner.windows_released,
+            "published": self.stats.published,
+            "pending": len(self._pending),
+            "done": self._finished,
+        }
+
+    def result(self) -> SessionResult:
+        return self.stats.result(windows=self.aligner.windows_released, dropped=self._dropped(),
+                                 missing=self.aligner.missing, encode_retries=self._encoding.dispatch.retries_done,
+                                 publisher_restarts=self._publisher.ledger.restarts, stages=self.observer.summary())
+
+    def summary(self) -> dict[str, Any]:
+        """:meth:`result` as the run's session summary (``RunResult.sessions``)."""
+        return self.result().to_dict()
+
+    def _dropped(self) -> dict[str, int]:
+        return merge_dropped(self.aligner.dropped, self.stats.source_dropped, self._order.dropped,
+                             self._publish_order.dropped, self._admission.dropped if self._admission else {},
+                             self._encoding.dispatch.dropped())
+
+    # -- release -> encode -----------------------------------------------------------------
+    def _dispatch(self, windows: list[Window]) -> None:
+        if self._admission is not None:
+            self._admission.offer(windows)  # live: admitted by _live_feed, which may shed
+            self._live_feed()
+            return
+        first = self._coalesce.deadline is None
+        now_ready = self._coalesce.add(windows, time.monotonic())
+        if now_ready:
+            self._send(now_ready)
+        elif first and self._coalesce.held:
+            asyncio.get_running_loop().call_later(self._coalesce.window_s, self._flush_coalesced)
+
+    def _flush_coalesced(self) -> None:
+        self._send(self._coalesce.flush())
+
+    def _live_feed(self) -> None:
+        admitted = self._admission.admit(time.time())
+        if admitted:
+            self._send(admitted)
+
+    def _send(self, windows: list[Window]) -> None:
+        """One encoder call for every item of ``windows``; each window queued for publishing."""
+        by_modality: dict[str, list[WindowItem]] = collections.defaultdict(list)
+        for w in windows:
+            for item in w.items:
+                by_modality[item.modality].append(item)
+        loop = asyncio.get_running_loop()
+        if by_modality:
+            fut = loop.create_task(self._encoding.encode(dict(by_modality)))
+        else:  # windows that hold nothing (no caption in them, say): no call to an encoder
+            fut = loop.create_future()
+            fut.set_result([])
+        # Each item's row in the task's result: every modality's rows, in ``by_modality`` order.
+        rows = {id(item): row for row, item in enumerate(it for items in by_modality.values() for it in items)}
+        t_release = time.time()
+        for w in windows:
+            self._pending.append((w, [(item, fut, rows[id(item)]) for item in w.items]))
+            self.observer.released(w.items, t_release)
+        self._pending_changed.set()
+
+    # -- publish ---------------------------------------------------------------------------
+    async def _pump(self) -> None:
+        while True:
+            if self._admission is not None:
+                self._live_feed()
+            if not self._pending:
+                if self.aligner.done and not self._coalesce.held:
+                    break
+                self._pending_changed.clear()
+                await self._pending_changed.wait()
+                continue
+            records, items = await self._collect()
+            self._pending_changed.set()
+            if records and not await self._publish(records, items):
+                break  # the publisher is gone for good: the session ends with the error
+        await self._finish()
+
+    async def _collect(self) -> tuple[list[Any], list[WindowItem]]:
+        """Every window whose results are in, in window order: their records, and the items
+        behind them. Waits for the first window when none is complete."""
+        records: list[Any] = []
+        items: list[WindowItem] = []
+        while self._pending:
+            w, entries = self._pending[0]
+            if not all(f.done() for _, f, _ in entries):
+                if records:
+                    break
+                await asyncio.gather(*(f for _, f, _ in entries))
+                continue
+            self._pending.popleft()
+            now = time.time()
+            if self._admission is not None:
+                self._admission.served(w, now)
+            for item, fut, row in entries:
+                emb = fut.result()[row]
+                if not self._publishable(item, emb, now):
+                    self.observer.discarded([item])
+                    continue
+                items.append(item)
+                records.append(EmbeddingRecord(
+                    session=self.session, stream=item.stream, modality=item.modality,
+                    window=item.window, t_start=item.t_start, t_end=item.t_end,
+                    embedding=np.asarray(emb, dtype=np.float32), t_ingest=item.t_ingest,
+                ))
+        return records, items
+
+    def _publishable(self, item: WindowItem, emb: Any, now: float) -> bool:
+        """No encoder error, within a live session's bound, and never a window twice."""
+        if emb is None:
+            return False
+        if self._admission is not None and self._admission.late(item, now):
+            return False  # would break the latency bound: counted, not published
+        return self._publish_order.admit(item.stream, item.window)
+
+    async def _publish(self, records: list[Any], items: list[WindowItem]) -> bool:
+        claims = PublishLedger.count(emb_topic(r.session, r.modality) for r in records)
+        if not await self._publisher.call("publish", records, claims=claims):
+            return False
+        t_pub = time.time()
+        self.observer.published(items, t_pub)
+        self.stats.record_published(((r.modality, r.t_ingest) for r in records), t_pub)
+        return True
+
+    async def _finish(self) -> None:
+        # The last gauges and drop counts: a session shorter than heartbeat_s has had no tick yet,
+        # and drops since the last one would be lost.
+        self._tick()
+        if self.stats.publisher_error is None:
+            await self._publisher.call(
+                "end_session",
+                self.session,
+                counts=dict(self.stats.counts),
+                windows=self.aligner.windows_released,
+                dropped=self._dropped(),
+                missing=dict(self.aligner.missing),
+                errors=dict(self.stats.errors),
+                claims={self._ctl_topic: 1},
+            )
+        self._finished = True
+        self._pending_changed.set()  # releases pushes held by backpressure (publisher lost)
+        if self._hb_task:
+            self._hb_task.cancel()
+        self._done.set()
+
+    def _tick(self) -> dict[str, Any]:
+        return self.observer.tick(len(self._pending), self._dropped())
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            if self._finished or self.stats.publisher_error is not None:
+                return
+            try:
+                await self._publisher.call("heartbeat", self.session, {
+                    "windows": self.aligner.windows_released,
+                    "counts": dict(self.stats.counts),
+                    "dropped": self._dropped(),
+                    "pending": len(self._pending),
+                    "buffered_samples": self.aligner.buffered_samples(),
+                    **self._tick(),
+                }, claims={self._ctl_topic: 1})
+            except Exception as exc:
+                log.warning("session '%s': heartbeat failed: %s", self.session, exc)
