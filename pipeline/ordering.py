@@ -32,19 +32,17 @@ class ChunkSequencer(Generic[C]):
     stream's sequence number (0, 1, ...). :meth:`push` and :meth:`end` return the steps to
     apply now, in order: chunks, then at most one :class:`StreamEnd`.
 
-    The end rule: a source announces how many chunks it sent (:meth:`end`); the stream ends
-    once all of them have been applied. ``chunks=None`` means the source died and the count is
-    unknown: the stream ends at once with what was applied; chunks held (behind a gap)
-    and chunks arriving later are dropped and counted in :attr:`dropped` as
-    ``<stream>:after_source_failure`` (samples). A second end of an ended stream is ignored.
+    The end rule: a reader announces how many chunks it sent (:meth:`end`); the stream ends
+    once all of them have been applied. A second end of an ended stream is ignored. A reader
+    runs in its session's process, so it cannot die without the session: there is no end with
+    an unknown count, and a chunk after the end is a bug (ValueError).
     """
 
     def __init__(self) -> None:
         self._held: dict[str, dict[int, C]] = collections.defaultdict(dict)
         self._next: collections.Counter[str] = collections.Counter()
-        self._ends: dict[str, tuple[int | None, str | None]] = {}  # announced, not yet applied
+        self._ends: dict[str, tuple[int, str | None]] = {}  # announced, not yet applied
         self._ended: set[str] = set()
-        self.dropped: collections.Counter[str] = collections.Counter()
 
     def ended(self, stream: str) -> bool:
         return stream in self._ended
@@ -54,9 +52,8 @@ class ChunkSequencer(Generic[C]):
         return self._next[stream]
 
     def push(self, stream: str, seq: int, chunk: C) -> list[C | StreamEnd]:
-        if stream in self._ended:  # too late: its source was declared dead
-            self.dropped[f"{stream}:after_source_failure"] += len(chunk)
-            return []
+        if stream in self._ended or (stream in self._ends and seq >= self._ends[stream][0]):
+            raise ValueError(f"stream '{stream}': chunk {seq} after its announced end")
         held = self._held[stream]
         held[seq] = chunk
         nxt = self._next[stream]
@@ -67,23 +64,20 @@ class ChunkSequencer(Generic[C]):
         self._next[stream] = nxt
         return steps + self._maybe_end(stream)
 
-    def end(self, stream: str, chunks: int | None, error: str | None = None) -> list[C | StreamEnd]:
-        """The stream sent ``chunks`` chunks (``None``: its source died) and stops. A later
-        end replaces one still waiting for chunks (the source ended, then its process died)."""
-        if stream in self._ended:
+    def end(self, stream: str, chunks: int, error: str | None = None) -> list[C | StreamEnd]:
+        """The stream sent ``chunks`` chunks and stops."""
+        if stream in self._ended or stream in self._ends:
             return []
         self._ends[stream] = (chunks, error)
         return self._maybe_end(stream)
 
     def _maybe_end(self, stream: str) -> list[C | StreamEnd]:
         end = self._ends.get(stream)
-        if end is None or (end[0] is not None and self._next[stream] < end[0]):
+        if end is None or self._next[stream] < end[0]:
             return []  # chunks still on their way
         del self._ends[stream]
         self._ended.add(stream)
-        held = self._held.pop(stream, {})
-        if held:
-            self.dropped[f"{stream}:after_source_failure"] += sum(len(c) for c in held.values())
+        self._held.pop(stream, None)
         return [StreamEnd(stream, end[1])]
 
 

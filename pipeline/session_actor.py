@@ -154,13 +154,12 @@ class AlignerActor:
         return self.aligner.origin
 
     async def end_stream(self, stream: str, error: str | None = None, dropped: dict[str, int] | None = None,
-                         chunks: int | None = 0) -> None:
-        """The stream sent ``chunks`` chunks and stops. ``chunks=None``: its source died (the
-        driver saw the actor fail) and the count is unknown: the stream ends at once with the
-        chunks applied so far; held and later chunks are dropped as ``after_source_failure``."""
+                         chunks: int = 0) -> None:
+        """The stream sent ``chunks`` chunks and stops (with ``error`` when its reader failed);
+        it ends once they are all applied."""
         self._ensure_tasks()
         if self._order.ended(stream):
-            return  # already ended (e.g. the source ended cleanly, then its process died)
+            return
         self.stats.stream_ended(stream, error, dropped)
         self._apply(self._order.end(stream, chunks, error))
 
@@ -203,7 +202,7 @@ class AlignerActor:
         return self.result().to_dict()
 
     def _dropped(self) -> dict[str, int]:
-        return merge_dropped(self.aligner.dropped, self.stats.source_dropped, self._order.dropped,
+        return merge_dropped(self.aligner.dropped, self.stats.source_dropped,
                              self._publish_order.dropped, self._admission.dropped if self._admission else {},
                              self._encoding.dispatch.dropped())
 

@@ -11,7 +11,7 @@ percentiles are over the session's own most recent ``keep`` embeddings (bounded 
 Drops are merged into one map ``<stream>:<reason>`` (``<modality>:encoder_error`` for items an
 encoder never returned) from every part that counts some: the aligner (``late``, ``duplicate``),
 the sources (their own reasons and the guard's), live shedding, the publish order
-(``duplicate_window``), the chunk order (``after_source_failure``) and the encoders.
+(``duplicate_window``) and the encoders.
 
 A stream's error and the publisher's are kept apart: ``errors`` maps streams to what failed
 them (the ``end`` message's ``errors``), ``publisher_error`` says the publisher was lost for

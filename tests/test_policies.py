@@ -45,24 +45,24 @@ def test_a_stream_ends_once_its_announced_chunks_arrived():
     assert seq.end("imu", 3, None) == []  # chunk 1 and 2 still on their way
     assert seq.push("imu", 2, [3]) == []
     assert seq.push("imu", 1, [2]) == [[2], [3], StreamEnd("imu", None)]
-    assert seq.ended("imu") and not seq.dropped
+    assert seq.ended("imu")
+    assert seq.end("imu", 3, "again") == []  # a second end changes nothing
 
 
-def test_a_dead_source_ends_its_stream_at_once_and_counts_held_and_later_chunks():
+def test_a_stream_that_failed_ends_with_its_error_after_the_chunks_it_sent():
     seq: ChunkSequencer[list] = ChunkSequencer()
-    seq.push("cam", 0, [1])
-    seq.push("cam", 2, [1, 1, 1])  # held behind the missing chunk 1
-    assert seq.end("cam", None, "source actor died") == [StreamEnd("cam", "source actor died")]
-    assert seq.push("cam", 1, [1, 1]) == []  # arrives after the end: too late to apply
-    assert seq.dropped == {"cam:after_source_failure": 5}
-    assert seq.end("cam", None, "again") == []  # a second end changes nothing
+    assert seq.end("cam", 1, "cam.mp4 is truncated") == []
+    assert seq.push("cam", 0, [1, 1]) == [[1, 1], StreamEnd("cam", "cam.mp4 is truncated")]
 
 
-def test_a_source_death_after_a_clean_end_still_ends_the_stream():
+def test_a_chunk_after_the_announced_end_is_a_bug_not_a_silent_drop():
     seq: ChunkSequencer[list] = ChunkSequencer()
-    assert seq.end("mic", 2, None) == []  # ended cleanly; its chunks are still in flight
-    assert seq.end("mic", None, "source actor died") == [StreamEnd("mic", "source actor died")]
-    assert seq.push("mic", 0, [1]) == [] and seq.dropped["mic:after_source_failure"] == 1
+    seq.end("mic", 1, None)
+    with pytest.raises(ValueError, match="chunk 1 after its announced end"):
+        seq.push("mic", 1, [1])
+    seq.push("mic", 0, [1])
+    with pytest.raises(ValueError, match="chunk 2 after its announced end"):
+        seq.push("mic", 2, [1])
 
 
 # -- release coalescing ---------------------------------------------------------------------------
