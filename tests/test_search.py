@@ -168,3 +168,10 @@ def test_adjacent_windows_within_the_margin_merge_into_one_moment():
         ("s", (4, 6), 5), ("t", (6, 6), 6), ("s", (9, 9), 9), ("s", (7, 7), 7)]
     assert (moments[0].t_start, moments[0].t_end) == (3.0, 6.0)
     assert len(merge_moments(hits, k=2)) == 2
+
+
+def test_ray_data_reads_the_store(store_uri):
+    ds = ray.data.read_lance(str(Path(store_uri) / "embeddings.lance"), columns=["session", "modality", "window", "vector"])
+    rows = ds.take_all()
+    assert len(rows) == Store(store_uri).store.count() and {r["session"] for r in rows} == {"planted"}
+    assert len(rows[0]["vector"]) == Store(store_uri).store.dim

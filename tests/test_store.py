@@ -121,3 +121,31 @@ def test_unwritable_store_fails_alone_and_publishing_is_unaffected(session_dir, 
     end = _end(messages)
     assert end["store"]["rows"] == 0 and end["store"]["not_written"] == len(received) and str(blocker) in end["store"]["error"]
     assert blocker.read_text().startswith("a file")
+
+
+def test_standalone_consumer_stores_the_same_rows_as_the_run_own_sink(session_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.run import run
+
+    own, other = str(tmp_path / "own"), str(tmp_path / "consumer")
+    procs = []
+
+    def on_ready(endpoint):  # the consumer is the one subscriber the replay waits for
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "store", endpoint, "--uri", other, "--sessions", "1", "--checkpoint", "none"],
+            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    result = run(_config([session_dir], store={"uri": own}), on_ready=on_ready)
+    out, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 0, err
+    assert result.exit_code == 0
+    a, b = _stored(own), _stored(other)
+    assert set(a) == set(b) and a
+    for key, row in a.items():
+        for col in ("stream", "t_start", "t_end", "t_publish", "dim", "vector"):
+            assert row[col] == b[key][col], (key, col)
+    assert f"store-s: stored {len(a)} rows in {other}" in out
+    assert EmbeddingStore.open(other).models() == EmbeddingStore.open(own).models()
