@@ -2,7 +2,8 @@
 
 Exit codes of ``run`` and ``record``: 0 every stream ended cleanly, 2 configuration error
 (nothing started), 3 some stream failed (the others ran to the end), 4 model weights
-unavailable or unreadable, 5 a recording could not be written, 130 interrupted.
+unavailable or unreadable, 5 every stream ran but an output (a recording, the embedding store)
+could not be written, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=_prog(), description="Streaming multimodal ImageBind embeddings: sessions in, ZeroMQ out.",
         epilog="Exit codes: 0 clean, 2 configuration error, 3 a stream failed, 4 weights unavailable, "
-               "5 a recording failed, 130 interrupted. Docs: README.md and docs/.")
+               "5 an output (recording, store) failed, 130 interrupted. Docs: README.md and docs/.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -148,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_cmd_demo)
 
     from sinks.keys import add_keys_args
+    from pipeline.search import add_search_args
+    from pipeline.storage import add_store_args
     from pipeline.subscribe import add_subscribe_args
 
     add_subscribe_args(sub)
     add_keys_args(sub)
+    add_search_args(sub)
+    add_store_args(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

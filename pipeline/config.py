@@ -8,8 +8,8 @@ live there and nowhere else. ``python -m pipeline config`` prints them as an ann
 Errors are :class:`ConfigError` naming the key path (``encoders.max_batch``) and what was expected;
 the CLI turns them into exit code 2.
 
-Relative paths (``sessions``, including the files of inline sessions, ``demo_session``, ``record``)
-in a config file resolve against the file's folder; given with ``--set``, or to
+Relative paths (``sessions``, including the files of inline sessions, ``demo_session``, ``record``,
+a local ``store.uri``) in a config file resolve against the file's folder; given with ``--set``, or to
 :func:`parse_config` without ``base_dir``, against the current directory.
 """
 
@@ -31,13 +31,13 @@ from sources.errors import ConfigError
 from sources.yamlfile import load_yaml, read_yaml_file, short
 
 __all__ = ["RunConfig", "ReplayConfig", "WindowConfig", "ModelConfig", "EncodersConfig", "SourcesConfig",
-           "PublishConfig", "CurveConfig", "RayConfig", "LiveConfig", "InlineSession", "load_config",
+           "PublishConfig", "CurveConfig", "RayConfig", "LiveConfig", "StoreConfig", "InlineSession", "load_config",
            "parse_config", "apply_overrides", "DEFAULTS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SHED_POLICIES = ("drop_oldest", "subsample")
 _AUTO_TRUE_FALSE = ("auto", True, False)
-_PATH_KEYS = ("sessions", "demo_session", "record")
+_PATH_KEYS = ("sessions", "demo_session", "record", "store")
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +386,29 @@ class LiveConfig(_Section):
 
 
 @dataclass(frozen=True)
+class StoreConfig(_Section):
+    _path = "store"
+    uri: str | None = _key(None, "keep every published embedding in a LanceDB store here (a folder, relative to this file, or "
+                                 "an object-storage URI); null = off (docs/store.md)", types=(str,))
+    batch_rows: int = _key(1024, "rows per write; fewer are written once the oldest waited flush_s", minimum="positive")
+    flush_s: float = _key(1.0, "seconds a row waits at most before it is written", minimum="positive")
+    max_pending_rows: int = _key(100_000, "rows waiting for the disk beyond this are not written (the store fails, "
+                                          "publishing goes on)", minimum="positive")
+    optimize_every_s: float = _key(60.0, "seconds between index updates and compaction of small fragments in a long run",
+                                   minimum="positive")
+    ann_min_rows: int = _key(100_000, "rows from which a vector index is built (below: exact search)", minimum="positive")
+
+    def _check(self) -> None:
+        if self.uri is not None and not self.uri.strip():
+            raise ConfigError("config key 'store.uri': expected a folder or URI, or null for no store")
+
+    @property
+    def local(self) -> bool:
+        """Whether ``uri`` is a local path (resolved against the config's folder)."""
+        return self.uri is not None and "://" not in self.uri
+
+
+@dataclass(frozen=True)
 class InlineSession:
     """A session given in the config itself (``sessions:`` entry that is a mapping)."""
 
@@ -431,6 +454,8 @@ class RunConfig(_Section):
                                types=(str, Path))
     live: LiveConfig = _key(help="live sessions (docs/live.md): bounded latency when the encoders fall behind",
                             factory=LiveConfig, build=_section(LiveConfig))
+    store: StoreConfig = _key(help="the embedding store: every published embedding kept and searchable (docs/store.md)",
+                              factory=StoreConfig, build=_section(StoreConfig))
 
     def _check(self) -> None:
         if not isinstance(self.sessions, (list, tuple)):
@@ -479,6 +504,8 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path | None, cwd_keys: Collection[s
     sessions = tuple(_absolute(root, s) if isinstance(s, Path) else InlineSession(s.doc, _absolute(root, s.root))
                      for s in cfg.sessions)
     paths = {k: _absolute(base(k), getattr(cfg, k)) for k in ("demo_session", "record") if getattr(cfg, k) is not None}
+    if cfg.store.local:
+        paths["store"] = dataclasses.replace(cfg.store, uri=str(_absolute(base("store"), Path(cfg.store.uri))))
     return dataclasses.replace(cfg, sessions=sessions, **paths)
 
 

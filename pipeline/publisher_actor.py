@@ -1,4 +1,11 @@
-"""The publisher actor: the ZeroMQ publisher (protocol v1) of every session of the run."""
+"""The publisher actor: the ZeroMQ publisher (protocol v1) of every session of the run, and the
+store sink (``store.uri``) as a background thread of the same process.
+
+The store writer lives here because every published record already is here: no second copy of
+the vectors crosses processes, and no other actor has to be kept alive and restarted. The
+publishing path only appends each batch to the writer's bounded queue; its thread batches the
+rows into LanceDB (sinks/store.py), so a slow or failing disk never delays a ZeroMQ send.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import ray
 __all__ = ["PublisherActor", "PublisherRestartedError"]
 
 log = logging.getLogger(__name__)
+
+STORE_END_FLUSH_S = 60.0  # a session's end waits at most this long for its rows to be written
 
 
 class PublisherRestartedError(RuntimeError):
@@ -30,11 +39,12 @@ class PublisherActor:
     calls return the session's ``next_seq`` table (topic -> next seq) so aligners can resume it.
     """
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], store: dict[str, Any] | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         from sinks.zmq_publisher import Publisher
 
         self.pub = Publisher(**options)
+        self.store = _store_writer(store, self.pub) if store else None
         self._known: set[str] = set()  # sessions started or resumed by this incarnation
         with warnings.catch_warnings():  # Ray's own property uses a deprecated one inside
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -94,7 +104,12 @@ class PublisherActor:
         return self.pub.next_seqs(session)
 
     def end_session(self, session: str, **fields: Any) -> dict[str, int]:
+        """Send ``end``; with a store, once the session's rows are written (or failed): its
+        ``store`` field says how many (docs/protocol.md)."""
         self._require(session)
+        if self.store is not None:
+            self.store.flush(STORE_END_FLUSH_S)
+            fields["store"] = self.store.report(session)
         self.pub.end_session(session, **fields)
         return self.pub.next_seqs(session)
 
@@ -102,5 +117,20 @@ class PublisherActor:
         """:meth:`Publisher.stats` plus this incarnation's ``pid`` and whether it is a ``restarted`` one."""
         return {**self.pub.stats(), "pid": os.getpid(), "restarted": self._restarted}
 
-    def close(self) -> None:
+    def close(self) -> dict[str, Any]:
+        """Close the socket, then the store (what is queued is written first); returns
+        ``{"store": {session: report}}`` with a store, else ``{}``."""
         self.pub.close()
+        if self.store is None:
+            return {}
+        self.store.close(STORE_END_FLUSH_S)
+        return {"store": {s: self.store.report(s) for s in sorted(self._known)}}
+
+
+def _store_writer(store: dict[str, Any], pub: Any) -> Any:
+    """The store sink (a background thread of this actor, fed by every published batch)."""
+    from sinks.store import StoreWriter
+
+    writer = StoreWriter(**store)
+    pub.on_publish = writer.add_published
+    return writer

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.stats import SessionResult
+from pipeline.storage import store_options, store_results
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
@@ -29,7 +30,7 @@ __all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepar
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG, EXIT_STREAM_FAILED = 0, 2, 3
-EXIT_OUTPUT_FAILED = 5  # every stream ran, but a recording could not be written
+EXIT_OUTPUT_FAILED = 5  # every stream ran, but an output (a recording, the store) could not be written
 PUBLISHER_MAX_RESTARTS = 2  # Ray restarts of the publisher actor (docs/guarantees.md)
 
 
@@ -52,7 +53,7 @@ class RunResult:
     def exit_code(self) -> int:
         if any(s["errors"] for s in self.sessions):
             return EXIT_STREAM_FAILED
-        return EXIT_OUTPUT_FAILED if any(s.get("recording_error") for s in self.sessions) else EXIT_OK
+        return EXIT_OUTPUT_FAILED if any(s.get("recording_error") or s.get("store_error") for s in self.sessions) else EXIT_OK
 
 
 def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
@@ -161,7 +162,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         # Named (unique per run) so operators and fault tests can find them: ray.get_actor(name).
         uid = uuid.uuid4().hex[:8]
         encoders, info = _start_encoders(cfg, model_opts, uid, actors)
-        publisher, endpoint = _start_publisher(cfg, info, live, curve, uid, actors)
+        publisher, endpoint = _start_publisher(cfg, info, live, curve, uid, actors, store_options(cfg, model_opts, info, uid))
         if on_ready is not None:
             on_ready(endpoint)
         ray.get(publisher.wait_for_subscribers.remote())
@@ -180,6 +181,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
             _write_recordings(live, specs, watch.results, summaries)
         enc_stats = ray.get([e.stats.remote() for e in encoders])
         pub_stats = _close_publisher(publisher)
+        store_results(summaries, pub_stats.pop("store", None))
         return RunResult(summaries, endpoint, info, time.time() - t0, enc_stats, source_stats=list(watch.results),
                          publisher_stats=pub_stats)
     finally:
@@ -224,7 +226,7 @@ def _start_encoders(cfg: RunConfig, model_opts: dict[str, Any], uid: str,
 
 
 def _start_publisher(cfg: RunConfig, info: dict[str, Any], live: dict[str, Any] | None, curve: Any, uid: str,
-                     actors: list[Any]) -> tuple[Any, str]:
+                     actors: list[Any], store: dict[str, Any] | None = None) -> tuple[Any, str]:
     """The publisher actor (added to ``actors``), bound; and its endpoint."""
     import ray
 
@@ -247,7 +249,7 @@ def _start_publisher(cfg: RunConfig, info: dict[str, Any], live: dict[str, Any] 
         pub_opts["endpoint"] = _fixed_endpoint(cfg.publish.endpoint)
         publisher = PublisherActor.options(name=f"bindstream.publisher.{uid}" + (f".{attempt}" if attempt else ""),
                                            max_restarts=PUBLISHER_MAX_RESTARTS, max_task_retries=0,
-                                           **_placement(cfg, "publisher_resources")).remote(pub_opts)
+                                           **_placement(cfg, "publisher_resources")).remote(pub_opts, store)
         actors.append(publisher)
         try:
             endpoint = ray.get(publisher.endpoint.remote())
@@ -380,7 +382,7 @@ def _close_publisher(publisher: Any) -> dict[str, Any]:
 
     try:
         stats = ray.get(publisher.stats.remote())
-        ray.get(publisher.close.remote())
+        stats.update(ray.get(publisher.close.remote()) or {})  # the store's reports, once it is closed
         return stats
     except RayActorError as exc:
         log.error("publisher unavailable at the end of the run: %s", str(exc).splitlines()[0])

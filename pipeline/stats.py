@@ -63,6 +63,8 @@ class SessionResult:
     stages: dict[str, Any] = field(default_factory=dict)  # pipeline.metrics.StageRecorder.summary()
     recording: str | None = None  # live sessions recorded with ``record``: the folder
     recording_error: str | None = None  # the recording could not be written: why, and where its files are
+    store: dict[str, Any] | None = None  # with store.uri: uri, rows written, not_written, pending, error
+    store_error: str | None = None  # the store failed or rows were not written: why, and how many
 
     @property
     def failed(self) -> bool:
@@ -86,6 +88,10 @@ class SessionResult:
             out["recording"] = self.recording
         if self.recording_error is not None:
             out["recording_error"] = self.recording_error
+        if self.store is not None:
+            out["store"] = dict(self.store)
+        if self.store_error is not None:
+            out["store_error"] = self.store_error
         return out
 
     @classmethod
@@ -97,7 +103,8 @@ class SessionResult:
                    latency_p50_s=float(d["latency_p50_s"]), latency_p99_s=float(d["latency_p99_s"]),
                    encode_retries=int(d.get("encode_retries") or 0),
                    publisher_restarts=int(d.get("publisher_restarts") or 0), publisher_error=publisher_error,
-                   stages=dict(d.get("stages") or {}), recording=d.get("recording"), recording_error=d.get("recording_error"))
+                   stages=dict(d.get("stages") or {}), recording=d.get("recording"), recording_error=d.get("recording_error"),
+                   store=d.get("store"), store_error=d.get("store_error"))
 
     def lines(self) -> list[str]:
         """The session's lines of the CLI summary."""
@@ -115,6 +122,10 @@ class SessionResult:
             out.append(f"    recorded to {self.recording}")
         if self.recording_error:
             out.append(f"    RECORDING FAILED: {self.recording_error}")
+        if self.store_error:
+            out.append(f"    STORE FAILED: {self.store_error}")
+        elif self.store is not None:
+            out.append(f"    stored {self.store.get('rows', 0)} rows in {self.store.get('uri')}")
         if self.publisher_restarts:
             out.append(f"    publisher restarted: resumed {self.publisher_restarts} time(s); seq gaps mark what was lost")
         return out

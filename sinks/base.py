@@ -72,6 +72,9 @@ class SinkBase:
             self._next_seq[str(topic)] = seq
         self._sessions: dict[str, _Session] = {}
         self._dropped: Counter = Counter()  # topic -> messages the transport could not send
+        # Called with every published batch as (record, model, t_publish) triples, before the
+        # transport sends it (the store sink queues them here); it must return at once.
+        self.on_publish: Callable[[list[tuple[EmbeddingRecord, str, float]]], None] | None = None
 
     # -- transport hooks ---------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class SinkBase:
         now = self._clock()
         encoded: list[tuple[bytes, bytes, str, str]] = []
         claimed: dict[str, int] = {}  # topic -> next seq; committed only once the whole batch is valid
+        records = list(records)
         for rec in records:
             sess = self._open_session(rec.session)
             known = sess.streams.get(rec.stream)
@@ -144,6 +148,8 @@ class SinkBase:
             )
             encoded.append((frames[0], frames[1], rec.session, rec.modality))
         self._next_seq.update(claimed)
+        if self.on_publish is not None:
+            self.on_publish([(rec, self._sessions[rec.session].model, now) for rec in records])
         sent = 0
         for topic_b, payload, session, modality in encoded:
             if self._send(topic_b, payload, control=False):

@@ -1,0 +1,185 @@
+"""The embedding store in a run: the writer's options from the config, its reports in the
+summaries; and ``python -m pipeline store``, the same sink fed by a SUB socket on another machine.
+
+The writer itself (``sinks.store.StoreWriter``) runs in the publisher actor
+(pipeline/publisher_actor.py); docs/store.md describes the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+
+__all__ = ["add_store_args", "consume", "store_options", "store_results"]
+
+log = logging.getLogger(__name__)
+
+
+def store_options(cfg: RunConfig, model_opts: dict[str, Any], info: dict[str, Any], run_id: str) -> dict[str, Any] | None:
+    """The store writer's options (``sinks.store.StoreWriter``) from ``store``, ``None`` when off:
+    what a query needs to rebuild the model goes with them into the store's ``models`` table."""
+    st = cfg.store
+    if st.uri is None:
+        return None
+    model = {"model": info["model"], "dim": int(info["dim"]), "config": model_opts["config"],
+             "checkpoint": str(model_opts["checkpoint"]), "seed": int(cfg.model.seed), "precision": model_opts["precision"]}
+    return {"uri": st.uri, "model": model, "batch_rows": st.batch_rows, "flush_s": st.flush_s,
+            "max_pending_rows": st.max_pending_rows, "optimize_every_s": st.optimize_every_s,
+            "ann_min_rows": st.ann_min_rows, "run_id": run_id}
+
+
+def store_results(summaries: list[dict[str, Any]], reports: dict[str, dict[str, Any]] | None) -> None:
+    """Each session's store report into its summary; a store error, or rows not written, is the
+    summary's ``store_error`` (exit 5)."""
+    for summary in summaries:
+        rep = (reports or {}).get(summary.get("session"))
+        if rep is None:
+            continue
+        summary["store"] = rep
+        lost = int(rep.get("not_written", 0)) + int(rep.get("pending", 0))
+        if rep.get("error") or lost:
+            summary["store_error"] = f"{rep.get('error') or 'store ' + rep['uri']}; {lost} row(s) not written"
+
+
+# -- the standalone consumer: python -m pipeline store ENDPOINT --uri DIR ------------------------------
+
+class _Consumer:
+    """Messages in, rows out: the first ``start`` names the model and opens the writer; each
+    embedding becomes the row the in-pipeline sink makes of it."""
+
+    def __init__(self, uri: str, model_options: dict[str, Any]) -> None:
+        self.uri, self.model_options = uri, model_options
+        self.run_id = "consumer-" + uuid.uuid4().hex[:8]
+        self.writer: Any = None
+        self.seen: list[str] = []
+        self.ended = 0
+
+    def handle(self, msg: Any) -> None:
+        from sinks.protocol import embedding_array
+        from sinks.store import StoreRow, StoreWriter
+
+        p = msg.payload
+        if msg.kind == "embedding":
+            if self.writer is None:
+                log.warning("store consumer: %s before any session's start; not stored", msg.topic)
+                return
+            self.writer.add([StoreRow(p["model"], p["session"], p["stream"], p["modality"], int(p["window"]),
+                                      float(p["t_start"]), float(p["t_end"]), embedding_array(msg),
+                                      float(p["t_publish"]), self.run_id)])
+        elif p["event"] == "start":
+            if p["session"] not in self.seen:
+                self.seen.append(p["session"])
+            if self.writer is None:
+                model = {"model": p["model"], "dim": int(p["dim"]), "config": p["model"], **self.model_options}
+                self.writer = StoreWriter(self.uri, model, run_id=self.run_id)
+        elif p["event"] == "end" and p["session"] in self.seen:
+            self.ended += 1
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        if self.writer is None:
+            return {}
+        self.writer.close()
+        return {s: self.writer.report(s) for s in self.seen}
+
+
+def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any = None, sessions: int | None = None,
+            timeout_s: float | None = None, checkpoint: str = "auto", seed: int = 0, precision: str = "fp32",
+            stop: Any = None) -> dict[str, dict[str, Any]]:
+    """Store what the publisher at ``endpoint`` sends on ``topic`` (a prefix of ``emb/``) into
+    the store at ``uri``: the same rows and keys as the in-pipeline sink (``run_id`` aside).
+    Stops after ``sessions`` sessions ended, after ``timeout_s`` without a message (from the
+    first), or once ``stop`` (an Event) is set. ``checkpoint``, ``seed``, ``precision``: the
+    run's model options, recorded for queries (the wire names only the model). Returns each
+    session's store report."""
+    import zmq
+
+    from sinks.protocol import MAX_PAYLOAD_BYTES, ProtocolError, decode
+
+    consumer = _Consumer(uri, {"checkpoint": checkpoint, "seed": seed, "precision": precision})
+    session = topic[len("emb/"):].split("/")[0]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    try:
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES)
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve_client is not None:
+            curve_client.apply(sock)
+        for prefix in (topic, "ctl/" + session):  # a session's start names its model
+            sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        sock.connect(endpoint)
+        last: float | None = None  # monotonic time of the last message
+        while (sessions is None or consumer.ended < sessions) and not (stop is not None and stop.is_set()):
+            if not sock.poll(200, zmq.POLLIN):
+                if last is not None and timeout_s is not None and time.monotonic() - last >= timeout_s:
+                    break
+                continue
+            try:
+                msg = decode(sock.recv_multipart())
+            except ProtocolError as exc:
+                log.warning("store consumer %s: skipped malformed message: %s", endpoint, exc)
+                continue
+            last = time.monotonic()
+            consumer.handle(msg)
+    except KeyboardInterrupt:
+        log.info("store consumer: interrupted; writing what was received")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        reports = consumer.close()
+    return reports
+
+
+def add_store_args(sub: Any) -> None:
+    p = sub.add_parser("store", help="keep what a running publisher sends in an embedding store",
+                       description="Subscribe to a bindstream publisher and write every embedding into a LanceDB "
+                                   "store, with the rows and keys of the run's own store sink (docs/store.md). "
+                                   "Exit codes: 0 stored, 2 bad arguments or keys, 5 the store could not be written.")
+    p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--uri", required=True, metavar="DIR", help="the store: a folder or an object-storage URI")
+    p.add_argument("--topic", default="emb/", metavar="PREFIX", help="embeddings to keep, e.g. emb/SESSION/ (default: all)")
+    p.add_argument("--server-key", type=Path, metavar="FILE", help="CurveZMQ: the publisher's public key file (server.key)")
+    p.add_argument("--client-key", type=Path, metavar="FILE", help="CurveZMQ: this consumer's key pair file (NAME.key_secret)")
+    p.add_argument("--sessions", type=int, default=None, metavar="N", help="stop after N sessions ended (default: never)")
+    p.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="stop after this many seconds without a message")
+    p.add_argument("--checkpoint", default="auto", help="the run's model.checkpoint, recorded for queries (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="the run's model.seed, for checkpoint none (default 0)")
+    p.set_defaults(fn=_cmd_store)
+
+
+def _cmd_store(args: argparse.Namespace) -> int:
+    from sinks.keys import CurveClientConfig
+
+    if (args.server_key is None) != (args.client_key is None):
+        print("error: --server-key and --client-key go together (CurveZMQ needs both)", file=sys.stderr)
+        return 2
+    curve = None
+    if args.server_key is not None:
+        try:
+            curve = CurveClientConfig.from_files(args.server_key, args.client_key)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.topic and not args.topic.startswith("emb/"):
+        print(f"error: --topic {args.topic!r}: expected a prefix of embedding topics, emb/ or emb/SESSION/", file=sys.stderr)
+        return 2
+    import zmq
+
+    try:
+        reports = consume(args.endpoint, args.uri, topic=args.topic, curve_client=curve, sessions=args.sessions,
+                          timeout_s=args.timeout_s, checkpoint=args.checkpoint, seed=args.seed)
+    except zmq.ZMQError as exc:
+        print(f"error: {args.endpoint}: {exc}", file=sys.stderr)
+        return 2
+    failed = False
+    for session, rep in sorted(reports.items()):
+        lost = rep["not_written"] + rep["pending"]
+        print(f"{session}: stored {rep['rows']} rows in {rep['uri']}" + (f"; {lost} not written: {rep['error']}" if lost else ""))
+        failed = failed or bool(lost or rep.get("error"))
+    return 5 if failed else 0

@@ -1,0 +1,383 @@
+"""The embedding store: every published embedding kept in a LanceDB table, searchable.
+
+Layout of a store (a folder, or an object-storage URI LanceDB accepts), docs/store.md:
+
+* table ``embeddings``: one row per (model, session, modality, window) -- the key. Writing a
+  row whose key is already there replaces it (LanceDB ``merge_insert``), so replaying a
+  session again, or a restarted actor sending a window twice, never duplicates a row.
+* table ``models``: one row per model name, what a query needs to rebuild the model (config,
+  checkpoint, seed, precision) and its dimension.
+
+:class:`EmbeddingStore` opens or creates a store and reads and writes it directly.
+:class:`StoreWriter` is the sink: rows are queued by :meth:`StoreWriter.add` (never waits on the
+disk) and written in batches by one background thread; a store that cannot be written fails the
+writer (:attr:`StoreWriter.error`) and every row from then on is counted as not written.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from sinks.protocol import EmbeddingRecord
+
+__all__ = ["ANN_MIN_ROWS", "EMBEDDINGS", "KEY", "MODELS", "EmbeddingStore", "StoreError", "StoreRow",
+           "StoreWriter", "embeddings_schema"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS = "embeddings"
+MODELS = "models"
+KEY = ("model", "session", "modality", "window")
+# Below this many rows a filtered top-k is an exact scan (recall 1, tens of ms at 1024-d on
+# two cores, bench/store.py); from here on an IVF index keeps it fast.
+ANN_MIN_ROWS = 100_000
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened, created or written; the message names the URI and why."""
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """The ``embeddings`` table's schema for vectors of ``dim`` float32 values."""
+    return pa.schema([
+        ("model", pa.string()), ("session", pa.string()), ("stream", pa.string()), ("modality", pa.string()),
+        ("window", pa.int64()), ("t_start", pa.float64()), ("t_end", pa.float64()), ("dim", pa.int32()),
+        ("vector", pa.list_(pa.float32(), dim)), ("t_publish", pa.float64()), ("run_id", pa.string()),
+    ])
+
+
+_MODELS_SCHEMA = pa.schema([("model", pa.string()), ("dim", pa.int32()), ("config", pa.string()),
+                            ("checkpoint", pa.string()), ("seed", pa.int64()), ("precision", pa.string())])
+
+
+@dataclass(frozen=True)
+class StoreRow:
+    """One embedding as the store keeps it (``vector``: 1-D, any float dtype; stored as float32)."""
+
+    model: str
+    session: str
+    stream: str
+    modality: str
+    window: int
+    t_start: float
+    t_end: float
+    vector: np.ndarray
+    t_publish: float
+    run_id: str = ""
+
+
+def _rows_table(rows: list[StoreRow], dim: int) -> pa.Table:
+    """``rows`` as an Arrow table, the last row of each key kept (a merge must not see a key twice)."""
+    last: dict[tuple, StoreRow] = {}
+    for r in rows:
+        last[(r.model, r.session, r.modality, r.window)] = r
+    rows = list(last.values())
+    vec = np.stack([np.asarray(r.vector, dtype=np.float32).reshape(-1) for r in rows]) if rows else np.zeros((0, dim), "f4")
+    if vec.shape[1] != dim:
+        raise StoreError(f"embedding of {vec.shape[1]} values, the store's table holds dim {dim}")
+    cols = {name: [getattr(r, name) for r in rows] for name in
+            ("model", "session", "stream", "modality", "window", "t_start", "t_end", "t_publish", "run_id")}
+    cols["dim"] = [dim] * len(rows)
+    cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1), pa.float32()), dim)
+    return pa.table(cols, schema=embeddings_schema(dim))
+
+
+def _where(filters: Mapping[str, Iterable[str]], between: tuple[float, float] | None) -> str | None:
+    """An SQL filter: each key in one of its values, and the window inside ``between``."""
+    parts = []
+    for col, values in filters.items():
+        values = list(values)
+        if values:
+            quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+            parts.append(f"{col} IN ({quoted})")
+    if between is not None:
+        parts.append(f"t_end >= {float(between[0])!r} AND t_start <= {float(between[1])!r}")
+    return " AND ".join(parts) or None
+
+
+class EmbeddingStore:
+    """A store at ``uri``. :meth:`open` an existing one (reading), :meth:`create` one for a
+    model (writing). :attr:`table` is the LanceDB table for anything else."""
+
+    def __init__(self, uri: str, db: Any, table: Any, dim: int) -> None:
+        self.uri = uri
+        self._db = db
+        self.table = table
+        self.dim = dim
+
+    @classmethod
+    def open(cls, uri: str) -> "EmbeddingStore":
+        """An existing store; :class:`StoreError` if ``uri`` holds none."""
+        import lancedb
+
+        try:
+            db = lancedb.connect(str(uri))
+            names = set(db.list_tables().tables)
+            if EMBEDDINGS not in names:
+                raise StoreError(f"store {uri}: not a bindstream store (no '{EMBEDDINGS}' table); "
+                                 "a run with store.uri set, or `python -m pipeline store`, makes one")
+            table = db.open_table(EMBEDDINGS)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"store {uri}: cannot open it: {_short(exc)}") from None
+        return cls(str(uri), db, table, _vector_dim(table.schema))
+
+    @classmethod
+    def create(cls, uri: str, model: Mapping[str, Any]) -> "EmbeddingStore":
+        """The store at ``uri``, created if missing, ready for ``model``'s rows (``model``: name,
+        dim, config, checkpoint, seed, precision). A table of another dimension is an error."""
+        import lancedb
+
+        dim = int(model["dim"])
+        try:
+            db = lancedb.connect(str(uri))
+            if EMBEDDINGS in set(db.list_tables().tables):
+                table = db.open_table(EMBEDDINGS)
+            else:
+                table = db.create_table(EMBEDDINGS, schema=embeddings_schema(dim), exist_ok=True)
+            have = _vector_dim(table.schema)
+            if have != dim:
+                raise StoreError(f"store {uri}: its '{EMBEDDINGS}' table holds vectors of dim {have}, model "
+                                 f"{model['model']} makes dim {dim}; use another store.uri for this model")
+            models = db.create_table(MODELS, schema=_MODELS_SCHEMA, exist_ok=True)
+            row = {"model": str(model["model"]), "dim": dim, "config": _config_text(model.get("config")),
+                   "checkpoint": str(model.get("checkpoint", "auto")), "seed": int(model.get("seed", 0)),
+                   "precision": str(model.get("precision", "fp32"))}
+            models.merge_insert("model").when_matched_update_all().when_not_matched_insert_all().execute(
+                pa.Table.from_pylist([row], schema=_MODELS_SCHEMA))
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"store {uri}: cannot create or open it for writing: {_short(exc)}") from None
+        return cls(str(uri), db, table, dim)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The ``models`` table's rows (what a query needs to rebuild each model)."""
+        if MODELS not in set(self._db.list_tables().tables):
+            return []
+        return self._db.open_table(MODELS).to_arrow().to_pylist()
+
+    def upsert(self, rows: list[StoreRow]) -> int:
+        """Write ``rows``, replacing those whose key is there; returns the rows written."""
+        if not rows:
+            return 0
+        data = _rows_table(rows, self.dim)
+        (self.table.merge_insert(list(KEY)).when_matched_update_all().when_not_matched_insert_all()
+         .execute(data))
+        return data.num_rows
+
+    def count(self, where: str | None = None) -> int:
+        return int(self.table.count_rows(where))
+
+    def fragments(self) -> int:
+        return int(self.table.stats()["fragment_stats"]["num_fragments"])
+
+    def nearest(self, vector: np.ndarray, *, limit: int, filters: Mapping[str, Iterable[str]] | None = None,
+                between: tuple[float, float] | None = None, exact: bool = False) -> list[dict[str, Any]]:
+        """The ``limit`` rows nearest ``vector`` (cosine), filtered first, each with ``score``
+        (cosine similarity) and without the vector."""
+        q = self.table.search(np.asarray(vector, dtype=np.float32).reshape(-1)).metric("cosine")
+        where = _where(filters or {}, between)
+        if where:
+            q = q.where(where, prefilter=True)
+        if exact:
+            q = q.bypass_vector_index()
+        cols = ["model", "session", "stream", "modality", "window", "t_start", "t_end"]
+        out = q.select(cols + ["_distance"]).limit(int(limit)).to_arrow().to_pylist()
+        for row in out:
+            row["score"] = 1.0 - float(row.pop("_distance"))
+        return out
+
+    def maintain(self, *, ann_min_rows: int = ANN_MIN_ROWS) -> None:
+        """Indexes and compaction: scalar indexes on session, modality and t_start once there are
+        rows, an IVF vector index once the table has ``ann_min_rows`` rows, then ``optimize()``
+        (merges small fragments and adds new rows to the indexes)."""
+        from lancedb.index import BTree, Bitmap
+
+        n = self.count()
+        if n == 0:
+            return
+        have = {tuple(i.columns) for i in self.table.list_indices()}
+        for col, kind in (("session", Bitmap()), ("modality", Bitmap()), ("t_start", BTree())):
+            if (col,) not in have:
+                self.table.create_index(col, config=kind)
+        if n >= ann_min_rows and ("vector",) not in have:
+            parts = max(1, int(math.sqrt(n)))
+            self.table.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_HNSW_SQ",
+                                    num_partitions=parts)
+        self.table.optimize()
+
+
+def _vector_dim(schema: pa.Schema) -> int:
+    return int(schema.field("vector").type.list_size)
+
+
+def _config_text(config: Any) -> str:
+    return config if isinstance(config, str) else json.dumps(config, sort_keys=True)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class StoreWriter:
+    """The store sink: :meth:`add` queues rows (bounded, never waits on the disk); one
+    background thread writes them in batches of up to ``batch_rows`` at least every ``flush_s``
+    seconds, and runs :meth:`EmbeddingStore.maintain` every ``optimize_every_s``.
+
+    The first failure (the store cannot be created, a write fails) ends writing: :attr:`error`
+    says why and every row queued or added afterwards is counted as not written, per session.
+    Rows beyond ``max_pending_rows`` waiting are not written either (the disk fell behind).
+    """
+
+    def __init__(self, uri: str, model: Mapping[str, Any], *, batch_rows: int = 1024, flush_s: float = 1.0,
+                 max_pending_rows: int = 100_000, optimize_every_s: float = 60.0, ann_min_rows: int = ANN_MIN_ROWS,
+                 run_id: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+        self.uri = str(uri)
+        self.run_id = str(run_id)
+        self._model = dict(model)
+        self._batch_rows, self._flush_s = int(batch_rows), float(flush_s)
+        self._max_pending, self._optimize_every_s = int(max_pending_rows), float(optimize_every_s)
+        self._ann_min_rows = int(ann_min_rows)
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: collections.deque[StoreRow] = collections.deque()
+        self._busy = 0  # rows taken by the thread, not yet written or failed
+        self._closing = False
+        self._flushing = False  # flush() asked for the rows to be written now
+        self.error: str | None = None
+        self.written: collections.Counter[str] = collections.Counter()  # session -> rows written
+        self.not_written: collections.Counter[str] = collections.Counter()  # session -> rows lost
+        self._store: EmbeddingStore | None = None
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, rows: Iterable[StoreRow]) -> None:
+        """Queue ``rows``; returns at once."""
+        with self._cond:
+            for r in rows:
+                if self.error is not None or len(self._pending) >= self._max_pending:
+                    self.not_written[r.session] += 1
+                    if self.error is None:
+                        self._fail(f"store {self.uri}: writes fell {self._max_pending} rows behind")
+                else:
+                    self._pending.append(r)
+            if len(self._pending) >= self._batch_rows:
+                self._cond.notify_all()
+
+    def add_published(self, batch: list[tuple[EmbeddingRecord, str, float]]) -> None:
+        """Queue a publisher's batch (:attr:`sinks.base.SinkBase.on_publish`); returns at once."""
+        self.add(StoreRow(model, r.session, r.stream, r.modality, int(r.window), float(r.t_start), float(r.t_end),
+                          r.embedding, t_publish, self.run_id) for r, model, t_publish in batch)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every row added so far is written or counted lost; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def report(self, session: str) -> dict[str, Any]:
+        """``session``'s row counts: ``rows`` written, ``not_written``, ``pending``; ``error``."""
+        with self._cond:
+            pending = sum(1 for r in self._pending if r.session == session)
+            out: dict[str, Any] = {"uri": self.uri, "rows": self.written[session],
+                                   "not_written": self.not_written[session], "pending": pending}
+            if self.error is not None:
+                out["error"] = self.error
+            return out
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Write what is queued (up to ``timeout_s``), compact, and stop the thread."""
+        self.flush(timeout_s)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    # -- the writer thread ----------------------------------------------------------------------
+
+    def _fail(self, error: str) -> None:
+        """Called with the lock held: the first error ends writing; what waits is lost."""
+        if self.error is None:
+            self.error = error
+            log.error("%s; the run keeps publishing, the rows are not stored", error)
+        for r in self._pending:
+            self.not_written[r.session] += 1
+        self._pending.clear()
+
+    def _run(self) -> None:
+        try:
+            store = EmbeddingStore.create(self.uri, self._model)
+        except StoreError as exc:
+            with self._cond:
+                self._fail(str(exc))
+            return
+        self._store = store
+        last_maintain = self._clock()
+        while True:
+            with self._cond:
+                self._wait_for_batch()
+                if self._closing and not self._pending:
+                    break
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._batch_rows))]
+                self._busy = len(batch)
+                self._flushing = self._flushing and bool(self._pending)
+            if not batch:
+                continue
+            self._write(store, batch)
+            if self._clock() - last_maintain >= self._optimize_every_s and self.error is None:
+                last_maintain = self._clock()
+                self._maintain(store)
+        if self.error is None:
+            self._maintain(store)
+
+    def _wait_for_batch(self) -> None:
+        """With the lock held: until ``batch_rows`` rows wait, or the oldest waited ``flush_s``,
+        or a flush or close is asked for."""
+        since = time.monotonic()
+        while not (self._closing or self._flushing or len(self._pending) >= self._batch_rows):
+            if not self._pending:
+                since = time.monotonic()
+            left = since + self._flush_s - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _write(self, store: EmbeddingStore, batch: list[StoreRow]) -> None:
+        error = None
+        try:
+            store.upsert(batch)
+        except Exception as exc:
+            error = f"store {self.uri}: writing {len(batch)} rows failed: {_short(exc)}"
+        with self._cond:
+            for r in batch:
+                (self.not_written if error else self.written)[r.session] += 1
+            if error:
+                self._fail(error)
+            self._busy = 0
+            self._cond.notify_all()
+
+    def _maintain(self, store: EmbeddingStore) -> None:
+        try:
+            store.maintain(ann_min_rows=self._ann_min_rows)
+        except Exception as exc:  # the rows are written; an index or a compaction can wait for the next turn
+            log.warning("store %s: indexing or compaction failed: %s", self.uri, _short(exc))
