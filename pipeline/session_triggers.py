@@ -80,6 +80,7 @@ class TimelineTrace:
         self.triggers = [{"name": r.name, "prompt": setup.labels.get(r.name, ""), "score": r.score, "on": r.on,
                           "off": r.off} for r in setup.rules]
         self.lanes: dict[str, dict[str, Any]] = {}  # stream -> its windows and scores
+        self._row: dict[tuple[str, int], int] = {}  # (stream, window) -> its place in the lane's lists
         self.spans: list[dict[str, Any]] = []
         self.captions: list[dict[str, Any]] = []
         self.thumbs: dict[str, list[dict[str, Any]]] = {}
@@ -88,17 +89,21 @@ class TimelineTrace:
 
     def scored(self, rec: Any, names: list[str], scores: np.ndarray) -> None:
         lane = self._lane(rec)
+        row = self._row.get((rec.stream, rec.window))
+        if row is None:
+            return
         for name, s in zip(names, scores):
-            lane["scores"].setdefault(name, [None] * (len(lane["t"]) - 1)).append(round(float(s), 4))
+            values = lane["scores"].setdefault(name, [])
+            values.extend([None] * (len(lane["t"]) - len(values)))  # a window not scored leaves a gap
+            values[row] = round(float(s), 4)
 
     def items(self, records: Sequence[Any], items: Sequence[Any]) -> None:
         for rec, item in zip(records, items):
             lane = self._lane(rec)
+            self._row[(rec.stream, rec.window)] = len(lane["t"])
             lane["window"].append(rec.window)
             lane["t"].append(round(rec.t_end, 4))
             lane["t_start"].append(round(rec.t_start, 4))
-            for values in lane["scores"].values():  # a trigger that skips a window leaves a gap
-                values.extend([None] * (len(lane["t"]) - 1 - len(values)))
             if rec.modality == "text" and isinstance(item.payload, str):
                 self.captions.append({"t": round(rec.t_end, 4), "t_start": round(rec.t_start, 4),
                                       "stream": rec.stream, "text": item.payload[:_CAPTION_CHARS]})

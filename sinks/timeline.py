@@ -80,8 +80,9 @@ _SCRIPT = r"""
         meta: { lane: m, kind: "window" },
         hovertemplate: stream + " window %{customdata[0]}: %{customdata[1]:.2f}–%{x:.2f} s<extra></extra>" });
     }
-    D.triggers.forEach(t => layout.shapes.push({ type: "line", xref: "x domain", x0: 0, x1: 1, yref: axis(i),
-      y0: t.on, y1: t.on, line: { color: color[t.name], width: 1, dash: "dot" } }));
+    D.triggers.filter(t => Object.values(D.lanes).some(l => l.modality === m && t.name in l.scores))
+      .forEach(t => layout.shapes.push({ type: "line", xref: "x domain", x0: 0, x1: 1, yref: axis(i),
+        y0: t.on, y1: t.on, line: { color: color[t.name], width: 1, dash: "dot" } }));
     const ev = D.events.map((e, k) => [e, k]).filter(([e]) => e.modality === m);
     ev.forEach(([e]) => layout.shapes.push({ type: "rect", xref: "x", x0: e.t_start, x1: e.t_end,
       yref: axis(i) + " domain", y0: 0, y1: 1, fillcolor: color[e.trigger], opacity: 0.18, line: { width: 0 } }));
@@ -120,6 +121,8 @@ _SCRIPT = r"""
         " – " + p.x.toFixed(2) + " s" + (meta.kind === "score" ? "\nscore " + p.y.toFixed(3) : "");
     else if (meta.kind === "caption") info.textContent = "caption at " + p.x.toFixed(2) + " s\n" + p.text;
   }
+  const first = Object.values(D.thumbs).find(l => l.length);
+  if (first) { img.src = "data:image/jpeg;base64," + first[0].jpeg; img.alt = "window " + first[0].window; }
   const gd = document.getElementById("chart");
   Plotly.newPlot(gd, traces, layout, { responsive: true, displaylogo: false, scrollZoom: true }).then(() => {
     gd.on("plotly_click", ev => showPoint(ev.points[0]));
