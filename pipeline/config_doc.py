@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.align import ModalitySpan
 from pipeline.config import RunConfig, _build_spans, _plain, _Section, _span_help, _span_keys
+from pipeline.config_base import _default
 
 __all__ = ["default_config_yaml", "config_reference_markdown"]
 
@@ -53,6 +54,9 @@ def _yaml_lines(section: _Section, indent: str) -> list[str]:
                       for m, s in value.items()]
         else:
             lines.append(_commented(f"{indent}{f.name}: {_yaml_value(_shown(f, value))}", help))
+        if "item" in f.metadata:  # a list of sections: each entry's keys, commented out
+            lines += [_commented(f"{indent}#   {'- ' if i == 0 else '  '}{e.name}: {_yaml_value(_default(e))}",
+                                 e.metadata["help"]) for i, e in enumerate(fields(f.metadata["item"]))]
     return lines
 
 
@@ -91,4 +95,9 @@ def config_reference_markdown() -> str:
                 table(f"### `{prefix}{f.name}`: {f.metadata['help']}", sub, f"{prefix}{f.name}.")
 
     table("### Top level", RunConfig(), "")
+    for f in fields(RunConfig):
+        if "item" in f.metadata:
+            out.extend([f"### `{f.name}[]`: each entry of `{f.name}`", "", "| key | default | meaning |", "|---|---|---|",
+                         *(f"| `{f.name}[].{e.name}` | `{_yaml_value(_default(e))}` | "
+                           f"{e.metadata['help'].replace('|', chr(92) + '|')} |" for e in fields(f.metadata["item"])), ""])
     return "\n".join(out)

@@ -98,6 +98,12 @@ class PublisherActor:
         self.pub.publish(records)
         return {t: n for s in sessions for t, n in self.pub.next_seqs(s).items()}
 
+    def publish_events(self, session: str, events: list[Any]) -> dict[str, int]:
+        """Publish trigger events of ``session`` (:meth:`sinks.base.SinkBase.publish_events`)."""
+        self._require(session)
+        self.pub.publish_events(session, events)
+        return self.pub.next_seqs(session)
+
     def heartbeat(self, session: str, counters: dict[str, Any]) -> dict[str, int]:
         self._require(session)
         self.pub.heartbeat(session, counters)

@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.stats import SessionResult
 from pipeline.storage import store_options, store_results
+from pipeline.trigger_setup import embed_prompts, load_prompts, write_timeline
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
@@ -152,6 +153,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     import ray
 
     specs = prepare_sessions(cfg)
+    prompts = load_prompts(cfg)  # the triggers' example files: one that does not decode is a config error, before Ray starts
     live = _live_settings(cfg, specs)  # None unless a session is live
     model_opts = resolve_model_options(cfg)
     curve = curve_server_config(cfg)
@@ -166,7 +168,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         if on_ready is not None:
             on_ready(endpoint)
         ray.get(publisher.wait_for_subscribers.remote())
-        aligners = _start_sessions(cfg, specs, info, live, encoders, publisher, uid, actors)
+        aligners = _start_sessions(cfg, specs, info, live, encoders, publisher, uid, actors, embed_prompts(prompts, encoders[0]))
         # Every stream ready and every aligner connected before any stream reads. Failures are
         # left to the run calls, which report them per stream.
         starting = [al.source_ready.remote(s.id) for spec, al in zip(specs, aligners) for s in spec.streams]
@@ -177,6 +179,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         summaries = _wait(done_refs, aligners, specs, progress, watch=watch,
                           stop_after=cfg.stop_after if live else None, publisher=publisher)
         watch.poll(final=True)
+        write_timeline(cfg.timeline, aligners, specs)
         if live:
             _write_recordings(live, specs, watch.results, summaries)
         enc_stats = ray.get([e.stats.remote() for e in encoders])
@@ -266,9 +269,8 @@ def _start_publisher(cfg: RunConfig, info: dict[str, Any], live: dict[str, Any] 
 
 
 def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, Any], live: dict[str, Any] | None,
-                    encoders: list[Any], publisher: Any, uid: str, actors: list[Any]) -> list[Any]:
-    """One aligner actor per session (added to ``actors``), which also reads the session's
-    streams; each session's ``start`` is published first."""
+                    encoders: list[Any], publisher: Any, uid: str, actors: list[Any], triggers: Any = None) -> list[Any]:
+    """One aligner actor per session (added to ``actors``), reading its streams; each session's ``start`` sent first."""
     import ray
 
     from pipeline.actors import AlignerActor
@@ -300,7 +302,7 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
             heartbeat_s=float(cfg.publish.heartbeat_s),
             live=live["aligner"] if live and spec.live else None,
             publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
-            sources=[(s, opts) for s in spec.streams],
+            sources=[(s, opts) for s in spec.streams], triggers=triggers,
         )
         aligners.append(al)
         actors.append(al)

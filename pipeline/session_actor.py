@@ -30,8 +30,9 @@ from pipeline.observe import StageObserver
 from pipeline.ordering import ChunkSequencer, PublishOrder, ReleaseCoalescer, StreamEnd
 from pipeline.publisher_link import PublisherLink
 from pipeline.reader import ReaderHost
+from pipeline.session_triggers import SessionTriggers, TriggerSetup
 from pipeline.stats import SessionResult, SessionStats, merge_dropped
-from sinks.protocol import EmbeddingRecord, ctl_topic, emb_topic
+from sinks.protocol import EmbeddingRecord, ctl_topic, emb_topic, evt_topic
 
 __all__ = ["AlignerActor"]
 
@@ -53,8 +54,10 @@ class AlignerActor:
     or live admission (:class:`pipeline.admission.LiveAdmission`), encoder replicas and retries
     (:class:`pipeline.dispatch.EncoderDispatch`), publish order (:class:`pipeline.ordering.PublishOrder`),
     seqs across publisher restarts (:class:`pipeline.dispatch.PublishLedger`), the session's
-    counters (:class:`pipeline.stats.SessionStats`) and instrumentation (``observer``, a
-    :class:`pipeline.observe.StageObserver` unless given)."""
+    counters (:class:`pipeline.stats.SessionStats`), instrumentation (``observer``, a
+    :class:`pipeline.observe.StageObserver` unless given) and, given a ``triggers`` setup, the
+    session's triggers (:class:`pipeline.session_triggers.SessionTriggers`), evaluated on the
+    embeddings as they are published, in publish order."""
 
     def __init__(
         self,
@@ -72,6 +75,7 @@ class AlignerActor:
         publish_start: dict[str, Any] | None = None,
         sources: list[tuple[Any, dict[str, Any]]] | None = None,
         observer: Any = None,
+        triggers: TriggerSetup | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.session = session
@@ -94,6 +98,7 @@ class AlignerActor:
         self._ctl_topic = ctl_topic(session)
         self.stats = SessionStats(session)
         self.observer = observer if observer is not None else StageObserver(session)
+        self._triggers = SessionTriggers(session, triggers) if triggers is not None else None
         self._encoding = EncoderLink(session, encoders, EncoderDispatch(len(encoders), retries, self.restart_timeout_s),
                                      self.observer)
         # model, dim and start seqs: what a restarted publisher needs (pipeline.publisher_link)
@@ -195,7 +200,12 @@ class AlignerActor:
     def result(self) -> SessionResult:
         return self.stats.result(windows=self.aligner.windows_released, dropped=self._dropped(),
                                  missing=self.aligner.missing, encode_retries=self._encoding.dispatch.retries_done,
-                                 publisher_restarts=self._publisher.ledger.restarts, stages=self.observer.summary())
+                                 publisher_restarts=self._publisher.ledger.restarts, stages=self.observer.summary(),
+                                 triggers=self._triggers.summary() if self._triggers else None)
+
+    def timeline(self) -> dict[str, Any] | None:
+        """What the session timeline draws (``timeline`` in the config), once the session is done."""
+        return self._triggers.timeline() if self._triggers else None
 
     def summary(self) -> dict[str, Any]:
         """:meth:`result` as the run's session summary (``RunResult.sessions``)."""
@@ -308,12 +318,21 @@ class AlignerActor:
         t_pub = time.time()
         self.observer.published(items, t_pub)
         self.stats.record_published(((r.modality, r.t_ingest) for r in records), t_pub)
-        return True
+        return await self._publish_events(self._triggers.observe(records, items)) if self._triggers else True
+
+    async def _publish_events(self, events: list[Any]) -> bool:
+        """Trigger events on ``evt/<session>/<trigger>``, after the embeddings that made them."""
+        if not events:
+            return True
+        claims = PublishLedger.count(evt_topic(self.session, e.trigger) for e in events)
+        return await self._publisher.call("publish_events", self.session, events, claims=claims)
 
     async def _finish(self) -> None:
         # The last gauges and drop counts: a session shorter than heartbeat_s has had no tick yet,
         # and drops since the last one would be lost.
         self._tick()
+        if self._triggers is not None and self.stats.publisher_error is None:
+            await self._publish_events(self._triggers.close())  # events still on end with the session
         if self.stats.publisher_error is None:
             await self._publisher.call(
                 "end_session",

@@ -65,6 +65,7 @@ class SessionResult:
     recording_error: str | None = None  # the recording could not be written: why, and where its files are
     store: dict[str, Any] | None = None  # with store.uri: uri, rows written, not_written, pending, error
     store_error: str | None = None  # the store failed or rows were not written: why, and how many
+    triggers: dict[str, dict[str, float]] = field(default_factory=dict)  # trigger -> events, duration_s (stream s)
 
     @property
     def failed(self) -> bool:
@@ -92,6 +93,8 @@ class SessionResult:
             out["store"] = dict(self.store)
         if self.store_error is not None:
             out["store_error"] = self.store_error
+        if self.triggers:
+            out["triggers"] = {k: dict(v) for k, v in self.triggers.items()}
         return out
 
     @classmethod
@@ -104,7 +107,8 @@ class SessionResult:
                    encode_retries=int(d.get("encode_retries") or 0),
                    publisher_restarts=int(d.get("publisher_restarts") or 0), publisher_error=publisher_error,
                    stages=dict(d.get("stages") or {}), recording=d.get("recording"), recording_error=d.get("recording_error"),
-                   store=d.get("store"), store_error=d.get("store_error"))
+                   store=d.get("store"), store_error=d.get("store_error"),
+                   triggers=dict(d.get("triggers") or {}))
 
     def lines(self) -> list[str]:
         """The session's lines of the CLI summary."""
@@ -126,6 +130,9 @@ class SessionResult:
             out.append(f"    STORE FAILED: {self.store_error}")
         elif self.store is not None:
             out.append(f"    stored {self.store.get('rows', 0)} rows in {self.store.get('uri')}")
+        if self.triggers:
+            out.append("    triggers: " + ", ".join(f"{k} {v['events']} event(s), {v['duration_s']:.1f} s"
+                                                    for k, v in sorted(self.triggers.items())))
         if self.publisher_restarts:
             out.append(f"    publisher restarted: resumed {self.publisher_restarts} time(s); seq gaps mark what was lost")
         return out
@@ -164,7 +171,8 @@ class SessionStats:
 
     def result(self, *, windows: int, dropped: Mapping[str, int], missing: Mapping[str, int],
                encode_retries: int = 0, publisher_restarts: int = 0,
-               stages: Mapping[str, Any] | None = None) -> SessionResult:
+               stages: Mapping[str, Any] | None = None,
+               triggers: Mapping[str, Mapping[str, float]] | None = None) -> SessionResult:
         """The summary; ``dropped`` is every part's drops (:func:`merge_dropped`), this one's
         ``source_dropped`` among them."""
         lat = np.asarray(self.latencies, dtype=np.float64) if self.latencies else np.zeros(1)
@@ -173,4 +181,5 @@ class SessionStats:
             missing=dict(missing), errors=dict(self.errors),
             latency_p50_s=float(np.percentile(lat, 50)), latency_p99_s=float(np.percentile(lat, 99)),
             encode_retries=int(encode_retries), publisher_restarts=int(publisher_restarts),
-            publisher_error=self.publisher_error, stages=dict(stages or {}))
+            publisher_error=self.publisher_error, stages=dict(stages or {}),
+            triggers={k: dict(v) for k, v in (triggers or {}).items()})

@@ -81,6 +81,10 @@ def format_message(msg: Message, *, json_out: bool = False) -> str:
         return (f"{msg.topic} seq={p['seq']} window={p['window']} stream={p['stream']} "
                 f"t=[{p['t_start']:.3f},{p['t_end']:.3f}] dim={p['dim']} {p['dtype']} "
                 f"norm={float(np.linalg.norm(vec.astype(np.float64))):.3f} latency={lat}")
+    if msg.kind == "trigger":
+        reason = f" ({p['reason']})" if p.get("reason") else ""
+        return (f"{msg.topic} seq={p['seq']} {p['event']}{reason} trigger={p['trigger']} stream={p['stream']} "
+                f"{p['modality']} window={p['window']} t=[{p['t_start']:.3f},{p['t_end']:.3f}] score={p['score']:.3f}")
     fields = {k: v for k, v in p.items() if k not in ("v", "session", "event", "seq", "t_publish")}
     rest = " ".join(f"{k}={json.dumps(_jsonable(v), separators=(',', ':'))}" for k, v in fields.items())
     return f"{msg.topic} seq={p.get('seq', '?')} {p['event']} {rest}".rstrip()
@@ -159,7 +163,7 @@ def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )
     p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/bs.sock")
     p.add_argument("--topic", default="", metavar="PREFIX",
-                   help="topic prefix filter, e.g. 'emb/SESSION/' or 'ctl/' (default: everything)")
+                   help="topic prefix filter, e.g. 'emb/SESSION/', 'ctl/' or 'evt/' (trigger events; default: everything)")
     p.add_argument("--json", action="store_true", dest="json_out",
                    help="print JSON lines (embedding as a list of floats)")
     p.add_argument("--server-key", type=Path, metavar="FILE",

@@ -24,6 +24,8 @@ from sinks.protocol import (
     emb_topic,
     encode_control,
     encode_embedding,
+    encode_event,
+    evt_topic,
 )
 
 __all__ = ["SinkBase"]
@@ -42,9 +44,13 @@ class _Session:
 
 
 def _of_session(session: str, topic: str) -> bool:
-    """Whether ``topic`` is ``ctl/<session>`` or ``emb/<session>/<modality>``."""
-    emb = f"emb/{session}/"
-    return topic == ctl_topic(session) or (topic.startswith(emb) and len(topic) > len(emb) and "/" not in topic[len(emb):])
+    """Whether ``topic`` is ``ctl/<session>``, ``emb/<session>/<modality>`` or ``evt/<session>/<trigger>``."""
+    if topic == ctl_topic(session):
+        return True
+    for prefix in (f"emb/{session}/", f"evt/{session}/"):
+        if topic.startswith(prefix) and len(topic) > len(prefix) and "/" not in topic[len(prefix):]:
+            return True
+    return False
 
 
 class SinkBase:
@@ -159,6 +165,32 @@ class SinkBase:
                 self._dropped[topic_b.decode()] += 1
         return sent
 
+    def publish_events(self, session: str, events: Iterable[Any]) -> int:
+        """Publish trigger events of ``session`` on ``evt/<session>/<trigger>`` (docs/protocol.md);
+        each has ``trigger``, ``kind`` (``start``/``end``), ``stream``, ``modality``, ``window``,
+        ``t_start``, ``t_end``, ``score`` and ``reason`` (``end``). Seqs count per topic, as for
+        embeddings; every event is encoded before the first is sent. Returns how many were sent."""
+        self._open_session(session)
+        now = self._clock()
+        encoded: list[tuple[bytes, bytes]] = []
+        claimed: dict[str, int] = {}
+        for e in events:
+            topic = evt_topic(session, e.trigger)
+            seq = claimed.get(topic, self._next_seq.get(topic, 0))
+            claimed[topic] = seq + 1
+            extra = {"reason": e.reason} if e.reason else {}
+            encoded.append(encode_event(session=session, trigger=e.trigger, event=e.kind, seq=seq, stream=e.stream,
+                                        modality=e.modality, window=e.window, t_start=e.t_start, t_end=e.t_end,
+                                        score=e.score, t_publish=now, **extra))
+        self._next_seq.update(claimed)
+        sent = 0
+        for topic_b, payload in encoded:
+            if self._send(topic_b, payload, control=True):
+                sent += 1
+            else:
+                self._dropped[topic_b.decode()] += 1
+        return sent
+
     def heartbeat(self, session: str, counters: Mapping[str, Any] | None = None, **extra: Any) -> None:
         """Send a ``heartbeat`` with the caller's ``counters`` plus this sink's own ``published``
         (per modality) and ``dropped`` (per reason) so far. ``extra`` may carry ``missing``."""
@@ -268,7 +300,7 @@ class SinkBase:
     def _own_drops(self, session: str) -> dict[str, int]:
         total = sum(
             n for topic, n in self._dropped.items()
-            if topic.startswith(f"emb/{session}/") or topic == f"ctl/{session}"
+            if _of_session(session, topic)
         )
         return {"hwm": total} if total else {}
 

@@ -9,6 +9,7 @@ Topics:
 
 * ``emb/<session>/<modality>``: one embedding of one window of one modality.
 * ``ctl/<session>``: session control, ``event`` is ``start``, ``heartbeat`` or ``end``.
+* ``evt/<session>/<trigger>``: a trigger's event, ``event`` is ``start`` or ``end`` (additive in v1).
 
 ``seq`` counts messages per topic (0, 1, 2, ...), so a subscriber detects what it missed from a
 gap. Nothing here imports ZeroMQ: encoding and decoding are pure functions over bytes, which
@@ -34,13 +35,16 @@ __all__ = [
     "MAX_TOPIC_BYTES",
     "EMBEDDING_DTYPES",
     "CONTROL_EVENTS",
+    "TRIGGER_EVENTS",
     "ProtocolError",
     "EmbeddingRecord",
     "Message",
     "emb_topic",
     "ctl_topic",
+    "evt_topic",
     "encode_embedding",
     "encode_control",
+    "encode_event",
     "decode",
     "embedding_array",
     "unpackb_bounded",
@@ -68,6 +72,7 @@ EMBEDDING_DTYPES: dict[str, np.dtype] = {
     "float16": np.dtype("<f2"),
 }
 CONTROL_EVENTS = ("start", "heartbeat", "end")
+TRIGGER_EVENTS = ("start", "end")
 
 # Session and modality names become topic segments; '/' would break topic parsing and
 # whitespace/control characters make prefix subscriptions error-prone.
@@ -110,8 +115,8 @@ class Message:
 
     @property
     def kind(self) -> str:
-        """``"embedding"`` or ``"control"``."""
-        return "embedding" if self.topic.startswith("emb/") else "control"
+        """``"embedding"``, ``"control"`` or ``"trigger"`` (an event of a trigger)."""
+        return {"emb/": "embedding", "evt/": "trigger"}.get(self.topic[:4], "control")
 
     @property
     def session(self) -> str:
@@ -125,11 +130,11 @@ class Message:
 
     @property
     def modality(self) -> str | None:
-        return self.payload.get("modality") if self.kind == "embedding" else None
+        return self.payload.get("modality") if self.kind != "control" else None
 
     @property
     def event(self) -> str | None:
-        return self.payload.get("event") if self.kind == "control" else None
+        return self.payload.get("event") if self.kind != "embedding" else None
 
 
 def _check_name(what: str, value: Any) -> str:
@@ -149,6 +154,11 @@ def emb_topic(session: str, modality: str) -> str:
 def ctl_topic(session: str) -> str:
     """Topic of the control messages of one session: ``ctl/<session>``."""
     return f"ctl/{_check_name('session', session)}"
+
+
+def evt_topic(session: str, trigger: str) -> str:
+    """Topic of the events of one trigger in one session: ``evt/<session>/<trigger>``."""
+    return f"evt/{_check_name('session', session)}/{_check_name('trigger', trigger)}"
 
 
 def _plain(value: Any) -> Any:
@@ -258,6 +268,25 @@ def encode_control(session: str, event: str, **fields: Any) -> tuple[bytes, byte
         decode(list(frames))
     except ProtocolError as exc:
         raise ValueError(f"session {session!r}: invalid {event!r} control message: {exc}") from None
+    return frames
+
+
+def encode_event(*, session: str, trigger: str, event: str, seq: int, stream: str, modality: str, window: int,
+                 t_start: float, t_end: float, score: float, t_publish: float, **extra: Any) -> tuple[bytes, bytes]:
+    """Encode one trigger event on ``evt/<session>/<trigger>``; returns ``(topic, payload)`` frames.
+
+    ``event`` is ``start`` or ``end``; ``t_start``/``t_end`` are session-clock seconds of the
+    event so far (``end``: all of it); ``score`` the peak score. ``extra`` (e.g. ``reason`` on
+    ``end``) are optional keys. Validated with :func:`decode` like control messages."""
+    topic = evt_topic(session, trigger)
+    payload = {"v": VERSION, "session": session, "trigger": trigger, "event": event, "seq": int(seq),
+               "stream": stream, "modality": modality, "window": int(window), "t_start": float(t_start),
+               "t_end": float(t_end), "score": float(score), "t_publish": float(t_publish), **extra}
+    frames = (topic.encode(), _pack(payload))
+    try:
+        decode(list(frames))
+    except ProtocolError as exc:
+        raise ValueError(f"session {session!r} trigger {trigger!r}: invalid {event!r} event: {exc}") from None
     return frames
 
 
@@ -392,6 +421,28 @@ def _validate_control(topic: str, payload: dict) -> None:
     _count_map(payload, "missing", where, required=False)
 
 
+def _validate_trigger(topic: str, payload: dict) -> None:
+    parts = topic.split("/")
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise ProtocolError(f"topic {topic!r}: expected evt/<session>/<trigger>")
+    where = f"topic {topic!r}"
+    if _field(payload, "trigger", (str,), where) != parts[2]:
+        raise ProtocolError(f"{where}: payload trigger {payload['trigger']!r} does not match the topic")
+    if _field(payload, "event", (str,), where) not in TRIGGER_EVENTS:
+        raise ProtocolError(f"{where}: unknown event {payload['event']!r}, expected one of {TRIGGER_EVENTS}")
+    if _field(payload, "seq", (int,), where) < 0:
+        raise ProtocolError(f"{where}: seq must be >= 0, got {payload['seq']}")
+    for key in ("stream", "modality"):
+        _field(payload, key, (str,), where)
+    _field(payload, "window", (int,), where)
+    t_start, t_end = (_field(payload, k, (float, int), where) for k in ("t_start", "t_end"))
+    if not (math.isfinite(t_start) and math.isfinite(t_end) and t_start <= t_end):
+        raise ProtocolError(f"{where}: expected finite t_start <= t_end, got {t_start}, {t_end}")
+    if not math.isfinite(_field(payload, "score", (float, int), where)):
+        raise ProtocolError(f"{where}: score must be finite")
+    _field(payload, "t_publish", (float, int), where)
+
+
 def decode(frames: Sequence[bytes]) -> Message:
     """Decode and validate one received message (the list of its frames).
 
@@ -409,8 +460,8 @@ def decode(frames: Sequence[bytes]) -> Message:
         topic = raw_topic.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(f"topic {raw_topic[:64]!r} is not UTF-8") from None
-    if not topic.startswith(("emb/", "ctl/")):
-        raise ProtocolError(f"topic {topic!r}: expected prefix 'emb/' or 'ctl/'")
+    if not topic.startswith(("emb/", "ctl/", "evt/")):
+        raise ProtocolError(f"topic {topic!r}: expected prefix 'emb/', 'ctl/' or 'evt/'")
     payload = unpackb_bounded(raw_payload)
     if not isinstance(payload, dict):
         raise ProtocolError(f"topic {topic!r}: payload must be a msgpack map, got {type(payload).__name__}")
@@ -422,6 +473,8 @@ def decode(frames: Sequence[bytes]) -> Message:
         raise ProtocolError(f"topic {topic!r}: payload session {session!r} does not match the topic")
     if topic.startswith("emb/"):
         _validate_embedding(topic, payload)
+    elif topic.startswith("evt/"):
+        _validate_trigger(topic, payload)
     else:
         _validate_control(topic, payload)
     return Message(topic=topic, payload=payload)

@@ -13,6 +13,11 @@ pans as the (virtual) head turns. Every stream is derived from the same motion s
 * ``thermal/`` (10 Hz): 16-bit PNG, the shapes warm, one-column timestamps in ms;
 * ``captions.jsonl``: a caption every 2.5 s naming the highest shape.
 
+A distinctive event is planted at known times (:func:`planted_events`: 3 s every 8 s from
+t = 3 s, while it fits): the whole frame turns into a magenta and yellow checkerboard and the
+sound into a loud two-tone alarm. ``event.mp4`` is an example clip of it alone (3 s, the same
+picture and sound), for an example-clip trigger (configs/demo.yaml) to find it.
+
 Same arguments give byte-identical files (encoders run single-threaded with bit-exact flags).
 """
 
@@ -26,12 +31,13 @@ import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
 import yaml
 
-__all__ = ["write_demo_session", "ensure_demo_session", "DEMO_DEVICE_EPOCH_MS"]
+__all__ = ["write_demo_session", "ensure_demo_session", "planted_events", "DEMO_DEVICE_EPOCH_MS", "EVENT_CLIP"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,39 @@ _FRAME_RATE = 10  # depth and thermal
 _G = 9.80665
 _COLOURS = ("red", "green", "blue")
 _RGB = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 235]], dtype=np.uint8)
+EVENT_CLIP = "event.mp4"  # the example clip of the planted event, in the session folder
+_EVENT_S, _EVENT_EVERY_S, _EVENT_FIRST_S = 3.0, 8.0, 3.0
+
+
+def planted_events(seconds: float) -> list[tuple[float, float]]:
+    """The ``[start, end)`` session times of the planted events of a demo session of ``seconds``:
+    3 s long, every 8 s from t = 3 s, each ending at least 0.5 s before the session does."""
+    out, t = [], _EVENT_FIRST_S
+    while t + _EVENT_S <= seconds - 0.5:
+        out.append((t, t + _EVENT_S))
+        t += _EVENT_EVERY_S
+    return out
+
+
+def _in_event(t: np.ndarray | float, events: list[tuple[float, float]]) -> np.ndarray:
+    t = np.asarray(t, dtype=np.float64)
+    return np.any([(t >= a) & (t < b) for a, b in events], axis=0) if events else np.zeros(t.shape, dtype=bool)
+
+
+def _event_rgb(w: int, h: int) -> np.ndarray:
+    """The planted event's picture: a magenta and yellow checkerboard over the whole frame."""
+    cell = max(2, min(w, h) // 6)
+    yy, xx = np.mgrid[0:h, 0:w]
+    on = ((yy // cell) + (xx // cell)) % 2 == 0
+    img = np.empty((h, w, 3), dtype=np.uint8)
+    img[on], img[~on] = (235, 30, 200), (250, 230, 20)
+    return img
+
+
+def _event_sound(t: np.ndarray) -> np.ndarray:
+    """The planted event's sound: loud hiss (seeded white noise), the same at every event."""
+    noise = np.random.default_rng(12345).uniform(-0.6, 0.6, round(_EVENT_S * _AUDIO_RATE) + 1)
+    return noise[np.clip(np.round(t * _AUDIO_RATE).astype(np.int64), 0, len(noise) - 1)]
 
 
 @dataclass(frozen=True)
@@ -131,7 +170,7 @@ def write_demo_session(dir: Path, *, seconds: float = 10.0, size: tuple[int, int
     scene = _Scene.make(w, h, seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        _write_av(tmp / "video.mp4", scene, seconds, fps, bitrate)
+        _write_videos(tmp, scene, seconds, fps, bitrate)
         _write_imu(tmp / "imu.csv", scene, seconds)
         _write_frames(tmp / "depth", scene, seconds, depth=True)
         _write_frames(tmp / "thermal", scene, seconds, depth=False)
@@ -188,13 +227,15 @@ def _video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def _write_av(path: Path, scene: _Scene, seconds: float, fps: int, bitrate: int | None = None) -> None:
+def _write_av(path: Path, size: tuple[int, int], seconds: float, fps: int, frame_at: Callable[[float], np.ndarray],
+              pcm: np.ndarray, bitrate: int | None = None) -> None:
+    """An MP4 of ``frame_at(t)`` at ``fps`` for ``seconds`` and the mono ``pcm`` at 48 kHz."""
     n_frames = max(1, round(seconds * fps))
     # bitexact keeps version strings and other build-dependent bytes out of the file.
     with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as out:
         codec = _video_codec()
         v = out.add_stream(codec, rate=fps)
-        v.width, v.height, v.pix_fmt = scene.w, scene.h, "yuv420p"
+        v.width, v.height, v.pix_fmt = size[0], size[1], "yuv420p"
         v.codec_context.thread_count = 1  # threaded encoders are not byte-reproducible
         v.codec_context.flags |= av.codec.context.Flags.bitexact
         if bitrate is not None:
@@ -207,7 +248,7 @@ def _write_av(path: Path, scene: _Scene, seconds: float, fps: int, bitrate: int 
         a.codec_context.thread_count = 1
 
         for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(scene.rgb(i / fps), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(frame_at(i / fps), format="rgb24")
             frame.pts = i
             frame.time_base = Fraction(1, fps)
             for pkt in v.encode(frame.reformat(format="yuv420p")):
@@ -215,7 +256,6 @@ def _write_av(path: Path, scene: _Scene, seconds: float, fps: int, bitrate: int 
         for pkt in v.encode(None):
             out.mux(pkt)
 
-        pcm = _soundtrack(scene, seconds)
         step = a.codec_context.frame_size or 1024
         for start in range(0, len(pcm), step):
             block = pcm[start:start + step]
@@ -229,7 +269,23 @@ def _write_av(path: Path, scene: _Scene, seconds: float, fps: int, bitrate: int 
             out.mux(pkt)
 
 
-def _soundtrack(scene: _Scene, seconds: float) -> np.ndarray:
+def _write_videos(folder: Path, scene: _Scene, seconds: float, fps: int, bitrate: int | None) -> None:
+    """``video.mp4`` (the scene, with the planted events) and ``event.mp4`` (an event alone)."""
+    events, size = planted_events(seconds), (scene.w, scene.h)
+    event_img = _event_rgb(scene.w, scene.h)
+    _write_av(folder / "video.mp4", size, seconds, fps,
+              lambda t: event_img if _in_event(t, events) else scene.rgb(t), _soundtrack(scene, seconds, events), bitrate)
+    t = np.arange(round(_EVENT_S * _AUDIO_RATE), dtype=np.float64) / _AUDIO_RATE
+    _write_av(folder / EVENT_CLIP, size, _EVENT_S, fps, lambda _: event_img,
+              (_event_sound(t) * _fade(t, _EVENT_S)).astype(np.float32), bitrate)
+
+
+def _fade(t: np.ndarray, seconds: float) -> np.ndarray:
+    """No click at either end."""
+    return np.clip(np.minimum(1.0, np.minimum(t, seconds - t) / 0.05), 0.0, 1.0)
+
+
+def _soundtrack(scene: _Scene, seconds: float, events: list[tuple[float, float]] = ()) -> np.ndarray:
     n = round(seconds * _AUDIO_RATE)
     t = np.arange(n, dtype=np.float64) / _AUDIO_RATE
     # Shape heights sampled at 100 Hz then interpolated: cheap and smooth enough for pitch.
@@ -241,8 +297,10 @@ def _soundtrack(scene: _Scene, seconds: float) -> np.ndarray:
         freq = base * (1.0 + height)  # up to one octave higher at the top
         phase = 2 * math.pi * np.cumsum(freq) / _AUDIO_RATE  # integrate: no clicks when pitch moves
         pcm += 0.2 * np.sin(phase)
-    fade = np.minimum(1.0, np.minimum(t, seconds - t) / 0.05)  # no click at either end
-    return (pcm * np.clip(fade, 0.0, 1.0)).astype(np.float32)
+    for a, b in events:  # the planted event's alarm replaces the scene's tones
+        inside = (t >= a) & (t < b)
+        pcm[inside] = _event_sound(t[inside] - a)
+    return (pcm * _fade(t, seconds)).astype(np.float32)
 
 
 def _write_imu(path: Path, scene: _Scene, seconds: float) -> None:
@@ -300,7 +358,12 @@ def _write_frames(folder: Path, scene: _Scene, seconds: float, *, depth: bool) -
 def _write_captions(path: Path, scene: _Scene, seconds: float) -> None:
     lines = []
     t = 0.5
+    events = planted_events(seconds)
     while t < seconds:
+        if _in_event(t, events):
+            lines.append(json.dumps({"t": round(t, 3), "text": "the screen flashes magenta and yellow, an alarm sounds"}))
+            t += 2.5
+            continue
         c = scene.centres(t)
         top = int(np.argmin(c[:, 1]))
         side = "left" if c[top, 0] < scene.w / 2 else "right"

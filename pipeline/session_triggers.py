@@ -1,0 +1,156 @@
+"""A session's triggers as its session actor holds them: the evaluator, the per-trigger totals
+of the summary, and (``timeline`` on) what the session timeline shows, gathered as the session
+publishes: every window's score per trigger, each event, captions and small vision thumbnails.
+
+Plain classes, no Ray: the actor hands over what it publishes, in its publish order.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.triggers import TriggerEvaluator, TriggerEvent, TriggerRule
+
+__all__ = ["TriggerSetup", "SessionTriggers", "TimelineTrace", "jpeg_thumbnail"]
+
+THUMB_WIDTH = 96
+MAX_THUMBS = 900  # per stream; a longer session keeps every 2nd, 4th, ... window's (see TimelineTrace)
+_CAPTION_CHARS = 200
+
+
+@dataclass(frozen=True)
+class TriggerSetup:
+    """What every session actor needs to evaluate the run's triggers: the rules, each prompt's
+    embedding per modality (made once at start, :mod:`pipeline.prompts`), the background
+    prompts' embeddings, a label per trigger (what the prompt was) and whether to keep a timeline."""
+
+    rules: tuple[TriggerRule, ...]
+    prompts: Mapping[str, Mapping[str, np.ndarray]]
+    background: np.ndarray | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    timeline: bool = False
+
+
+class SessionTriggers:
+    """The triggers of one session: :meth:`observe` what it publishes, :meth:`close` at its end."""
+
+    def __init__(self, session: str, setup: TriggerSetup) -> None:
+        self.setup = setup
+        self.evaluator = TriggerEvaluator(session, setup.rules, setup.prompts, setup.background)
+        self.trace = TimelineTrace(session, setup) if setup.timeline else None
+        self.events: list[TriggerEvent] = []  # every event sent, in order
+
+    def observe(self, records: Sequence[Any], items: Sequence[Any] = ()) -> list[TriggerEvent]:
+        """``records`` just published (and the window items behind them, same order); the
+        events they start or end."""
+        if self.trace is not None:
+            self.trace.items(records, items)
+        return self._keep(self.evaluator.observe(records, self.trace))
+
+    def close(self) -> list[TriggerEvent]:
+        return self._keep(self.evaluator.close())
+
+    def _keep(self, events: list[TriggerEvent]) -> list[TriggerEvent]:
+        self.events += events
+        if self.trace is not None:
+            self.trace.events(events)
+        return events
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return self.evaluator.summary()
+
+    def timeline(self) -> dict[str, Any] | None:
+        return None if self.trace is None else self.trace.data()
+
+
+class TimelineTrace:
+    """What the session timeline (:mod:`sinks.timeline`) draws, as plain JSON-able data.
+
+    Thumbnails: at most ``max_thumbs`` per stream. Windows are kept when their index is a
+    multiple of ``stride``; when that would pass the cap, ``stride`` doubles and the kept ones
+    thin out the same way, so a session of any length stays under the page's size budget and
+    the same session always keeps the same windows."""
+
+    def __init__(self, session: str, setup: TriggerSetup, max_thumbs: int = MAX_THUMBS) -> None:
+        self.session = session
+        self.triggers = [{"name": r.name, "prompt": setup.labels.get(r.name, ""), "score": r.score, "on": r.on,
+                          "off": r.off} for r in setup.rules]
+        self.lanes: dict[str, dict[str, Any]] = {}  # stream -> its windows and scores
+        self._row: dict[tuple[str, int], int] = {}  # (stream, window) -> its place in the lane's lists
+        self.spans: list[dict[str, Any]] = []
+        self.captions: list[dict[str, Any]] = []
+        self.thumbs: dict[str, list[dict[str, Any]]] = {}
+        self.stride: dict[str, int] = {}
+        self.max_thumbs = max_thumbs
+
+    def scored(self, rec: Any, names: list[str], scores: np.ndarray) -> None:
+        lane = self._lane(rec)
+        row = self._row.get((rec.stream, rec.window))
+        if row is None:
+            return
+        for name, s in zip(names, scores):
+            values = lane["scores"].setdefault(name, [])
+            values.extend([None] * (len(lane["t"]) - len(values)))  # a window not scored leaves a gap
+            values[row] = round(float(s), 4)
+
+    def items(self, records: Sequence[Any], items: Sequence[Any]) -> None:
+        for rec, item in zip(records, items):
+            lane = self._lane(rec)
+            self._row[(rec.stream, rec.window)] = len(lane["t"])
+            lane["window"].append(rec.window)
+            lane["t"].append(round(rec.t_end, 4))
+            lane["t_start"].append(round(rec.t_start, 4))
+            if rec.modality == "text" and isinstance(item.payload, str):
+                self.captions.append({"t": round(rec.t_end, 4), "t_start": round(rec.t_start, 4),
+                                      "stream": rec.stream, "text": item.payload[:_CAPTION_CHARS]})
+            elif rec.modality == "vision":
+                self._thumb(rec, item.payload)
+
+    def _lane(self, rec: Any) -> dict[str, Any]:
+        return self.lanes.setdefault(rec.stream, {"modality": rec.modality, "window": [], "t": [], "t_start": [],
+                                                  "scores": {}})
+
+    def _thumb(self, rec: Any, frames: Any) -> None:
+        stride = self.stride.setdefault(rec.stream, 1)
+        if rec.window % stride:
+            return
+        kept = self.thumbs.setdefault(rec.stream, [])
+        if len(kept) >= self.max_thumbs:
+            stride = self.stride[rec.stream] = stride * 2
+            kept[:] = [k for k in kept if k["window"] % stride == 0]
+            if rec.window % stride:
+                return
+        kept.append({"window": rec.window, "t": round(rec.t_end, 4), "t_start": round(rec.t_start, 4),
+                     "jpeg": jpeg_thumbnail(np.asarray(frames)[-1])})
+
+    def events(self, events: list[TriggerEvent]) -> None:
+        self.spans += [{"trigger": e.trigger, "stream": e.stream, "modality": e.modality, "t_start": e.t_start,
+                        "t_end": e.t_end, "score": round(e.score, 4), "window": e.window, "reason": e.reason}
+                       for e in events if e.kind == "end"]
+
+    def data(self) -> dict[str, Any]:
+        for lane in self.lanes.values():
+            for values in lane["scores"].values():
+                values.extend([None] * (len(lane["t"]) - len(values)))
+        return {"session": self.session, "triggers": self.triggers, "lanes": self.lanes, "events": self.spans,
+                "captions": self.captions, "thumbs": self.thumbs}
+
+
+def jpeg_thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH, quality: int = 6) -> str:
+    """An RGB frame ``[H, W, 3]`` as a small base64 JPEG (``quality``: the MJPEG qscale, 2-31,
+    lower is better)."""
+    import av
+
+    h, w = frame.shape[:2]
+    height = max(2, round(h * width / w / 2) * 2)
+    img = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
+    img = img.reformat(width=width, height=height, format="yuvj420p")
+    cc = av.CodecContext.create("mjpeg", "w")
+    cc.width, cc.height, cc.pix_fmt = width, height, "yuvj420p"
+    cc.qmin = cc.qmax = quality
+    data = b"".join(bytes(p) for p in cc.encode(img) + cc.encode(None))
+    return base64.b64encode(data).decode("ascii")
