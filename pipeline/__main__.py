@@ -2,7 +2,8 @@
 
 Exit codes of ``run`` and ``record``: 0 every stream ended cleanly, 2 configuration error
 (nothing started), 3 some stream failed (the others ran to the end), 4 model weights
-unavailable or unreadable, 5 a recording could not be written, 130 interrupted.
+unavailable or unreadable, 5 a recording could not be written, 130 interrupted. ``import-bag``:
+0 session.yaml written, 2 the recording cannot be read, nothing in it maps, or DIR holds a session.
 """
 
 from __future__ import annotations

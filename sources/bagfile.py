@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from rosbags.highlevel import AnyReader, AnyReaderError
+from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_types_from_idl, get_types_from_msg, get_typestore
 
 from sources.bagscan import BagDamage, Conn, RawMessage, mcap_messages, ros1_messages
@@ -85,7 +85,7 @@ class Bag:
         try:
             with AnyReader([self.path], default_typestore=get_typestore(Stores.LATEST)) as r:
                 return {name: Topic(name, info.msgtype or "", info.msgcount) for name, info in r.topics.items()}
-        except (AnyReaderError, OSError, Exception) as e:  # rosbags raises many kinds on a damaged file
+        except Exception as e:  # rosbags raises many kinds (AnyReaderError, OSError, ...) on a damaged file
             if self.storage == "sqlite3":
                 raise BagError(f"{self.path}: cannot open: {e}") from None
         found: dict[str, Topic] = {}
