@@ -14,6 +14,7 @@ lz4; MCAP (https://mcap.dev/spec) with chunks stored plain, lz4 or zstd.
 from __future__ import annotations
 
 import bz2
+import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +152,6 @@ def ros1_messages(path: Path, topics: set[str] | None = None,
 
 def _ros1_chunk(inner: bytes, path: Path, at: int, conns: dict[int, Conn], topics: set[str] | None,
                 on_conn: Callable[[Conn], None] | None) -> Iterator[RawMessage]:
-    import io
-
     sub = _Records(io.BytesIO(inner), path)
     try:
         for _, fields, data in _ros1_stream(sub, len(inner)):
@@ -251,8 +250,6 @@ def _mcap_records(rec: _Records, end: int | None, state: tuple, path: Path, base
 
 
 def _mcap_chunk(body: bytes, state: tuple, path: Path, at: int) -> Iterator[RawMessage]:
-    import io
-
     try:
         size = struct.unpack_from("<Q", body, 16)[0]
         method, i = _mcap_str(body, 28)
