@@ -3,7 +3,8 @@
 Exit codes of ``run`` and ``record``: 0 every stream ended cleanly, 2 configuration error
 (nothing started), 3 some stream failed (the others ran to the end), 4 model weights
 unavailable or unreadable, 5 every stream ran but an output (a recording, the embedding store)
-could not be written, 130 interrupted.
+could not be written, 130 interrupted. ``import-bag``: 0 session.yaml written, 2 the recording
+cannot be read, nothing in it maps, or DIR holds a session.
 """
 
 from __future__ import annotations
@@ -102,6 +103,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_bag(args: argparse.Namespace) -> int:
+    """``import-bag BAG --out DIR``: a session.yaml mapping every topic bindstream reads
+    (``sources.bagimport``); exit 2 when the recording cannot be read or nothing maps."""
+    from sources.bagimport import import_bag
+    from sources.errors import ConfigError
+
+    try:
+        path, written, skipped = import_bag(args.bag, args.out, name=args.name)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    for line in written:
+        print(f"  stream {line}")
+    for line in skipped:
+        print(f"  skipped {line}")
+    return 0
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -147,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the shapes, sounds and motion (default 0)")
     p.add_argument("--name", default="demo-ego", help="session name in session.yaml (default demo-ego)")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("import-bag", help="write a session.yaml that replays a ROS 1/2 bag or .mcap file in place")
+    p.add_argument("bag", help="a .bag file, a ROS 2 bag folder (with metadata.yaml) or a .mcap file")
+    p.add_argument("--out", required=True, metavar="DIR", help="session folder to write session.yaml into")
+    p.add_argument("--name", default=None, help="session name (default: from the bag's file name)")
+    p.set_defaults(fn=_cmd_import_bag)
 
     from sinks.keys import add_keys_args
     from pipeline.search import add_search_args

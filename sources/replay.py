@@ -11,6 +11,7 @@ import numpy as np
 
 from sources.session import SessionSpec, StreamSpec
 from sources.audio import AudioSource
+from sources.bag import BagSource
 from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE, Chunk
 from sources.frames import FrameFolderSource, NpyFramesSource
 from sources.imu import ImuCsvSource
@@ -34,9 +35,11 @@ def open_source(spec: StreamSpec, *, chunk_seconds: float = 1.0, video_size: int
                 max_pixels: int = DEFAULT_MAX_PIXELS, select: Any = None) -> Source:
     """The replay source for ``spec``. Nothing is decoded until it is iterated, except that
     frame folders and ``.npy`` arrays check their timestamps file here (``SourceError``).
-    ``select``: a :class:`pipeline.selection.FrameSelector` for the stream (video and PNG-folder
-    frames only; see :func:`pipeline.selection.frame_selector`), or ``None`` for every frame."""
+    ``select``: a :class:`pipeline.selection.FrameSelector` for the stream (video, PNG-folder and
+    bag image frames only; see :func:`pipeline.selection.frame_selector`), or ``None`` for every frame."""
     kind = spec.kind
+    if kind == "bag":
+        return BagSource(spec, chunk_seconds=chunk_seconds, video_size=video_size, max_pixels=max_pixels, select=select)
     if kind == "media":
         if spec.modality == "audio":
             return AudioSource(spec, chunk_seconds=chunk_seconds)

@@ -5,8 +5,9 @@ checked here, before any source or actor starts: structure, types, units, that e
 exists, and that no path (including through a symlink) leaves the session folder. The full
 format is documented in ``docs/session-format.md``; keep the two in step.
 
-Nothing in this module reads media content; sources (``sources/``) do that and raise
-:class:`~sources.errors.SourceError` for problems only visible in the data.
+Nothing in this module reads media content (a bag stream's recording is opened to list its
+topics and read the topic's first message: ``sources.bagspec``); sources (``sources/``) do that
+and raise :class:`~sources.errors.SourceError` for problems only visible in the data.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+from sources.bagspec import bag_keys, is_bag_stream, parse_bag_stream
 from sources.curve import load_rig_keys
 from sources.errors import ConfigError
 from sources.yamlfile import read_yaml_file, short
@@ -129,7 +131,9 @@ class StreamSpec:
     depth_unit: str | None = None
     live: str | None = None  # the live kind (zmq, imagezmq, url, device); None for a recording
     clock: str = "session"  # live only: device, session or arrival (see CLOCKS)
-    options: tuple[tuple[str, Any], ...] = ()  # live only: the kind's options, validated
+    options: tuple[tuple[str, Any], ...] = ()  # live: the kind's options; bag audio: its PCM layout
+    topic: str | None = None  # a bag stream's topic (docs/session-format.md, "Bag streams")
+    stamp: str = "header"  # bag streams: sample times from the message header, or the log time
 
     def option(self, name: str, default: Any = None) -> Any:
         """A live option by name (``default`` when not given)."""
@@ -143,9 +147,11 @@ class StreamSpec:
     @property
     def kind(self) -> str:
         """How the source is stored: ``media`` (a container PyAV opens), ``csv``, ``jsonl``,
-        ``png_dir`` or ``npy``; for a live stream its live kind."""
+        ``png_dir``, ``npy`` or ``bag`` (a topic of a ROS recording); for a live stream its live kind."""
         if self.live is not None:
             return self.live
+        if self.topic is not None:
+            return "bag"
         if self.modality in ("depth", "thermal"):
             if self.source.is_dir():
                 return "png_dir"
@@ -246,7 +252,8 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
         raise ConfigError(f"{at}: key 'modality': expected one of {', '.join(MODALITIES)}, got {short(modality)}")
     if "kind" in raw:
         return _parse_live_stream(raw, sid, modality, session, root, at)
-    _check_keys(raw, _COMMON_KEYS | _MODALITY_KEYS[modality], at)
+    bag = is_bag_stream(raw, root)
+    _check_keys(raw, _COMMON_KEYS | (bag_keys(modality) if bag else _MODALITY_KEYS[modality]), at)
 
     offset = raw.get("offset", 0.0)
     if isinstance(offset, bool) or not isinstance(offset, (int, float)):
@@ -261,6 +268,9 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
     if "source" not in raw:
         raise ConfigError(f"{at}: key 'source' is missing")
     source = _resolve_inside(root, raw["source"], f"{at}: key 'source'")
+    if bag:
+        return StreamSpec(id=sid, modality=modality, source=source, session=session, offset=offset,
+                          **parse_bag_stream(raw, modality, source, at))
     kw: dict[str, Any] = {}
 
     if modality in ("vision", "audio", "imu", "text") and not source.is_file():
