@@ -47,6 +47,10 @@ class ImuPublisher(threading.Thread):
         self.values: list[np.ndarray] = []
         self.halt = threading.Event()
         self.sent = 0
+        # (after_s, t_offset): one extra sample stamped ``t + t_offset`` (a wild timestamp), sent
+        # once the publisher has run ``after_s`` seconds; ``wild_sent`` counts them.
+        self.wild: list[tuple[float, float]] = []
+        self.wild_sent = 0
 
     def run(self) -> None:
         ctx = zmq.Context.instance()
@@ -55,8 +59,9 @@ class ImuPublisher(threading.Thread):
         pub.bind(f"tcp://127.0.0.1:{self.port}")
         i = 0
         try:
-            next_t = time.time()
+            next_t = started = time.time()
             while not self.halt.is_set():
+                self._send_wild(pub, time.time() - started)
                 ts, rows = [], []
                 for _ in range(self.batch):
                     true = time.time() - self.epoch
@@ -78,6 +83,16 @@ class ImuPublisher(threading.Thread):
                 time.sleep(max(0.0, next_t - time.time()))
         finally:
             pub.close(linger=0)
+
+    def _send_wild(self, pub: zmq.Socket, running_s: float) -> None:
+        due = [w for w in self.wild if w[0] <= running_s]
+        for w in due:
+            self.wild.remove(w)
+            t = self.dev0 + (time.time() - self.epoch) * (1 + self.skew) + w[1]
+            row = np.zeros(6, np.float32)
+            pub.send_multipart([b"imu", msgpack.packb({"t": t, "shape": [6], "dtype": "float32",
+                                                       "data": row.tobytes()})])
+            self.wild_sent += 1
 
 
 class ImageZmqFeeder(threading.Thread):

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import av
 import numpy as np
 
-from sources.clock import SessionClock, StreamClock
+from sources.clock import NUDGE_S, SessionClock, StreamClock
 from sources.session import StreamSpec
 from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE, Chunk
 from sources.imagesize import frame_size_problem
@@ -44,7 +44,7 @@ class LiveSource:
         self.max_pixels = max_pixels
         self.dropped: dict[str, int] = {}
         self._stop = threading.Event()
-        self._last_q = -1
+        self._last_q = -(1 << 62)
 
     # -- control ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -96,10 +96,11 @@ class LiveSource:
 
     # -- helpers ----------------------------------------------------------------------------
     def video_time(self, t: float) -> float:
-        """``t`` rounded to whole microseconds and strictly after the previous frame: the
-        recorder stores video pts in microseconds, so a replay sees exactly these times."""
+        """``t`` rounded to whole microseconds and after the previous frame (by the rule of
+        :func:`sources.clock.monotone`: a frame far behind stays where it is, for the guard to
+        judge): the recorder stores video pts in microseconds, so a replay sees exactly these times."""
         q = int(np.rint(t * 1e6))
-        if q <= self._last_q:
+        if q <= self._last_q and self._last_q - q <= NUDGE_S * 1e6:
             q = self._last_q + 1
         self._last_q = q
         return float(np.float64(q) / 1e6)
