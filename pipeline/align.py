@@ -42,13 +42,14 @@ The rule (also in ``docs/alignment.md``):
   up to ``newest - idle_after`` (and stops holding back the origin), so a silent sensor delays
   the others by at most ``idle_after``. Its samples for windows already released are then
   dropped as ``late``. Replay never sets it: there, waiting is what makes delivery lossless.
-* **Empty windows are bounded.** A stream releases at most ``max_empty_run``
-  (:data:`MAX_EMPTY_RUN`, 600) empty parts in a row (windows in which it has no sample); the
-  rest of such a run is skipped in one step up to the next window that can hold one of its
-  samples, counted (in windows, not samples) as ``<stream>:empty_windows``, never released and
-  not counted as ``missing``. So however far a stream's timestamps leap (a clock jump the
-  stream guard confirmed, sources/guard.py, needs 2 s of samples at the stream's rate), the
-  aligner emits at most 600 empty parts per stream per leap, in time independent of its length.
+* **Empty windows are bounded.** A stream releases at most ``max_empty_run`` (600) empty parts
+  in a row; the rest of such a run is skipped in one step up to the next window that can hold
+  one of its samples, counted in windows as ``<stream>:empty_windows`` (not ``missing``). So
+  however far a stream's clock leaps (the guard follows a leap only after 2 s of samples at
+  the stream's rate, sources/guard.py), that costs at most 600 empty parts, in bounded time.
+* **Frames are bounded** (live: ``max_buffer_bytes`` = ``live.queue_bytes``): beyond it, the
+  buffered depth/thermal frames no unreleased window can pick are dropped as ``thinned``
+  (windows unchanged; at most two frames per window end, however fast frames come).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class AlignConfig:
     idle_after: float | None = None  # live only: see the module docstring
     release: str = "stream"  # "stream": each stream's part as soon as it is complete; "window": whole windows
     max_empty_run: int = MAX_EMPTY_RUN  # see the module docstring
+    max_buffer_bytes: int | None = None  # live: over this, a nearest-frame stream is thinned (module docstring)
 
     def __post_init__(self) -> None:
         if self.release not in ("stream", "window"):
@@ -187,6 +189,10 @@ class _Rows:
         parts = [self.blocks[b][max(lo - self.starts[b], 0):hi - self.starts[b]] for b in range(first, last + 1)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(int(b.nbytes) for b in self.blocks)
+
     def drop_front(self, n: int) -> None:
         whole = int(np.searchsorted(self.starts, n, side="right")) - 1  # blocks that end by row n
         self.blocks = self.blocks[whole:]
@@ -227,6 +233,13 @@ class _StreamBuffer:
             rows = _Rows()
             rows.append(self.data.all()[order])
             self.data = rows
+
+    def keep(self, idx: np.ndarray) -> None:
+        """Keep only rows ``idx`` (sorted indices)."""
+        rows = _Rows()
+        if len(idx):
+            rows.append(self.data.take(idx))
+        self.t, self.ingest, self.data = self.t[idx], self.ingest[idx], rows
 
     def evict_before(self, t_keep: float) -> None:
         """Forget samples older than ``t_keep``; no unreleased window can use them."""
@@ -306,7 +319,29 @@ class Aligner:
         buf.watermark = max(buf.watermark, float(t.max()))
         self._t_last = max(self._t_last, float(t.max()))
         buf.insert(t, data, chunk.t_ingest or self.clock())
+        cap = self.config.max_buffer_bytes
+        if cap and self.origin is not None and self.config.spans[buf.modality].nearest and buf.data.nbytes > cap:
+            self._thin(buf)
         return self._release()
+
+    def _thin(self, b: _StreamBuffer) -> None:
+        """Drops (as ``thinned``) the frames no unreleased window can pick: a window takes the
+        last frame before its end or the first after it, never one with no end between its
+        two neighbours."""
+        assert self.origin is not None
+        t, hop, eps = b.t, self.config.hop, 1e-9
+        n = len(t)
+        if n < 3:
+            return
+        before = np.concatenate([[-np.inf], t[:-1]]) - eps
+        after = np.concatenate([t[1:], [np.inf]]) + eps
+        j = np.ceil((np.minimum(after, 1e300) - self.origin) / hop) - 2  # the last window ending before ``after``
+        useful = (j >= self._next[b.stream]) & (self.origin + (j + 1) * hop > before)
+        useful[0] = useful[-1] = True
+        if useful.all():
+            return
+        self._count(b.stream, "thinned", int(n - useful.sum()))
+        b.keep(np.flatnonzero(useful))
 
     def _placeable(self, buf: _StreamBuffer, stream: str, t: np.ndarray) -> np.ndarray:
         """Which of a chunk's times can be buffered: finite, not late, not a duplicate; the

@@ -17,7 +17,8 @@ import zmq
 
 REAL_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "realshort.mp4"
 
-__all__ = ["REAL_VIDEO", "real_frames", "free_port", "ImuPublisher", "ImageZmqFeeder", "UdpMpegTsServer"]
+__all__ = ["REAL_VIDEO", "real_frames", "free_port", "ImuPublisher", "FramePublisher", "ImageZmqFeeder",
+           "UdpMpegTsServer"]
 
 
 def real_frames(limit: int = 36) -> list[np.ndarray]:
@@ -93,6 +94,39 @@ class ImuPublisher(threading.Thread):
             pub.send_multipart([b"imu", msgpack.packb({"t": t, "shape": [6], "dtype": "float32",
                                                        "data": row.tobytes()})])
             self.wild_sent += 1
+
+
+class FramePublisher(threading.Thread):
+    """Publishes ``frames`` (cycled) as ``kind: zmq`` messages at ``fps`` on a PUB socket bound at
+    127.0.0.1:port, stamped with device time ``dev0 + (now - epoch)``: a depth camera, or a
+    flood of large frames. ``sent`` counts the frames, ``sent_bytes`` their payload bytes."""
+
+    def __init__(self, port: int, epoch: float, frames: list[np.ndarray], *, fps: float = 10.0,
+                 dev0: float = 100.0, sndhwm: int = 1000) -> None:
+        super().__init__(daemon=True)
+        self.port, self.epoch, self.frames, self.fps, self.dev0, self.sndhwm = port, epoch, frames, fps, dev0, sndhwm
+        self.halt = threading.Event()
+        self.sent = 0
+        self.sent_bytes = 0
+
+    def run(self) -> None:
+        pub = zmq.Context.instance().socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, self.sndhwm)
+        pub.bind(f"tcp://127.0.0.1:{self.port}")
+        msgs = [(f.shape, str(f.dtype), f.tobytes()) for f in self.frames]
+        try:
+            next_t = time.time()
+            while not self.halt.is_set():
+                shape, dtype, data = msgs[self.sent % len(msgs)]
+                t = self.dev0 + time.time() - self.epoch
+                pub.send_multipart([b"f", msgpack.packb({"t": t, "shape": list(shape), "dtype": dtype, "data": data})])
+                self.sent += 1
+                self.sent_bytes += len(data)
+                next_t += 1.0 / self.fps
+                time.sleep(max(0.0, next_t - time.time()))
+        finally:
+            pub.close(linger=0)
 
 
 class ImageZmqFeeder(threading.Thread):

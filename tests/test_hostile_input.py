@@ -96,3 +96,54 @@ def test_a_clock_that_leaps_costs_at_most_max_empty_run_empty_windows_and_no_tim
     assert len(empty) <= MAX_EMPTY_RUN
     assert al.dropped[("imu", "empty_windows")] > 1e9 / 0.25 - MAX_EMPTY_RUN - 20
     assert sum(1 for w in out if w.items) >= 15  # the data on both sides of the leap
+
+
+# -- 2. a byte budget between the socket and the aligner ----------------------------------------
+def test_the_inbox_holds_at_most_its_budget_drops_the_newest_and_always_takes_one():
+    from sources.live.inbox import Inbox
+
+    box = Inbox(100)
+    assert box.put("a", 60) and box.put("b", 40) and not box.put("c", 1)
+    assert box.bytes == 100 and box.peak == 100
+    assert box.get(0.01) == "a" and box.get(0.01) == "b" and box.get(0.01) is None
+    assert box.put("huge", 500)  # empty: taken, so a message up to max_bytes still passes
+    assert not box.put("d", 1)
+
+
+def test_thinning_frames_over_the_budget_leaves_every_window_unchanged():
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 10, 800))  # 80 frames a second, jittered
+    frames = rng.integers(0, 5000, (len(t), 8, 8)).astype(np.uint16)
+
+    def windows(cap):
+        al = Aligner("s", {"d": "depth"}, AlignConfig(hop=0.25, max_buffer_bytes=cap))
+        out = []
+        for i in range(0, len(t), 20):
+            out += al.push(Chunk("d", "depth", t[i:i + 20], frames[i:i + 20]))
+        out += al.end_stream("d")
+        return al, [(w.index, it.t_start, it.payload.tobytes()) for w in out for it in w.items]
+
+    plain, thinned = windows(None), windows(1024)
+    assert thinned[1] == plain[1] and len(plain[1]) == 40
+    assert thinned[0].dropped[("d", "thinned")] > 600
+    assert plain[0].dropped == {}
+
+
+# -- 4. frames that change size -------------------------------------------------------------------
+@pytest.mark.parametrize("modality", ["vision", "depth"])
+def test_a_live_frame_of_another_size_is_rescaled_to_the_stream_s_first_size(modality):
+    from sources.live.base import LiveSource
+    from sources.session import StreamSpec
+
+    class Frames(LiveSource):
+        def _samples(self):
+            for i, shape in enumerate([(240, 320), (480, 640), (100, 90), (240, 320)]):
+                img = np.full(shape + ((3,) if modality == "vision" else ()), 7, np.uint8 if modality == "vision"
+                              else np.uint16)
+                yield float(i), img
+
+    spec = StreamSpec(id="cam", modality=modality, source=None, live="zmq", clock="arrival")
+    src = Frames(spec, SessionClock(0.0), chunk_seconds=60)
+    (chunk,) = list(src)
+    assert chunk.data.shape[0] == 4 and src.resized == 2
+    assert (chunk.data == 7).all()
