@@ -147,3 +147,48 @@ def test_a_live_frame_of_another_size_is_rescaled_to_the_stream_s_first_size(mod
     (chunk,) = list(src)
     assert chunk.data.shape[0] == 4 and src.resized == 2
     assert (chunk.data == 7).all()
+
+
+# -- 5. silent costs: huge CSV lines and captions --------------------------------------------------
+def test_a_huge_imu_csv_line_is_dropped_and_counted_without_being_loaded(tmp_path):
+    import tracemalloc
+
+    from sources.imu import ImuCsvSource
+    from sources.session import IMU_ROLES, StreamSpec
+
+    path = tmp_path / "imu.csv"
+    cols = ["t", "ax", "ay", "az", "gx", "gy", "gz"]
+    with open(path, "w") as f:
+        f.write(",".join(cols) + "\n")
+        f.write("0.00,0,0,9.8,0,0,0\n")
+        f.write("1," * (10 << 20) + "\n")  # 20 MB of short fields: ten million of them
+        f.write("0.01,0,0,9.8,0,0,0\n")
+    spec = StreamSpec(id="imu", modality="imu", source=path, columns=tuple(zip(IMU_ROLES, cols)))
+    src = ImuCsvSource(spec)
+    tracemalloc.start()
+    try:
+        chunks = list(src)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(len(c) for c in chunks) == 2
+    assert src.dropped == {"line_too_long": 1}
+    assert peak < 8 << 20, f"reading used {peak / 2**20:.0f} MiB of Python memory"
+
+
+def test_captions_over_the_text_limit_and_huge_jsonl_lines_are_dropped_and_counted(tmp_path):
+    import json
+
+    from sources.lines import MAX_LINE_CHARS
+    from sources.session import StreamSpec
+    from sources.text import MAX_TEXT_CHARS, TextJsonlSource
+
+    path = tmp_path / "captions.jsonl"
+    lines = [{"t": 0.0, "text": "a dog"}, {"t": 1.0, "text": "x" * (MAX_TEXT_CHARS + 1)},
+             {"t": 2.0, "text": "y" * (10 << 20)}, {"t": 3.0, "text": "a cat"}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    src = TextJsonlSource(StreamSpec(id="cap", modality="text", source=path))
+    got = [u for c in src for u in c.data]
+    assert got == ["a dog", "a cat"]
+    assert src.dropped == {"text_too_long": 1, "line_too_long": 1}
+    assert MAX_LINE_CHARS == 1 << 16
