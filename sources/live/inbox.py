@@ -88,7 +88,12 @@ class ZmqReceiver(threading.Thread):
         """The limits every receiving socket gets (before it binds or connects)."""
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes + 4096)
         sock.setsockopt(zmq.RCVHWM, max(4, self.inbox.budget // self.max_bytes))
-        sock.setsockopt(zmq.LINGER, 0)
+        # Not 0: libzmq ends a connection that broke its limits (a protocol error) with the
+        # socket's linger as the "delay" of the pipe's end; with 0 the pipe dies at once, and a
+        # multipart message half read by recv_multipart aborts the process ("Assertion failed:
+        # !_more (src/fq.cpp:80)"). With a delay the rest of the message is still read. The
+        # socket is closed with linger 0 all the same (run()).
+        sock.setsockopt(zmq.LINGER, 1000)
 
     def run(self) -> None:
         ctx = zmq.Context()
