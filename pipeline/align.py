@@ -42,6 +42,14 @@ The rule (also in ``docs/alignment.md``):
   up to ``newest - idle_after`` (and stops holding back the origin), so a silent sensor delays
   the others by at most ``idle_after``. Its samples for windows already released are then
   dropped as ``late``. Replay never sets it: there, waiting is what makes delivery lossless.
+* **Empty windows are bounded.** A stream releases at most ``max_empty_run`` (600) empty parts
+  in a row; the rest of such a run is skipped in one step up to the next window that can hold
+  one of its samples, counted in windows as ``<stream>:empty_windows`` (not ``missing``). So
+  however far a stream's clock leaps (the guard follows a leap only after 2 s of samples at
+  the stream's rate, sources/guard.py), that costs at most 600 empty parts, in bounded time.
+* **Frames are bounded** (live: ``max_buffer_bytes`` = ``live.queue_bytes``): beyond it, the
+  buffered depth/thermal frames no unreleased window can pick are dropped as ``thinned``
+  (windows unchanged; at most two frames per window end, however fast frames come).
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ import numpy as np
 
 from sources.base import AUDIO_RATE, MODALITIES, Chunk
 
-__all__ = ["ModalitySpan", "AlignConfig", "WindowItem", "Window", "Aligner", "DEFAULT_SPANS", "window_end"]
+__all__ = ["ModalitySpan", "AlignConfig", "WindowItem", "Window", "Aligner", "DEFAULT_SPANS", "MAX_EMPTY_RUN", "window_end"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,9 @@ DEFAULT_SPANS: dict[str, ModalitySpan] = {
 }
 
 
+MAX_EMPTY_RUN = 600  # a stream's empty parts released in a row before a run of them is skipped
+
+
 @dataclass(frozen=True)
 class AlignConfig:
     hop: float = 1.0
@@ -99,6 +110,8 @@ class AlignConfig:
     spans: Mapping[str, ModalitySpan] = field(default_factory=lambda: dict(DEFAULT_SPANS))
     idle_after: float | None = None  # live only: see the module docstring
     release: str = "stream"  # "stream": each stream's part as soon as it is complete; "window": whole windows
+    max_empty_run: int = MAX_EMPTY_RUN  # see the module docstring
+    max_buffer_bytes: int | None = None  # live: over this, a nearest-frame stream is thinned (module docstring)
 
     def __post_init__(self) -> None:
         if self.release not in ("stream", "window"):
@@ -176,6 +189,10 @@ class _Rows:
         parts = [self.blocks[b][max(lo - self.starts[b], 0):hi - self.starts[b]] for b in range(first, last + 1)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(int(b.nbytes) for b in self.blocks)
+
     def drop_front(self, n: int) -> None:
         whole = int(np.searchsorted(self.starts, n, side="right")) - 1  # blocks that end by row n
         self.blocks = self.blocks[whole:]
@@ -217,6 +234,13 @@ class _StreamBuffer:
             rows.append(self.data.all()[order])
             self.data = rows
 
+    def keep(self, idx: np.ndarray) -> None:
+        """Keep only rows ``idx`` (sorted indices)."""
+        rows = _Rows()
+        if len(idx):
+            rows.append(self.data.take(idx))
+        self.t, self.ingest, self.data = self.t[idx], self.ingest[idx], rows
+
     def evict_before(self, t_keep: float) -> None:
         """Forget samples older than ``t_keep``; no unreleased window can use them."""
         n = int(np.searchsorted(self.t, t_keep, side="left"))
@@ -257,6 +281,7 @@ class Aligner:
         self._buffers = {sid: _StreamBuffer(sid, m) for sid, m in streams.items()}
         self.origin: float | None = self.config.origin
         self._next = {sid: 0 for sid in streams}  # per stream: its first unreleased window
+        self._empty_run = {sid: 0 for sid in streams}  # per stream: empty parts released in a row
         self.dropped: Counter[tuple[str, str]] = Counter()  # (stream, reason) -> samples
         self.missing: Counter[str] = Counter()  # stream -> windows released without it
         self._t_last = -math.inf
@@ -294,7 +319,29 @@ class Aligner:
         buf.watermark = max(buf.watermark, float(t.max()))
         self._t_last = max(self._t_last, float(t.max()))
         buf.insert(t, data, chunk.t_ingest or self.clock())
+        cap = self.config.max_buffer_bytes
+        if cap and self.origin is not None and self.config.spans[buf.modality].nearest and buf.data.nbytes > cap:
+            self._thin(buf)
         return self._release()
+
+    def _thin(self, b: _StreamBuffer) -> None:
+        """Drops (as ``thinned``) the frames no unreleased window can pick: a window takes the
+        last frame before its end or the first after it, never one with no end between its
+        two neighbours."""
+        assert self.origin is not None
+        t, hop, eps = b.t, self.config.hop, 1e-9
+        n = len(t)
+        if n < 3:
+            return
+        before = np.concatenate([[-np.inf], t[:-1]]) - eps
+        after = np.concatenate([t[1:], [np.inf]]) + eps
+        j = np.ceil((np.minimum(after, 1e300) - self.origin) / hop) - 2  # the last window ending before ``after``
+        useful = (j >= self._next[b.stream]) & (self.origin + (j + 1) * hop > before)
+        useful[0] = useful[-1] = True
+        if useful.all():
+            return
+        self._count(b.stream, "thinned", int(n - useful.sum()))
+        b.keep(np.flatnonzero(useful))
 
     def _placeable(self, buf: _StreamBuffer, stream: str, t: np.ndarray) -> np.ndarray:
         """Which of a chunk's times can be buffered: finite, not late, not a duplicate; the
@@ -443,31 +490,67 @@ class Aligner:
         by_stream = self.config.release == "stream"
         known = self._known_count()
         parts: dict[int, Window] = {}
-        for sid, b in bufs.items():
-            k = self._next[sid]
-            while final is None or k < final:
+        for b in bufs.values():
+
+            def go(k: int, b: _StreamBuffer = b) -> bool:
                 if not by_stream:
-                    go = whole(k)
-                elif b.ended:  # it has passed everything: its part of every window known to exist
-                    go = k < known
-                else:
-                    go = ready(b, k)
-                if not go:
-                    break
-                e = self._window_end(k)
-                w = parts.get(k)
-                if w is None:
-                    w = parts[k] = Window(self.session, k, e, [], [])
-                item = self._cut(b, k, e)
-                if item is None:
-                    w.missing.append(sid)
-                    self.missing[sid] += 1
-                else:
-                    w.items.append(item)
-                k += 1
+                    return whole(k)
+                if b.ended:  # it has passed everything: its part of every window known to exist
+                    return k < known
+                return ready(b, k)
+
+            self._release_stream(b, go, final, parts)
+        return [parts[k] for k in sorted(parts)]
+
+    def _release_stream(self, b: _StreamBuffer, go: Callable[[int], bool], final: int | None,
+                        parts: dict[int, Window]) -> None:
+        """Releases ``b``'s part of every window ``go`` allows, into ``parts``. After
+        ``max_empty_run`` consecutive empty parts, a run of empty ones is skipped in one step
+        (counted as ``empty_windows``) up to the next window that can hold a sample of the stream."""
+        sid = b.stream
+        k = self._next[sid]
+        while (final is None or k < final) and go(k):
+            e = self._window_end(k)
+            item = self._cut(b, k, e)
+            if item is None and self._empty_run[sid] >= self.config.max_empty_run:
+                k = self._skip_empty(b, k, go, final)
                 self._next[sid] = k
                 b.evict_before(self._earliest_needed(b))
-        return [parts[k] for k in sorted(parts)]
+                continue
+            w = parts.get(k)
+            if w is None:
+                w = parts[k] = Window(self.session, k, e, [], [])
+            if item is None:
+                w.missing.append(sid)
+                self.missing[sid] += 1
+                self._empty_run[sid] += 1
+            else:
+                w.items.append(item)
+                self._empty_run[sid] = 0
+            k += 1
+            self._next[sid] = k
+            b.evict_before(self._earliest_needed(b))
+
+    def _skip_empty(self, b: _StreamBuffer, k: int, go: Callable[[int], bool], final: int | None) -> int:
+        """The window after a run of ``b``'s empty parts starting at ``k`` (``go(k)`` holds):
+        up to the first window that can hold ``b``'s next buffered sample, and no further than
+        ``go`` allows (it is monotone in the window index: a binary search)."""
+        assert self.origin is not None
+        spec = self.config.spans[b.modality]
+        limit = final if final is not None else math.inf
+        i = int(np.searchsorted(b.t, self._window_end(k) - spec.lookback(), side="left"))
+        if i < len(b):
+            first = math.ceil((float(b.t[i]) - spec.lookahead() - self.origin) / self.config.hop) - 2
+            limit = min(limit, max(k + 1, first))
+        lo, step = k, 1  # go(lo) holds; find the last such window below limit
+        while lo + step < limit and go(lo + step):
+            lo, step = lo + step, step * 2
+        hi = int(min(limit, lo + step))  # go(hi) fails, or hi is the limit
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if go(mid) else (lo, mid)
+        self._count(b.stream, "empty_windows", lo + 1 - k)
+        return lo + 1
 
     def _cut(self, b: _StreamBuffer, k: int, e: float) -> WindowItem | None:
         spec = self.config.spans[b.modality]

@@ -247,6 +247,9 @@ class LiveConfig(_Section):
     subsample: tuple[str, ...] = _key(("vision",), "modalities thinned first under shed: subsample")
     idle_timeout_s: float = _key(2.0, "a live stream this far behind the newest sample stops holding windows; 0 = wait",
                                  minimum="non-negative")
+    queue_bytes: int = _key(64 << 20, "byte budget of each live zmq/imagezmq input between its socket and the aligner; "
+                            "messages over it are dropped, counted as <stream>:over_budget (stream option queue_bytes)",
+                            minimum="positive")
 
     def _check(self) -> None:
         bad = [m for m in self.subsample if m not in MODALITIES]

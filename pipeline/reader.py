@@ -132,7 +132,7 @@ class StreamReader:
         try:
             # max_gap_s belongs to the guard, not to the source readers.
             guard = StreamGuard(self.session, self.spec.id, self.spec.modality,
-                                max_gap_s=float(self.options.get("max_gap_s") or 0.0))
+                                max_gap_s=float(self.options.get("max_gap_s") or 0.0), now=self._live_now())
             source = self._open()
             pacer, prefetch = self._paced(source, rate, start_at)
             self._read(prefetch if prefetch is not None else source, guard, pacer, start_at)
@@ -156,6 +156,15 @@ class StreamReader:
                 "dropped": dropped, "cpu_s": split["total_s"], "wall_s": time.time() - wall_start,
                 "t_start": wall_start, "cpu_split": split,
                 "frames_skipped": self._select.skipped if self._select is not None else 0, **self._close_record()}
+
+    def _live_now(self) -> Any:
+        """Live: the session clock's present (plus the stream's ``offset``), the guard's anchor."""
+        if self.spec.live is None or self.options.get("epoch") is None:
+            return None
+        from sources.clock import SessionClock
+
+        clock, extra = SessionClock(float(self.options["epoch"])), float(self.spec.offset or 0.0)
+        return lambda: clock.now() + extra
 
     def _open(self) -> Any:
         """The stream's source: a recording (with its frame selector) or a live source."""

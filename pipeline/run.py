@@ -539,7 +539,7 @@ def _live_source_options(src_opts: dict[str, Any], live: dict[str, Any], spec: S
     if live["epoch"] is None:
         live["epoch"] = time.time()  # the session clock's zero: Unix time as the first source starts
         log.info("live session clock epoch %.6f (Unix time)", live["epoch"])
-    opts = dict(src_opts, epoch=live["epoch"])
+    opts = dict(src_opts, epoch=live["epoch"], queue_bytes=int(live["aligner"]["queue_bytes"]))
     if live["record"] is not None:
         from sources.record import partial_folder
 

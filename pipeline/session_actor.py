@@ -84,6 +84,9 @@ class AlignerActor:
         if live and live.get("idle_timeout_s"):
             # Live: a silent sensor holds the session's windows back at most this long.
             align = dataclasses.replace(align, idle_after=float(live["idle_timeout_s"]))
+        if live and live.get("queue_bytes"):
+            # Live: frames of a nearest-frame stream beyond its byte budget are thinned (docs/live.md).
+            align = dataclasses.replace(align, max_buffer_bytes=int(live["queue_bytes"]))
         self.aligner = Aligner(session, streams, align)
         self.encoders = encoders
         self.publisher = publisher

@@ -19,12 +19,23 @@ The rule (also in ``docs/live.md``):
     absorbs the clock rate error, and is limited to +-``max_skew``, 0.5 % by default, so a
     burst of late arrivals cannot tilt it). Until the minima span ``min_fit_s`` (2 s) of
     device time the estimate is the smallest observed offset so far (``b`` = 0). Session time =
-    t + offset(t). Mapped times of a stream never go backwards: a sample that would map before
-    the previous one is placed 1 microsecond after it.
+    t + offset(t).
+
+    An observed offset more than ``max_step_s`` (1 s) below or above the current estimate is an
+    *outlier* (a wild device stamp, or a device clock that was reset): it is not used for the
+    fit, and the sample is mapped with the current estimate (so a wild stamp maps far from now
+    and the stream guard, sources/guard.py, drops it as ``jump``). Only outliers that keep
+    agreeing with each other (within ``max_step_s``) for ``confirm_s`` (2 s) of *arrival* time,
+    real seconds that no sender can compress, with at least 3 samples, re-start the estimator on
+    them: a device clock reset is followed, a wild stamp never.
   - ``arrival``: the sample is stamped with its arrival time (streams with no timestamps, such
     as imagezmq).
 
 * The stream's ``offset`` key is then added, as for recorded sessions.
+* Mapped times of a stream never go backwards by a little (:func:`monotone`): a sample that
+  would map at most :data:`NUDGE_S` before the previous one is placed 1 microsecond after it.
+  One further back is left where it is (and becomes the reference for the next): the stream
+  guard judges it, and a single wild sample ahead cannot drag every later one after itself.
 """
 
 from __future__ import annotations
@@ -36,7 +47,17 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["SessionClock", "OffsetEstimator", "StreamClock"]
+__all__ = ["SessionClock", "OffsetEstimator", "StreamClock", "monotone", "NUDGE_S"]
+
+NUDGE_S = 1.0  # a mapped time at most this far behind the previous one is nudged after it
+
+
+def monotone(t: float, last: float, step: float = 1e-6) -> float:
+    """``t``, or ``last + step`` when ``t`` is at most :data:`NUDGE_S` behind ``last`` (or equal
+    to it); a time further back is returned unchanged (see the module docstring)."""
+    if t <= last and last - t <= NUDGE_S:
+        return last + step
+    return t
 
 
 class SessionClock:
@@ -61,13 +82,18 @@ class OffsetEstimator:
     """
 
     def __init__(self, window_s: float = 10.0, bucket_s: float = 0.5, *, min_fit_s: float = 2.0,
-                 max_skew: float = 0.005) -> None:
+                 max_skew: float = 0.005, max_step_s: float = 1.0, confirm_s: float = 2.0) -> None:
         if not (window_s > 0 and bucket_s > 0 and bucket_s <= window_s):
             raise ValueError(f"need 0 < bucket_s <= window_s, got bucket_s={bucket_s}, window_s={window_s}")
         self.window_s = window_s
         self.bucket_s = bucket_s
         self.min_fit_s = min_fit_s
         self.max_skew = max_skew
+        self.max_step_s = max_step_s
+        self.confirm_s = confirm_s
+        self.outliers = 0  # samples left out of the fit as outliers
+        self.resets = 0  # times the estimator re-started on a confirmed device clock change
+        self._odd: tuple[float, float, int] | None = None  # outlier run: first arrival, first offset, count
         self._buckets: collections.OrderedDict[int, tuple[float, float]] = collections.OrderedDict()
         self._ref: float | None = None  # device time subtracted before fitting (precision)
         self._fit: tuple[float, float] | None = None
@@ -75,9 +101,11 @@ class OffsetEstimator:
     def update(self, device_t: float, arrival: float) -> None:
         if not (math.isfinite(device_t) and math.isfinite(arrival)):
             return
+        obs = arrival - device_t
+        if self._buckets and self._outlier(device_t, arrival, obs):
+            return
         if self._ref is None:
             self._ref = device_t
-        obs = arrival - device_t
         key = math.floor((device_t - self._ref) / self.bucket_s)
         cur = self._buckets.get(key)
         if cur is None or obs < cur[1]:
@@ -88,6 +116,24 @@ class OffsetEstimator:
         while self._buckets and next(iter(self._buckets)) < oldest:
             self._buckets.popitem(last=False)
             self._fit = None
+
+    def _outlier(self, device_t: float, arrival: float, obs: float) -> bool:
+        """True for an outlier left out of the fit; a confirmed run of them re-starts the estimator."""
+        if abs(obs - self.offset(device_t)) <= self.max_step_s:
+            self._odd = None
+            return False
+        odd = self._odd
+        if odd is None or abs(obs - odd[1]) > self.max_step_s:
+            self._odd = (arrival, obs, 1)
+        else:
+            self._odd = odd = (odd[0], odd[1], odd[2] + 1)
+            if odd[2] >= 3 and arrival - odd[0] >= self.confirm_s:
+                self._buckets.clear()
+                self._ref, self._fit, self._odd = None, None, None
+                self.resets += 1
+                return False
+        self.outliers += 1
+        return True
 
     @property
     def ready(self) -> bool:
@@ -141,8 +187,6 @@ class StreamClock:
                 self.applied = [off, off]
             self.applied[1] = off
             t = device_t + off
-        t += self.extra
-        if t <= self._last:
-            t = self._last + 1e-6
+        t = monotone(t + self.extra, self._last)
         self._last = t
         return t

@@ -5,17 +5,32 @@ chunk before it is pushed. What it drops is counted by reason in :attr:`StreamGu
 (merged into the stream's ``dropped`` counters: ``imu:jump``, ``audio:non_finite_data``) and
 the first few drops of each reason are logged naming the session, the stream and the time.
 
-The "wildly jumping timestamp" rule (also in ``docs/guarantees.md``):
+The "wildly jumping timestamp" rule (also in ``docs/guarantees.md``), with ``max_gap_s`` (the
+run's ``sources.max_gap_s``, 60 s by default) and ``confirm_s`` (:data:`CONFIRM_S`, 2 s):
 
-* The guard keeps the stream's *accepted watermark*: the largest timestamp it let through.
+* The guard keeps the stream's *accepted watermark*: the largest timestamp it let through, and
+  the stream's *own interval*: the mean spacing of the samples it accepted since the stream
+  started (or since the last re-base).
 * A sample whose timestamp lies more than ``max_gap_s`` from that watermark (ahead or behind)
-  is a *jump*. It is dropped and counted as ``jump``, and remembered as a candidate.
-* If the next jump sample lies within ``max_gap_s`` of the candidate, the clock really moved
-  (a recording paused, a device re-synced): the guard re-bases on it and lets it through. So
-  a single wild timestamp costs one sample, and a genuine gap costs the first sample after it.
-* A sample inside ``max_gap_s`` of the watermark clears the candidate.
-* ``max_gap_s = 0`` turns the rule off; text streams are exempt. Small disorder (duplicates, out-of-order samples within
-  ``window.allowed_lateness``) is the aligner's business, not the guard's.
+  is a *jump*: dropped and counted as ``jump``. Consecutive jump samples that each lie within
+  ``max_gap_s`` after the previous one form a *run*.
+* A run **confirms** the jump (the clock really moved: a recording paused, a device re-synced)
+  only when it spans at least ``confirm_s`` of its own time with at least 3 samples, and its
+  mean spacing lies within a factor 4 of the stream's own interval (when that is not known yet:
+  at least :data:`MIN_SPACING_S`). The guard then re-bases on the confirming sample and lets it
+  through. Samples bunched together (a clock that places every later sample 1 us after a
+  wild one, a burst of forged times) never confirm: the jump is only followed by samples
+  spaced like the stream's own rate, over ``confirm_s``. A single wild timestamp costs one
+  sample; a genuine clock move costs ``confirm_s`` of the stream's samples.
+* A sample inside ``max_gap_s`` of the watermark ends the run.
+* Live streams (``now`` given: the session clock, the clock every live sample is mapped onto)
+  are also *anchored*: a sample more than ``max_gap_s`` from the session clock's present is a
+  jump that is never followed, whatever follows it. A live sample's time is its arrival time
+  up to transport delay and the stream's clock rule (sources/clock.py), so it cannot be far
+  from now unless its stamp is wrong.
+* ``max_gap_s = 0`` turns the rule off; text streams are exempt. Small disorder (duplicates,
+  out-of-order samples within ``window.allowed_lateness``) is the aligner's business, not the
+  guard's.
 
 Non-finite data: an ``audio``, ``imu`` or ``thermal`` sample holding NaN or inf is dropped and
 counted as ``non_finite_data`` (the aligner zero-fills audio gaps). ``depth`` keeps NaN: it
@@ -27,33 +42,51 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from sources.base import Chunk
 
-__all__ = ["StreamGuard"]
+__all__ = ["StreamGuard", "CONFIRM_S", "MIN_SPACING_S"]
 
 log = logging.getLogger(__name__)
 
+CONFIRM_S = 2.0  # how much of its own time a run of jump samples must span to be followed
+MIN_SPACING_S = 20e-6  # a run's least mean spacing while the stream's own interval is unknown
+_RATE_FACTOR = 4.0  # a run's mean spacing must be within this factor of the stream's interval
 _MAX_WARNINGS_PER_REASON = 10
 _FINITE_DATA = ("audio", "imu", "thermal")
+
+
+class _Run:
+    """Consecutive jump samples: first and last time, and how many."""
+
+    __slots__ = ("first", "last", "n")
+
+    def __init__(self, t: float) -> None:
+        self.first = self.last = t
+        self.n = 1
 
 
 class StreamGuard:
     """Filters the chunks of one stream; see the module docstring for the rules."""
 
-    def __init__(self, session: str, stream: str, modality: str, *, max_gap_s: float = 0.0) -> None:
+    def __init__(self, session: str, stream: str, modality: str, *, max_gap_s: float = 0.0,
+                 confirm_s: float = CONFIRM_S, now: Callable[[], float] | None = None) -> None:
         if not (max_gap_s >= 0 and math.isfinite(max_gap_s)):
             raise ValueError(f"session '{session}' stream '{stream}': max_gap_s must be >= 0, got {max_gap_s!r}")
         self.session = session
         self.stream = stream
         self.modality = modality
         self.max_gap_s = float(max_gap_s)
+        self.confirm_s = float(confirm_s)
+        self.now = now  # live: the session clock's present, the anchor of every sample
         self.dropped: dict[str, int] = {}
         self._watermark: float | None = None
-        self._candidate: float | None = None
+        self._seg_first = 0.0  # first accepted time since the start or the last re-base
+        self._seg_n = 0  # samples accepted since then (their mean spacing is the stream's interval)
+        self._run: _Run | None = None
 
     def apply(self, chunk: Chunk) -> Chunk:
         """The chunk without the samples the rules drop (possibly empty)."""
@@ -78,20 +111,36 @@ class StreamGuard:
         return Chunk(stream=chunk.stream, modality=chunk.modality, t=t[keep], data=data,
                      t_ingest=chunk.t_ingest, meta=chunk.meta, passed=chunk.passed)
 
+    @property
+    def interval(self) -> float | None:
+        """The stream's own mean sample spacing (s), once two samples were accepted."""
+        if self._watermark is None or self._seg_n < 2:
+            return None
+        return (self._watermark - self._seg_first) / (self._seg_n - 1)
+
     def _clock(self, t: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        anchor = self.now() if self.now is not None else None
         if self._watermark is not None and keep.all():
-            # Fast path (audio: 16000 samples a second): every sample lies within the gap of the
-            # running watermark, so each is accepted and the loop would change nothing else.
+            # Fast path (audio: 16000 samples a second): every sample lies within the gap of
+            # the running watermark (and of now), so each is accepted and the loop would change
+            # nothing else.
             wm = np.maximum.accumulate(np.concatenate([[self._watermark], t]))[:-1]
             with np.errstate(invalid="ignore"):  # inf - inf: a non-finite time, left to the loop
                 fast = bool(np.all(np.abs(t - wm) <= self.max_gap_s))
+                if fast and anchor is not None:
+                    fast = bool(np.all(np.abs(t - anchor) <= self.max_gap_s))
             if fast:
-                self._watermark = max(self._watermark, float(t.max()))
-                self._candidate = None
+                self._accept_many(t)
                 return np.ones(len(t), dtype=bool)
-        return self._clock_each(t, keep)
+        return self._clock_each(t, keep, anchor)
 
-    def _clock_each(self, t: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    def _accept_many(self, t: np.ndarray) -> None:
+        top = float(t.max())
+        self._seg_n += len(t)
+        self._watermark = max(self._watermark, top)
+        self._run = None
+
+    def _clock_each(self, t: np.ndarray, keep: np.ndarray, anchor: float | None = None) -> np.ndarray:
         """The rule, sample by sample."""
         ok = np.ones(len(t), dtype=bool)
         gap = self.max_gap_s
@@ -99,20 +148,50 @@ class StreamGuard:
             ti = float(t[i])
             if not math.isfinite(ti):
                 continue  # the aligner counts these as bad_timestamp
-            if self._watermark is None or abs(ti - self._watermark) <= gap:
-                self._watermark = ti if self._watermark is None else max(self._watermark, ti)
-                self._candidate = None
+            if anchor is not None and abs(ti - anchor) > gap:
+                ok[i] = False
+                self._drop("jump", t[i:i + 1], f"more than max_gap_s={gap:g} s from the session clock's "
+                                               f"present {anchor:.3f} s")
                 continue
-            if self._candidate is not None and abs(ti - self._candidate) <= gap:
-                log.warning("session '%s' stream '%s': clock moved from %.3f s to %.3f s; following it",
-                            self.session, self.stream, self._watermark, ti)
-                self._watermark = ti  # re-based: a backward re-base may make the aligner count 'late'
-                self._candidate = None
+            if self._watermark is None:
+                self._rebase(ti)
                 continue
-            self._candidate = ti
+            if abs(ti - self._watermark) <= gap:
+                self._seg_n += 1
+                self._watermark = max(self._watermark, ti)
+                self._run = None
+                continue
+            if self._confirms(ti):
+                log.warning("session '%s' stream '%s': clock moved from %.3f s to %.3f s (confirmed by %.1f s of "
+                            "samples at the stream's rate); following it", self.session, self.stream,
+                            self._watermark, ti, ti - self._run.first if self._run else 0.0)
+                self._rebase(ti)
+                continue
             ok[i] = False
             self._drop("jump", t[i:i + 1], f"more than max_gap_s={gap:g} s from {self._watermark:.3f} s")
         return ok
+
+    def _confirms(self, ti: float) -> bool:
+        """Extends (or starts) the run of jump samples with ``ti``; True when the run confirms
+        the jump (module docstring)."""
+        run = self._run
+        if run is not None and 0 < ti - run.last <= self.max_gap_s:
+            run.last, run.n = ti, run.n + 1
+        else:
+            self._run = run = _Run(ti)
+        if run.n < 3 or run.last - run.first < self.confirm_s:
+            return False
+        spacing = (run.last - run.first) / (run.n - 1)
+        own = self.interval
+        if own is None or own <= 0:
+            return spacing >= MIN_SPACING_S
+        return own / _RATE_FACTOR <= spacing <= own * _RATE_FACTOR
+
+    def _rebase(self, ti: float) -> None:
+        self._watermark = ti
+        self._seg_first = ti
+        self._seg_n = 1
+        self._run = None
 
     def _drop(self, reason: str, times: np.ndarray, why: str = "") -> None:
         k = len(times)

@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from sources.errors import SourceError
+from sources.lines import MAX_LINE_CHARS, bounded_lines
 from sources.session import IMU_ROLES, StreamSpec
 from sources._common import _chunked, _Chunker, _Drops, _file_to_session
 from sources.base import Chunk
@@ -24,7 +25,9 @@ class ImuCsvSource:
 
     Rows not matching ``spec.where`` are skipped silently (they hold other sensors); rows that
     are short, non-numeric or non-finite are dropped, counted in ``dropped`` by reason and
-    logged with their line number. A missing column is a :class:`SourceError` raised before
+    logged with their line number. A line longer than :data:`sources.lines.MAX_LINE_CHARS`
+    (64 Ki characters) is read past without being held and dropped as ``line_too_long``.
+    A missing column is a :class:`SourceError` raised before
     any chunk is emitted.
     """
 
@@ -50,7 +53,8 @@ class ImuCsvSource:
             # utf-8-sig: spreadsheet exports start with a BOM that would glue onto the first
             # column name; undecodable bytes become U+FFFD and fail as non-numeric rows.
             with open(spec.source, newline="", encoding="utf-8-sig", errors="replace") as f:
-                reader = csv.reader(f)
+                reader = csv.reader(bounded_lines(f, lambda n: drops.drop(
+                    "line_too_long", f"line {n} of {spec.source.name} (over {MAX_LINE_CHARS} characters)")))
                 header = next(reader, None)
                 if header is None:
                     raise SourceError(f"{spec.label}: {spec.source} is empty (expected a header row)")

@@ -89,9 +89,11 @@ _TOP_KEYS = frozenset({"format", "name", "streams", "description"})
 # (the first is the default).
 LIVE_KINDS: dict[str, dict[str, Any]] = {
     "zmq": {"modalities": ("imu", "depth", "thermal", "vision"),
-            "keys": frozenset({"endpoint", "bind", "topic", "max_bytes", "curve_server_key", "curve_client_key"}),
+            "keys": frozenset({"endpoint", "bind", "topic", "max_bytes", "queue_bytes", "curve_server_key",
+                              "curve_client_key"}),
             "clocks": ("device", "session", "arrival")},
-    "imagezmq": {"modalities": ("vision",), "keys": frozenset({"endpoint", "mode", "color"}), "clocks": ("arrival",)},
+    "imagezmq": {"modalities": ("vision",), "keys": frozenset({"endpoint", "mode", "color", "queue_bytes"}),
+                 "clocks": ("arrival",)},
     "url": {"modalities": ("vision", "audio", "thermal"),
             "keys": frozenset({"url", "format", "options", "timeout_s", "max_backoff_s", "track"}),
             "clocks": ("device", "arrival")},
@@ -361,12 +363,14 @@ class _LiveOptions:
                 raise ConfigError(f"{self.at}: key 'topic': expected a string, got {_tname(self.raw['topic'])}")
             self.opts["topic"] = self.raw["topic"]
         self.number("max_bytes", 1, integer=True)
+        self.number("queue_bytes", 1, integer=True)
         _parse_curve_client(self.raw, self.opts, self.at)
 
     def imagezmq(self) -> None:
         self.endpoint()
         self.opts["mode"] = _choice(self.raw.get("mode", "reqrep"), ("reqrep", "pubsub"), f"{self.at}: key 'mode'")
         self.opts["color"] = _choice(self.raw.get("color", "bgr"), ("bgr", "rgb"), f"{self.at}: key 'color'")
+        self.number("queue_bytes", 1, integer=True)
 
     def av(self) -> None:
         """``url`` and ``device``: what PyAV opens, and FFmpeg's own options."""

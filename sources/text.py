@@ -7,11 +7,14 @@ import math
 from typing import Iterator
 
 from sources.errors import SourceError
+from sources.lines import MAX_LINE_CHARS, bounded_lines
 from sources.session import StreamSpec
 from sources._common import _chunked, _Chunker, _Drops, _file_to_session
 from sources.base import Chunk
 
-__all__ = ["TextJsonlSource"]
+__all__ = ["TextJsonlSource", "MAX_TEXT_CHARS"]
+
+MAX_TEXT_CHARS = 4096  # an utterance's characters; the text tower reads 77 tokens of it
 
 
 class TextJsonlSource:
@@ -19,7 +22,10 @@ class TextJsonlSource:
 
     Other keys on a line are ignored. Lines that are not JSON objects, or whose ``t`` is not
     a finite number or ``text`` not a string, are dropped, counted by reason in ``dropped``
-    and logged with their line number. Blank lines are skipped.
+    and logged with their line number. Blank lines are skipped. A line longer than
+    :data:`sources.lines.MAX_LINE_CHARS` (64 KiB) is read past without being held
+    (``line_too_long``), and a text longer than :data:`MAX_TEXT_CHARS` (4096 characters; the
+    text tower reads 77 tokens) is dropped as ``text_too_long``.
     """
 
     def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0) -> None:
@@ -39,7 +45,9 @@ class TextJsonlSource:
         name = spec.source.name
         try:
             with open(spec.source, "rb") as f:
-                for n, raw in enumerate(f, start=1):
+                lines = bounded_lines(f, lambda n: drops.drop("line_too_long", f"line {n} of {name} "
+                                                                               f"(over {MAX_LINE_CHARS} bytes)"))
+                for n, raw in enumerate(lines, start=1):
                     if not raw.strip():
                         continue
                     try:
@@ -57,6 +65,10 @@ class TextJsonlSource:
                         continue
                     if not isinstance(text, str):
                         drops.drop("bad_text", f"line {n} of {name}")
+                        continue
+                    if len(text) > MAX_TEXT_CHARS:
+                        drops.drop("text_too_long", f"line {n} of {name} ({len(text)} characters, "
+                                                    f"limit {MAX_TEXT_CHARS})")
                         continue
                     yield to_session(tf), text
         except OSError as e:

@@ -17,7 +17,8 @@ import zmq
 
 REAL_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "realshort.mp4"
 
-__all__ = ["REAL_VIDEO", "real_frames", "free_port", "ImuPublisher", "ImageZmqFeeder", "UdpMpegTsServer"]
+__all__ = ["REAL_VIDEO", "real_frames", "free_port", "ImuPublisher", "FramePublisher", "ImageZmqFeeder",
+           "UdpMpegTsServer"]
 
 
 def real_frames(limit: int = 36) -> list[np.ndarray]:
@@ -47,6 +48,10 @@ class ImuPublisher(threading.Thread):
         self.values: list[np.ndarray] = []
         self.halt = threading.Event()
         self.sent = 0
+        # (after_s, t_offset): one extra sample stamped ``t + t_offset`` (a wild timestamp), sent
+        # once the publisher has run ``after_s`` seconds; ``wild_sent`` counts them.
+        self.wild: list[tuple[float, float]] = []
+        self.wild_sent = 0
 
     def run(self) -> None:
         ctx = zmq.Context.instance()
@@ -55,8 +60,9 @@ class ImuPublisher(threading.Thread):
         pub.bind(f"tcp://127.0.0.1:{self.port}")
         i = 0
         try:
-            next_t = time.time()
+            next_t = started = time.time()
             while not self.halt.is_set():
+                self._send_wild(pub, time.time() - started)
                 ts, rows = [], []
                 for _ in range(self.batch):
                     true = time.time() - self.epoch
@@ -75,6 +81,49 @@ class ImuPublisher(threading.Thread):
                 pub.send_multipart([b"imu", msgpack.packb(msg)])
                 self.sent += len(rows)
                 next_t += self.batch / self.rate
+                time.sleep(max(0.0, next_t - time.time()))
+        finally:
+            pub.close(linger=0)
+
+    def _send_wild(self, pub: zmq.Socket, running_s: float) -> None:
+        due = [w for w in self.wild if w[0] <= running_s]
+        for w in due:
+            self.wild.remove(w)
+            t = self.dev0 + (time.time() - self.epoch) * (1 + self.skew) + w[1]
+            row = np.zeros(6, np.float32)
+            pub.send_multipart([b"imu", msgpack.packb({"t": t, "shape": [6], "dtype": "float32",
+                                                       "data": row.tobytes()})])
+            self.wild_sent += 1
+
+
+class FramePublisher(threading.Thread):
+    """Publishes ``frames`` (cycled) as ``kind: zmq`` messages at ``fps`` on a PUB socket bound at
+    127.0.0.1:port, stamped with device time ``dev0 + (now - epoch)``: a depth camera, or a
+    flood of large frames. ``sent`` counts the frames, ``sent_bytes`` their payload bytes."""
+
+    def __init__(self, port: int, epoch: float, frames: list[np.ndarray], *, fps: float = 10.0,
+                 dev0: float = 100.0, sndhwm: int = 1000) -> None:
+        super().__init__(daemon=True)
+        self.port, self.epoch, self.frames, self.fps, self.dev0, self.sndhwm = port, epoch, frames, fps, dev0, sndhwm
+        self.halt = threading.Event()
+        self.sent = 0
+        self.sent_bytes = 0
+
+    def run(self) -> None:
+        pub = zmq.Context.instance().socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, self.sndhwm)
+        pub.bind(f"tcp://127.0.0.1:{self.port}")
+        msgs = [(f.shape, str(f.dtype), f.tobytes()) for f in self.frames]
+        try:
+            next_t = time.time()
+            while not self.halt.is_set():
+                shape, dtype, data = msgs[self.sent % len(msgs)]
+                t = self.dev0 + time.time() - self.epoch
+                pub.send_multipart([b"f", msgpack.packb({"t": t, "shape": list(shape), "dtype": dtype, "data": data})])
+                self.sent += 1
+                self.sent_bytes += len(data)
+                next_t += 1.0 / self.fps
                 time.sleep(max(0.0, next_t - time.time()))
         finally:
             pub.close(linger=0)

@@ -10,14 +10,15 @@ from sources.base import DEFAULT_MAX_PIXELS, DEFAULT_VIDEO_SIZE
 from sources.clock import SessionClock
 from sources.session import StreamSpec
 from sources.live.base import LiveSource
+from sources.live.inbox import DEFAULT_QUEUE_BYTES
 
 __all__ = ["LiveSource", "open_live_source"]
 
 
 def open_live_source(spec: StreamSpec, clock: SessionClock, *, chunk_seconds: float = 0.5, video_size: int = DEFAULT_VIDEO_SIZE,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> LiveSource:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, queue_bytes: int = DEFAULT_QUEUE_BYTES) -> LiveSource:
     """The live source for a stream declared with a ``kind``; nothing opens until iterated."""
-    kw = {"chunk_seconds": chunk_seconds, "video_size": video_size, "max_pixels": max_pixels}
+    kw = {"chunk_seconds": chunk_seconds, "video_size": video_size, "max_pixels": max_pixels, "queue_bytes": queue_bytes}
     if spec.live == "zmq":
         from sources.live.zmq_sensor import ZmqSensorSource
 

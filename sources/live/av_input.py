@@ -43,7 +43,7 @@ from typing import Any, Iterator
 import av
 import numpy as np
 
-from sources.clock import OffsetEstimator
+from sources.clock import OffsetEstimator, monotone
 from sources.errors import SourceError
 from sources.base import AUDIO_RATE
 from sources._common import media_error
@@ -159,8 +159,7 @@ class AvLiveSource(LiveSource):
         else:
             t = self.clock.map(frame_time, arrival)
             self._note_mapping(ARRIVAL if self.spec.clock == "arrival" or frame_time is None else ESTIMATED, "")
-        if t <= self._last_t:  # never backwards, across mappings and connections too
-            t = self._last_t + 1e-6
+        t = monotone(t, self._last_t)  # never backwards by a little, across mappings and connections too
         self._last_t = t
         return t
 

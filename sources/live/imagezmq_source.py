@@ -10,7 +10,9 @@ The wire format, as imagezmq 1.x's ``SerializingSocket`` writes it: two frames,
 
 ``mode: reqrep`` (imagezmq's default): the hub binds a REP socket at ``endpoint``, the sender
 connects a REQ socket and waits for a reply after every image; every message is answered
-``b"OK"``, malformed ones included, so a sender never hangs. ``mode: pubsub``: the sender
+``b"OK"`` as soon as it is received (by the receiving thread, :mod:`sources.live.inbox`),
+malformed, oversized or over-budget ones included, so a sender never hangs while the source
+runs. Frames of another size than the stream's first are rescaled to it (:mod:`sources.live.base`). ``mode: pubsub``: the sender
 binds a PUB socket at ``endpoint`` and this source connects a SUB socket to it.
 imagezmq carries no timestamps: frames are stamped on arrival (``clock: arrival``).
 """
@@ -27,7 +29,7 @@ import zmq
 
 from sources.errors import SourceError
 from sources.imagesize import jpeg_size
-from sources.live.base import POLL_S, LiveSource
+from sources.live.base import LiveSource
 
 __all__ = ["ImageZmqSource", "decode_jpeg"]
 
@@ -46,38 +48,32 @@ def decode_jpeg(buf: bytes) -> av.VideoFrame:
 
 class ImageZmqSource(LiveSource):
     def _samples(self) -> Iterator[tuple[float, Any] | None]:
+        reqrep = self.spec.option("mode", "reqrep") == "reqrep"
+        rx = self.receiver(self._open, max_bytes=_MAX_IMAGE_BYTES, reply=b"OK" if reqrep else None,
+                           reconnect=None if reqrep else self.spec.option("endpoint"))
+        yield from self.drain(rx, self._frame)
+
+    def _open(self, ctx: zmq.Context, rx: Any) -> zmq.Socket:
         spec = self.spec
         reqrep = spec.option("mode", "reqrep") == "reqrep"
-        ctx = zmq.Context()
         sock = ctx.socket(zmq.REP if reqrep else zmq.SUB)
+        rx.options(sock)
+        endpoint = spec.option("endpoint")
         try:
-            sock.setsockopt(zmq.MAXMSGSIZE, _MAX_IMAGE_BYTES)
-            sock.setsockopt(zmq.LINGER, 0)
-            endpoint = spec.option("endpoint")
-            try:
-                if reqrep:
-                    sock.bind(endpoint)
-                else:
-                    sock.subscribe(b"")
-                    sock.connect(endpoint)
-            except zmq.ZMQError as e:
-                raise SourceError(f"{spec.label}: cannot {'bind' if reqrep else 'connect'} {endpoint}: {e}") from e
-            while not self.stopped:
-                if not sock.poll(int(POLL_S * 1000)):
-                    yield None
-                    continue
-                frames = sock.recv_multipart()
-                arrival = self.session_clock.now()
-                if reqrep:
-                    sock.send(b"OK")  # before decoding: the sender waits on it
-                got = self._decode(frames)
-                if got is not None:
-                    yield self.video_time(self.clock.map(None, arrival)), got
-                else:
-                    yield None
-        finally:
+            if reqrep:
+                sock.bind(endpoint)
+            else:
+                sock.subscribe(b"")
+                sock.connect(endpoint)
+        except zmq.ZMQError as e:
             sock.close(linger=0)
-            ctx.term()
+            raise SourceError(f"{spec.label}: cannot {'bind' if reqrep else 'connect'} {endpoint}: {e}") from e
+        return sock
+
+    def _frame(self, frames: list[bytes], arrival: float) -> Iterator[tuple[float, Any]]:
+        got = self._decode(frames)
+        if got is not None:
+            yield self.video_time(self.clock.map(None, arrival)), got
 
     def _decode(self, frames: list[bytes]) -> np.ndarray | None:
         if len(frames) != 2 or len(frames[0]) > _MAX_META:

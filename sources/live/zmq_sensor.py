@@ -15,7 +15,9 @@ One sample is: imu ``[6]`` (ax, ay, az in m/s^2, gx, gy, gz in rad/s); depth ``[
 (integers are millimetres, floats metres); thermal ``[H, W]`` (uint8/uint16 full range,
 floats in [0, 1]); vision ``[H, W, 3]`` uint8 RGB. Other keys are ignored. Bad messages are
 dropped and counted (``bad_message``); nothing from the socket is trusted: the size is bounded
-by ZMQ_MAXMSGSIZE and by msgpack's own length limits (:func:`_unpack_sample`).
+by ``max_bytes`` (``too_big``), ZMQ_MAXMSGSIZE and msgpack's own length limits
+(:func:`_unpack_sample`), and what waits for the reader by the stream's byte budget
+(``over_budget``, :mod:`sources.live.inbox`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import zmq
 
 from sources.curve import load_rig_keys
 from sources.frames import _frame_values
-from sources.live.base import POLL_S, LiveSource
+from sources.errors import SourceError
+from sources.live.base import LiveSource
 
 __all__ = ["ZmqSensorSource", "DTYPES", "DEFAULT_MAX_BYTES"]
 
@@ -43,14 +46,16 @@ class ZmqSensorSource(LiveSource):
     """SUB socket (connects, or binds with ``bind: true``) reading the schema above."""
 
     def _samples(self) -> Iterator[tuple[float, Any] | None]:
+        max_bytes = int(self.spec.option("max_bytes", DEFAULT_MAX_BYTES))
+        bind = self.spec.option("bind", False)
+        rx = self.receiver(self._open, max_bytes=max_bytes, reconnect=None if bind else self.spec.option("endpoint"))
+        yield from self.drain(rx, lambda frames, arrival: self._decode(frames[-1], arrival, max_bytes))
+
+    def _open(self, ctx: zmq.Context, rx: Any) -> zmq.Socket:
         spec = self.spec
-        max_bytes = int(spec.option("max_bytes", DEFAULT_MAX_BYTES))
-        ctx = zmq.Context()
         sock = ctx.socket(zmq.SUB)
         try:
-            sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
-            sock.setsockopt(zmq.RCVHWM, 100_000)
-            sock.setsockopt(zmq.LINGER, 0)
+            rx.options(sock)
             sock.subscribe(spec.option("topic", "").encode())
             if spec.option("curve_server_key"):
                 server, public, secret = load_rig_keys(spec.option("curve_server_key"), spec.option("curve_client_key"))
@@ -59,25 +64,12 @@ class ZmqSensorSource(LiveSource):
             try:
                 sock.bind(endpoint) if spec.option("bind", False) else sock.connect(endpoint)
             except zmq.ZMQError as e:
-                from sources.errors import SourceError
-
                 raise SourceError(f"{spec.label}: cannot {'bind' if spec.option('bind') else 'connect'} "
                                   f"{endpoint}: {e}") from e
-            while not self.stopped:
-                if not sock.poll(int(POLL_S * 1000)):
-                    yield None
-                    continue
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    arrival = self.session_clock.now()
-                    yield from self._decode(frames[-1], arrival, max_bytes)
-                yield None
-        finally:
+        except BaseException:
             sock.close(linger=0)
-            ctx.term()
+            raise
+        return sock
 
     def _decode(self, payload: bytes, arrival: float, max_bytes: int) -> Iterator[tuple[float, Any]]:
         try:
