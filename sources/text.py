@@ -8,7 +8,7 @@ from typing import Iterator
 
 from sources.errors import SourceError
 from sources.session import StreamSpec
-from sources._common import _chunked, _Chunker, _Drops, _file_to_session
+from sources._common import _chunked, _Chunker, _Drops, _file_to_session, open_file
 from sources.base import Chunk
 
 __all__ = ["TextJsonlSource"]
@@ -38,7 +38,7 @@ class TextJsonlSource:
         to_session = _file_to_session(spec)
         name = spec.source.name
         try:
-            with open(spec.source, "rb") as f:
+            with open_file(spec, spec.source, "rb") as f:
                 for n, raw in enumerate(f, start=1):
                     if not raw.strip():
                         continue
@@ -60,7 +60,7 @@ class TextJsonlSource:
                         continue
                     yield to_session(tf), text
         except OSError as e:
-            raise SourceError(f"{spec.label}: cannot read {spec.source}: {e}") from e
+            raise SourceError(f"{spec.label}: cannot read {spec.rel(spec.source)}: {e.strerror or e}") from e
         finally:
             drops.summary()
 
