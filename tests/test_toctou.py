@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import zmq
 
 from sources.demo import write_demo_session
@@ -217,3 +218,34 @@ def test_a_swap_after_validation_fails_the_stream_and_nothing_of_the_file_reache
     published = {m.payload["modality"] for m in sub.messages if m.topic.startswith("emb/")}
     assert published == {"vision", "audio", "depth", "thermal", "text"}  # the other streams completed
 
+
+# -- names that become paths: refused before Ray starts ----------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, stream_id, key", [
+    ("rig", "..", "session 'rig' streams[0]: key 'id': expected a stream id"),  # its PNGs would land in the out root
+    ("r" * 200, "depth", "key 'name': expected a session name of 1-128 letters"),
+])
+def test_a_live_session_whose_name_or_stream_id_is_no_safe_folder_name_exits_2_before_ray_starts(
+        tmp_path, name, stream_id, key):
+    import subprocess
+    import sys
+
+    out = tmp_path / "recordings"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "sessions": [{"name": name, "streams": [
+            {"id": stream_id, "modality": "depth", "kind": "zmq", "endpoint": "tcp://127.0.0.1:5999"}]}],
+        "record": str(out),
+        "model": {"config": "imagebind_tiny", "precision": "fp32"},
+        # Nothing listens there: had the run got as far as Ray, joining it would fail, not exit 2.
+        "ray": {"address": "127.0.0.1:9"},
+    }))
+    res = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr + res.stdout
+    assert res.stderr.startswith("config error:") and key in res.stderr, res.stderr
+    assert not out.exists()  # nothing recorded, not even the folder
