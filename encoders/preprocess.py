@@ -47,6 +47,8 @@ __all__ = [
     "DISPARITY_MAX",
     "IMU_SAMPLES",
     "IMU_DURATION_S",
+    "IMU_MAX_ABS",
+    "AUDIO_MAX_ABS",
     "resize_short_side",
     "center_crop",
     "image",
@@ -58,6 +60,7 @@ __all__ = [
     "imu_batch",
     "text",
     "prepare",
+    "without_bad_values",
 ]
 
 # The reference contract of each tower (encoders/config.py): what every function below uses when
@@ -87,6 +90,14 @@ DISPARITY_MIN = _DEPTH.disparity_min
 DISPARITY_MAX = _DEPTH.disparity_max
 IMU_SAMPLES = _IMU.samples
 IMU_DURATION_S = _IMU.duration_s
+
+# The largest magnitude a sample may have and reach a tower (see without_bad_values). IMU: in
+# m/s^2 and rad/s, about 1000 g and 570 000 deg/s, beyond any IMU the tower was trained on; the
+# IMU stem is linear on raw values, so a value near float32's limit (3e37 g) overflows its
+# first layer and makes the whole embedding NaN. Audio: full scale is 1; 1e4 is 80 dB above
+# it, no waveform, and past about 1e16 the log-mel's power spectrum overflows float32.
+IMU_MAX_ABS = 1e4
+AUDIO_MAX_ABS = 1e4
 
 
 def _fbank_kw(cfg: AudioPreprocess) -> dict[str, Any]:
@@ -475,6 +486,33 @@ def prepare(modality: str, payloads: list, device: str | torch.device = "cpu", *
         maps = [_disparity_from_mm(t, pp) if t.dtype == torch.uint16 else _disparity(t, pp) for t in items]
         return _grouped(maps, lambda x: _disparity_input(x, pp))
     return _grouped([_thermal_unit(t) for t in items], lambda x: thermal(x, cfg=pp))
+
+
+def without_bad_values(modality: str, payload: Any) -> tuple[Any, int]:
+    """``payload`` without the samples its tower cannot take, and how many there were.
+
+    A sample is bad when it is not finite or its magnitude exceeds :data:`IMU_MAX_ABS` /
+    :data:`AUDIO_MAX_ABS`. IMU (``[N, 7]``): rows holding a bad value are removed (resampling
+    interpolates across them, as across any gap); ``None`` in place of the payload when no row
+    is left. Audio (``[samples]``): bad samples become 0, as the aligner fills gaps. Other
+    modalities come back as they are: their preprocessing maps every value into range (depth:
+    no reading; thermal: clamped) or they hold none (uint8 video, text). Numbers only: a
+    payload of the wrong type or shape is left to :func:`prepare` to refuse.
+    """
+    limit = {"imu": IMU_MAX_ABS, "audio": AUDIO_MAX_ABS}.get(modality)
+    if limit is None or not isinstance(payload, np.ndarray) or payload.dtype.kind != "f":
+        return payload, 0
+    with np.errstate(invalid="ignore"):
+        if payload.size == 0 or float(np.abs(payload).max()) <= limit:  # NaN compares False
+            return payload, 0
+        bad = ~(np.abs(payload) <= limit)
+    if modality == "imu" and payload.ndim == 2:
+        rows = bad.any(axis=1)
+        kept = payload[~rows]
+        return (kept if len(kept) else None), int(rows.sum())
+    if modality == "audio" and payload.ndim == 1:
+        return np.where(bad, np.zeros((), payload.dtype), payload), int(bad.sum())
+    return payload, 0
 
 
 def _thermal_unit(t: torch.Tensor) -> torch.Tensor:

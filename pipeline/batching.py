@@ -8,8 +8,13 @@ has waited longest, and that tower's queued items up to ``max_batch``. Items tha
 other batches run therefore join the next batch of their tower instead of queueing behind it
 one by one (several sessions' windows end at the same instant: their items all meet in one
 batch per tower). Only an idle runner waits, up to ``max_wait_s`` after a tower's first item,
-for more of it. The output length is checked against the input length; one failure is
-delivered to every item of its batch, and the other batches still run.
+for more of it. The output length is checked against the input length.
+
+One item cannot fail the others of its batch. ``fn`` may put an exception in place of an item's
+result (an embedding that came out non-finite): that item's caller gets it, the others their
+results. When a batch fails as a whole (``fn`` or ``prepare`` raised, or returned the wrong
+number of results), its items are tried again one by one, each in a batch of its own: only an
+item that fails alone gets an exception. Other batches still run.
 
 ``prepare`` (optional) splits a batch's work into two stages run by different workers:
 ``prepare(tower, items) -> staged`` then ``fn(tower, staged) -> results``. The runner prepares a
@@ -63,7 +68,9 @@ class TowerBatcher:
         q = self._queues.get(tower)
         return len(q) if q is not None else 0
 
-    async def submit_many(self, tower: str, items: list[Any]) -> list[Any]:
+    async def submit_many(self, tower: str, items: list[Any], *, return_exceptions: bool = False) -> list[Any]:
+        """The results of ``items``, in order. An item that failed raises its exception here, or
+        with ``return_exceptions`` stands in the list in place of its result."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -75,7 +82,7 @@ class TowerBatcher:
         futs = [loop.create_future() for _ in items]
         q.extend((now, item, fut) for item, fut in zip(items, futs))
         self._wake.set()
-        return list(await asyncio.gather(*futs))
+        return list(await asyncio.gather(*futs, return_exceptions=return_exceptions))
 
     async def _next_batch(self) -> tuple[str, list[tuple[float, Any, asyncio.Future]]]:
         loop = asyncio.get_running_loop()
@@ -113,35 +120,77 @@ class TowerBatcher:
             try:
                 staged = await self.prepare(tower, items)
             except Exception as exc:
-                self._fail(tower, batch, exc)
-                self._slots.release()
+                self._spawn(self._retry(tower, batch, exc))
                 continue
-            task = asyncio.get_running_loop().create_task(self._finish(tower, batch, staged))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._spawn(self._finish(tower, batch, staged))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _call(self, tower: str, arg: Any, n: int) -> list[Any]:
+        """``fn`` on one batch of ``n`` items (or what ``prepare`` made of them)."""
+        assert self._fn_lock is not None
+        async with self._fn_lock:  # FIFO: a prepared batch waits for the one before it
+            results = await self.fn(tower, arg)
+        if len(results) != n:
+            raise RuntimeError(f"{self.name}[{tower}]: batch function returned {len(results)} results for {n} items")
+        return results
 
     async def _finish(self, tower: str, batch: list[tuple[float, Any, asyncio.Future]], arg: Any) -> None:
-        """Run ``fn`` on one batch (its items, or what ``prepare`` made of them) and deliver."""
-        assert self._slots is not None and self._fn_lock is not None
+        """Run ``fn`` on one batch (its items, or what ``prepare`` made of them) and deliver;
+        a failed batch is tried again item by item. Frees the batch's slot."""
+        assert self._slots is not None
         try:
-            async with self._fn_lock:  # FIFO: a prepared batch waits for the one before it
-                results = await self.fn(tower, arg)
-            if len(results) != len(batch):
-                raise RuntimeError(
-                    f"{self.name}[{tower}]: batch function returned {len(results)} results for {len(batch)} items"
-                )
-        except Exception as exc:
-            self._fail(tower, batch, exc)
-            return
+            try:
+                results = await self._call(tower, arg, len(batch))
+            except Exception as exc:
+                await self._one_by_one(tower, batch, exc)
+                return
         finally:
             self._slots.release()
         for (_, _, fut), res in zip(batch, results):
-            if not fut.done():
-                fut.set_result(res)
+            _deliver(fut, res)
 
-    def _fail(self, tower: str, batch: list[tuple[float, Any, asyncio.Future]], exc: Exception) -> None:
-        """One failure is delivered to every caller of its batch."""
-        log.exception("%s[%s]: batch of %d failed", self.name, tower, len(batch), exc_info=exc)
-        for _, _, fut in batch:
-            if not fut.done():
-                fut.set_exception(exc)
+    async def _retry(self, tower: str, batch: list[tuple[float, Any, asyncio.Future]], exc: Exception) -> None:
+        """A batch that could not be prepared, item by item; frees its slot."""
+        assert self._slots is not None
+        try:
+            await self._one_by_one(tower, batch, exc)
+        finally:
+            self._slots.release()
+
+    async def _one_by_one(self, tower: str, batch: list[tuple[float, Any, asyncio.Future]], exc: Exception) -> None:
+        """Each item of a failed batch in a batch of its own, so only an item that fails alone
+        gets an exception (a batch of one gets the batch's)."""
+        if len(batch) == 1:
+            self._fail(tower, batch[0][2], exc)
+            return
+        log.warning("%s[%s]: batch of %d failed (%s: %s); trying its items one by one",
+                    self.name, tower, len(batch), type(exc).__name__, exc)
+        log.debug("%s[%s]: the batch's error", self.name, tower, exc_info=exc)
+        for _, item, fut in batch:
+            try:
+                arg = [item] if self.prepare is None else await self.prepare(tower, [item])
+                (res,) = await self._call(tower, arg, 1)
+            except Exception as one:
+                self._fail(tower, fut, one)
+                continue
+            _deliver(fut, res)
+
+    def _fail(self, tower: str, fut: asyncio.Future, exc: Exception) -> None:
+        log.warning("%s[%s]: an item failed on its own: %s: %s", self.name, tower, type(exc).__name__, exc)
+        log.debug("%s[%s]: the item's error", self.name, tower, exc_info=exc)
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+def _deliver(fut: asyncio.Future, res: Any) -> None:
+    """An item's result to its caller; an exception in its place is raised there."""
+    if fut.done():
+        return
+    if isinstance(res, BaseException):
+        fut.set_exception(res)
+    else:
+        fut.set_result(res)

@@ -16,6 +16,13 @@ same rows, and each window's result is used once: delivery stays exactly-once):
   times, ``0.5 * failures`` s apart, on another replica where there is one.
 * With no live replica, or the budget spent, the batch's items are dropped and counted as
   ``<modality>:encoder_error``.
+* An item the encoder could not embed on its own (it runs a failed batch's items one by one)
+  is not retried: it fails the same way on any replica. It is counted as
+  ``<modality>:encoder_error`` too; the rest of its batch is used.
+
+Windows whose samples the encoder left out as bad values (non-finite, or beyond the tower's
+range: :func:`encoders.preprocess.without_bad_values`) are counted per stream as
+``<stream>:bad_values``.
 
 Every re-send counts in :attr:`EncoderDispatch.retries_done` (the summary's ``encode_retries``).
 """
@@ -50,6 +57,7 @@ class EncoderDispatch:
         self.restart_timeout_s = float(restart_timeout_s)
         self.retries_done = 0
         self.errors: collections.Counter[str] = collections.Counter()  # modality -> items dropped
+        self.bad: collections.Counter[str] = collections.Counter()  # stream -> windows with bad values
 
     def live(self) -> list[int]:
         return [i for i in range(len(self.load)) if i not in self.dead]
@@ -78,8 +86,20 @@ class EncoderDispatch:
         replica that already refused it (one try spent, in a call carrying every tower)."""
         return RetryBudget(self, modality, n, now, refused_on)
 
+    def failed(self, modality: str, n: int) -> None:
+        """``n`` items of ``modality`` failed on their own: dropped, not retried."""
+        if n:
+            self.errors[modality] += n
+
+    def bad_values(self, stream: str) -> bool:
+        """A window of ``stream`` held bad values; True for the stream's first."""
+        self.bad[stream] += 1
+        return self.bad[stream] == 1
+
     def dropped(self) -> dict[str, int]:
-        return {f"{m}:encoder_error": n for m, n in self.errors.items()}
+        out = {f"{m}:encoder_error": n for m, n in self.errors.items()}
+        out.update((f"{s}:bad_values", n) for s, n in self.bad.items())
+        return out
 
 
 class RetryBudget:

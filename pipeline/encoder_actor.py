@@ -1,4 +1,10 @@
-"""The encoder actor: ImageBind behind dynamic batching per tower, shared by every session."""
+"""The encoder actor: ImageBind behind dynamic batching per tower, shared by every session.
+
+Item by item, so no item costs another its embedding: before the batch, each payload loses the
+samples its tower cannot take (:func:`encoders.preprocess.without_bad_values`); in the batch,
+a non-finite embedding fails its own item; a batch that fails as a whole is tried again item by
+item (:class:`pipeline.batching.TowerBatcher`). A tower's answer is a :class:`TowerRows`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,9 +22,28 @@ import ray
 
 from pipeline.batching import TowerBatcher
 
-__all__ = ["EncoderActor"]
+__all__ = ["EncoderActor", "TowerRows"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TowerRows:
+    """One tower's answer to one call, item by item: ``rows[i]`` the unit-norm embedding of
+    payload ``i`` or ``None``, ``spans[i]`` the wall-clock start and end of the forward that
+    made it. ``bad``: payload index -> samples left out as bad values (only items that held
+    some); ``errors``: payload index -> why the item failed on its own. A ``None`` row not in
+    ``errors`` had nothing left once its bad values were left out."""
+
+    rows: list[np.ndarray | None]
+    spans: list[tuple[float, float] | None]
+    bad: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def refused(self) -> bool:
+        """Every item that reached the tower failed there (nothing to use; worth a retry)."""
+        tried = sum(1 for i, r in enumerate(self.rows) if r is not None or i in self.errors)
+        return tried > 0 and len(self.errors) == tried
 
 
 @ray.remote(num_cpus=0)
@@ -110,7 +136,7 @@ class EncoderActor:
         }
 
     # -- stage timing: every row travels with its batch's forward start/end time ------------
-    def _forward_timed(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
+    def _forward_timed(self, modality: str, payloads: list[Any]) -> list[Any]:
         """Both stages in this (the forward) thread: ``prepare_ahead`` off."""
         return self._model_timed(modality, *self._prepare_timed(modality, payloads))
 
@@ -122,7 +148,7 @@ class EncoderActor:
             self._metrics = RayMetrics()
         return self._metrics
 
-    async def _run_batch(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
+    async def _run_batch(self, modality: str, payloads: list[Any]) -> list[Any]:
         loop = asyncio.get_running_loop()
         self._ray_metrics().batch(modality, len(payloads), self._batcher.depth(modality))
         return await loop.run_in_executor(self._pool, self._forward_timed, modality, payloads)
@@ -145,51 +171,72 @@ class EncoderActor:
         x = self._prepare(modality, payloads)
         return x, len(payloads), time.perf_counter() - t0
 
-    async def _run_staged(self, modality: str, staged: tuple[Any, int, float]) -> list[tuple[np.ndarray, float, float]]:
+    async def _run_staged(self, modality: str, staged: tuple[Any, int, float]) -> list[Any]:
         """Second stage: the model, in the forward thread."""
         x, n, prep_s = staged
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._model_timed, modality, x, n, prep_s)
 
-    def _model_timed(self, modality: str, x: Any, n: int, prep_s: float) -> list[tuple[np.ndarray, float, float]]:
-        """Each row with its forward span, which starts the preprocessing's length before the
-        model did: with ``prepare_ahead``, the time a prepared batch waited for this thread
-        counts as queueing."""
+    def _model_timed(self, modality: str, x: Any, n: int, prep_s: float) -> list[Any]:
+        """Each row with its forward span (or its item's exception); the span starts the
+        preprocessing's length before the model did: with ``prepare_ahead``, the time a prepared
+        batch waited for this thread counts as queueing."""
         t0 = time.time()
         rows = self._encode_checked(modality, x)
         t1 = time.time()
-        self.items[modality] += n
+        self.items[modality] += sum(1 for r in rows if not isinstance(r, Exception))
         self.forward_s[modality] += t1 - t0 + prep_s
-        return [(r, t0 - prep_s, t1) for r in rows]
+        return [r if isinstance(r, Exception) else (r, t0 - prep_s, t1) for r in rows]
 
-    def _encode_checked(self, modality: str, x: Any) -> list[np.ndarray]:
+    def _encode_checked(self, modality: str, x: Any) -> list[Any]:
+        """The batch's rows; a row that is not finite is replaced by its item's exception."""
         emb = self.model.encode(modality, x)
         rows = emb.float().cpu().numpy()
-        if not np.all(np.isfinite(rows)):
-            bad = int((~np.isfinite(rows).all(axis=1)).sum())
-            raise FloatingPointError(f"{modality}: {bad} of {len(rows)} embeddings are not finite")
-        return list(rows)
+        finite = np.isfinite(rows).all(axis=1)
+        return [r if ok else FloatingPointError(f"{modality}: the embedding is not finite")
+                for r, ok in zip(rows, finite)]
 
-    async def _submit(self, modality: str, payloads: list[Any]) -> list[tuple[np.ndarray, float, float]]:
-        return await self._batcher.submit_many(modality, payloads)
+    async def _submit(self, modality: str, payloads: list[Any]) -> TowerRows:
+        """Each payload without its bad values, through the batcher; what each item got."""
+        from encoders.preprocess import without_bad_values
+
+        cleaned = [without_bad_values(modality, p) for p in payloads]
+        sent = [i for i, (p, _) in enumerate(cleaned) if p is not None]
+        outs = await self._batcher.submit_many(modality, [cleaned[i][0] for i in sent], return_exceptions=True)
+        rows: list[np.ndarray | None] = [None] * len(payloads)
+        spans: list[tuple[float, float] | None] = [None] * len(payloads)
+        errors: dict[int, str] = {}
+        for i, out in zip(sent, outs):
+            if isinstance(out, BaseException):
+                if not isinstance(out, Exception):
+                    raise out  # cancellation, interpreter exit
+                errors[i] = f"{type(out).__name__}: {out}"
+            else:
+                rows[i], spans[i] = out[0], (out[1], out[2])
+        return TowerRows(rows, spans, {i: n for i, (_, n) in enumerate(cleaned) if n}, errors)
 
     def _count_request(self, with_items: bool) -> None:
         # An empty request is a Ray round trip for nothing: the aligners do not send them.
         self.requests["with_items" if with_items else "empty"] += 1
 
-    async def encode(self, modality: str, payloads: list[Any]) -> list[np.ndarray]:
-        self._count_request(bool(payloads))
-        return [row for row, _, _ in await self._submit(modality, payloads)]
+    async def encode(self, modality: str, payloads: list[Any]) -> list[np.ndarray | None]:
+        """The rows of :meth:`encode_timed`."""
+        return (await self.encode_timed(modality, payloads)).rows
 
-    async def encode_timed(self, modality: str, payloads: list[Any]) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
-        """``encode`` plus, per row, the wall-clock start and end of the forward that made it."""
+    async def encode_timed(self, modality: str, payloads: list[Any]) -> TowerRows:
+        """Rows, forward spans and what failed, per item; raises when every item that reached
+        the tower failed there (the caller may try another replica)."""
         self._count_request(bool(payloads))
-        return _rows_and_spans(await self._submit(modality, payloads))
+        out = await self._submit(modality, payloads)
+        if out.refused():
+            raise RuntimeError(next(iter(out.errors.values())))
+        return out
 
     async def encode_many(self, groups: dict[str, list[Any]]) -> dict[str, Any]:
         """:meth:`encode_timed` for several towers in one call: an aligner sends everything a
         release of windows needs at once (one Ray call instead of one per modality; each tower
-        still batches with every other caller's items). Per modality the ``(rows, spans)`` pair,
-        or the error's text where that tower's batch failed; the other towers' rows still come."""
+        still batches with every other caller's items). Per modality its :class:`TowerRows`, or
+        the error's text where every item that reached that tower failed; the other towers'
+        rows still come."""
         names = list(groups)
         self._count_request(any(groups.values()))
         outs = await asyncio.gather(*(self._submit(m, groups[m]) for m in names), return_exceptions=True)
@@ -199,11 +246,8 @@ class EncoderActor:
                 if not isinstance(out, Exception):
                     raise out  # cancellation, interpreter exit
                 result[m] = f"{type(out).__name__}: {out}"
+            elif out.refused():
+                result[m] = next(iter(out.errors.values()))
             else:
-                result[m] = _rows_and_spans(out)
+                result[m] = out
         return result
-
-
-def _rows_and_spans(out: list[tuple[np.ndarray, float, float]]) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
-    """``EncoderActor._submit``'s ``(row, t0, t1)`` triples as rows and forward spans."""
-    return [row for row, _, _ in out], [(t0, t1) for _, t0, t1 in out]

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.align import WindowItem
 from pipeline.dispatch import EncoderDispatch
+from pipeline.encoder_actor import TowerRows
 
 __all__ = ["EncoderLink"]
 
@@ -32,14 +33,15 @@ class EncoderLink:
         """The rows of every item of one release, concatenated in ``by_modality`` order: one call
         to the least-loaded encoder carries every modality (:meth:`pipeline.encoder_actor.EncoderActor.encode_many`). A
         modality whose batch failed there, or every modality when the call itself failed (a dead
-        or restarting encoder), goes through :meth:`_encode`, which retries it on its own."""
+        or restarting encoder), goes through :meth:`_encode`, which retries it on its own. An item
+        the encoder could not embed alone (:class:`pipeline.encoder_actor.TowerRows`) is ``None``,
+        counted, and not retried: it fails the same way anywhere."""
         out, i = await self._encode_many(by_modality)
         parts: list[Any] = []  # per modality its rows, or the task retrying it (all retries run at once)
         for m, items in by_modality.items():
             got = out.get(m)
-            if isinstance(got, tuple):
-                self.observer.forwarded(items, got[1])
-                parts.append(got[0])
+            if isinstance(got, TowerRows):
+                parts.append(self._take(m, items, got))
                 continue
             if got is not None:  # the tower refused the batch: one attempt spent
                 log.warning("session '%s': %s batch of %d failed on encoder %d: %s",
@@ -49,6 +51,24 @@ class EncoderLink:
         for part in parts:
             rows.extend(await part if isinstance(part, asyncio.Future) else part)
         return rows
+
+    def _take(self, modality: str, items: list[WindowItem], got: TowerRows) -> list[np.ndarray | None]:
+        """``got``'s rows, after counting what it says about each item: windows that held bad
+        values per stream, items that failed alone as ``<modality>:encoder_error``."""
+        for j, n in got.bad.items():
+            it = items[j]
+            if self.dispatch.bad_values(it.stream):  # the first window of the stream: the others are counted
+                log.warning("session '%s' stream '%s' window %d: %d %s samples not finite or beyond the tower's "
+                            "range, left out%s; counted as '%s:bad_values'", self.session, it.stream, it.window, n,
+                            modality, " (none left: not encoded)" if got.rows[j] is None else "", it.stream)
+        for j, err in got.errors.items():
+            log.warning("session '%s' stream '%s' window %d: the %s encoder failed on this item alone: %s",
+                        self.session, items[j].stream, items[j].window, modality, err)
+        self.dispatch.failed(modality, len(got.errors))
+        done = [j for j, span in enumerate(got.spans) if span is not None]
+        if done:
+            self.observer.forwarded([items[j] for j in done], [got.spans[j] for j in done])
+        return got.rows
 
     async def _encode_many(self, by_modality: dict[str, list[WindowItem]]) -> tuple[dict[str, Any], int | None]:
         """:meth:`pipeline.encoder_actor.EncoderActor.encode_many` on the least-loaded live replica, and which one;
@@ -82,9 +102,7 @@ class EncoderLink:
             i = step.replica
             self.dispatch.sent(i, len(items))
             try:
-                rows, spans = await self.encoders[i].encode_timed.remote(modality, payloads)
-                self.observer.forwarded(items, spans)
-                return rows
+                return self._take(modality, items, await self.encoders[i].encode_timed.remote(modality, payloads))
             except RayActorError as exc:  # the actor died, or is restarting
                 last_exc = exc
                 log.warning("session '%s': encoder %d lost a %s batch of %d (attempt %d), re-sending: %s",

@@ -9,7 +9,8 @@ Latency is per embedding: published minus entered (``t_ingest``), wall-clock sec
 percentiles are over the session's own most recent ``keep`` embeddings (bounded memory).
 
 Drops are merged into one map ``<stream>:<reason>`` (``<modality>:encoder_error`` for items an
-encoder never returned) from every part that counts some: the aligner (``late``, ``duplicate``),
+encoder never returned, ``<stream>:bad_values`` for windows whose out-of-range samples the
+encoder left out) from every part that counts some: the aligner (``late``, ``duplicate``),
 the sources (their own reasons and the guard's), live shedding, the publish order
 (``duplicate_window``) and the encoders.
 

@@ -1,12 +1,14 @@
-"""Helpers shared by the replay sources: time chunking, drop accounting, media opening."""
+"""Helpers shared by the replay sources: time chunking, drop accounting, checked file and media opening."""
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import av
@@ -204,11 +206,83 @@ def media_error(e: BaseException) -> str:
     return str(words) if words else (str(e) or type(e).__name__)
 
 
-def _open_media(spec: StreamSpec) -> av.container.InputContainer:
+_PROC_FD = os.path.isdir("/proc/self/fd")  # Linux: a descriptor's file, by path
+
+
+def fd_path(fd: int) -> str | None:
+    """A path that opens the file ``fd`` holds, whatever its name says now (Linux's
+    ``/proc/self/fd/N``), for libraries that open by path (FFmpeg, ``np.load``'s memory map);
+    ``None`` where there is none."""
+    return f"/proc/self/fd/{fd}" if _PROC_FD else None
+
+
+def open_checked(spec: StreamSpec, path: Path, *, follow: bool = False) -> int:
+    """A read-only descriptor of ``path``, a file of the session, checked as it is opened: a
+    file can be swapped for a symlink to any file of the host after the session was validated.
+
+    * ``O_NOFOLLOW``: the session's paths are resolved when it is loaded, so a symlink there
+      now was put there since. ``follow``: the PNGs of a frame folder, which may be symlinks
+      within the session;
+    * the file the descriptor holds must lie inside the session folder (Linux: where
+      ``/proc/self/fd`` says it is; elsewhere the path is resolved just before opening);
+    * where the session recorded the file when it was loaded (``StreamSpec.file_ids``), it must
+      be that file (same device and inode).
+
+    A refusal is a :class:`SourceError` naming the stream and the path relative to the session
+    folder (never the path the file now leads to, nor anything read from it).
+    """
+    rel = spec.rel(path)
+    if follow and not _PROC_FD:
+        _check_inside(spec, os.path.realpath(path), rel)
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
     try:
-        return av.open(str(spec.source))
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow:
+            raise SourceError(f"{spec.label}: {rel} is a symlink now, and was not when the session was loaded; "
+                              f"refused (replaced since?)") from None
+        raise SourceError(f"{spec.label}: cannot open {rel}: {e.strerror or type(e).__name__}") from None
+    try:
+        if _PROC_FD:
+            _check_inside(spec, os.readlink(f"/proc/self/fd/{fd}"), rel)
+        known = spec.file_id(path)
+        st = os.fstat(fd)
+        if known is not None and (st.st_dev, st.st_ino) != known:
+            raise SourceError(f"{spec.label}: {rel} is not the file the session was loaded with (replaced since?); "
+                              f"refused")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_inside(spec: StreamSpec, real: str, rel: str) -> None:
+    if spec.root is not None and not Path(real).is_relative_to(spec.root):
+        raise SourceError(f"{spec.label}: {rel} leads outside the session folder (replaced since the session was "
+                          f"loaded?); refused")
+
+
+def open_file(spec: StreamSpec, path: Path, mode: str = "rb", **kw: Any) -> Any:
+    """:func:`open_checked` as a file object (``open``'s ``mode`` and keywords)."""
+    return os.fdopen(open_checked(spec, path), mode, **kw)
+
+
+def open_av(spec: StreamSpec, path: Path, *, follow: bool = False) -> av.container.InputContainer:
+    """``av.open`` on the file :func:`open_checked` opened, not on the path again: FFmpeg opens
+    the descriptor's ``/proc/self/fd`` path (its own file protocol, at full speed), or, without
+    one, reads the file object."""
+    fd = open_checked(spec, path, follow=follow)
+    target = fd_path(fd)
+    try:
+        return av.open(target if target is not None else os.fdopen(os.dup(fd), "rb"))
     except (av.FFmpegError, OSError) as e:
-        raise SourceError(f"{spec.label}: cannot open {spec.source}: {media_error(e)}") from e
+        raise SourceError(f"{spec.label}: cannot open {spec.rel(path)}: {media_error(e)}") from e
+    finally:
+        os.close(fd)
+
+
+def _open_media(spec: StreamSpec) -> av.container.InputContainer:
+    return open_av(spec, spec.source)
 
 
 def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stream: Any, what: str,
@@ -246,16 +320,16 @@ def _demux_decode(spec: StreamSpec, container: av.container.InputContainer, stre
                 frames += 1
                 yield frame
     except (av.FFmpegError, OSError) as e:
-        raise SourceError(f"{spec.label}: {what} decoding failed in {spec.source} after {frames} frames: {media_error(e)}") from e
+        raise SourceError(f"{spec.label}: {what} decoding failed in {spec.rel(spec.source)} after {frames} frames: {media_error(e)}") from e
     finally:
         cpu.sample_threads()  # before the container closes and the threads with it
     # A file cut short after its index (moov first) demuxes without error; the index still
     # says how many packets there should have been.
     declared = stream.frames
     if declared and packets < declared:
-        raise SourceError(f"{spec.label}: {spec.source} is truncated: {packets} of {declared} {what} packets present")
+        raise SourceError(f"{spec.label}: {spec.rel(spec.source)} is truncated: {packets} of {declared} {what} packets present")
     if frames == 0:
-        raise SourceError(f"{spec.label}: no {what} frames decoded from {spec.source}")
+        raise SourceError(f"{spec.label}: no {what} frames decoded from {spec.rel(spec.source)}")
 
 
 # What a frame source yields for a frame the selector skipped: its time, and this as the item.

@@ -41,7 +41,7 @@ class AudioSource:
         per_chunk = max(1, round(self.chunk_seconds * AUDIO_RATE))
         with _open_media(spec) as container:
             if spec.track >= len(container.streams.audio):
-                raise SourceError(f"{spec.label}: {spec.source} has {len(container.streams.audio)} audio tracks, "
+                raise SourceError(f"{spec.label}: {spec.rel(spec.source)} has {len(container.streams.audio)} audio tracks, "
                                   f"track {spec.track} requested")
             stream = container.streams.audio[spec.track]
             resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
@@ -87,7 +87,7 @@ class AudioSource:
         try:
             return resampler.resample(frame)
         except (av.FFmpegError, ValueError) as e:  # e.g. the track changes layout mid-file
-            raise SourceError(f"{self.spec.label}: resampling audio from {self.spec.source} failed: {media_error(e)}") from e
+            raise SourceError(f"{self.spec.label}: resampling audio from {self.spec.rel(self.spec.source)} failed: {media_error(e)}") from e
         finally:
             self.cpu.resize_s += time.thread_time() - t0
 

@@ -13,7 +13,9 @@ with ``#`` are skipped. A ``.npy`` timestamps file holds a 1-D array of times.
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,12 +25,15 @@ import numpy as np
 
 from sources.errors import SourceError
 from sources.session import StreamSpec
-from sources._common import SKIPPED, _chunked, _Chunker, _CpuMeter, _file_to_session, media_error
+from sources._common import (SKIPPED, _chunked, _Chunker, _CpuMeter, _file_to_session, fd_path, media_error,
+                             open_checked, open_file)
 from sources.base import Chunk
 from sources.imagesize import frame_size_problem, png_size
 from sources.base import DEFAULT_MAX_PIXELS
 
 __all__ = ["FrameFolderSource", "NpyFramesSource", "read_timestamps"]
+
+logger = logging.getLogger("sources")
 
 
 def read_timestamps(spec: StreamSpec) -> tuple[list[str] | None, np.ndarray]:
@@ -37,24 +42,38 @@ def read_timestamps(spec: StreamSpec) -> tuple[list[str] | None, np.ndarray]:
     if path is None:
         raise SourceError(f"{spec.label}: no timestamps file configured")
     to_session = _file_to_session(spec)
+    rel = spec.rel(path)
     if path.suffix.lower() == ".npy":
         try:
-            arr = np.load(path, allow_pickle=False)
+            with open_file(spec, path) as f:
+                arr = np.load(f, allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
-            raise SourceError(f"{spec.label}: cannot read timestamps {path}: {e}") from e
+            raise _unreadable_npy(spec, f"timestamps {rel}", path, e) from e
         if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise SourceError(f"{spec.label}: timestamps {path} must be a 1-D numeric array, got {arr.dtype} {arr.shape}")
+            raise SourceError(f"{spec.label}: timestamps {rel} must be a 1-D numeric array, got {arr.dtype} {arr.shape}")
         t = arr.astype(np.float64)
         if not np.isfinite(t).all():
             bad = int(np.flatnonzero(~np.isfinite(t))[0])
-            raise SourceError(f"{spec.label}: timestamps {path} entry {bad} is not finite")
+            raise SourceError(f"{spec.label}: timestamps {rel} entry {bad} is not finite")
         return None, to_session(t)
+    return _read_timestamps_csv(spec, path, rel, to_session)
 
+
+def _unreadable_npy(spec: StreamSpec, what: str, path: Path, e: BaseException) -> SourceError:
+    """The error for a ``.npy`` file numpy cannot read. numpy's message can quote the file's
+    header: it is logged, not put in the error, which reaches every subscriber."""
+    logger.warning("%s: cannot read %s: %s", spec.label, path, e)
+    why = e.strerror if isinstance(e, OSError) and e.strerror else "not a readable .npy array (details in the log)"
+    return SourceError(f"{spec.label}: cannot read {what}: {why}")
+
+
+def _read_timestamps_csv(spec: StreamSpec, path: Path, rel: str, to_session: Any) -> tuple[list[str] | None, np.ndarray]:
+    """:func:`read_timestamps` of a CSV file. Errors name the line, never quote it."""
     names: list[str] = []
     times: list[float] = []
     ncols: int | None = None
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        with open_file(spec, path, "r", newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.reader(f)
             first = True
             for row in reader:
@@ -64,10 +83,10 @@ def read_timestamps(spec: StreamSpec) -> tuple[list[str] | None, np.ndarray]:
                 if ncols is None:
                     ncols = len(cells)
                     if ncols not in (1, 2):
-                        raise SourceError(f"{spec.label}: timestamps {path} line {reader.line_num}: expected 't' or "
+                        raise SourceError(f"{spec.label}: timestamps {rel} line {reader.line_num}: expected 't' or "
                                           f"'frame,t' columns, got {ncols}")
                 if len(cells) != ncols:
-                    raise SourceError(f"{spec.label}: timestamps {path} line {reader.line_num}: expected {ncols} "
+                    raise SourceError(f"{spec.label}: timestamps {rel} line {reader.line_num}: expected {ncols} "
                                       f"fields, got {len(cells)}")
                 try:
                     t = float(cells[-1])
@@ -75,20 +94,20 @@ def read_timestamps(spec: StreamSpec) -> tuple[list[str] | None, np.ndarray]:
                     if first:
                         first = False
                         continue  # header row
-                    raise SourceError(f"{spec.label}: timestamps {path} line {reader.line_num}: "
-                                      f"time {cells[-1]!r} is not a number") from None
+                    raise SourceError(f"{spec.label}: timestamps {rel} line {reader.line_num}: "
+                                      f"the time is not a number") from None
                 first = False
                 if not math.isfinite(t):
-                    raise SourceError(f"{spec.label}: timestamps {path} line {reader.line_num}: time is not finite")
+                    raise SourceError(f"{spec.label}: timestamps {rel} line {reader.line_num}: time is not finite")
                 if ncols == 2:
                     names.append(cells[0])
                 times.append(t)
     except csv.Error as e:
-        raise SourceError(f"{spec.label}: malformed timestamps CSV {path}: {e}") from e
+        raise SourceError(f"{spec.label}: malformed timestamps CSV {rel}: {e}") from e
     except OSError as e:
-        raise SourceError(f"{spec.label}: cannot read timestamps {path}: {e}") from e
+        raise SourceError(f"{spec.label}: cannot read timestamps {rel}: {e.strerror or e}") from e
     if not times:
-        raise SourceError(f"{spec.label}: timestamps {path} holds no times")
+        raise SourceError(f"{spec.label}: timestamps {rel} holds no times")
     return (names if ncols == 2 else None), to_session(np.asarray(times, dtype=np.float64))
 
 
@@ -141,19 +160,20 @@ class FrameFolderSource:
 
     def _plan(self) -> list[tuple[float, Path]]:
         spec = self.spec
-        pngs = sorted((p for p in spec.source.iterdir() if p.suffix.lower() == ".png"), key=lambda p: p.name)
+        pngs = sorted((spec.source / n for n in _listing(spec) if n.lower().endswith(".png")), key=lambda p: p.name)
         names, times = read_timestamps(spec)
         if names is None:
             if len(times) != len(pngs):
-                raise SourceError(f"{spec.label}: {spec.timestamps} has {len(times)} times for {len(pngs)} PNG files "
-                                  f"in {spec.source}")
+                raise SourceError(f"{spec.label}: {spec.rel(spec.timestamps)} has {len(times)} times for {len(pngs)} "
+                                  f"PNG files in {spec.rel(spec.source)}")
             return list(zip(times.tolist(), pngs))
         by_name = {p.name: p for p in pngs}
         plan = []
-        for name, t in zip(names, times.tolist()):
+        for i, (name, t) in enumerate(zip(names, times.tolist())):
             # Only names of files in the folder: a '../x.png' entry cannot reach outside it.
             if name not in by_name:
-                raise SourceError(f"{spec.label}: {spec.timestamps} lists frame {name!r}, not a PNG in {spec.source}")
+                raise SourceError(f"{spec.label}: {spec.rel(spec.timestamps)} frame entry {i + 1} names no PNG in "
+                                  f"{spec.rel(spec.source)}")
             plan.append((t, by_name[name]))
         return plan
 
@@ -177,28 +197,37 @@ class FrameFolderSource:
             yield t, img
 
     def _decode(self, path: Path) -> np.ndarray:
-        spec = self.spec
+        # One descriptor, checked as it is opened, for the header and the decoder alike.
+        fd = open_checked(self.spec, path, follow=True)
         try:
-            with open(path, "rb") as f:
-                size = png_size(f.read(24))
+            return self._decode_fd(fd, path)
+        finally:
+            os.close(fd)
+
+    def _decode_fd(self, fd: int, path: Path) -> np.ndarray:
+        spec = self.spec
+        rel = spec.rel(path)
+        try:
+            size = png_size(os.pread(fd, 24, 0))
         except OSError as e:
-            raise SourceError(f"{spec.label}: cannot read frame {path}: {e.strerror or e}") from e
+            raise SourceError(f"{spec.label}: cannot read frame {rel}: {e.strerror or e}") from e
         if size is None:
-            raise SourceError(f"{spec.label}: frame {path} is not a PNG (a PNG starts with its signature and "
+            raise SourceError(f"{spec.label}: frame {rel} is not a PNG (a PNG starts with its signature and "
                               "its IHDR chunk); not decoded")
         problem = frame_size_problem(*size, self.max_pixels if self.max_pixels is not None else DEFAULT_MAX_PIXELS)
         if problem:
-            raise SourceError(f"{spec.label}: frame {path} refused before decoding: its header says {problem}")
+            raise SourceError(f"{spec.label}: frame {rel} refused before decoding: its header says {problem}")
+        target = fd_path(fd)
         try:
             t0 = time.thread_time()  # opening (probing) the PNG is part of decoding it
-            with av.open(str(path)) as c:
+            with av.open(target if target is not None else os.fdopen(os.dup(fd), "rb")) as c:
                 frame = next(c.decode(video=0))
                 t1 = time.thread_time()
                 self.cpu.decode_s += t1 - t0
                 fmt = frame.format.name
                 if spec.modality == "depth":
                     if fmt not in ("gray16be", "gray16le"):
-                        raise SourceError(f"{spec.label}: depth frame {path} is {fmt}, expected a 16-bit "
+                        raise SourceError(f"{spec.label}: depth frame {rel} is {fmt}, expected a 16-bit "
                                           f"grayscale PNG")
                     raw = frame.to_ndarray()
                 elif fmt in ("gray", "gray16be", "gray16le"):
@@ -208,8 +237,8 @@ class FrameFolderSource:
                     raw = frame.reformat(format="gray16le" if deep else "gray").to_ndarray()
                 self.cpu.resize_s += time.thread_time() - t1
         except (av.FFmpegError, OSError, StopIteration) as e:
-            raise SourceError(f"{spec.label}: cannot decode frame {path}: {media_error(e) if str(e) else 'no image'}") from e
-        return _frame_values(spec, raw, str(path))
+            raise SourceError(f"{spec.label}: cannot decode frame {rel}: {media_error(e) if str(e) else 'no image'}") from e
+        return _frame_values(spec, raw, rel)
 
 
 class NpyFramesSource:
@@ -227,23 +256,49 @@ class NpyFramesSource:
         self.spec = spec
         self.chunk_seconds = chunk_seconds
         self.dropped: dict[str, int] = {}
-        try:
-            self._arr = np.load(spec.source, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise SourceError(f"{spec.label}: cannot read {spec.source}: {e}") from e
+        rel = spec.rel(spec.source)
+        self._arr = _load_npy(spec)
         if self._arr.ndim != 3:
-            raise SourceError(f"{spec.label}: {spec.source} must be [N, H, W], got shape {self._arr.shape}")
+            raise SourceError(f"{spec.label}: {rel} must be [N, H, W], got shape {self._arr.shape}")
         dt = self._arr.dtype
         ok = (dt in (np.uint8, np.uint16) or np.issubdtype(dt, np.floating)) if spec.modality == "thermal" else (
             np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating))
         if not ok:
-            raise SourceError(f"{spec.label}: {spec.source} has dtype {dt}, not usable as {spec.modality} values")
+            raise SourceError(f"{spec.label}: {rel} has dtype {dt}, not usable as {spec.modality} values")
         _, self._t = read_timestamps(spec)
         if len(self._t) != self._arr.shape[0]:
-            raise SourceError(f"{spec.label}: {spec.timestamps} has {len(self._t)} times for "
-                              f"{self._arr.shape[0]} frames in {spec.source}")
+            raise SourceError(f"{spec.label}: {spec.rel(spec.timestamps)} has {len(self._t)} times for "
+                              f"{self._arr.shape[0]} frames in {rel}")
 
     def __iter__(self) -> Iterator[Chunk]:
         chunker = _Chunker(self.spec, self.chunk_seconds,
-                           lambda xs: _frame_values(self.spec, np.stack(xs), str(self.spec.source)))
+                           lambda xs: _frame_values(self.spec, np.stack(xs), self.spec.rel(self.spec.source)))
         yield from _chunked(chunker, ((float(t), np.asarray(self._arr[i])) for i, t in enumerate(self._t)))
+
+
+def _listing(spec: StreamSpec) -> list[str]:
+    """The names in the frame folder, listed from a descriptor checked as it was opened (a
+    folder swapped for a symlink since the session was loaded is refused, not listed)."""
+    fd = open_checked(spec, spec.source)
+    try:
+        return os.listdir(fd) if os.listdir in os.supports_fd else os.listdir(spec.source)
+    except OSError as e:
+        raise SourceError(f"{spec.label}: cannot list {spec.rel(spec.source)}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+
+
+def _load_npy(spec: StreamSpec) -> np.ndarray:
+    """``spec.source`` memory-mapped, from the descriptor :func:`open_checked` opened (its
+    ``/proc/self/fd`` path; read whole where there is none)."""
+    fd = open_checked(spec, spec.source)
+    target = fd_path(fd)
+    try:
+        if target is not None:
+            return np.load(target, mmap_mode="r", allow_pickle=False)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise _unreadable_npy(spec, spec.rel(spec.source), spec.source, e) from e
+    finally:
+        os.close(fd)

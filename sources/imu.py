@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from typing import Iterator
 
@@ -11,10 +12,12 @@ import numpy as np
 from sources.errors import SourceError
 from sources.lines import MAX_LINE_CHARS, bounded_lines
 from sources.session import IMU_ROLES, StreamSpec
-from sources._common import _chunked, _Chunker, _Drops, _file_to_session
+from sources._common import _chunked, _Chunker, _Drops, _file_to_session, open_file
 from sources.base import Chunk
 
 __all__ = ["ImuCsvSource", "STANDARD_GRAVITY"]
+
+logger = logging.getLogger("sources")
 
 STANDARD_GRAVITY = 9.80665  # m/s^2 per g
 _DEG = math.pi / 180.0
@@ -52,12 +55,12 @@ class ImuCsvSource:
         try:
             # utf-8-sig: spreadsheet exports start with a BOM that would glue onto the first
             # column name; undecodable bytes become U+FFFD and fail as non-numeric rows.
-            with open(spec.source, newline="", encoding="utf-8-sig", errors="replace") as f:
+            with open_file(spec, spec.source, "r", newline="", encoding="utf-8-sig", errors="replace") as f:
                 reader = csv.reader(bounded_lines(f, lambda n: drops.drop(
                     "line_too_long", f"line {n} of {spec.source.name} (over {MAX_LINE_CHARS} characters)")))
                 header = next(reader, None)
                 if header is None:
-                    raise SourceError(f"{spec.label}: {spec.source} is empty (expected a header row)")
+                    raise SourceError(f"{spec.label}: {spec.rel(spec.source)} is empty (expected a header row)")
                 names = [h.strip() for h in header]
                 cols = dict(spec.columns or ())
                 idx = [self._index(names, cols[r], f"columns.{r}") for r in IMU_ROLES]
@@ -82,9 +85,10 @@ class ImuCsvSource:
                         continue
                     yield to_session(vals[0]), [v * s for v, s in zip(vals[1:], scales)]
         except csv.Error as e:
-            raise SourceError(f"{spec.label}: malformed CSV in {spec.source} near line {reader.line_num}: {e}") from e
+            raise SourceError(f"{spec.label}: malformed CSV in {spec.rel(spec.source)} near line {reader.line_num}: "
+                              f"{e}") from e
         except OSError as e:
-            raise SourceError(f"{spec.label}: cannot read {spec.source}: {e}") from e
+            raise SourceError(f"{spec.label}: cannot read {spec.rel(spec.source)}: {e.strerror or e}") from e
         finally:
             drops.summary()
 
@@ -92,6 +96,9 @@ class ImuCsvSource:
         try:
             return names.index(col)
         except ValueError:
-            shown = ", ".join(names[:20])
-            raise SourceError(f"{self.spec.label}: column {col!r} (key {key}) missing in {self.spec.source}; "
-                              f"header has: {shown}") from None
+            # The header's names are the file's content: logged here, not put in the error,
+            # which reaches every subscriber.
+            logger.warning("%s: header of %s: %s", self.spec.label, self.spec.source, ", ".join(names[:20]))
+            raise SourceError(f"{self.spec.label}: column {col!r} (key {key}) missing in the header row of "
+                              f"{self.spec.rel(self.spec.source)} ({len(names)} columns; their names are in the "
+                              f"log)") from None

@@ -111,7 +111,9 @@ _LIVE_COMMON_KEYS = frozenset({"id", "modality", "kind", "clock", "offset"})
 class StreamSpec:
     """One validated stream of a session.
 
-    ``source`` and ``timestamps`` are absolute, resolved, and inside the session folder.
+    ``source`` and ``timestamps`` are absolute, resolved, and inside the session folder
+    ``root``; ``file_ids`` holds, per path, the ``(device, inode)`` they had when the session was
+    loaded, so a source opening them can tell a file swapped since (``sources._common.open_checked``).
     ``columns`` is the IMU column mapping with any preset already expanded, as
     ``((role, column), ...)`` in :data:`IMU_ROLES` order. ``depth_unit`` is ``None`` when the
     file decides (16-bit PNG and integer ``.npy`` mean mm, float ``.npy`` means m).
@@ -136,10 +138,26 @@ class StreamSpec:
     options: tuple[tuple[str, Any], ...] = ()  # live: the kind's options; bag audio: its PCM layout
     topic: str | None = None  # a bag stream's topic (docs/session-format.md, "Bag streams")
     stamp: str = "header"  # bag streams: sample times from the message header, or the log time
+    root: Path | None = None  # the session folder, resolved
+    file_ids: tuple[tuple[str, int, int], ...] = ()  # (path, st_dev, st_ino) at load
 
     def option(self, name: str, default: Any = None) -> Any:
         """A live option by name (``default`` when not given)."""
         return dict(self.options).get(name, default)
+
+    def rel(self, path: Path) -> str:
+        """``path`` as error messages show it: relative to the session folder (never an
+        absolute path, which would tell subscribers about the host); its name alone when it is
+        not inside; as given when the spec has no folder."""
+        if self.root is None:
+            return str(path)
+        p = Path(path)
+        return p.relative_to(self.root).as_posix() if p.is_relative_to(self.root) else p.name
+
+    def file_id(self, path: Path) -> tuple[int, int] | None:
+        """``(device, inode)`` of ``path`` when the session was loaded, if it was recorded."""
+        key = str(path)
+        return next(((dev, ino) for p, dev, ino in self.file_ids if p == key), None)
 
     @property
     def label(self) -> str:
@@ -291,7 +309,23 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
         kw.update(_parse_imu(raw, at))
     elif modality in ("depth", "thermal"):
         kw.update(_parse_frames(raw, modality, source, root, at))
-    return StreamSpec(id=sid, modality=modality, source=source, session=session, offset=offset, **kw)
+    ids = _file_ids([source, kw.get("timestamps")], at)
+    return StreamSpec(id=sid, modality=modality, source=source, session=session, offset=offset, root=root,
+                      file_ids=ids, **kw)
+
+
+def _file_ids(paths: list[Path | None], at: str) -> tuple[tuple[str, int, int], ...]:
+    """``(path, device, inode)`` of each validated path, to be compared when it is opened."""
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise ConfigError(f"{at}: cannot read {p.name}: {e.strerror or e}") from e
+        out.append((str(p), st.st_dev, st.st_ino))
+    return tuple(out)
 
 
 def _all_live(streams: Any) -> bool:

@@ -9,7 +9,7 @@ from typing import Iterator
 from sources.errors import SourceError
 from sources.lines import MAX_LINE_CHARS, bounded_lines
 from sources.session import StreamSpec
-from sources._common import _chunked, _Chunker, _Drops, _file_to_session
+from sources._common import _chunked, _Chunker, _Drops, _file_to_session, open_file
 from sources.base import Chunk
 
 __all__ = ["TextJsonlSource", "MAX_TEXT_CHARS"]
@@ -44,7 +44,7 @@ class TextJsonlSource:
         to_session = _file_to_session(spec)
         name = spec.source.name
         try:
-            with open(spec.source, "rb") as f:
+            with open_file(spec, spec.source, "rb") as f:
                 lines = bounded_lines(f, lambda n: drops.drop("line_too_long", f"line {n} of {name} "
                                                                                f"(over {MAX_LINE_CHARS} bytes)"))
                 for n, raw in enumerate(lines, start=1):
@@ -72,7 +72,7 @@ class TextJsonlSource:
                         continue
                     yield to_session(tf), text
         except OSError as e:
-            raise SourceError(f"{spec.label}: cannot read {spec.source}: {e}") from e
+            raise SourceError(f"{spec.label}: cannot read {spec.rel(spec.source)}: {e.strerror or e}") from e
         finally:
             drops.summary()
 

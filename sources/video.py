@@ -63,13 +63,13 @@ class VideoSource:
         chunker = _Chunker(spec, self.chunk_seconds, np.stack)
         with _open_media(spec) as container:
             if spec.track >= len(container.streams.video):
-                raise SourceError(f"{spec.label}: {spec.source} has {len(container.streams.video)} video tracks, "
+                raise SourceError(f"{spec.label}: {spec.rel(spec.source)} has {len(container.streams.video)} video tracks, "
                                   f"track {spec.track} requested")
             stream = container.streams.video[spec.track]
             w, h = stream.codec_context.width, stream.codec_context.height
             problem = frame_size_problem(w, h, self.max_pixels)
             if problem:
-                raise SourceError(f"{spec.label}: {spec.source} video track {spec.track}: {problem}")
+                raise SourceError(f"{spec.label}: {spec.rel(spec.source)} video track {spec.track}: {problem}")
             out_w, out_h = (w, h) if gray else scaled_size(w, h, self.video_size)
             stream.thread_type = "AUTO"
             yield from _chunked(chunker, self._frames(container, stream, out_w, out_h, gray), select=self.select)

@@ -293,7 +293,8 @@ def test_summary_prints_publisher_hwm_drops():
 
 def test_one_encoder_call_carries_every_tower_and_a_refused_tower_spares_the_others():
     # Aligners send a release's items of every modality in one call (EncoderActor.encode_many);
-    # a tower whose batch fails comes back as its error, and the other towers' rows still come.
+    # a tower whose every item fails comes back as its error, and the other towers' rows still
+    # come (an item failing beside good ones: tests/test_isolation.py).
     from pipeline.actors import EncoderActor
 
     enc = EncoderActor.remote({"config": "imagebind_tiny", "checkpoint": "none", "device": "cpu",
@@ -301,14 +302,14 @@ def test_one_encoder_call_carries_every_tower_and_a_refused_tower_spares_the_oth
     rng = np.random.default_rng(0)
     clips = [rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8) for _ in range(3)]
     audio = [rng.standard_normal(32000).astype(np.float32)]
-    out = ray.get(enc.encode_many.remote({"vision": clips, "audio": audio, "text": ["a dog", 7]}))
+    out = ray.get(enc.encode_many.remote({"vision": clips, "audio": audio, "text": [7]}))
     assert set(out) == {"vision", "audio", "text"}
     assert isinstance(out["text"], str) and "expected str" in out["text"], out["text"]
-    alone, _ = ray.get(enc.encode_timed.remote("vision", clips))
-    rows, spans = out["vision"]
+    alone = ray.get(enc.encode_timed.remote("vision", clips)).rows
+    rows, spans = out["vision"].rows, out["vision"].spans
     assert len(rows) == 3 and len(spans) == 3
     np.testing.assert_allclose(np.stack(rows), np.stack(alone), atol=1e-5)
-    assert len(out["audio"][0]) == 1 and abs(float(np.linalg.norm(out["audio"][0][0])) - 1.0) < 1e-5
+    assert len(out["audio"].rows) == 1 and abs(float(np.linalg.norm(out["audio"].rows[0])) - 1.0) < 1e-5
     ray.kill(enc)
 
 
@@ -331,8 +332,8 @@ def test_preparing_ahead_gives_the_same_rows_as_preparing_in_the_model_thread():
     t0 = time.time()
     a, b = ray.get([ahead.encode_many.remote(groups), inline.encode_many.remote(groups)])
     for m, items in groups.items():
-        rows_a, spans_a = a[m]
-        rows_b, _ = b[m]
+        rows_a, spans_a = a[m].rows, a[m].spans
+        rows_b = b[m].rows
         assert len(rows_a) == len(items)
         np.testing.assert_array_equal(np.stack(rows_a), np.stack(rows_b))
         assert all(t0 <= s0 < s1 <= time.time() for s0, s1 in spans_a)
