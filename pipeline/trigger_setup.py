@@ -126,11 +126,12 @@ def embed_prompts(prompts: PromptInputs | None, encoder: Any) -> TriggerSetup | 
         groups["text"] += list(prompts.background)
         rows[("", "text")] = (start, start + len(prompts.background))
     out = ray.get(encoder.encode_many.remote(groups)) if groups else {}
-    failed = {m: r for m, r in out.items() if isinstance(r, str)}
+    failed = {m: r if isinstance(r, str) else "; ".join(r.errors.values()) or "bad values"
+              for m, r in out.items() if isinstance(r, str) or any(row is None for row in r.rows)}
     if failed:
         m, err = next(iter(failed.items()))
         raise RuntimeError(f"triggers: the encoder could not embed the {m} prompts: {err}")
-    emb = {m: np.asarray(r[0], dtype=np.float32) for m, r in out.items()}
+    emb = {m: np.asarray(r.rows, dtype=np.float32) for m, r in out.items()}
     vectors = {name: {m: _mean_unit(emb[m][lo:hi]) for (n, m), (lo, hi) in rows.items() if n == name}
                for name in prompts.payloads}
     background = emb["text"][slice(*rows[("", "text")])] if prompts.background else None
