@@ -20,8 +20,8 @@ from pipeline.run_loop import SourceWatch, wait_sessions
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
-__all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepare_sessions", "ray_init_kwargs",
-           "ray_system_config", "resolve_model_options", "run"]
+__all__ = ["PUBLISHER_MAX_RESTARTS", "EndpointInUse", "RunResult", "check_endpoint_free", "curve_server_config",
+           "prepare_sessions", "ray_init_kwargs", "ray_system_config", "resolve_model_options", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     live = _live_settings(cfg, specs)  # None unless a session is live
     model_opts = resolve_model_options(cfg)
     curve = curve_server_config(cfg)
+    if not cfg.ray.address:  # the publisher binds on this host: a port in use is found before Ray starts
+        check_endpoint_free(cfg.publish.endpoint)
     started_ray = _ray_init(cfg)
     t0 = time.time()
     actors: list[Any] = []  # every actor of the run, killed at its end
@@ -251,7 +253,11 @@ def _start_publisher(cfg: RunConfig, info: dict[str, Any], live: dict[str, Any] 
             break
         except ray.exceptions.RayActorError as exc:
             picked = pub_opts["endpoint"] != cfg.publish.endpoint
-            if not picked or attempt == 2 or "Address already in use" not in str(exc):
+            if "Address already in use" not in str(exc):
+                raise
+            if not picked:
+                raise EndpointInUse(cfg.publish.endpoint) from None
+            if attempt == 2:
                 raise
             log.warning("publisher: %s was taken before the publisher bound it; picking another port",
                         pub_opts["endpoint"])
@@ -351,6 +357,35 @@ def _fixed_endpoint(endpoint: str) -> str:
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
     except zmq.ZMQError as exc:
         raise OSError(f"publisher: cannot bind {endpoint!r}: {exc}") from exc
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+class EndpointInUse(ConfigError):
+    """``publish.endpoint`` is bound by another process (exit 2); the message says how to pick another."""
+
+    def __init__(self, endpoint: str) -> None:
+        base = endpoint.rsplit(":", 1)[0]
+        super().__init__(f"publish.endpoint {endpoint} is in use by another process; pick another with "
+                         f"--set publish.endpoint={base}:PORT (or {base}:* for any free port)")
+
+
+def check_endpoint_free(endpoint: str) -> None:
+    """Raise :class:`EndpointInUse` when a ``tcp://`` ``endpoint`` with a concrete port cannot be
+    bound on this host now (the publisher binds it once Ray has started)."""
+    if not endpoint.startswith("tcp://") or endpoint.endswith(":*"):
+        return
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XPUB)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EADDRINUSE:
+            raise EndpointInUse(endpoint) from None
+        # Anything else (a host that is not this one's, a bad address): the publisher reports it.
     finally:
         sock.close(linger=0)
         ctx.term()

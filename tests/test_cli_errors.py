@@ -129,3 +129,46 @@ def test_subscribe_timeout_counts_from_the_first_message_not_from_its_start(tmp_
     assert proc.returncode == 0
     assert "emb/s/vision" in stdout and "ctl/s" in stdout
     assert "received ctl/s 1, emb/s/vision 1" in stderr
+
+
+def _busy_endpoint() -> tuple[object, str]:
+    """A plain ZeroMQ socket bound on a free 127.0.0.1 port: another process's publisher."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUB)
+    sock.bind("tcp://127.0.0.1:*")
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def test_a_publisher_endpoint_in_use_exits_2_naming_it_and_how_to_pick_another(tmp_path: Path) -> None:
+    sock, endpoint = _busy_endpoint()
+    try:
+        t0 = time.monotonic()
+        out = _cli(tmp_path, "--set", "model.checkpoint=none", "--set", f"publish.endpoint={endpoint}")
+        elapsed = time.monotonic() - t0
+    finally:
+        sock.close(linger=0)
+    _no_traceback(out)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"publish.endpoint {endpoint} is in use by another process" in out.stderr
+    assert "--set publish.endpoint=tcp://127.0.0.1:PORT (or tcp://127.0.0.1:* for any free port)" in out.stderr
+    assert "Token authentication" not in out.stderr, "found before Ray starts"
+    assert elapsed < 60
+
+
+def test_an_endpoint_taken_between_the_check_and_the_publishers_bind_is_the_same_error(tmp_path, monkeypatch,
+                                                                                        ray_cluster) -> None:
+    """On a Ray cluster (``ray.address``) the driver cannot check the publisher's host: the
+    publisher's failed bind gives the same error."""
+    from pipeline import run as run_mod
+    from pipeline.config import parse_config
+
+    monkeypatch.setattr(run_mod, "check_endpoint_free", lambda endpoint: None)
+    sock, endpoint = _busy_endpoint()
+    cfg = parse_config({"sessions": [str(_session(tmp_path))], "progress": False, "publish": {"endpoint": endpoint},
+                        "model": {"config": "imagebind_tiny", "checkpoint": "none", "precision": "fp32"}})
+    try:
+        with pytest.raises(run_mod.EndpointInUse, match="is in use by another process; pick another with"):
+            run_mod.run(cfg)
+    finally:
+        sock.close(linger=0)
