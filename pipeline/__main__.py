@@ -2,7 +2,8 @@
 
 Exit codes of ``run`` and ``record``: 0 every stream ended cleanly, 2 configuration error
 (nothing started), 3 some stream failed (the others ran to the end), 4 model weights
-unavailable or unreadable, 5 a recording could not be written, 130 interrupted.
+unavailable or unreadable, 5 a recording could not be written, 6 no subscriber came within
+``publish.wait_timeout_s`` (nothing published), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ __all__ = ["main"]
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from sources.errors import ConfigError
-    from pipeline.run import EXIT_CONFIG, run
+    from pipeline.run import EXIT_CONFIG, EXIT_NO_SUBSCRIBER, NoSubscriber, run
 
     try:
         cfg = load_config(args.config, args.set)
@@ -31,6 +32,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except NoSubscriber as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_SUBSCRIBER
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=_prog(), description="Streaming multimodal ImageBind embeddings: sessions in, ZeroMQ out.",
         epilog="Exit codes: 0 clean, 2 configuration error, 3 a stream failed, 4 weights unavailable, "
-               "5 a recording failed, 130 interrupted. Docs: README.md and docs/.")
+               "5 a recording failed, 6 no subscriber in time, 130 interrupted. Docs: README.md and docs/.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -20,13 +20,14 @@ from pipeline.run_loop import SourceWatch, wait_sessions
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
-__all__ = ["PUBLISHER_MAX_RESTARTS", "EndpointInUse", "RunResult", "check_endpoint_free", "curve_server_config",
+__all__ = ["PUBLISHER_MAX_RESTARTS", "EndpointInUse", "NoSubscriber", "RunResult", "check_endpoint_free", "curve_server_config",
            "prepare_sessions", "ray_init_kwargs", "ray_system_config", "resolve_model_options", "run"]
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG, EXIT_STREAM_FAILED = 0, 2, 3
 EXIT_OUTPUT_FAILED = 5  # every stream ran, but a recording could not be written
+EXIT_NO_SUBSCRIBER = 6  # publish.wait_for_subscribers: none came in time, nothing was published
 PUBLISHER_MAX_RESTARTS = 2  # Ray restarts of the publisher actor (docs/guarantees.md)
 
 
@@ -163,7 +164,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         publisher, endpoint = _start_publisher(cfg, info, live, curve, uid, actors)
         if on_ready is not None:
             on_ready(endpoint)
-        ray.get(publisher.wait_for_subscribers.remote())
+        _wait_for_subscribers(cfg, publisher, endpoint)
         aligners = _start_sessions(cfg, specs, info, live, encoders, publisher, uid, actors)
         # Every stream ready and every aligner connected before any stream reads. Failures are
         # left to the run calls, which report them per stream.
@@ -264,6 +265,25 @@ def _start_publisher(cfg: RunConfig, info: dict[str, Any], live: dict[str, Any] 
     log.info("publishing on %s (model %s, dim %d, %s %s)", endpoint, info["model"], info["dim"],
              info["device"], info["dtype"])
     return publisher, endpoint
+
+
+class NoSubscriber(RuntimeError):
+    """``publish.wait_for_subscribers`` were not there within ``publish.wait_timeout_s``: nothing
+    was published (exit 6); the message says how to start a subscriber or lower the key."""
+
+
+def _wait_for_subscribers(cfg: RunConfig, publisher: Any, endpoint: str) -> None:
+    import ray
+
+    try:
+        ray.get(publisher.wait_for_subscribers.remote())
+    except TimeoutError:  # Ray's task error is also an instance of its cause
+        n = int(cfg.publish.wait_for_subscribers)
+        raise NoSubscriber(
+            f"no subscriber came within publish.wait_timeout_s ({cfg.publish.wait_timeout_s:g} s): "
+            f"publish.wait_for_subscribers={n} subscription(s) wanted on {endpoint}; nothing was published. "
+            f"Start one first (python -m pipeline subscribe {endpoint}), or lower the key "
+            f"(--set publish.wait_for_subscribers=0 does not wait), or raise publish.wait_timeout_s") from None
 
 
 def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, Any], live: dict[str, Any] | None,

@@ -172,3 +172,13 @@ def test_an_endpoint_taken_between_the_check_and_the_publishers_bind_is_the_same
             run_mod.run(cfg)
     finally:
         sock.close(linger=0)
+
+
+def test_no_subscriber_within_wait_timeout_exits_6_saying_how_to_start_one(tmp_path: Path) -> None:
+    out = _cli(tmp_path, "--set", "model.checkpoint=none", "--set", "publish.endpoint=tcp://127.0.0.1:*",
+               "--set", "publish.wait_for_subscribers=1", "--set", "publish.wait_timeout_s=1")
+    _no_traceback(out)
+    assert out.returncode == 6, out.stderr[-2000:]
+    assert "no subscriber came within publish.wait_timeout_s (1 s)" in out.stderr
+    assert "nothing was published" in out.stderr and "python -m pipeline subscribe tcp://127.0.0.1:" in out.stderr
+    assert "--set publish.wait_for_subscribers=0" in out.stderr
