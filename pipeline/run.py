@@ -73,8 +73,9 @@ def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
     return specs
 
 
-def resolve_model_options(cfg: RunConfig) -> dict[str, Any]:
-    """Model options for the encoder actors: device chosen, checkpoint resolved to a path."""
+def resolve_model_options(cfg: RunConfig, specs: list[SessionSpec] = ()) -> dict[str, Any]:
+    """Model options for the encoder actors: device chosen, checkpoint resolved to a path; every
+    modality of ``specs`` checked against the model's towers."""
     import torch
 
     from encoders.config import get_config
@@ -90,10 +91,14 @@ def resolve_model_options(cfg: RunConfig) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"config key 'model.config': cannot read reference kwargs JSON {path}: {exc}") from None
     try:
-        get_config(config)
+        towers = get_config(config).towers
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"config key 'model.config': {exc}") from None
     m["config"] = config
+    for spec in specs:
+        unsupported = sorted({s.modality for s in spec.streams} - set(towers))
+        if unsupported:
+            raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
     if m["device"] == "auto":
         m["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if m["device"] == "cpu" and m["precision"] == "fp16":
@@ -150,7 +155,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
 
     specs = prepare_sessions(cfg)
     live = _live_settings(cfg, specs)  # None unless a session is live
-    model_opts = resolve_model_options(cfg)
+    model_opts = resolve_model_options(cfg, specs)
     curve = curve_server_config(cfg)
     if not cfg.ray.address:  # the publisher binds on this host: a port in use is found before Ray starts
         check_endpoint_free(cfg.publish.endpoint)
@@ -304,10 +309,7 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
     }
     aligners = []
     for spec in specs:
-        streams = {s.id: s.modality for s in spec.streams}
-        unsupported = sorted({m for m in streams.values() if m not in info["modalities"]})
-        if unsupported:
-            raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
+        streams = {s.id: s.modality for s in spec.streams}  # towers checked in resolve_model_options
         # start first: its seqs go to the aligner, which resumes a restarted publisher from them.
         start_seqs = ray.get(publisher.start_session.remote(
             spec.name, streams, info["model"], info["dim"]))

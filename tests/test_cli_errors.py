@@ -182,3 +182,21 @@ def test_no_subscriber_within_wait_timeout_exits_6_saying_how_to_start_one(tmp_p
     assert "no subscriber came within publish.wait_timeout_s (1 s)" in out.stderr
     assert "nothing was published" in out.stderr and "python -m pipeline subscribe tcp://127.0.0.1:" in out.stderr
     assert "--set publish.wait_for_subscribers=0" in out.stderr
+
+
+def test_an_imu_column_typo_exits_2_before_ray_starts_naming_session_stream_file_and_the_files_columns(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "imu.csv").write_text("t,ax,ay,az,gyro_x,gy,gz\n0,0,0,9.8,0,0,0\n")
+    (folder / "session.yaml").write_text(
+        "format: bindstream.session/1\nname: kitchen\nstreams:\n  - {id: imu0, modality: imu, source: imu.csv,\n"
+        "     columns: {t: t, ax: ax, ay: ay, az: az, gx: gx, gy: gy, gz: gz}}\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"sessions: [{folder}]\nmodel: {{config: imagebind_tiny, checkpoint: none}}\n")
+    out = _main("run", str(config))
+    _no_traceback(out)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "session 'kitchen'" in out.stderr and "stream 'imu0'" in out.stderr
+    assert f"column 'gx' missing in {folder / 'imu.csv'}; the file has: t, ax, ay, az, gyro_x, gy, gz" in out.stderr
+    assert "Token authentication" not in out.stderr, "found before Ray starts"
