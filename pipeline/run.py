@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_CONFIG, EXIT_STREAM_FAILED = 0, 2, 3
 EXIT_OUTPUT_FAILED = 5  # every stream ran, but a recording could not be written
 EXIT_NO_SUBSCRIBER = 6  # publish.wait_for_subscribers: none came in time, nothing was published
+EXIT_INTERRUPTED = 130  # a replay stopped by Ctrl-C/SIGTERM before its end (128 + SIGINT, as shells do)
 PUBLISHER_MAX_RESTARTS = 2  # Ray restarts of the publisher actor (docs/guarantees.md)
 
 
@@ -50,6 +51,8 @@ class RunResult:
     def exit_code(self) -> int:
         if any(s["errors"] for s in self.sessions):
             return EXIT_STREAM_FAILED
+        if any(s.get("interrupted") for s in self.sessions):
+            return EXIT_INTERRUPTED
         return EXIT_OUTPUT_FAILED if any(s.get("recording_error") for s in self.sessions) else EXIT_OK
 
 
@@ -342,7 +345,7 @@ def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]
     watch = SourceWatch()
     for spec, al in zip(specs, aligners):
         for s in spec.streams:
-            watch.add(al.source_run.remote(s.id, cfg.rate, cfg.max_inflight_chunks, start_at), al, s.id)
+            watch.add(al.source_run.remote(s.id, cfg.rate, cfg.max_inflight_chunks, start_at), al, s.id, spec.live)
     return watch
 
 

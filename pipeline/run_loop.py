@@ -26,20 +26,22 @@ def wait_sessions(done_refs: list[Any], aligners: list[Any], specs: list[Session
     import ray
 
     bars = _progress_bars(specs, progress)
-    interrupted = {"n": 0}
     last: list[dict[str, Any] | None] = [None] * len(aligners)  # each aligner's latest progress()
+    signals = _SignalCount()
 
     def on_signal(signum: int, frame: Any) -> None:
-        interrupted["n"] += 1
-        if interrupted["n"] >= 2:
+        n = signals.count()
+        if n >= 2:
             raise KeyboardInterrupt
-        log.warning("stopping: draining in-flight windows (press Ctrl-C again to stop at once)")
-        watch.stop()
+        if n == 1:
+            log.warning("stopping: draining in-flight windows (press Ctrl-C again to stop at once)")
+            watch.stop(interrupt=True)
 
     old = {}
     if _is_main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             old[sig] = signal.signal(sig, on_signal)
+        signals.install()
     try:
         pending = list(done_refs)
         stop_at = None if stop_after is None else time.monotonic() + float(stop_after)
@@ -58,10 +60,55 @@ def wait_sessions(done_refs: list[Any], aligners: list[Any], specs: list[Session
                     bar.refresh()
         return [_session_result(ref, spec, publisher, p) for ref, spec, p in zip(done_refs, specs, last)]
     finally:
+        signals.uninstall()
         for sig, handler in old.items():
             signal.signal(sig, handler)
         for bar in bars:
             bar.close()
+
+
+class _SignalCount:
+    """How many SIGINT/SIGTERM arrived, counted at the C level: Python runs a handler once for
+    signals that arrive while the main thread is blocked (in ``ray.wait``, say), so two quick
+    Ctrl-C would read as one. Each arrival writes a byte to the wakeup fd, which
+    :meth:`count` reads."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._pair: tuple[Any, Any] | None = None
+        self._old_fd = -1
+
+    def install(self) -> None:
+        import socket
+
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._pair = (r, w)
+        self._old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+
+    def count(self) -> int:
+        """Signals so far (at least one more than before: this runs in a signal handler)."""
+        arrived = 0
+        if self._pair is not None:
+            try:
+                while True:
+                    data = self._pair[0].recv(64)
+                    if not data:
+                        break
+                    arrived += len(data)
+            except (BlockingIOError, InterruptedError):
+                pass
+        self._n += max(1, arrived)
+        return self._n
+
+    def uninstall(self) -> None:
+        if self._pair is None:
+            return
+        signal.set_wakeup_fd(self._old_fd)
+        for sock in self._pair:
+            sock.close()
+        self._pair = None
 
 
 def _poll_progress(aligners: list[Any], last: list[dict[str, Any] | None]) -> None:
@@ -114,15 +161,17 @@ class SourceWatch:
     no stats, only the error; the session's result names every such stream (:func:`_session_result`)."""
 
     def __init__(self) -> None:
-        self._runs: dict[Any, tuple[Any, str]] = {}  # run ref -> (aligner, stream)
+        self._runs: dict[Any, tuple[Any, str, bool]] = {}  # run ref -> (aligner, stream, live)
         self.results: list[dict[str, Any]] = []
 
-    def add(self, run: Any, aligner: Any, stream: str) -> None:
-        self._runs[run] = (aligner, stream)
+    def add(self, run: Any, aligner: Any, stream: str, live: bool = False) -> None:
+        self._runs[run] = (aligner, stream, live)
 
-    def stop(self) -> None:
-        for aligner, stream in list(self._runs.values()):
-            aligner.source_stop.remote(stream)
+    def stop(self, interrupt: bool = False) -> None:
+        """Stop every stream still running. ``interrupt`` (a signal): replayed streams end before
+        their end, which their sessions report; stopping is a live stream's normal end."""
+        for aligner, stream, live in list(self._runs.values()):
+            aligner.source_stop.remote(stream, interrupted=interrupt and not live)
 
     def poll(self, final: bool = False) -> None:
         import ray
@@ -132,7 +181,7 @@ class SourceWatch:
             return
         ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=None if final else 0)
         for ref in ready:
-            _, stream = self._runs.pop(ref)
+            _, stream, _ = self._runs.pop(ref)
             try:
                 self.results.append(ray.get(ref))
             except RayActorError as exc:  # the session's process died (a reader's errors are in its result)

@@ -63,6 +63,7 @@ class SessionResult:
     stages: dict[str, Any] = field(default_factory=dict)  # pipeline.metrics.StageRecorder.summary()
     recording: str | None = None  # live sessions recorded with ``record``: the folder
     recording_error: str | None = None  # the recording could not be written: why, and where its files are
+    interrupted: bool = False  # a replay stopped (Ctrl-C, SIGTERM) before its streams' end
 
     @property
     def failed(self) -> bool:
@@ -86,6 +87,8 @@ class SessionResult:
             out["recording"] = self.recording
         if self.recording_error is not None:
             out["recording_error"] = self.recording_error
+        if self.interrupted:
+            out["interrupted"] = True
         return out
 
     @classmethod
@@ -97,14 +100,16 @@ class SessionResult:
                    latency_p50_s=float(d["latency_p50_s"]), latency_p99_s=float(d["latency_p99_s"]),
                    encode_retries=int(d.get("encode_retries") or 0),
                    publisher_restarts=int(d.get("publisher_restarts") or 0), publisher_error=publisher_error,
-                   stages=dict(d.get("stages") or {}), recording=d.get("recording"), recording_error=d.get("recording_error"))
+                   stages=dict(d.get("stages") or {}), recording=d.get("recording"), recording_error=d.get("recording_error"),
+                   interrupted=bool(d.get("interrupted")))
 
     def lines(self) -> list[str]:
         """The session's lines of the CLI summary."""
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "none"
         latency = ("latency unknown" if math.isnan(self.latency_p50_s)  # its process died (run.py)
                    else f"latency p50 {self.latency_p50_s * 1000:.0f} ms, p99 {self.latency_p99_s * 1000:.0f} ms")
-        out = [f"  {self.session}: {self.windows} windows; embeddings: {counts}; {latency}"]
+        windows = f"INTERRUPTED after {self.windows} windows" if self.interrupted else f"{self.windows} windows"
+        out = [f"  {self.session}: {windows}; embeddings: {counts}; {latency}"]
         if self.missing:
             out.append("    windows without: " + ", ".join(f"{k} {v}" for k, v in sorted(self.missing.items())))
         if self.dropped:
@@ -153,7 +158,7 @@ class SessionStats:
 
     def result(self, *, windows: int, dropped: Mapping[str, int], missing: Mapping[str, int],
                encode_retries: int = 0, publisher_restarts: int = 0,
-               stages: Mapping[str, Any] | None = None) -> SessionResult:
+               stages: Mapping[str, Any] | None = None, interrupted: bool = False) -> SessionResult:
         """The summary; ``dropped`` is every part's drops (:func:`merge_dropped`), this one's
         ``source_dropped`` among them."""
         lat = np.asarray(self.latencies, dtype=np.float64) if self.latencies else np.zeros(1)
@@ -162,4 +167,4 @@ class SessionStats:
             missing=dict(missing), errors=dict(self.errors),
             latency_p50_s=float(np.percentile(lat, 50)), latency_p99_s=float(np.percentile(lat, 99)),
             encode_retries=int(encode_retries), publisher_restarts=int(publisher_restarts),
-            publisher_error=self.publisher_error, stages=dict(stages or {}))
+            publisher_error=self.publisher_error, stages=dict(stages or {}), interrupted=bool(interrupted))
