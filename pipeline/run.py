@@ -8,7 +8,9 @@ offline machine fails fast with a message that says what to do.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.run_loop import SourceWatch, wait_sessions
+from pipeline.run_loop import SourceWatch, error_line, wait_sessions
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
@@ -151,9 +153,22 @@ def _ray_init(cfg: RunConfig) -> bool:
     return True
 
 
+def _quiet_ray_env(cfg: RunConfig) -> None:
+    """Environment for a Ray that says only what matters. Starting Ray here, token
+    authentication is set on explicitly (``RAY_AUTH_MODE=token``: what Ray does by default for a
+    new local cluster, without its banner about it; a user's ``RAY_AUTH_MODE`` wins; Ray reads it
+    as it is imported, so only before that). Output that is not a terminal gets no colour codes in
+    the prefixes of the actors' log lines."""
+    if not cfg.ray.address and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -> RunResult:
     """Run every session of ``cfg`` to the end. ``on_ready(endpoint)`` is called once the
     publisher is bound, before any data flows (tests connect their subscribers there)."""
+    _quiet_ray_env(cfg)
     import ray
 
     specs = prepare_sessions(cfg)
@@ -440,7 +455,7 @@ def _close_publisher(publisher: Any) -> dict[str, Any]:
         ray.get(publisher.close.remote())
         return stats
     except RayActorError as exc:
-        log.error("publisher unavailable at the end of the run: %s", str(exc).splitlines()[0])
+        log.error("publisher unavailable at the end of the run: %s", error_line(exc))
         return {}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import signal
 import sys
 import time
@@ -14,9 +15,17 @@ from typing import Any
 from pipeline.stats import SessionResult
 from sources.session import SessionSpec
 
-__all__ = ["SourceWatch", "wait_sessions"]
+__all__ = ["SourceWatch", "error_line", "wait_sessions"]
 
 log = logging.getLogger(__name__)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message without terminal colour codes (Ray colours the task
+    names in its errors), for summaries and logs."""
+    return _ANSI.sub("", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 def wait_sessions(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], progress: bool | None,
@@ -137,7 +146,7 @@ def _session_result(ref: Any, spec: SessionSpec, publisher: Any, progress: dict[
     try:
         return ray.get(ref)
     except RayActorError as exc:
-        error = f"session process died: {str(exc).splitlines()[0]}"
+        error = f"session process died: {error_line(exc)}"
     log.error("session '%s': %s; every stream of the session ends with it", spec.name, error)
     errors = {s.id: error for s in spec.streams}
     windows = int(progress["windows"]) if progress else 0
@@ -149,7 +158,7 @@ def _session_result(ref: Any, spec: SessionSpec, publisher: Any, progress: dict[
             ray.get(publisher.end_session.remote(spec.name, windows=windows, errors=errors, missing={}))
             counts = dict(ray.get(publisher.stats.remote())["published"].get(spec.name, {}))
         except Exception as exc:  # the publisher is gone too: the summary still names the streams
-            log.error("session '%s': cannot send its end: %s", spec.name, str(exc).splitlines()[0])
+            log.error("session '%s': cannot send its end: %s", spec.name, error_line(exc))
     return SessionResult(session=spec.name, windows=windows, counts=counts, dropped={}, missing={}, errors=errors,
                          latency_p50_s=math.nan, latency_p99_s=math.nan).to_dict()
 
@@ -185,7 +194,7 @@ class SourceWatch:
             try:
                 self.results.append(ray.get(ref))
             except RayActorError as exc:  # the session's process died (a reader's errors are in its result)
-                self.results.append({"stream": stream, "error": f"session process died: {str(exc).splitlines()[0]}"})
+                self.results.append({"stream": stream, "error": f"session process died: {error_line(exc)}"})
 
 
 

@@ -200,3 +200,21 @@ def test_an_imu_column_typo_exits_2_before_ray_starts_naming_session_stream_file
     assert "session 'kitchen'" in out.stderr and "stream 'imu0'" in out.stderr
     assert f"column 'gx' missing in {folder / 'imu.csv'}; the file has: t, ax, ay, az, gyro_x, gy, gz" in out.stderr
     assert "Token authentication" not in out.stderr, "found before Ray starts"
+
+
+def test_output_that_is_not_a_terminal_has_no_colour_codes_and_no_ray_banner(tmp_path: Path) -> None:
+    from sources.demo import write_demo_session
+
+    session = write_demo_session(tmp_path / "demo-ego", seconds=3.0)
+    config = tmp_path / "demo.yaml"
+    config.write_text(f"sessions: [{session}]\nmodel: {{config: imagebind_tiny, checkpoint: none, precision: fp32}}\n"
+                      "publish: {endpoint: 'tcp://127.0.0.1:*'}\nreplay: {rate: 0}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_COLOR_PREFIX")}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    both = out.stdout + out.stderr
+    assert "\x1b[" not in both, both
+    assert "Token authentication" not in both and "RAY_AUTH_MODE" not in both, both
+    assert "EncoderActor pid=" in both, "the actors' own warnings still reach the driver"
+    assert "demo-ego: " in out.stdout
