@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.run_loop import SourceWatch, error_line, wait_sessions
+from pipeline.watchdog import Watchdog
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
@@ -178,6 +179,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     if not cfg.ray.address:  # the publisher binds on this host: a port in use is found before Ray starts
         check_endpoint_free(cfg.publish.endpoint)
     started_ray = _ray_init(cfg)
+    # Ends Ray's processes should this process be killed (pipeline/watchdog.py).
+    watchdog = Watchdog.start() if started_ray else None
     t0 = time.time()
     actors: list[Any] = []  # every actor of the run, killed at its end
     try:
@@ -213,6 +216,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 pass
         if started_ray:
             ray.shutdown()
+        if watchdog is not None:
+            watchdog.stop()
 
 
 def _start_encoders(cfg: RunConfig, model_opts: dict[str, Any], uid: str,

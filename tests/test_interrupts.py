@@ -170,3 +170,24 @@ def test_two_quick_ctrl_c_stop_at_once_and_leave_no_ray_process(tmp_path, demo_s
     assert time.monotonic() - t0 < 30, run.output
     assert "interrupted" in run.output and "Traceback" not in run.output, run.output
     assert not _still_alive(ray_pids, within_s=30), run.output
+
+
+def test_killing_the_driver_with_sigkill_leaves_no_ray_process_after_10_s(tmp_path, demo_session):
+    run = _Run(tmp_path, demo_session, rate=0.5)
+    run.wait_for_embeddings(1)
+    ray_pids = _descendants(run.proc.pid)
+    assert ray_pids, "the run started no Ray processes?"
+    names = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:120].decode(errors="replace")
+             for p in ray_pids if _alive(p)}
+    run.proc.kill()  # the driver alone, as the OOM killer or `kill -9 PID` does
+    run.proc.wait(timeout=10)
+    left = _still_alive(ray_pids, within_s=10)
+    try:
+        assert not left, "\n".join(f"{p}: {names.get(p)}" for p in left)
+    finally:
+        for p in left:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        run.finish(timeout_s=5)
