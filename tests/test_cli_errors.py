@@ -218,3 +218,32 @@ def test_output_that_is_not_a_terminal_has_no_colour_codes_and_no_ray_banner(tmp
     assert "Token authentication" not in both and "RAY_AUTH_MODE" not in both, both
     assert "EncoderActor pid=" in both, "the actors' own warnings still reach the driver"
     assert "demo-ego: " in out.stdout
+
+
+@pytest.mark.skipif("lavfi" not in __import__("av").formats_available, reason="this FFmpeg has no lavfi input device")
+def test_a_device_and_a_url_that_never_open_fail_their_streams_and_the_camera_beside_them_runs(tmp_path: Path) -> None:
+    from live_peers import free_port
+
+    closed = free_port()  # nothing listens there
+    config = tmp_path / "live.yaml"
+    config.write_text(f"""\
+sessions:
+  - name: rig
+    streams:
+      - {{id: cam, modality: vision, kind: device, format: lavfi, device: "testsrc2=size=320x240:rate=10,realtime"}}
+      - {{id: usb, modality: vision, kind: device, format: v4l2, device: {tmp_path / 'video9'}}}
+      - {{id: mic, modality: audio, kind: url, url: "tcp://127.0.0.1:{closed}", timeout_s: 1}}
+stop_after: 5
+model: {{config: imagebind_tiny, checkpoint: none, precision: fp32}}
+publish: {{endpoint: "tcp://127.0.0.1:*"}}
+""")
+    out = _main("run", str(config))
+    _no_traceback(out)
+    assert out.returncode == 3, out.stdout + out.stderr[-2000:]
+    assert (f"FAILED stream 'usb': SourceError: session 'rig' stream 'usb': cannot open device "
+            f"'{tmp_path / 'video9'}' (format v4l2): No such file or directory") in out.stdout
+    assert f"FAILED stream 'mic': SourceError: session 'rig' stream 'mic': url tcp://127.0.0.1:{closed} delivered " \
+           "nothing in" in out.stdout
+    assert "Connection refused" in out.stdout
+    counts = out.stdout.split("embeddings: ", 1)[1].split(";", 1)[0]
+    assert counts.startswith("vision ") and int(counts.split()[1]) >= 1, out.stdout
