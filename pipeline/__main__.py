@@ -3,8 +3,10 @@
 Exit codes of ``run`` and ``record``: 0 every stream ended cleanly, 2 configuration error
 (nothing started), 3 some stream failed (the others ran to the end), 4 model weights
 unavailable or unreadable, 5 every stream ran but an output (a recording, the embedding store)
-could not be written, 130 interrupted. ``import-bag``: 0 session.yaml written, 2 the recording
-cannot be read, nothing in it maps, or DIR holds a session.
+could not be written, 6 no subscriber came within ``publish.wait_timeout_s`` (nothing published),
+130 interrupted (a replay stopped by Ctrl-C or SIGTERM before its end, or any run stopped at once
+by a second Ctrl-C); 3 wins over 130, 130 over 5. ``import-bag``: 0 session.yaml written, 2 the
+recording cannot be read, nothing in it maps, or DIR holds a session.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ __all__ = ["main"]
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from sources.errors import ConfigError
-    from pipeline.run import EXIT_CONFIG, run
+    from pipeline.run import EXIT_CONFIG, EXIT_NO_SUBSCRIBER, NoSubscriber, run
 
     try:
         cfg = load_config(args.config, args.set)
@@ -33,6 +35,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except NoSubscriber as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_SUBSCRIBER
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=_prog(), description="Streaming multimodal ImageBind embeddings: sessions in, ZeroMQ out.",
         epilog="Exit codes: 0 clean, 2 configuration error, 3 a stream failed, 4 weights unavailable, "
-               "5 an output (recording, store) failed, 130 interrupted. Docs: README.md and docs/.")
+               "5 an output (recording, store) failed, 6 no subscriber in time, 130 interrupted. "
+               "Docs: README.md and docs/.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -198,7 +198,7 @@ class PublishConfig(_Section):
     endpoint: str = _key("tcp://127.0.0.1:5555", "bound by the publisher (port * = any free port); loopback unless changed")
     wait_for_subscribers: int = _key(0, "replay waits for this many subscribers before sending anything",
                                      minimum="non-negative")
-    wait_timeout_s: float = _key(60.0, "...for at most this long (then it fails)", minimum="non-negative")
+    wait_timeout_s: float = _key(60.0, "...for at most this long (then exit 6, nothing published)", minimum="non-negative")
     hwm: int = _key(1000, "ZeroMQ send high-water mark per subscriber", minimum="positive")
     sndbuf: int = _key(0, "OS send buffer per subscriber connection in bytes (0 = OS default)", minimum="non-negative")
     heartbeat_s: float = _key(2.0, "seconds between ctl heartbeat messages", minimum="positive")

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from pipeline.dispatch import PublishLedger, backoff_s
 from pipeline.publisher_actor import PublisherRestartedError
+from pipeline.run_loop import error_line
 
 __all__ = ["PublisherLink"]
 
@@ -92,6 +93,6 @@ class PublisherLink:
             return False
 
     def _lost(self, exc: Exception) -> None:
-        error = f"publisher lost: {str(exc).splitlines()[0]}"
+        error = f"publisher lost: {error_line(exc)}"
         log.error("session '%s': %s", self.session, error)
         self.on_lost(error)

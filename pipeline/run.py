@@ -8,9 +8,8 @@ offline machine fails fast with a message that says what to do.
 from __future__ import annotations
 
 import logging
-import math
+import os
 import random
-import signal
 import sys
 import time
 import uuid
@@ -19,19 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.stats import SessionResult
 from pipeline.storage import store_options, store_results
 from pipeline.trigger_setup import embed_prompts, load_prompts, write_timeline
+from pipeline.run_loop import SourceWatch, error_line, wait_sessions
+from pipeline.watchdog import Watchdog
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
-__all__ = ["PUBLISHER_MAX_RESTARTS", "RunResult", "curve_server_config", "prepare_sessions", "ray_init_kwargs",
-           "ray_system_config", "resolve_model_options", "run"]
+__all__ = ["PUBLISHER_MAX_RESTARTS", "EndpointInUse", "NoSubscriber", "RunResult", "check_endpoint_free", "curve_server_config",
+           "prepare_sessions", "ray_init_kwargs", "ray_system_config", "resolve_model_options", "run"]
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG, EXIT_STREAM_FAILED = 0, 2, 3
 EXIT_OUTPUT_FAILED = 5  # every stream ran, but an output (a recording, the store) could not be written
+EXIT_NO_SUBSCRIBER = 6  # publish.wait_for_subscribers: none came in time, nothing was published
+EXIT_INTERRUPTED = 130  # a replay stopped by Ctrl-C/SIGTERM before its end (128 + SIGINT, as shells do)
 PUBLISHER_MAX_RESTARTS = 2  # Ray restarts of the publisher actor (docs/guarantees.md)
 
 
@@ -54,7 +56,9 @@ class RunResult:
     def exit_code(self) -> int:
         if any(s["errors"] for s in self.sessions):
             return EXIT_STREAM_FAILED
-        return EXIT_OUTPUT_FAILED if any(s.get("recording_error") or s.get("store_error") for s in self.sessions) else EXIT_OK
+EXIT_OUTPUT_FAILED = 5  # every stream ran, but an output (a recording, the store) could not be written
+EXIT_NO_SUBSCRIBER = 6  # publish.wait_for_subscribers: none came in time, nothing was published
+EXIT_INTERRUPTED = 130  # a replay stopped by Ctrl-C/SIGTERM before its end (128 + SIGINT, as shells do)
 
 
 def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
@@ -77,8 +81,9 @@ def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
     return specs
 
 
-def resolve_model_options(cfg: RunConfig) -> dict[str, Any]:
-    """Model options for the encoder actors: device chosen, checkpoint resolved to a path."""
+def resolve_model_options(cfg: RunConfig, specs: list[SessionSpec] = ()) -> dict[str, Any]:
+    """Model options for the encoder actors: device chosen, checkpoint resolved to a path; every
+    modality of ``specs`` checked against the model's towers."""
     import torch
 
     from encoders.config import get_config
@@ -94,10 +99,14 @@ def resolve_model_options(cfg: RunConfig) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"config key 'model.config': cannot read reference kwargs JSON {path}: {exc}") from None
     try:
-        get_config(config)
+        towers = get_config(config).towers
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"config key 'model.config': {exc}") from None
     m["config"] = config
+    for spec in specs:
+        unsupported = sorted({s.modality for s in spec.streams} - set(towers))
+        if unsupported:
+            raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
     if m["device"] == "auto":
         m["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if m["device"] == "cpu" and m["precision"] == "fp16":
@@ -147,17 +156,34 @@ def _ray_init(cfg: RunConfig) -> bool:
     return True
 
 
+def _quiet_ray_env(cfg: RunConfig) -> None:
+    """Environment for a Ray that says only what matters. Starting Ray here, token
+    authentication is set on explicitly (``RAY_AUTH_MODE=token``: what Ray does by default for a
+    new local cluster, without its banner about it; a user's ``RAY_AUTH_MODE`` wins; Ray reads it
+    as it is imported, so only before that). Output that is not a terminal gets no colour codes in
+    the prefixes of the actors' log lines."""
+    if not cfg.ray.address and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -> RunResult:
     """Run every session of ``cfg`` to the end. ``on_ready(endpoint)`` is called once the
     publisher is bound, before any data flows (tests connect their subscribers there)."""
+    _quiet_ray_env(cfg)
     import ray
 
     specs = prepare_sessions(cfg)
     prompts = load_prompts(cfg)  # the triggers' example files: one that does not decode is a config error, before Ray starts
     live = _live_settings(cfg, specs)  # None unless a session is live
-    model_opts = resolve_model_options(cfg)
+    model_opts = resolve_model_options(cfg, specs)
     curve = curve_server_config(cfg)
+    if not cfg.ray.address:  # the publisher binds on this host: a port in use is found before Ray starts
+        check_endpoint_free(cfg.publish.endpoint)
     started_ray = _ray_init(cfg)
+    # Ends Ray's processes should this process be killed (pipeline/watchdog.py).
+    watchdog = Watchdog.start() if started_ray else None
     t0 = time.time()
     actors: list[Any] = []  # every actor of the run, killed at its end
     try:
@@ -167,7 +193,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         publisher, endpoint = _start_publisher(cfg, info, live, curve, uid, actors, store_options(cfg, model_opts, info, uid))
         if on_ready is not None:
             on_ready(endpoint)
-        ray.get(publisher.wait_for_subscribers.remote())
+        _wait_for_subscribers(cfg, publisher, endpoint)
         aligners = _start_sessions(cfg, specs, info, live, encoders, publisher, uid, actors, embed_prompts(prompts, encoders[0]))
         # Every stream ready and every aligner connected before any stream reads. Failures are
         # left to the run calls, which report them per stream.
@@ -176,7 +202,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         ray.wait(starting, num_returns=len(starting), timeout=120)
         done_refs = [al.wait_done.remote() for al in aligners]
         watch = _start_streams(cfg, specs, aligners)
-        summaries = _wait(done_refs, aligners, specs, progress, watch=watch,
+        summaries = wait_sessions(done_refs, aligners, specs, progress, watch=watch,
                           stop_after=cfg.stop_after if live else None, publisher=publisher)
         watch.poll(final=True)
         write_timeline(cfg.timeline, aligners, specs)
@@ -195,6 +221,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
                 pass
         if started_ray:
             ray.shutdown()
+        if watchdog is not None:
+            watchdog.stop()
 
 
 def _start_encoders(cfg: RunConfig, model_opts: dict[str, Any], uid: str,
@@ -259,13 +287,36 @@ def _start_publisher(cfg: RunConfig, info: dict[str, Any], live: dict[str, Any] 
             break
         except ray.exceptions.RayActorError as exc:
             picked = pub_opts["endpoint"] != cfg.publish.endpoint
-            if not picked or attempt == 2 or "Address already in use" not in str(exc):
+            if "Address already in use" not in str(exc):
+                raise
+            if not picked:
+                raise EndpointInUse(cfg.publish.endpoint) from None
+            if attempt == 2:
                 raise
             log.warning("publisher: %s was taken before the publisher bound it; picking another port",
                         pub_opts["endpoint"])
     log.info("publishing on %s (model %s, dim %d, %s %s)", endpoint, info["model"], info["dim"],
              info["device"], info["dtype"])
     return publisher, endpoint
+
+
+class NoSubscriber(RuntimeError):
+    """``publish.wait_for_subscribers`` were not there within ``publish.wait_timeout_s``: nothing
+    was published (exit 6); the message says how to start a subscriber or lower the key."""
+
+
+def _wait_for_subscribers(cfg: RunConfig, publisher: Any, endpoint: str) -> None:
+    import ray
+
+    try:
+        ray.get(publisher.wait_for_subscribers.remote())
+    except TimeoutError:  # Ray's task error is also an instance of its cause
+        n = int(cfg.publish.wait_for_subscribers)
+        raise NoSubscriber(
+            f"no subscriber came within publish.wait_timeout_s ({cfg.publish.wait_timeout_s:g} s): "
+            f"publish.wait_for_subscribers={n} subscription(s) wanted on {endpoint}; nothing was published. "
+            f"Start one first (python -m pipeline subscribe {endpoint}), or lower the key "
+            f"(--set publish.wait_for_subscribers=0 does not wait), or raise publish.wait_timeout_s") from None
 
 
 def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, Any], live: dict[str, Any] | None,
@@ -285,10 +336,7 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
     }
     aligners = []
     for spec in specs:
-        streams = {s.id: s.modality for s in spec.streams}
-        unsupported = sorted({m for m in streams.values() if m not in info["modalities"]})
-        if unsupported:
-            raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
+        streams = {s.id: s.modality for s in spec.streams}  # towers checked in resolve_model_options
         # start first: its seqs go to the aligner, which resumes a restarted publisher from them.
         start_seqs = ray.get(publisher.start_session.remote(
             spec.name, streams, info["model"], info["dim"]))
@@ -309,7 +357,7 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
     return aligners
 
 
-def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]) -> "_SourceWatch":
+def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]) -> "SourceWatch":
     """Start reading every stream; the watch that collects their end stats.
 
     Paced replay keeps one clock for every stream: each maps its first sample to one wall time,
@@ -318,10 +366,10 @@ def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]
     meet the start-up decoding (``StreamReader._paced_pieces``)."""
     lead = min(3.0, 2 * cfg.chunk_seconds / cfg.rate) if cfg.rate > 0 else 0.0
     start_at = time.time() + 0.1 + lead
-    watch = _SourceWatch()
+    watch = SourceWatch()
     for spec, al in zip(specs, aligners):
         for s in spec.streams:
-            watch.add(al.source_run.remote(s.id, cfg.rate, cfg.max_inflight_chunks, start_at), al, s.id)
+            watch.add(al.source_run.remote(s.id, cfg.rate, cfg.max_inflight_chunks, start_at), al, s.id, spec.live)
     return watch
 
 
@@ -363,6 +411,35 @@ def _fixed_endpoint(endpoint: str) -> str:
         ctx.term()
 
 
+class EndpointInUse(ConfigError):
+    """``publish.endpoint`` is bound by another process (exit 2); the message says how to pick another."""
+
+    def __init__(self, endpoint: str) -> None:
+        base = endpoint.rsplit(":", 1)[0]
+        super().__init__(f"publish.endpoint {endpoint} is in use by another process; pick another with "
+                         f"--set publish.endpoint={base}:PORT (or {base}:* for any free port)")
+
+
+def check_endpoint_free(endpoint: str) -> None:
+    """Raise :class:`EndpointInUse` when a ``tcp://`` ``endpoint`` with a concrete port cannot be
+    bound on this host now (the publisher binds it once Ray has started)."""
+    if not endpoint.startswith("tcp://") or endpoint.endswith(":*"):
+        return
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XPUB)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EADDRINUSE:
+            raise EndpointInUse(endpoint) from None
+        # Anything else (a host that is not this one's, a bad address): the publisher reports it.
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
 def _listen_ports(tries: int = 20) -> list[int]:
     """Candidate ports between Ray's worker ports (10002-19999 by default) and the kernel's
     range for outgoing connections; none where that range is unknown or starts too low."""
@@ -387,96 +464,8 @@ def _close_publisher(publisher: Any) -> dict[str, Any]:
         stats.update(ray.get(publisher.close.remote()) or {})  # the store's reports, once it is closed
         return stats
     except RayActorError as exc:
-        log.error("publisher unavailable at the end of the run: %s", str(exc).splitlines()[0])
+        log.error("publisher unavailable at the end of the run: %s", error_line(exc))
         return {}
-
-
-def _wait(done_refs: list[Any], aligners: list[Any], specs: list[SessionSpec], progress: bool | None,
-          watch: "_SourceWatch", stop_after: float | None = None, publisher: Any = None) -> list[dict[str, Any]]:
-    """Every session's summary, once all are done; stops the streams on SIGINT/SIGTERM or at
-    ``stop_after`` seconds (live), and at a second signal at once."""
-    import ray
-
-    bars = _progress_bars(specs, progress)
-    interrupted = {"n": 0}
-    last: list[dict[str, Any] | None] = [None] * len(aligners)  # each aligner's latest progress()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        interrupted["n"] += 1
-        if interrupted["n"] >= 2:
-            raise KeyboardInterrupt
-        log.warning("stopping: draining in-flight windows (press Ctrl-C again to stop at once)")
-        watch.stop()
-
-    old = {}
-    if _is_main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, on_signal)
-    try:
-        pending = list(done_refs)
-        stop_at = None if stop_after is None else time.monotonic() + float(stop_after)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            if stop_at is not None and time.monotonic() >= stop_at:  # live: stop_after reached
-                log.info("stop_after %.1f s reached: stopping the live sources", stop_after)
-                stop_at = None
-                watch.stop()
-            watch.poll()
-            _poll_progress(aligners, last)
-            for bar, p in zip(bars, last):
-                if p is not None:
-                    bar.n = p["windows"]
-                    bar.set_postfix(published=p["published"], refresh=False)
-                    bar.refresh()
-        return [_session_result(ref, spec, publisher, p) for ref, spec, p in zip(done_refs, specs, last)]
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for bar in bars:
-            bar.close()
-
-
-def _poll_progress(aligners: list[Any], last: list[dict[str, Any] | None]) -> None:
-    """Each aligner's ``progress()`` into ``last``; one that died keeps its last answer."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    refs = [a.progress.remote() for a in aligners]
-    for i, ref in enumerate(refs):
-        try:
-            last[i] = ray.get(ref, timeout=5.0)
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            pass
-
-
-def _session_result(ref: Any, spec: SessionSpec, publisher: Any, progress: dict[str, Any] | None) -> dict[str, Any]:
-    """The session's summary from its aligner, or, where the aligner's process died (killed,
-    crashed, node lost; it was also reading the session's streams), one the driver makes: every
-    stream named with the error, so the run exits 3, and the counts the publisher delivered.
-    Subscribers get the session's ``end`` with the same errors; windows released but not yet
-    published when the process died are lost (counted in ``windows``, missing from ``counts``).
-    Other sessions are not affected."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    try:
-        return ray.get(ref)
-    except RayActorError as exc:
-        error = f"session process died: {str(exc).splitlines()[0]}"
-    log.error("session '%s': %s; every stream of the session ends with it", spec.name, error)
-    errors = {s.id: error for s in spec.streams}
-    windows = int(progress["windows"]) if progress else 0
-    counts: dict[str, int] = {}
-    if publisher is not None:
-        try:
-            # The end first: the publisher refuses the session's records after it, so a publish
-            # the dead process left in flight cannot change the counts read next.
-            ray.get(publisher.end_session.remote(spec.name, windows=windows, errors=errors, missing={}))
-            counts = dict(ray.get(publisher.stats.remote())["published"].get(spec.name, {}))
-        except Exception as exc:  # the publisher is gone too: the summary still names the streams
-            log.error("session '%s': cannot send its end: %s", spec.name, str(exc).splitlines()[0])
-    return SessionResult(session=spec.name, windows=windows, counts=counts, dropped={}, missing={}, errors=errors,
-                         latency_p50_s=math.nan, latency_p99_s=math.nan).to_dict()
 
 
 def curve_server_config(cfg: RunConfig) -> Any:
@@ -491,37 +480,6 @@ def curve_server_config(cfg: RunConfig) -> Any:
         return CurveServerConfig.from_files(curve.server_secret_key, curve.authorized_clients)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"config key 'publish.curve': {exc}") from None
-
-
-class _SourceWatch:
-    """Each stream's run call (``AlignerActor.source_run``): collects its end stats as it ends,
-    and stops every stream when the run is told to. A stream whose session process died has
-    no stats, only the error; the session's result names every such stream (:func:`_session_result`)."""
-
-    def __init__(self) -> None:
-        self._runs: dict[Any, tuple[Any, str]] = {}  # run ref -> (aligner, stream)
-        self.results: list[dict[str, Any]] = []
-
-    def add(self, run: Any, aligner: Any, stream: str) -> None:
-        self._runs[run] = (aligner, stream)
-
-    def stop(self) -> None:
-        for aligner, stream in list(self._runs.values()):
-            aligner.source_stop.remote(stream)
-
-    def poll(self, final: bool = False) -> None:
-        import ray
-        from ray.exceptions import RayActorError
-
-        if not self._runs:
-            return
-        ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=None if final else 0)
-        for ref in ready:
-            _, stream = self._runs.pop(ref)
-            try:
-                self.results.append(ray.get(ref))
-            except RayActorError as exc:  # the session's process died (a reader's errors are in its result)
-                self.results.append({"stream": stream, "error": f"session process died: {str(exc).splitlines()[0]}"})
 
 
 # -- live sessions (docs/live.md) ------------------------------------------------------------------
@@ -586,17 +544,3 @@ def _placement(cfg: RunConfig, key: str) -> dict[str, Any]:
     return {"resources": {str(k): float(v) for k, v in res.items()}} if res else {}
 
 
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _progress_bars(specs: list[SessionSpec], progress: bool | None) -> list[Any]:
-    if progress is None:
-        progress = sys.stderr.isatty()
-    if not progress:
-        return []
-    from tqdm import tqdm
-
-    return [tqdm(desc=s.name, unit="win", position=i, leave=True) for i, s in enumerate(specs)]

@@ -114,6 +114,7 @@ class AlignerActor:
         self._hb_task: asyncio.Task | None = None
         self._done: asyncio.Event | None = None
         self._finished = False
+        self._interrupted = False  # see source_stop
         # np.percentile imports numpy.ma on its first call (tenths of a second on a loaded
         # machine): paid here, not by the first heartbeat on the event loop that takes pushes.
         percentiles([0.0])
@@ -128,7 +129,10 @@ class AlignerActor:
         """Read ``stream`` to its end (:meth:`pipeline.reader.StreamReader.run`); returns its end stats."""
         return await self._readers.run(stream, rate, max_inflight, start_at)
 
-    async def source_stop(self, stream: str) -> None:
+    async def source_stop(self, stream: str, interrupted: bool = False) -> None:
+        """Stop reading ``stream``. ``interrupted``: the run was stopped before the stream's end
+        (a replay stopped by Ctrl-C/SIGTERM), which the session's ``end`` and summary then say."""
+        self._interrupted = self._interrupted or interrupted
         self._readers.stop(stream)
 
     def pid(self) -> int:
@@ -204,7 +208,8 @@ class AlignerActor:
         return self.stats.result(windows=self.aligner.windows_released, dropped=self._dropped(),
                                  missing=self.aligner.missing, encode_retries=self._encoding.dispatch.retries_done,
                                  publisher_restarts=self._publisher.ledger.restarts, stages=self.observer.summary(),
-                                 triggers=self._triggers.summary() if self._triggers else None)
+                                 triggers=self._triggers.summary() if self._triggers else None,
+                                 interrupted=self._interrupted)
 
     def timeline(self) -> dict[str, Any] | None:
         """What the session timeline draws (``timeline`` in the config), once the session is done."""
@@ -345,6 +350,7 @@ class AlignerActor:
                 dropped=self._dropped(),
                 missing=dict(self.aligner.missing),
                 errors=dict(self.stats.errors),
+                **({"interrupted": True} if self._interrupted else {}),  # docs/protocol.md
                 claims={self._ctl_topic: 1},
             )
         self._finished = True

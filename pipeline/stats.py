@@ -67,6 +67,7 @@ class SessionResult:
     store: dict[str, Any] | None = None  # with store.uri: uri, rows written, not_written, pending, error
     store_error: str | None = None  # the store failed or rows were not written: why, and how many
     triggers: dict[str, dict[str, float]] = field(default_factory=dict)  # trigger -> events, duration_s (stream s)
+    interrupted: bool = False  # a replay stopped (Ctrl-C, SIGTERM) before its streams' end
 
     @property
     def failed(self) -> bool:
@@ -96,6 +97,8 @@ class SessionResult:
             out["store_error"] = self.store_error
         if self.triggers:
             out["triggers"] = {k: dict(v) for k, v in self.triggers.items()}
+        if self.interrupted:
+            out["interrupted"] = True
         return out
 
     @classmethod
@@ -109,14 +112,16 @@ class SessionResult:
                    publisher_restarts=int(d.get("publisher_restarts") or 0), publisher_error=publisher_error,
                    stages=dict(d.get("stages") or {}), recording=d.get("recording"), recording_error=d.get("recording_error"),
                    store=d.get("store"), store_error=d.get("store_error"),
-                   triggers=dict(d.get("triggers") or {}))
+                   triggers=dict(d.get("triggers") or {}),
+                   interrupted=bool(d.get("interrupted")))
 
     def lines(self) -> list[str]:
         """The session's lines of the CLI summary."""
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "none"
         latency = ("latency unknown" if math.isnan(self.latency_p50_s)  # its process died (run.py)
                    else f"latency p50 {self.latency_p50_s * 1000:.0f} ms, p99 {self.latency_p99_s * 1000:.0f} ms")
-        out = [f"  {self.session}: {self.windows} windows; embeddings: {counts}; {latency}"]
+        windows = f"INTERRUPTED after {self.windows} windows" if self.interrupted else f"{self.windows} windows"
+        out = [f"  {self.session}: {windows}; embeddings: {counts}; {latency}"]
         if self.missing:
             out.append("    windows without: " + ", ".join(f"{k} {v}" for k, v in sorted(self.missing.items())))
         if self.dropped:
@@ -173,7 +178,7 @@ class SessionStats:
     def result(self, *, windows: int, dropped: Mapping[str, int], missing: Mapping[str, int],
                encode_retries: int = 0, publisher_restarts: int = 0,
                stages: Mapping[str, Any] | None = None,
-               triggers: Mapping[str, Mapping[str, float]] | None = None) -> SessionResult:
+               triggers: Mapping[str, Mapping[str, float]] | None = None, interrupted: bool = False) -> SessionResult:
         """The summary; ``dropped`` is every part's drops (:func:`merge_dropped`), this one's
         ``source_dropped`` among them."""
         lat = np.asarray(self.latencies, dtype=np.float64) if self.latencies else np.zeros(1)
@@ -183,4 +188,4 @@ class SessionStats:
             latency_p50_s=float(np.percentile(lat, 50)), latency_p99_s=float(np.percentile(lat, 99)),
             encode_retries=int(encode_retries), publisher_restarts=int(publisher_restarts),
             publisher_error=self.publisher_error, stages=dict(stages or {}),
-            triggers={k: dict(v) for k, v in (triggers or {}).items()})
+            triggers={k: dict(v) for k, v in (triggers or {}).items()}, interrupted=bool(interrupted))

@@ -16,7 +16,11 @@ Two delivery rules (docs/protocol.md, "Delivery"):
   not count anything; the NODROP attempt first is what tells us a queue was full.)
 
 XPUB rather than PUB so the publisher sees subscriptions (``XPUB_VERBOSER``: every subscribe
-and unsubscribe, duplicates included), which is how it counts subscribers.
+and unsubscribe, duplicates included), which is how it counts subscribers, and how it greets a
+late one: a subscription that matches a running session's ``ctl/<session>`` makes the publisher
+send that session's ``start`` again, marked ``repeat: true`` and without ``seq`` (docs/protocol.md,
+"Late subscribers"), before its next message. Every subscriber of the topic gets the copy (PUB/SUB
+cannot address one); having no ``seq``, it moves no subscriber's gap tracking.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from sinks.keys import CurveServerConfig
-from sinks.protocol import DEFAULT_ENDPOINT, DEFAULT_MODEL
+from sinks.protocol import DEFAULT_ENDPOINT, DEFAULT_MODEL, ctl_topic, encode_control
 from sinks.base import SinkBase
 
 __all__ = ["Publisher", "PUBLISH_MODES"]
@@ -103,6 +107,9 @@ class Publisher(SinkBase):
         self._control_timeout_s = control_timeout_s
         self._linger_ms = max(0, int(linger_s * 1000))
         self._subscriptions = 0
+        self._announced: set[str] = set()  # sessions whose start went out (or a predecessor's, on resume)
+        self._greet: set[str] = set()  # announced sessions a subscription since the last send matched
+        self._greeting = False
         # Live: a control message waited control_timeout_s for a full queue in vain. Until a
         # message goes through to every subscriber again, later control messages do not wait
         # (a stalled subscriber would otherwise cost the run control_timeout_s per heartbeat).
@@ -161,6 +168,8 @@ class Publisher(SinkBase):
                 return
             if msg[:1] == b"\x01":
                 self._subscriptions += 1
+                prefix = msg[1:].decode("utf-8", "replace")
+                self._greet.update(s for s in self._announced if ctl_topic(s).startswith(prefix))
                 log.debug("publisher %s: subscription %r", self.bound_endpoint, msg[1:])
             elif msg[:1] == b"\x00":
                 self._subscriptions = max(0, self._subscriptions - 1)
@@ -201,10 +210,38 @@ class Publisher(SinkBase):
         the session. See :meth:`SinkBase.start_session`."""
         if self._min_subscribers:
             self.wait_for_subscribers()
+        self._announced.discard(session)  # a name used again: no repeat before its new start
         super().start_session(session, streams, model=model, dim=dim)
+        self._announced.add(session)
+
+    def resume_session(self, session: str, streams: Mapping[str, str], model: str | None = None, dim: int = 1024,
+                       next_seq: Mapping[str, int] | None = None) -> None:
+        """See :meth:`SinkBase.resume_session`; the session's ``start`` went out before (a late
+        subscriber gets it repeated)."""
+        super().resume_session(session, streams, model=model, dim=dim, next_seq=next_seq)
+        self._announced.add(session)
+
+    def _repeat_starts(self) -> None:
+        """Send each running session's ``start`` once more (``repeat: true``, no ``seq``) when a
+        subscription since the last send matches its ``ctl/<session>`` topic."""
+        if not self._greet or self._greeting:
+            return
+        sessions, self._greet = sorted(self._greet), set()
+        self._greeting = True
+        try:
+            for session in sessions:
+                sess = self._sessions.get(session)
+                if sess is None or sess.ended:
+                    continue
+                frames = encode_control(session, "start", streams=dict(sess.streams), model=sess.model, dim=sess.dim,
+                                        t_publish=self._clock(), repeat=True)
+                self._send(*frames, control=True)
+        finally:
+            self._greeting = False
 
     def _send(self, topic: bytes, payload: bytes, *, control: bool) -> bool:
         self._drain_subscriptions()  # keeps the subscription count current at no real cost
+        self._repeat_starts()
         if self.mode == "replay":
             try:
                 self._sock.send_multipart([topic, payload], copy=False)

@@ -307,6 +307,7 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
 
     if modality == "imu":
         kw.update(_parse_imu(raw, at))
+        _check_imu_header(source, [c for _, c in kw["columns"]] + [c for c, _ in kw.get("where", ())], at)
     elif modality in ("depth", "thermal"):
         kw.update(_parse_frames(raw, modality, source, root, at))
     ids = _file_ids([source, kw.get("timestamps")], at)
@@ -441,6 +442,24 @@ def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root
     getattr(options, kind if kind in ("zmq", "imagezmq") else "av")()
     return StreamSpec(id=sid, modality=modality, source=root, session=session, offset=float(offset),
                       live=kind, clock=clock, options=tuple(sorted(options.opts.items())))
+
+
+def _check_imu_header(source: Path, needed: list[str], at: str) -> None:
+    """Every column the stream names (``columns``, ``where``) is in the CSV's header row, read
+    here (its first 64 KiB at most) so that a typo is a config error before anything starts."""
+    import csv
+
+    try:
+        with open(source, newline="", encoding="utf-8-sig", errors="replace") as f:
+            first = f.readline(64 * 1024)
+    except OSError as e:
+        raise ConfigError(f"{at}: key 'source': cannot read {source}: {e}") from None
+    names = [h.strip() for h in next(csv.reader([first]), [])]
+    missing = [c for c in needed if c not in names]
+    if missing:
+        has = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "no header row"
+        cols = ", ".join(repr(c) for c in missing)
+        raise ConfigError(f"{at}: column{'s' if len(missing) > 1 else ''} {cols} missing in {source}; the file has: {has}")
 
 
 def _parse_imu(raw: Mapping, at: str) -> dict[str, Any]:

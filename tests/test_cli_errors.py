@@ -28,7 +28,7 @@ def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subpr
     config = tmp_path / "run.yaml"
     config.write_text(f"sessions: [{_session(tmp_path)}]\nmodel: {{config: imagebind_tiny, precision: fp32}}\n")
     return subprocess.run([sys.executable, "-m", "pipeline", "run", str(config), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def _no_traceback(out: subprocess.CompletedProcess) -> None:
@@ -70,7 +70,7 @@ def test_a_truncated_safetensors_checkpoint_is_refused_before_any_actor_starts(t
 
 def _main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
 
 
 def test_demo_session_with_no_seconds_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
@@ -129,3 +129,118 @@ def test_subscribe_timeout_counts_from_the_first_message_not_from_its_start(tmp_
     assert proc.returncode == 0
     assert "emb/s/vision" in stdout and "ctl/s" in stdout
     assert "received ctl/s 1, emb/s/vision 1" in stderr
+
+
+def _busy_endpoint() -> tuple[object, str]:
+    """A plain ZeroMQ socket bound on a free 127.0.0.1 port: another process's publisher."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUB)
+    sock.bind("tcp://127.0.0.1:*")
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def test_a_publisher_endpoint_in_use_exits_2_naming_it_and_how_to_pick_another(tmp_path: Path) -> None:
+    sock, endpoint = _busy_endpoint()
+    try:
+        out = _cli(tmp_path, "--set", "model.checkpoint=none", "--set", f"publish.endpoint={endpoint}")
+    finally:
+        sock.close(linger=0)
+    _no_traceback(out)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"publish.endpoint {endpoint} is in use by another process" in out.stderr
+    assert "--set publish.endpoint=tcp://127.0.0.1:PORT (or tcp://127.0.0.1:* for any free port)" in out.stderr
+    assert "warmed up" not in out.stderr and "Actor" not in out.stderr, "found before Ray starts"
+
+
+def test_an_endpoint_taken_between_the_check_and_the_publishers_bind_is_the_same_error(tmp_path, monkeypatch,
+                                                                                        ray_cluster) -> None:
+    """On a Ray cluster (``ray.address``) the driver cannot check the publisher's host: the
+    publisher's failed bind gives the same error."""
+    from pipeline import run as run_mod
+    from pipeline.config import parse_config
+
+    monkeypatch.setattr(run_mod, "check_endpoint_free", lambda endpoint: None)
+    sock, endpoint = _busy_endpoint()
+    cfg = parse_config({"sessions": [str(_session(tmp_path))], "progress": False, "publish": {"endpoint": endpoint},
+                        "model": {"config": "imagebind_tiny", "checkpoint": "none", "precision": "fp32"}})
+    try:
+        with pytest.raises(run_mod.EndpointInUse, match="is in use by another process; pick another with"):
+            run_mod.run(cfg)
+    finally:
+        sock.close(linger=0)
+
+
+def test_no_subscriber_within_wait_timeout_exits_6_saying_how_to_start_one(tmp_path: Path) -> None:
+    out = _cli(tmp_path, "--set", "model.checkpoint=none", "--set", "publish.endpoint=tcp://127.0.0.1:*",
+               "--set", "publish.wait_for_subscribers=1", "--set", "publish.wait_timeout_s=1")
+    _no_traceback(out)
+    assert out.returncode == 6, out.stderr[-2000:]
+    assert "no subscriber came within publish.wait_timeout_s (1 s)" in out.stderr
+    assert "nothing was published" in out.stderr and "python -m pipeline subscribe tcp://127.0.0.1:" in out.stderr
+    assert "--set publish.wait_for_subscribers=0" in out.stderr
+
+
+def test_an_imu_column_typo_exits_2_before_ray_starts_naming_session_stream_file_and_the_files_columns(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "imu.csv").write_text("t,ax,ay,az,gyro_x,gy,gz\n0,0,0,9.8,0,0,0\n")
+    (folder / "session.yaml").write_text(
+        "format: bindstream.session/1\nname: kitchen\nstreams:\n  - {id: imu0, modality: imu, source: imu.csv,\n"
+        "     columns: {t: t, ax: ax, ay: ay, az: az, gx: gx, gy: gy, gz: gz}}\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"sessions: [{folder}]\nmodel: {{config: imagebind_tiny, checkpoint: none}}\n")
+    out = _main("run", str(config))
+    _no_traceback(out)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "session 'kitchen'" in out.stderr and "stream 'imu0'" in out.stderr
+    assert f"column 'gx' missing in {folder / 'imu.csv'}; the file has: t, ax, ay, az, gyro_x, gy, gz" in out.stderr
+    assert "warmed up" not in out.stderr and "Actor" not in out.stderr, "found before Ray starts"
+
+
+def test_output_that_is_not_a_terminal_has_no_colour_codes_and_no_ray_banner(tmp_path: Path) -> None:
+    from sources.demo import write_demo_session
+
+    session = write_demo_session(tmp_path / "demo-ego", seconds=3.0)
+    config = tmp_path / "demo.yaml"
+    config.write_text(f"sessions: [{session}]\nmodel: {{config: imagebind_tiny, checkpoint: none, precision: fp32}}\n"
+                      "publish: {endpoint: 'tcp://127.0.0.1:*'}\nreplay: {rate: 0}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_COLOR_PREFIX")}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    both = out.stdout + out.stderr
+    assert "\x1b[" not in both, both
+    assert "Token authentication" not in both and "RAY_AUTH_MODE" not in both, both
+    assert "EncoderActor pid=" in both, "the actors' own warnings still reach the driver"
+    assert "demo-ego: " in out.stdout
+
+
+@pytest.mark.skipif("lavfi" not in __import__("av").formats_available, reason="this FFmpeg has no lavfi input device")
+def test_a_device_and_a_url_that_never_open_fail_their_streams_and_the_camera_beside_them_runs(tmp_path: Path) -> None:
+    from live_peers import free_port
+
+    closed = free_port()  # nothing listens there
+    config = tmp_path / "live.yaml"
+    config.write_text(f"""\
+sessions:
+  - name: rig
+    streams:
+      - {{id: cam, modality: vision, kind: device, format: lavfi, device: "testsrc2=size=320x240:rate=10,realtime"}}
+      - {{id: usb, modality: vision, kind: device, format: v4l2, device: {tmp_path / 'video9'}}}
+      - {{id: mic, modality: audio, kind: url, url: "tcp://127.0.0.1:{closed}", timeout_s: 1}}
+stop_after: 5
+model: {{config: imagebind_tiny, checkpoint: none, precision: fp32}}
+publish: {{endpoint: "tcp://127.0.0.1:*"}}
+""")
+    out = _main("run", str(config))
+    _no_traceback(out)
+    assert out.returncode == 3, out.stdout + out.stderr[-2000:]
+    assert (f"FAILED stream 'usb': SourceError: session 'rig' stream 'usb': cannot open device "
+            f"'{tmp_path / 'video9'}' (format v4l2): No such file or directory") in out.stdout
+    assert f"FAILED stream 'mic': SourceError: session 'rig' stream 'mic': url tcp://127.0.0.1:{closed} delivered " \
+           "nothing in" in out.stdout
+    assert "Connection refused" in out.stdout
+    counts = out.stdout.split("embeddings: ", 1)[1].split(";", 1)[0]
+    assert counts.startswith("vision ") and int(counts.split()[1]) >= 1, out.stdout

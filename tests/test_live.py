@@ -15,7 +15,7 @@ import zmq
 
 from live_peers import REAL_VIDEO, ImageZmqFeeder, ImuPublisher, UdpMpegTsServer, free_port, real_frames
 from sources.clock import OffsetEstimator, SessionClock
-from sources.errors import ConfigError
+from sources.errors import ConfigError, SourceError
 from sources.session import session_from_dict
 from sources.base import frame_values
 from sources.live import open_live_source
@@ -28,13 +28,19 @@ def _spec(tmp_path, **stream):
     return session_from_dict(doc, tmp_path).streams[0]
 
 
-def _collect(source, until, timeout=20.0):
-    """Iterate ``source`` in a thread until ``until(chunks)`` holds, then stop it."""
+def _collect(source, until, timeout=20.0, errors=None):
+    """Iterate ``source`` in a thread until ``until(chunks)`` holds, then stop it; what the
+    iteration raised goes to ``errors`` when given."""
     chunks = []
 
     def run():
-        for c in source:
-            chunks.append(c)
+        try:
+            for c in source:
+                chunks.append(c)
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
@@ -269,8 +275,25 @@ def test_url_source_retries_with_backoff_and_stops_promptly(tmp_path):
     spec = _spec(tmp_path, modality="vision", kind="url", url=f"tcp://127.0.0.1:{port}", format="mpegts",
                  timeout_s=0.5, max_backoff_s=0.4)
     src = open_live_source(spec, SessionClock())
-    chunks = _collect(src, lambda cs: src.dropped.get("reconnect", 0) >= 3, timeout=15)
+    errors = []
+    chunks = _collect(src, lambda cs: src.dropped.get("reconnect", 0) >= 3, timeout=15, errors=errors)
     assert chunks == [] and src.dropped["reconnect"] >= 3
+    # Stopped without having delivered anything: the stream failed, naming the url and why.
+    assert len(errors) == 1 and isinstance(errors[0], SourceError)
+    assert f"stream 's': url tcp://127.0.0.1:{port} delivered nothing in" in str(errors[0])
+    assert "last: cannot open: Connection refused" in str(errors[0])
+
+
+def test_a_device_that_is_not_one_fails_its_stream_at_once_naming_device_and_reason(tmp_path):
+    not_a_device = tmp_path / "notes.txt"
+    not_a_device.write_text("not a camera")
+    spec = _spec(tmp_path, modality="vision", kind="device", format="v4l2", device=str(not_a_device))
+    src = open_live_source(spec, SessionClock())
+    errors = []
+    t0 = time.monotonic()
+    _collect(src, lambda cs: bool(errors), timeout=10, errors=errors)
+    assert time.monotonic() - t0 < 5 and len(errors) == 1 and isinstance(errors[0], SourceError), errors
+    assert f"stream 's': cannot open device '{not_a_device}' (format v4l2): " in str(errors[0])
 
 
 # -- device (PyAV input formats) ------------------------------------------------------------------

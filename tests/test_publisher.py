@@ -263,3 +263,59 @@ def test_a_second_publisher_on_a_taken_endpoint_fails_with_the_endpoint_named():
             Publisher(pub.bound_endpoint)
     with pytest.raises(ValueError, match="mode 'fast'"):
         Publisher(_ANY_PORT, mode="fast")
+
+
+@pytest.mark.parametrize("mode", ["replay", "live"])
+def test_a_late_subscriber_gets_the_sessions_start_repeated_without_moving_anyones_seqs(ctx, mode):
+    from pipeline.subscribe import _GapTracker
+
+    pub = Publisher(_ANY_PORT, mode=mode, wait_for_subscribers=1, wait_timeout_s=10)
+    early = _sub(ctx, pub.bound_endpoint)
+    pub.start_session("s1", {"cam": "vision"}, model="m", dim=8)
+    pub.publish(_records("vision", "cam", 3))
+    late = _sub(ctx, pub.bound_endpoint, topic=b"ctl/")
+    deadline = time.monotonic() + 10
+    while pub.subscriptions < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pub.publish(_records("vision", "cam", 2, start=3))
+    pub.heartbeat("s1", {"windows": 5})
+    pub.end_session("s1", windows=5)
+    late_msgs = _receive_until_end(late)
+    early_msgs = _receive_until_end(early)
+    pub.close()
+
+    hello = late_msgs[0]
+    assert hello.topic == "ctl/s1" and hello.payload["event"] == "start" and hello.payload["repeat"] is True
+    assert "seq" not in hello.payload
+    assert (hello.payload["streams"], hello.payload["model"], hello.payload["dim"]) == ({"cam": "vision"}, "m", 8)
+    assert [m.payload["event"] for m in late_msgs[1:]] == ["heartbeat", "end"]
+    # The subscriber that was there from the start: seqs contiguous on every topic, no gap seen
+    # by the subscribe command's tracker; the copy reaches it too, marked, after its real start.
+    gaps = _GapTracker()
+    for m in early_msgs:
+        assert gaps.see(m.topic, m.seq) == 0
+    assert [m.seq for m in early_msgs if m.topic == "emb/s1/vision"] == [0, 1, 2, 3, 4]
+    ctl = [(m.payload["event"], m.seq, m.payload.get("repeat")) for m in early_msgs if m.topic == "ctl/s1"]
+    assert ctl == [("start", 0, None), ("start", None, True), ("heartbeat", 1, None), ("end", 2, None)]
+    assert gaps.missed == {}
+
+
+def test_no_repeated_start_for_subscribers_that_came_before_it_or_for_an_ended_session(ctx):
+    pub = Publisher(_ANY_PORT, wait_for_subscribers=1, wait_timeout_s=10)
+    sub = _sub(ctx, pub.bound_endpoint)
+    pub.start_session("s1", {"cam": "vision"}, model="m", dim=8)
+    pub.publish(_records("vision", "cam", 1))
+    pub.end_session("s1", windows=1)
+    late = _sub(ctx, pub.bound_endpoint)
+    deadline = time.monotonic() + 10
+    while pub.subscriptions < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pub.start_session("s2", {"cam": "vision"}, model="m", dim=8)
+    pub.end_session("s2", windows=0)
+    msgs = _receive_until_end(sub) + _receive_until_end(sub)
+    late_msgs = _receive_until_end(late)
+    pub.close()
+    assert [(m.topic, m.payload["event"]) for m in msgs if m.topic.startswith("ctl/")] == [
+        ("ctl/s1", "start"), ("ctl/s1", "end"), ("ctl/s2", "start"), ("ctl/s2", "end")]
+    assert [(m.topic, m.payload["event"], m.seq) for m in late_msgs] == [("ctl/s2", "start", 0), ("ctl/s2", "end", 1)]
+    assert not any(m.payload.get("repeat") for m in msgs + late_msgs)

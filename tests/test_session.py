@@ -19,7 +19,7 @@ IMU_COLS = {"t": "t", "ax": "ax", "ay": "ay", "az": "az", "gx": "gx", "gy": "gy"
 
 def _make_files(root: Path) -> None:
     (root / "video.mp4").write_bytes(b"not decoded by load_session")
-    (root / "imu.csv").write_text("t,ax,ay,az,gx,gy,gz\n")
+    (root / "imu.csv").write_text("t,row_type,ax,ay,az,gx,gy,gz\n")
     (root / "depth").mkdir()
     (root / "depth" / "000.png").write_bytes(b"")
     (root / "depth" / "timestamps.csv").write_text("t\n0\n")
@@ -80,6 +80,7 @@ def test_ego4d_preset_expands_to_its_columns_and_units(tmp_path: Path) -> None:
     doc = _good_doc()
     doc["streams"] = [{"id": "imu", "modality": "imu", "source": "imu.csv", "preset": "ego4d"}]
     _write(tmp_path, doc)
+    (tmp_path / "imu.csv").write_text("canonical_timestamp_ms,gyro_x,gyro_y,gyro_z,accl_x,accl_y,accl_z\n")
     imu = load_session(tmp_path).stream("imu")
     assert dict(imu.columns)["t"] == "canonical_timestamp_ms"
     assert dict(imu.columns)["gz"] == "gyro_z"

@@ -160,8 +160,15 @@ def test_imu_bad_rows_are_dropped_counted_and_logged_with_line_numbers(tmp_path:
     assert "stream 'imu'" in caplog.text and "line 3 of imu.csv" in caplog.text and "line 5 of imu.csv" in caplog.text
 
 
-def test_imu_missing_column_is_a_source_error_naming_column_and_file(tmp_path: Path) -> None:
-    s = _session(tmp_path, [IMU_GEN], {"imu.csv": "time_ms,row_type,ax,ay,az,gx,gy\n0,imu,1,2,3,4,5\n"})
+def test_imu_missing_column_is_a_config_error_at_load_naming_column_file_and_the_files_columns(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"stream 'imu': column 'gz' missing in .*imu.csv; the file has: "
+                                          r"time_ms, row_type, ax, ay, az, gx, gy$"):
+        _session(tmp_path, [IMU_GEN], {"imu.csv": "time_ms,row_type,ax,ay,az,gx,gy\n0,imu,1,2,3,4,5\n"})
+
+
+def test_imu_column_gone_from_a_file_changed_after_load_is_a_source_error(tmp_path: Path) -> None:
+    s = _session(tmp_path, [IMU_GEN], {"imu.csv": _imu_csv(["0,imu,1,2,3,4,5,6"])})
+    (tmp_path / "imu.csv").write_text("time_ms,row_type,ax,ay,az,gx,gy\n0,imu,1,2,3,4,5\n")
     with pytest.raises(SourceError, match=r"session 't-1' stream 'imu': column 'gz'.*imu.csv"):
         _drain(s.stream("imu"))
 

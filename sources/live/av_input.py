@@ -102,18 +102,26 @@ class AvLiveSource(LiveSource):
             yield None
 
     def _samples(self) -> Iterator[tuple[float, Any] | None]:
+        """The stream's samples, reopening a lost connection. A device that cannot be opened at
+        first is a stream error at once (it is local: a wrong path or format, or busy); a url that
+        has delivered nothing by the time the stream stops is a stream error then (its sender
+        may legitimately start after us, so it is retried until the stop)."""
         spec = self.spec
         target, kw = self._open_args()
         backoff = _INITIAL_BACKOFF_S
         max_backoff = float(spec.option("max_backoff_s", 10.0))
         attempts = 0
+        self._delivered, self._last_failure = False, ""
+        t0 = self.session_clock.now()
         while not self.stopped:
             try:
                 container = av.open(target, **kw)
-            except (av.FFmpegError, OSError) as e:
+            except (av.FFmpegError, OSError, ValueError) as e:  # ValueError: a format this FFmpeg lacks
                 attempts += 1
-                if spec.live == "device" and attempts == 1 and isinstance(e, (FileNotFoundError,)):
-                    raise SourceError(f"{spec.label}: cannot open device {target!r}: {media_error(e)}") from e
+                if spec.live == "device" and attempts == 1:
+                    fmt = f" (format {spec.option('format')})" if spec.option("format") else ""
+                    raise SourceError(f"{spec.label}: cannot open device {target!r}{fmt}: {media_error(e)}") from e
+                self._last_failure = f"cannot open: {media_error(e)}"
                 self.drop("reconnect", f"cannot open {target}: {media_error(e)}; retrying in {backoff:.1f} s")
                 yield from self._wait(backoff)
                 backoff = min(max_backoff, backoff * 2)
@@ -124,20 +132,25 @@ class AvLiveSource(LiveSource):
             try:
                 for s in self._read(container):
                     got_any = True
+                    self._delivered = self._delivered or s is not None
                     yield s
                     if self.stopped:
-                        return
+                        break
             except (av.FFmpegError, OSError) as e:
                 why = f"failed: {media_error(e)}"
             finally:
                 container.close()
             if self.stopped:
-                return
+                break
             if got_any:
                 backoff = _INITIAL_BACKOFF_S
+            self._last_failure = why
             self.drop("reconnect", f"{target} {why}; reopening in {backoff:.1f} s")
             yield from self._wait(backoff)
             backoff = min(max_backoff, backoff * 2)
+        if not self._delivered and spec.live == "url":
+            raise SourceError(f"{spec.label}: url {target} delivered nothing in {self.session_clock.now() - t0:.0f} s "
+                              f"of trying ({attempts} failed opens; last: {self._last_failure or 'no data'})")
 
     # -- time mapping ---------------------------------------------------------------------------
     def _new_connection(self) -> None:
