@@ -56,9 +56,9 @@ class RunResult:
     def exit_code(self) -> int:
         if any(s["errors"] for s in self.sessions):
             return EXIT_STREAM_FAILED
-EXIT_OUTPUT_FAILED = 5  # every stream ran, but an output (a recording, the store) could not be written
-EXIT_NO_SUBSCRIBER = 6  # publish.wait_for_subscribers: none came in time, nothing was published
-EXIT_INTERRUPTED = 130  # a replay stopped by Ctrl-C/SIGTERM before its end (128 + SIGINT, as shells do)
+        if any(s.get("interrupted") for s in self.sessions):
+            return EXIT_INTERRUPTED
+        return EXIT_OUTPUT_FAILED if any(s.get("recording_error") or s.get("store_error") for s in self.sessions) else EXIT_OK
 
 
 def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:

@@ -111,3 +111,15 @@ def test_a_file_that_is_not_media_is_named_in_words_without_ffmpegs_errno(tmp_pa
     msg = str(exc.value)
     assert f"stream 'cam': cannot open {path}: Invalid data found when processing input" in msg
     assert "Errno" not in msg
+
+
+def test_a_video_whose_frames_grow_mid_file_drops_the_oversized_frames_and_counts_them(tmp_path: Path) -> None:
+    """Frames over max_pixels after the first are dropped one by one (counted as frame_size),
+    never scaled; the frames before and after them still come."""
+    path = tmp_path / "grow.mjpeg"  # concatenated JPEGs: FFmpeg's mjpeg demuxer takes any size per frame
+    path.write_bytes(_jpeg(64, 48) * 3 + _jpeg(640, 480) * 2 + _jpeg(64, 48) * 3)
+    spec = StreamSpec(id="cam", modality="vision", source=path, session="h")
+    source = VideoSource(spec, max_pixels=64 * 48 * 4, chunk_seconds=10.0)
+    frames = sum(len(c) for c in source)
+    assert frames == 6
+    assert source.dropped == {"frame_size": 2}
