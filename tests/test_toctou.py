@@ -139,8 +139,14 @@ def test_symlinks_that_stay_inside_the_session_still_read(session):
 # -- what an error may say -------------------------------------------------------------------------
 
 def test_a_missing_column_error_names_the_file_relative_and_does_not_quote_the_header(session):
-    (session / "imu.csv").write_text("device_ms,kind,SECRETCOLUMN,acc_y_g\n1,imu,0,0\n")
-    msg = _refusal(load_session(session).stream("imu"))
+    """The header is checked when the session loads (a config error, printed to the user who owns
+    the file); a file rewritten in place after that fails its stream with a message that goes to
+    subscribers, so it names the column and the relative path but quotes nothing of the file."""
+    spec = load_session(session).stream("imu")
+    with open(session / "imu.csv", "r+") as f:  # the same file (same inode), a new header
+        f.write("device_ms,kind,SECRETCOLUMN,acc_y_g\n1,imu,0,0\n")
+        f.truncate()
+    msg = _refusal(spec)
     assert "column 'acc_x_g' (key columns.ax) missing in the header row of imu.csv" in msg
     assert "SECRETCOLUMN" not in msg
     _assert_clean(msg, session)
