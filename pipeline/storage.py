@@ -154,18 +154,12 @@ def add_store_args(sub: Any) -> None:
 
 
 def _cmd_store(args: argparse.Namespace) -> int:
-    from sinks.keys import CurveClientConfig
+    from pipeline.subscribe import curve_client_from_args
 
-    if (args.server_key is None) != (args.client_key is None):
-        print("error: --server-key and --client-key go together (CurveZMQ needs both)", file=sys.stderr)
+    curve, error = curve_client_from_args(args)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    curve = None
-    if args.server_key is not None:
-        try:
-            curve = CurveClientConfig.from_files(args.server_key, args.client_key)
-        except (OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     if args.topic and not args.topic.startswith("emb/"):
         print(f"error: --topic {args.topic!r}: expected a prefix of embedding topics, emb/ or emb/SESSION/", file=sys.stderr)
         return 2

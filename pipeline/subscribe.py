@@ -22,7 +22,7 @@ import zmq
 from sinks.keys import CurveClientConfig
 from sinks.protocol import MAX_PAYLOAD_BYTES, Message, ProtocolError, decode, embedding_array
 
-__all__ = ["subscribe", "format_message", "add_subscribe_args", "run_subscribe"]
+__all__ = ["subscribe", "format_message", "add_subscribe_args", "run_subscribe", "curve_client_from_args"]
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +178,25 @@ def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return p
 
 
+def curve_client_from_args(args: argparse.Namespace) -> tuple[CurveClientConfig | None, str | None]:
+    """The CurveZMQ client keys of ``--server-key``/``--client-key`` (both or neither), or the
+    error to print: ``(keys or None, None)`` or ``(None, message)``."""
+    if (args.server_key is None) != (args.client_key is None):
+        return None, "--server-key and --client-key go together (CurveZMQ needs both)"
+    if args.server_key is None:
+        return None, None
+    try:
+        return CurveClientConfig.from_files(args.server_key, args.client_key), None
+    except (OSError, ValueError) as exc:
+        return None, str(exc)
+
+
 def run_subscribe(args: argparse.Namespace) -> int:
     """Run ``subscribe`` from parsed arguments. Returns the exit code."""
-    if (args.server_key is None) != (args.client_key is None):
-        print("error: --server-key and --client-key go together (CurveZMQ needs both)", file=sys.stderr)
+    curve, error = curve_client_from_args(args)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    curve = None
-    if args.server_key is not None:
-        try:
-            curve = CurveClientConfig.from_files(args.server_key, args.client_key)
-        except (OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     try:
         subscribe(args.endpoint, topic=args.topic, json_out=args.json_out, curve_client=curve,
                   count=args.count, timeout_s=args.timeout_s)

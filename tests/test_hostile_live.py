@@ -16,6 +16,7 @@ import pytest
 
 from live_peers import ImuPublisher, free_port
 from pipeline.config import parse_config
+from procs import descendants as _descendants, rss as _rss
 
 ray = pytest.importorskip("ray")
 
@@ -72,37 +73,6 @@ class PeakRss(threading.Thread):
                     self.peak[pid] = rss
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-# -- 1. the clock guard cannot be walked away ---------------------------------------------------
 @pytest.mark.parametrize("clock", ["session", "device"])
 def test_wild_timestamps_on_a_live_stream_are_dropped_and_the_run_stops_on_time(clock):
     """One sample 1e6 s ahead, one 1e9 s behind, one 1e9 s ahead, on a live IMU stream at

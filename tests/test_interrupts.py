@@ -4,7 +4,6 @@ a real SUB socket; the run's Ray processes are found through /proc."""
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import zmq
 
 from live_peers import free_port
 from sinks.protocol import decode
+from procs import alive as _alive, descendants as _descendants
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find Ray's processes")
 REPO = Path(__file__).resolve().parents[1]
@@ -28,30 +28,6 @@ def demo_session(tmp_path_factory) -> Path:
     from sources.demo import write_demo_session
 
     return write_demo_session(tmp_path_factory.mktemp("demo") / "demo-ego", seconds=10.0)
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (Ray's gcs, raylet, workers and agents of a CLI run)."""
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children[int(fields[1])].append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _still_alive(pids: set[int], within_s: float) -> list[int]:

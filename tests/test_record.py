@@ -7,7 +7,6 @@ skewed, jittered clock), real Ray actors, a real SUB socket, the tiny model (see
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -26,6 +25,7 @@ from sources.record import StreamRecorder, finish_recording
 from sources.session import load_session
 from sources.base import Chunk, frame_values
 from sources.replay import open_source
+from procs import alive as _alive, descendants as _descendants
 
 ray = pytest.importorskip("ray")
 needs_video = pytest.mark.skipif(not REAL_VIDEO.exists(), reason=f"{REAL_VIDEO} is absent")
@@ -284,30 +284,6 @@ def test_sigint_drains_publishes_end_and_the_recording_replays_to_the_same_embed
     assert replay.exit_code == 0 and set(live) <= set(again)
     for k in live:
         np.testing.assert_allclose(again[k], live[k], atol=1e-5, err_msg=str(k))
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc: Ray's gcs, raylet and workers of a CLI run)."""
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children[int(fields[1])].append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @needs_video
