@@ -147,7 +147,10 @@ def test_a_flood_of_large_frames_at_ten_times_the_budget_keeps_memory_bounded_an
     peak = rss.peak[session_pid]
     print(f"flood: sent {flood.sent} frames ({flood.sent_bytes / 2**20:.0f} MiB), dropped {s['dropped']}, "
           f"session process peak RSS {peak / 2**20:.0f} MiB")
-    assert s["dropped"].get("depth:over_budget", 0) > 0, s["dropped"]
+    # What did not fit is counted: refused at the inbox (over_budget) or, once buffered, left
+    # out as no window could pick it (thinned); which of the two depends on how fast the
+    # session drains its inbox on this machine at the moment.
+    assert s["dropped"].get("depth:over_budget", 0) + s["dropped"].get("depth:thinned", 0) > 0, s["dropped"]
     assert peak < _IDLE_SESSION_RSS + budget + _MARGIN, f"peak RSS {peak / 2**20:.0f} MiB"
     assert s["counts"].get("imu", 0) >= 0.6 * (stop_after - 1) / HOP, s["counts"]
     assert s["counts"].get("depth", 0) > 0, s["counts"]
