@@ -46,6 +46,13 @@ class TowerRows:
         return tried > 0 and len(self.errors) == tried
 
 
+def _failure(exc: BaseException) -> str:
+    """What an item or tower failed with, as text; cancellation and interpreter exit go on up."""
+    if not isinstance(exc, Exception):
+        raise exc
+    return f"{type(exc).__name__}: {exc}"
+
+
 @ray.remote(num_cpus=0)
 class EncoderActor:
     """Holds one model; batches items per tower across all callers; returns unit-norm rows.
@@ -207,9 +214,7 @@ class EncoderActor:
         errors: dict[int, str] = {}
         for i, out in zip(sent, outs):
             if isinstance(out, BaseException):
-                if not isinstance(out, Exception):
-                    raise out  # cancellation, interpreter exit
-                errors[i] = f"{type(out).__name__}: {out}"
+                errors[i] = _failure(out)
             else:
                 rows[i], spans[i] = out[0], (out[1], out[2])
         return TowerRows(rows, spans, {i: n for i, (_, n) in enumerate(cleaned) if n}, errors)
@@ -243,9 +248,7 @@ class EncoderActor:
         result: dict[str, Any] = {}
         for m, out in zip(names, outs):
             if isinstance(out, BaseException):
-                if not isinstance(out, Exception):
-                    raise out  # cancellation, interpreter exit
-                result[m] = f"{type(out).__name__}: {out}"
+                result[m] = _failure(out)
             elif out.refused():
                 result[m] = next(iter(out.errors.values()))
             else:
