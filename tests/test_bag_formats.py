@@ -9,6 +9,7 @@ from __future__ import annotations
 import fractions
 import io
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from rosbags.typesys import get_types_from_msg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bag_files  # noqa: E402
 
-from sources.errors import ConfigError  # noqa: E402
+from sources.errors import ConfigError, SourceError  # noqa: E402
+from sources.guard import StreamGuard  # noqa: E402
 from sources.bagfile import Bag, zstd  # noqa: E402
 from sources.bagmsgs import FrameDecoder  # noqa: E402
 from sources.replay import open_source  # noqa: E402
@@ -296,3 +298,236 @@ def test_unsupported_ros2_bag_compression_is_a_config_error_naming_the_bag(tmp_p
         load_session(_session(tmp_path, "rec", modality="imu", topic="/imu"))
     with pytest.raises(ConfigError, match=expected):
         import_bag(tmp_path / "rec", tmp_path / "out")
+
+
+def _pcm(fmt: str, x: np.ndarray) -> bytes:
+    """float samples in [-1, 1) as ``fmt`` bytes."""
+    if fmt == "s16le":
+        return np.round(x * 32768).astype("<i2").tobytes()
+    if fmt == "s32le":
+        return np.round(x * 2147483648).astype("<i4").tobytes()
+    if fmt == "f32le":
+        return x.astype("<f4").tobytes()
+    return np.round(x * 128 + 128).astype("u1").tobytes()
+
+
+def _audio_rows(m, data: bytes, per_msg: int, stamped: bool, topic: str = "/audio"):
+    msgtype = "audio_common_msgs/msg/AudioDataStamped" if stamped else "audio_common_msgs/msg/AudioData"
+    rows = []
+    for k, i in enumerate(range(0, len(data), per_msg)):
+        ms = T0_MS + 20 * k
+        payload = m.t["audio_common_msgs/msg/AudioData"](data=np.frombuffer(data[i:i + per_msg], np.uint8))
+        msg = m.t[msgtype](header=m.header(ms, "mic"), audio=payload) if stamped else payload
+        rows.append((topic, msgtype, ms * 10**6 + 500_000, msg))
+    return rows
+
+
+# PCM described by the stream's keys: (format, channels, container), 16 kHz so no resampling.
+PCM_CASES = [("s16le", 1, "ros1"), ("s32le", 2, "sqlite"), ("f32le", 1, "mcap-file"), ("u8", 2, "ros1")]
+
+
+@pytest.mark.parametrize("fmt,channels,kind", PCM_CASES)
+def test_pcm_audio_described_by_the_session_is_16k_mono_float(tmp_path, fmt, channels, kind):
+    n = 16000
+    x = (0.5 * np.sin(np.arange(n * channels) / 7.0)).reshape(n, channels).astype(np.float64)
+    x[:, -1] *= 0.5  # channels differ: the sample is their mean
+    data = _pcm(fmt, x.reshape(-1))
+    # 20 ms messages of AudioData (no header: times are log times); a sample split across two.
+    per_msg = 320 * channels * {"s16le": 2, "s32le": 4, "f32le": 4, "u8": 1}[fmt] + 1
+    write_bag(tmp_path / _source_name(kind), kind, lambda m: _audio_rows(m, data, per_msg, stamped=False))
+    t, samples, src = read(tmp_path, _source_name(kind), modality="audio", topic="/audio", sample_rate=16000,
+                           channels=channels, sample_format=fmt)
+    assert samples.dtype == np.float32 and len(samples) == n
+    assert t[0] == 1.0005 and np.allclose(np.diff(t), 1 / 16000)
+    full = {"s16le": 32768, "s32le": 2147483648, "f32le": 1, "u8": 128}[fmt]
+    decoded = np.frombuffer(data, {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4", "u8": "u1"}[fmt]).astype(np.float64)
+    expected = ((decoded - (128 if fmt == "u8" else 0)) / full).reshape(n, channels).mean(axis=1)
+    np.testing.assert_allclose(samples, expected, atol=1e-6)
+
+
+def _speech() -> np.ndarray:
+    with av.open(str(bag_files.REAL / "speech_front_center.wav")) as c:
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]).astype("<i2")
+
+
+def _wav_reference(tmp_path: Path) -> np.ndarray:
+    """The speech WAV read by the media source: 16 kHz mono float32."""
+    d = tmp_path / "wav"
+    d.mkdir()
+    (d / "s.wav").write_bytes((bag_files.REAL / "speech_front_center.wav").read_bytes())
+    return read(d, "s.wav", modality="audio")[1]
+
+
+def _info(m, rate: int, fmt: str, coding: str):
+    return ("/audio/info", "audio_common_msgs/msg/AudioInfo", 10**9,
+            m.t["audio_common_msgs/msg/AudioInfo"](channels=1, sample_rate=rate, sample_format=fmt, bitrate=0,
+                                                   coding_format=coding))
+
+
+def test_pcm_audio_described_by_an_audioinfo_topic_matches_the_wav(tmp_path):
+    pcm = (_speech() / 32768.0).astype(np.float32)
+    write_bag(tmp_path / "rec.bag", "ros1", lambda m: [_info(m, 48000, "F32LE", "wave")]
+              + _audio_rows(m, pcm.tobytes(), 3840, stamped=True))
+    t, samples, _ = read(tmp_path, "rec.bag", modality="audio", topic="/audio", info_topic="/audio/info")
+    assert t[0] == 1.0  # AudioDataStamped: the header stamp
+    ref = _wav_reference(tmp_path)
+    assert abs(len(samples) - len(ref)) <= 64
+    n = min(len(ref), len(samples))
+    assert np.abs(ref[:n] - samples[:n]).max() < 1e-4
+
+
+def _mp3_packets(pcm: np.ndarray) -> list[bytes]:
+    ctx = av.CodecContext.create("libmp3lame", "w")
+    ctx.sample_rate, ctx.layout, ctx.format = 48000, "mono", "s16p"
+    frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16p", layout="mono")
+    frame.sample_rate, frame.pts = 48000, 0
+    return [bytes(p) for p in ctx.encode(frame)] + [bytes(p) for p in ctx.encode(None)]
+
+
+@pytest.mark.parametrize("described_by", ["session", "info_topic"])
+def test_mp3_audio_payloads_decode_to_the_speech(tmp_path, described_by):
+    pcm = _speech()
+    packets = _mp3_packets(pcm)
+
+    def build(m):
+        rows = [("/audio", "audio_common_msgs/msg/AudioData", (T0_MS + 24 * k) * 10**6,
+                 m.t["audio_common_msgs/msg/AudioData"](data=np.frombuffer(p, np.uint8))) for k, p in enumerate(packets)]
+        return ([_info(m, 48000, "", "mp3")] if described_by == "info_topic" else []) + rows
+
+    write_bag(tmp_path / "rec", "mcap", build)
+    keys = {"coding": "mp3"} if described_by == "session" else {"info_topic": "/audio/info"}
+    t, samples, src = read(tmp_path, "rec", modality="audio", topic="/audio", **keys)
+    assert src.dropped == {}
+    ref = _wav_reference(tmp_path)
+    # MP3 adds the encoder's delay and padding (about 1100 + 500 samples at 48 kHz) around the speech.
+    assert len(ref) <= len(samples) <= len(ref) + 1200
+    n = len(ref) - 1000
+    corr = [np.corrcoef(samples[lag:lag + n], ref[:n])[0, 1] for lag in range(0, 801, 4)]
+    assert max(corr) > 0.95, max(corr)  # the speech, shifted by the encoder's delay
+
+
+def _imu_text(m):
+    """IMU messages stamped 0.5 s before they were logged, one with a zero stamp; captions (no header)."""
+    rows = [("/imu", "sensor_msgs/msg/Imu", (T0_MS + 500 + 20 * i) * 10**6, m.imu(T0_MS + 20 * i, IMU_ROWS[i]))
+            for i in range(5)]
+    rows[3][3].header.stamp.sec, rows[3][3].header.stamp.nanosec = 0, 0
+    rows += [("/captions", "std_msgs/msg/String", (T0_MS + 250 * k) * 10**6, m.t["std_msgs/msg/String"](data=w))
+             for k, w in enumerate(("a plant", "on a windowsill"))]
+    return sorted(rows, key=lambda r: r[2])
+
+
+@pytest.mark.parametrize("kind", ["ros1", "sqlite"])
+def test_times_are_header_stamps_or_log_times_plus_the_offset(tmp_path, kind):
+    write_bag(tmp_path / _source_name(kind), kind, _imu_text)
+    src = _source_name(kind)
+    t, _, _ = read(tmp_path, src, modality="imu", topic="/imu")
+    assert t.tolist() == [1.0, 1.02, 1.04, 1.56, 1.08]  # the zero stamp falls back to the log time
+    t, _, _ = read(tmp_path, src, modality="imu", topic="/imu", timestamps="log", offset=-0.5)
+    np.testing.assert_allclose(t, [1.0, 1.02, 1.04, 1.06, 1.08], rtol=0, atol=1e-12)
+    t, text, _ = read(tmp_path, src, modality="text", topic="/captions", offset=2)
+    assert text == ["a plant", "on a windowsill"] and t.tolist() == [3.0, 3.25]
+
+
+def test_out_of_order_messages_come_in_file_order_and_the_guard_drops_a_wild_stamp(tmp_path):
+    stamps = [1000, 1020, 1010, 1030, 901_000, 1040, 1060, 1050]  # ms; 901 s is a wild stamp
+
+    def build(m):
+        return [("/imu", "sensor_msgs/msg/Imu", (T0_MS + 20 * i) * 10**6, m.imu(ms, IMU_ROWS[i]))
+                for i, ms in enumerate(stamps)]
+
+    write_bag(tmp_path / "rec.bag", "ros1", build)
+    spec = load_session(_session(tmp_path, "rec.bag", modality="imu", topic="/imu")).stream("s")
+    guard = StreamGuard("s", "s", "imu", max_gap_s=60.0)
+    chunks = list(open_source(spec, chunk_seconds=10.0))
+    assert np.concatenate([c.t for c in chunks]).tolist() == [ms / 1000 for ms in stamps]
+    kept = np.concatenate([guard.apply(c).t for c in chunks])
+    assert kept.tolist() == [ms / 1000 for ms in stamps if ms != 901_000]  # small disorder is the aligner's
+    assert guard.dropped == {"jump": 1}
+
+
+def test_a_bag_damaged_in_the_middle_yields_the_messages_before_then_names_stream_and_offset(tmp_path):
+    write_bag(tmp_path / "rec.bag", "ros1", _imu_and_frames)
+    data = bytearray((tmp_path / "rec.bag").read_bytes())
+    second_chunk = data.index(b"op=\x05", data.index(b"op=\x05") + 4) - 4 - 4  # its header-length field
+    data[second_chunk:second_chunk + 4] = b"\xff\xff\xff\x7f"
+    (tmp_path / "rec.bag").write_bytes(bytes(data))
+    spec = load_session(_session(tmp_path, "rec.bag", modality="vision", topic="/cam")).stream("s")
+    got = []
+    with pytest.raises(SourceError, match=rf"stream 's'.*rec.bag is damaged at byte offset {second_chunk}: "
+                                          r"record header of \d+ bytes \(not a record\); topic /cam ended after \d+ "
+                                          r"messages") as e:
+        for chunk in open_source(spec, video_size=64):
+            got += chunk.t.tolist()
+    n = int(str(e.value).rsplit("after ", 1)[1].split()[0])
+    assert 0 < n < 90 and got == [(T0_MS + round(i * 1000 / 30)) / 1000 for i in range(n)]
+
+
+def test_a_truncated_file_compressed_ros2_bag_names_the_damage(tmp_path):
+    write_bag(tmp_path / "rec", "mcap", _imu_and_frames, "file")
+    f = tmp_path / "rec" / "rec.mcap.zstd"
+    f.write_bytes(f.read_bytes()[:f.stat().st_size * 19 // 20])  # the frames compress well: 95 % ends in chunk 2
+    spec = load_session(_session(tmp_path, "rec", modality="vision", topic="/cam")).stream("s")
+    got = []
+    with pytest.raises(SourceError, match=r"stream 's'.*rec.mcap.zstd is damaged at byte offset \d+: "
+                                          r"zstd-compressed file ends early.*offset counts decompressed bytes"):
+        for chunk in open_source(spec, video_size=64):
+            got += chunk.t.tolist()
+    assert 0 < len(got) < 90 and got == [(T0_MS + round(i * 1000 / 30)) / 1000 for i in range(len(got))]
+
+
+def test_unsupported_types_and_encodings_are_config_errors_naming_topic_type_and_what_is_supported(tmp_path):
+    def build(m):
+        info = m.t["sensor_msgs/msg/CameraInfo"]
+        cam = m.t["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
+        z = np.zeros(9, np.float64)
+        return [("/info", "sensor_msgs/msg/CameraInfo", 10**9,
+                 info(header=m.header(1000, "c"), height=1, width=1, distortion_model="", d=np.zeros(0), k=z, r=z,
+                      p=np.zeros(12), binning_x=0, binning_y=0, roi=cam)),
+                ("/bayer", "sensor_msgs/msg/Image", 10**9, m.image(1000, GRAY, "bayer_rggb8"))]
+
+    write_bag(tmp_path / "rec.mcap", "mcap-file", build)
+    with pytest.raises(ConfigError, match=r"topic '/info': message type sensor_msgs/CameraInfo is not supported "
+                                          r"\(supported: sensor_msgs/Image: vision \(rgb8.*std_msgs/String: text"):
+        load_session(_session(tmp_path, "rec.mcap", modality="vision", topic="/info"))
+    with pytest.raises(ConfigError, match=r"topic '/bayer': sensor_msgs/Image encoding 'bayer_rggb8' is not "
+                                          r"supported for vision \(supported: rgb8, bgr8, rgba8, bgra8, mono8\)"):
+        load_session(_session(tmp_path, "rec.mcap", modality="vision", topic="/bayer"))
+    with pytest.raises(ConfigError, match=r"key 'topic': rec.mcap has no topic '/cam'; its topics: "
+                                          r"/bayer \(sensor_msgs/Image\), /info \(sensor_msgs/CameraInfo\)"):
+        load_session(_session(tmp_path, "rec.mcap", modality="vision", topic="/cam"))
+
+
+def test_bag_sources_keep_to_the_session_folder(tmp_path):
+    write_bag(tmp_path / "rec.bag", "ros1", _imu_text)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(ConfigError, match=r"key 'source': .*/s/\.\./rec\.bag resolves to .*outside the session folder"):
+        load_session(_session(tmp_path / "s", "../rec.bag", modality="imu", topic="/imu"))
+    (tmp_path / "s" / "link.bag").symlink_to(tmp_path / "rec.bag")
+    with pytest.raises(ConfigError, match=r"key 'source': .*/s/link\.bag resolves to .*outside the session folder"):
+        load_session(_session(tmp_path / "s", "link.bag", modality="imu", topic="/imu"))
+    # A ROS 2 bag folder whose metadata.yaml names a file outside it.
+    write_bag(tmp_path / "s" / "rec", "mcap", _imu_text)
+    meta = tmp_path / "s" / "rec" / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("- rec.mcap", "- ../../rec.bag"))
+    with pytest.raises(ConfigError, match=r"metadata.yaml names rec.bag, not a file inside the bag folder"):
+        load_session(_session(tmp_path / "s", "rec", modality="imu", topic="/imu"))
+
+
+def test_import_bag_command_writes_a_session_that_loads_and_lists_skipped_topics(tmp_path):
+    def build(m):
+        return _imu_text(m) + [("/thermal/image", "sensor_msgs/msg/Image", 10**9, m.image(1000, GRAY, "mono8")),
+                               ("/bayer", "sensor_msgs/msg/Image", 10**9, m.image(1000, GRAY, "bayer_rggb8")),
+                               ("/depth", "sensor_msgs/msg/Image", 10**9, m.image(1000, METRES, "32FC1"))]
+
+    write_bag(tmp_path / "rec.bag", "ros1", build)
+    cmd = [sys.executable, "-m", "pipeline", "import-bag", str(tmp_path / "rec.bag"), "--out", str(tmp_path / "s")]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == str(tmp_path / "s" / "session.yaml")
+    text = (tmp_path / "s" / "session.yaml").read_text()
+    assert "#   /bayer (sensor_msgs/Image): encoding 'bayer_rggb8' not supported" in text
+    spec = load_session(tmp_path / "s")
+    assert {(s.topic, s.modality) for s in spec.streams} == {
+        ("/imu", "imu"), ("/captions", "text"), ("/thermal/image", "thermal"), ("/depth", "depth")}
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert again.returncode == 2 and "session.yaml exists" in again.stderr and "Traceback" not in again.stderr
