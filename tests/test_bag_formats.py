@@ -531,3 +531,23 @@ def test_import_bag_command_writes_a_session_that_loads_and_lists_skipped_topics
         ("/imu", "imu"), ("/captions", "text"), ("/thermal/image", "thermal"), ("/depth", "depth")}
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert again.returncode == 2 and "session.yaml exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_messages_that_cannot_become_frames_are_dropped_and_counted_by_reason(tmp_path):
+    """Undecodable bytes, a cut JPEG, an encoding the topic did not start with, a frame of another
+    size: each is dropped and counted; the good frames around them come through."""
+    m = _msgs("mcap-file")
+    good = [m.serialize(m.compressed(T0_MS + 100 * i, JPEG, "jpeg"), "sensor_msgs/msg/CompressedImage")
+            for i in range(5)]
+    bad = {1: b"\x00\x01", 2: m.serialize(m.compressed(T0_MS + 200, JPEG[:200], "jpeg"), "sensor_msgs/msg/CompressedImage"),
+           3: m.serialize(m.compressed(T0_MS + 300, b"BM" + bytes(60), "bmp"), "sensor_msgs/msg/CompressedImage")}
+    square = _encode("mjpeg", np.ascontiguousarray(RGB[:, :64]), "yuvj420p", "rgb24")
+    bad[4] = m.serialize(m.compressed(T0_MS + 400, square, "jpeg"), "sensor_msgs/msg/CompressedImage")
+    folder = tmp_path / "rec"
+    with Writer2(folder, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        conn = w.add_connection("/img", "sensor_msgs/msg/CompressedImage", typestore=m.ts)
+        for i in range(5):
+            w.write(conn, (T0_MS + 100 * i) * 10**6, bad.get(i, good[i]))
+    t, frames, src = read(tmp_path, "rec", modality="vision", topic="/img")
+    assert t.tolist() == [1.0] and len(frames) == 1
+    assert src.dropped == {"undecodable": 1, "bad_image": 1, "encoding": 1, "frame_size": 1}, src.dropped
