@@ -551,3 +551,11 @@ def test_messages_that_cannot_become_frames_are_dropped_and_counted_by_reason(tm
     t, frames, src = read(tmp_path, "rec", modality="vision", topic="/img")
     assert t.tolist() == [1.0] and len(frames) == 1
     assert src.dropped == {"undecodable": 1, "bad_image": 1, "encoding": 1, "frame_size": 1}, src.dropped
+
+
+def test_a_truncated_sqlite3_bag_is_a_config_error_at_load(tmp_path):
+    write_bag(tmp_path / "rec", "sqlite", _imu_and_frames)
+    db = tmp_path / "rec" / "rec.db3"
+    db.write_bytes(db.read_bytes()[:db.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"stream 's': key 'source': .*rec: cannot open: .*rec.db3"):
+        load_session(_session(tmp_path, "rec", modality="vision", topic="/cam"))
