@@ -6,6 +6,12 @@ ROS 1 bags and MCAP files (plain, or a ROS 2 folder's) are read front to back by
 :mod:`sources.bagscan` (flat memory, and a file cut short still yields what it holds); sqlite3
 storage through ``rosbags.highlevel.AnyReader``. Topic lists come from the file's index
 (``rosbags``), or from a scan when the index is missing or damaged.
+
+A ROS 2 bag's own compression (``compression_mode`` / ``compression_format`` in metadata.yaml)
+is zstd by ``file`` or by ``message``; any other is a :class:`BagError`. A file-compressed MCAP
+file is decompressed as it is scanned and its topics are listed from metadata.yaml; sqlite3
+storage is left to ``rosbags`` (which decompresses a file-compressed database into a temporary
+file each time it opens the bag).
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from rosbags.typesys import Stores, get_types_from_idl, get_types_from_msg, get_
 
 from sources.bagscan import BagDamage, Conn, RawMessage, mcap_messages, ros1_messages
 from sources.yamlfile import read_yaml_file
+
+try:  # Python 3.14 has zstd in the standard library; rosbags depends on the backport before that
+    from compression import zstd  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the Python version
+    from backports import zstd  # type: ignore[no-redef]
 
 __all__ = ["BagError", "BagDamage", "Topic", "Bag", "bag_kind"]
 
@@ -59,6 +70,8 @@ class Bag:
                            f"folder holding metadata.yaml)")
         self.path, self.kind = path, kind
         self.undecodable = 0
+        self.compression: str | None = None  # a ROS 2 bag's: "file" or "message" (zstd)
+        self._meta_topics: list = []
         self.storage, self.files = self._layout()
 
     def _layout(self) -> tuple[str, list[Path]]:
@@ -71,17 +84,29 @@ class Bag:
             info = meta["rosbag2_bagfile_information"]
             storage = str(info.get("storage_identifier", ""))
             files = [self.path / str(p) for p in info.get("relative_file_paths", [])]
+            mode = str(info.get("compression_mode") or "none").lower()
+            fmt = str(info.get("compression_format") or "").lower()
+            self._meta_topics = list(info.get("topics_with_message_count") or [])
         except Exception as e:  # any malformed metadata: named, never a traceback
             raise BagError(f"{self.path / 'metadata.yaml'}: not a ROS 2 bag's metadata ({e})") from None
         if storage not in ("sqlite3", "mcap"):
             raise BagError(f"{self.path}: storage {storage!r} is not supported (supported: sqlite3, mcap)")
+        if mode != "none":
+            if mode not in ("file", "message") or fmt != "zstd":
+                raise BagError(f"{self.path}: metadata.yaml says compression_mode {mode!r} with compression_format "
+                               f"{fmt!r}, which is not supported (supported: no compression, or compression_format "
+                               f"zstd with compression_mode file or message)")
+            self.compression = mode
         for p in files:
             if not p.resolve().is_relative_to(self.path.resolve()) or not p.is_file():
                 raise BagError(f"{self.path}: metadata.yaml names {p.name}, not a file inside the bag folder")
         return storage, files
 
     def topics(self) -> dict[str, Topic]:
-        """Every topic, from the index; from a scan of the files when the index is unreadable."""
+        """Every topic, from the index; from a scan of the files when the index is unreadable;
+        from metadata.yaml for a file-compressed MCAP bag (its index is inside the compression)."""
+        if self.compression == "file" and self.storage == "mcap":
+            return self._topics_from_metadata()
         try:
             with AnyReader([self.path], default_typestore=get_typestore(Stores.LATEST)) as r:
                 return {name: Topic(name, info.msgtype or "", info.msgcount) for name, info in r.topics.items()}
@@ -98,10 +123,24 @@ class Bag:
             raise BagError(f"{self.path}: no topic found (the file is damaged before its first connection record)")
         return found
 
+    def _topics_from_metadata(self) -> dict[str, Topic]:
+        try:
+            found = {}
+            for entry in self._meta_topics:
+                name, msgtype = str(entry["topic_metadata"]["name"]), str(entry["topic_metadata"]["type"])
+                found[name] = Topic(name, msgtype, int(entry.get("message_count", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BagError(f"{self.path / 'metadata.yaml'}: malformed topics_with_message_count ({e})") from None
+        if not found:
+            raise BagError(f"{self.path / 'metadata.yaml'}: lists no topic")
+        return found
+
     def _raw(self, topics: set[str] | None, on_conn: Any = None) -> Iterator[RawMessage]:
-        read = ros1_messages if self.storage == "ros1" else mcap_messages
         for f in self.files:
-            yield from read(f, topics, on_conn)
+            if self.storage == "ros1":
+                yield from ros1_messages(f, topics, on_conn)
+            else:
+                yield from mcap_messages(f, topics, on_conn, zstd_file=self.compression == "file")
 
     def first(self, topic: str) -> Any | None:
         """The first message of ``topic`` that deserialises, or None."""
@@ -118,6 +157,12 @@ class Bag:
             return
         types = _Types(ros1=self.storage == "ros1")
         for m in self._raw({topic}):
+            if self.compression == "message":
+                try:
+                    m = RawMessage(m.conn, m.log_ns, zstd.decompress(m.data))
+                except (zstd.ZstdError, EOFError, ValueError):
+                    self.undecodable += 1
+                    continue
             msg = types.deserialize(m)
             if msg is None:
                 self.undecodable += 1

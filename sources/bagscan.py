@@ -8,7 +8,8 @@ without its index and an MCAP file without its summary and footer. Everything be
 comes out; then :class:`BagDamage` says where the damage is.
 
 Formats: ROS bag v2.0 (http://wiki.ros.org/Bags/Format/2.0) with chunks stored plain, bz2 or
-lz4; MCAP (https://mcap.dev/spec) with chunks stored plain, lz4 or zstd.
+lz4; MCAP (https://mcap.dev/spec) with chunks stored plain, lz4 or zstd, in a plain file or a
+zstd-compressed one (a ROS 2 bag recorded with file compression), decompressed as it is read.
 """
 
 from __future__ import annotations
@@ -197,16 +198,26 @@ def _mcap_str(buf: bytes, i: int) -> tuple[str, int]:
 
 
 def mcap_messages(path: Path, topics: set[str] | None = None,
-                  on_conn: Callable[[Conn], None] | None = None) -> Iterator[RawMessage]:
+                  on_conn: Callable[[Conn], None] | None = None, zstd_file: bool = False) -> Iterator[RawMessage]:
     """The messages of an MCAP file in file order, of ``topics`` only when given; ``on_conn``
-    sees every channel as it is found. Ends at the data-end or footer record."""
+    sees every channel as it is found. Ends at the data-end or footer record. ``zstd_file``: the
+    whole file is zstd-compressed (a ROS 2 bag's file compression), decompressed as it is read;
+    offsets in :class:`BagDamage` then count decompressed bytes."""
     schemas: dict[int, tuple[str, str, str]] = {}
     conns: dict[int, Conn] = {}
-    with open(path, "rb") as f:
-        if f.read(8) != MCAP_MAGIC:
-            raise BagDamage(path, 0, "not an MCAP file (no MCAP magic)")
-        state = (schemas, conns, topics, on_conn)
-        yield from _mcap_records(_Records(f, path), None, state, path, 0)
+    with (zstd.open(path, "rb") if zstd_file else open(path, "rb")) as f:
+        try:
+            if f.read(8) != MCAP_MAGIC:
+                raise BagDamage(path, 0, "not an MCAP file (no MCAP magic)")
+            state = (schemas, conns, topics, on_conn)
+            yield from _mcap_records(_Records(f, path), None, state, path, 0)
+        except (EOFError, zstd.ZstdError) as e:  # only a zstd file raises these
+            raise BagDamage(path, f.tell(), f"zstd-compressed file ends early or is damaged ({e}); offset counts "
+                                            f"decompressed bytes") from None
+        except BagDamage as e:
+            if not zstd_file:
+                raise
+            raise BagDamage(path, e.offset, f"{e.what}; offset counts decompressed bytes") from None
 
 
 def _mcap_records(rec: _Records, end: int | None, state: tuple, path: Path, base: int) -> Iterator[RawMessage]:
