@@ -1,0 +1,148 @@
+"""The store's thumbnails, captions and events tables: trigger events paired into one row each
+(also when the session ends mid-event), the writer's per-table counts and failure accounting on a
+real LanceDB folder, the standalone consumer's events rows from real protocol messages, and one
+run of the demo config through the real Ray graph whose tables match what it published.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.triggers import TriggerEvaluator, TriggerEvent, TriggerRule
+from sinks.protocol import EmbeddingRecord, decode, encode_control, encode_event
+from sinks.store import CAPTIONS, EVENTS, THUMBNAILS, StoreWriter
+from sinks.store_tables import CaptionRow, EventPairer, ThumbnailRow
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = {"model": "m", "dim": 4, "config": "m", "checkpoint": "none", "seed": 0, "precision": "fp32"}
+
+
+def _table(uri: str, name: str) -> list[dict]:
+    import lancedb
+
+    db = lancedb.connect(uri)
+    return db.open_table(name).to_arrow().to_pylist() if name in set(db.list_tables().tables) else []
+
+
+def _records(scores: list[float], stream: str = "cam") -> list[EmbeddingRecord]:
+    """Windows 0.. of one second each whose embedding scores ``scores`` against the prompt e0."""
+    out = []
+    for w, s in enumerate(scores):
+        v = np.array([s, np.sqrt(max(0.0, 1 - s * s)), 0, 0], np.float32)
+        out.append(EmbeddingRecord("s", stream, "vision", w, float(w), float(w + 1), v))
+    return out
+
+
+def _evaluator() -> TriggerEvaluator:
+    return TriggerEvaluator("s", [TriggerRule("hit", on=0.9, off=0.5, score="cosine")],
+                            {"hit": {"vision": np.array([1, 0, 0, 0], np.float32)}})
+
+
+# -- pairing -------------------------------------------------------------------------------------
+
+def test_start_and_end_of_an_event_make_one_row_with_the_start_window_and_the_end_span_and_peak():
+    ev = _evaluator()
+    events = ev.observe(_records([0.1, 0.95, 0.99, 0.7, 0.2, 0.1]))
+    assert [e.kind for e in events] == ["start", "end"]
+    pairer = EventPairer("run-1")
+    (row,) = pairer.add("s", "m", events[:1]) + pairer.add("s", "m", events[1:])
+    assert (row.trigger, row.modality, row.window, row.t_start, row.t_end) == ("hit", "vision", 1, 1.0, 4.0)
+    assert row.score == pytest.approx(0.99, abs=1e-6) and row.score_kind == "cosine" and row.run_id == "run-1"
+    assert pairer.end_session("s") == []
+
+
+def test_a_session_that_ends_mid_event_still_makes_its_row_from_the_end_the_session_sends():
+    ev = _evaluator()
+    pairer = EventPairer()
+    assert pairer.add("s", "m", ev.observe(_records([0.2, 0.95, 0.97]))) == []  # started, still on
+    (row,) = pairer.add("s", "m", ev.close())  # the session's end ends it: reason stream_end
+    assert (row.window, row.t_start, row.t_end) == (1, 1.0, 3.0)
+    assert row.score == pytest.approx(0.97, abs=1e-6)
+
+
+def test_an_event_whose_end_never_came_is_written_at_the_session_end_and_an_end_alone_has_window_minus_one():
+    start = TriggerEvent("hit", "cam", "vision", "start", 4, 4.0, 5.0, 0.93, score_kind="calibrated")
+    end_alone = TriggerEvent("hit", "mic", "audio", "end", 9, 7.0, 10.0, 0.8, "below_off")
+    pairer = EventPairer()
+    (lone,) = pairer.add("s", "m", [start, end_alone])
+    assert (lone.modality, lone.window, lone.t_start, lone.t_end) == ("audio", -1, 7.0, 10.0)
+    assert pairer.end_session("other") == []
+    (open_row,) = pairer.end_session("s")
+    assert (open_row.window, open_row.t_start, open_row.t_end, open_row.score_kind) == (4, 4.0, 5.0, "calibrated")
+    assert pairer.end_session("s") == []
+
+
+# -- the writer ----------------------------------------------------------------------------------
+
+def _jpeg(width: int = 8) -> bytes:
+    from pipeline.session_triggers import jpeg_image
+
+    return jpeg_image(np.zeros((6, 8, 3), np.uint8), width)[0]
+
+
+def _rows(session: str = "s") -> list:
+    return ([CaptionRow("m", session, "captions", "text", w, float(w), w + 1.0, f"caption {w}") for w in range(3)]
+            + [ThumbnailRow("m", session, "cam", "vision", w, float(w), w + 1.0, 8, 6, _jpeg()) for w in range(2)])
+
+
+def test_writer_keeps_each_table_once_per_key_and_reports_its_rows(tmp_path):
+    uri = str(tmp_path / "store")
+    events = [TriggerEvent("hit", "cam", "vision", "start", 1, 1.0, 2.0, 0.9),
+              TriggerEvent("hit", "cam", "vision", "end", 3, 1.0, 4.0, 0.95, "below_off")]
+    for attempt in range(2):  # the same rows twice (a replay): upserts, no duplicates
+        w = StoreWriter(uri, MODEL, flush_s=0.05, run_id=f"r{attempt}")
+        w.add(_rows())
+        w.add_events("s", "m", events)
+        w.close()
+        rep = w.report("s")
+        assert rep["tables"] == {CAPTIONS: {"rows": 3, "not_written": 0, "pending": 0},
+                                 THUMBNAILS: {"rows": 2, "not_written": 0, "pending": 0},
+                                 EVENTS: {"rows": 1, "not_written": 0, "pending": 0}}, rep
+        assert rep["rows"] == 0 and "error" not in rep
+    assert sorted(r["text"] for r in _table(uri, CAPTIONS)) == ["caption 0", "caption 1", "caption 2"]
+    assert len(_table(uri, THUMBNAILS)) == 2
+    (ev,) = _table(uri, EVENTS)
+    assert (ev["window"], ev["t_start"], ev["t_end"], ev["score"], ev["run_id"]) == (1, 1.0, 4.0, 0.95, "r1")
+
+
+def test_a_store_that_cannot_be_written_counts_every_table_s_rows_as_not_written(tmp_path):
+    from pipeline.storage import store_results
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be\n")
+    w = StoreWriter(str(blocker), MODEL, flush_s=0.05)
+    w.add(_rows())
+    w.add_events("s", "m", [TriggerEvent("hit", "cam", "vision", "start", 1, 1.0, 2.0, 0.9)])
+    w.end_session("s")  # the open event's row is lost too
+    w.close()
+    rep = w.report("s")
+    assert str(blocker) in rep["error"]
+    assert {t: c["not_written"] for t, c in rep["tables"].items()} == {CAPTIONS: 3, THUMBNAILS: 2, EVENTS: 1}
+    summary = {"session": "s"}
+    store_results([summary], {"s": rep})
+    assert summary["store_error"].endswith("0 row(s) not written; also captions 3, events 1, thumbnails 2")
+
+
+# -- the standalone consumer ---------------------------------------------------------------------
+
+def test_consumer_pairs_the_trigger_events_it_receives_into_events_rows(tmp_path):
+    from pipeline.storage import _Consumer
+
+    uri = str(tmp_path / "store")
+    consumer = _Consumer(uri, {"checkpoint": "none", "seed": 0, "precision": "fp32"})
+    ev = dict(session="s", trigger="hit", stream="cam", modality="vision", t_publish=1.0, score_kind="calibrated")
+    frames = [encode_control("s", "start", seq=0, streams={"cam": "vision"}, model="m", dim=4),
+              encode_event(event="start", seq=0, window=2, t_start=2.0, t_end=3.0, score=0.91, **ev),
+              encode_event(event="end", seq=1, window=5, t_start=2.0, t_end=6.0, score=0.97, reason="below_off", **ev),
+              encode_event(event="start", seq=2, window=8, t_start=8.0, t_end=9.0, score=0.92, **ev),
+              encode_control("s", "end", seq=1, counts={}, windows=10, dropped={})]
+    for f in frames:
+        consumer.handle(decode(list(f)))
+    reports = consumer.close()
+    assert reports["s"]["tables"][EVENTS]["rows"] == 2
+    rows = sorted((r["window"], r["t_start"], r["t_end"], r["score"], r["score_kind"], r["model"])
+                  for r in _table(uri, EVENTS))
+    assert rows == [(2, 2.0, 6.0, 0.97, "calibrated", "m"), (8, 8.0, 9.0, 0.92, "calibrated", "m")]
