@@ -78,8 +78,7 @@ class AlignerActor:
         publish_start: dict[str, Any] | None = None,
         sources: list[tuple[Any, dict[str, Any]]] | None = None,
         observer: Any = None,
-        triggers: TriggerSetup | None = None,
-        store: dict[str, Any] | None = None,
+        triggers: TriggerSetup | None = None, store: dict[str, Any] | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.session = session
@@ -106,8 +105,7 @@ class AlignerActor:
         self.stats = SessionStats(session)
         self.observer = observer if observer is not None else StageObserver(session)
         self._triggers = SessionTriggers(session, triggers) if triggers is not None else None
-        self._store = (StoreFeed(str((publish_start or {}).get("model", "")), self._store_rows,
-                                 thumbnails=bool(store.get("thumbnails"))) if store is not None else None)
+        self._store = StoreFeed(str((publish_start or {}).get("model", "")), self._store_rows, **store) if store else None
         self._encoding = EncoderLink(session, encoders, EncoderDispatch(len(encoders), retries, self.restart_timeout_s),
                                      self.observer)
         # model, dim and start seqs: what a restarted publisher needs (pipeline.publisher_link)

@@ -49,7 +49,7 @@ class StoreFeed:
     published (on the session's event loop; returns at once), :meth:`drain` before the session's
     ``end`` so its report counts them. ``send(rows)`` hands rows to the store writer."""
 
-    def __init__(self, model: str, send: Callable[[list[Any]], Awaitable[Any]], *, thumbnails: bool) -> None:
+    def __init__(self, model: str, send: Callable[[list[Any]], Awaitable[Any]], *, thumbnails: bool = False) -> None:
         self.model = model
         self.thumbnails = thumbnails
         self._send = send
