@@ -6,6 +6,8 @@ run of the demo config through the real Ray graph whose tables match what it pub
 
 from __future__ import annotations
 
+import collections
+import io
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 from pipeline.triggers import TriggerEvaluator, TriggerEvent, TriggerRule
 from sinks.protocol import EmbeddingRecord, decode, encode_control, encode_event
-from sinks.store import CAPTIONS, EVENTS, THUMBNAILS, StoreWriter
+from sinks.store import CAPTIONS, EMBEDDINGS, EVENTS, THUMBNAILS, StoreWriter
 from sinks.store_tables import CaptionRow, EventPairer, ThumbnailRow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,3 +148,119 @@ def test_consumer_pairs_the_trigger_events_it_receives_into_events_rows(tmp_path
     rows = sorted((r["window"], r["t_start"], r["t_end"], r["score"], r["score_kind"], r["model"])
                   for r in _table(uri, EVENTS))
     assert rows == [(2, 2.0, 6.0, 0.97, "calibrated", "m"), (8, 8.0, 9.0, 0.92, "calibrated", "m")]
+
+
+# -- one run of the demo config through the real Ray graph ------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from sources.demo import write_demo_session
+
+    return write_demo_session(tmp_path_factory.mktemp("tables") / "demo", seconds=8.0, size=(160, 120), fps=10)
+
+
+def _demo_config(demo: Path, uri: str, subscribers: int):
+    """configs/demo.yaml (its model, store and trigger) on this session, the store in ``uri``."""
+    import yaml
+
+    from pipeline.config import parse_config
+    from test_triggers_e2e import _trigger
+
+    doc = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert doc["store"]["thumbnails"] is True
+    return parse_config({
+        "sessions": [str(demo)], "model": {**doc["model"], "threads": 1}, "store": {**doc["store"], "uri": uri},
+        "triggers": [_trigger(demo)], "replay": {"rate": 0}, "progress": False,
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "wait_for_subscribers": subscribers, "wait_timeout_s": 60},
+    })
+
+
+def _keys(rows: list[dict], key: tuple[str, ...]) -> set[tuple]:
+    keys = [tuple(r[k] for k in key) for r in rows]
+    assert len(keys) == len(set(keys)), "a key stored twice"
+    return set(keys)
+
+
+def _published_events(messages) -> set[tuple]:
+    """(trigger, modality, start window, t_start, t_end, peak score) of each event on the wire."""
+    starts, out = {}, set()
+    for m in messages:
+        if m.kind == "trigger":
+            p = m.payload
+            if p["event"] == "start":
+                starts[p["trigger"], p["stream"]] = p
+            else:
+                start = starts.pop((p["trigger"], p["stream"]))
+                out.add((p["trigger"], p["modality"], start["window"], p["t_start"], p["t_end"], p["score"]))
+    assert not starts, f"events started and never ended on the wire: {starts}"
+    return out
+
+
+def _captions(demo: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (demo / "captions.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_demo_run_stores_thumbnails_captions_and_events_of_what_it_published_once_per_key(demo, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from pipeline.run import run
+    from test_pipeline_e2e import Subscriber
+
+    own, other = str(tmp_path / "store"), str(tmp_path / "consumer")
+    sub, procs = Subscriber(1), []
+
+    def on_ready(endpoint):  # the run waits for both: the consumer's 3 subscriptions and the subscriber's one
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "store", endpoint, "--uri", other, "--sessions", "1", "--checkpoint", "none"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        sub.start(endpoint)
+
+    result = run(_demo_config(demo, own, subscribers=4), on_ready=on_ready)
+    sub.join()
+    out, err = procs[0].communicate(timeout=120)
+    assert result.exit_code == 0 and procs[0].returncode == 0, (result.sessions, err)
+
+    emb = _table(own, EMBEDDINGS)
+    by_modality = collections.defaultdict(set)
+    for r in emb:
+        by_modality[r["modality"]].add((r["model"], r["session"], r["modality"], r["window"]))
+    thumbs, caps, events = _table(own, THUMBNAILS), _table(own, CAPTIONS), _table(own, EVENTS)
+    key = ("model", "session", "modality", "window")
+    assert by_modality["vision"] and _keys(thumbs, key) == by_modality["vision"], "a thumbnail per vision window"
+    for t in thumbs:
+        img = Image.open(io.BytesIO(t["jpeg"]))
+        assert img.format == "JPEG" and img.size == (t["width"], t["height"]) == (128, 96) and len(t["jpeg"]) <= 8192
+    assert by_modality["text"] and _keys(caps, key) == by_modality["text"], "a caption row per text window"
+    lines = _captions(demo)
+    for c in caps:  # each row: the session's captions in its window's span, as the window joined them
+        assert c["text"] == " ".join(x["text"] for x in lines if c["t_start"] <= x["t"] <= c["t_end"]), c
+    assert all(any(c["t_start"] <= x["t"] <= c["t_end"] for c in caps) for x in lines), "a caption not stored"
+
+    published = _published_events(sub.messages)
+    assert published, "the planted event was not found; the test proved nothing about events"
+    assert {(e["trigger"], e["modality"], e["window"], e["t_start"], e["t_end"], e["score"]) for e in events} == published
+    assert {(e["model"], e["score_kind"]) for e in events} == {("imagebind_tiny", "cosine")}
+    assert {e["run_id"] for e in events} == {r["run_id"] for r in emb}
+    consumer_events = _table(other, EVENTS)
+    assert sorted((e["trigger"], e["modality"], e["window"], e["t_start"], e["t_end"], e["score"], e["score_kind"])
+                  for e in consumer_events) == sorted(
+        (e["trigger"], e["modality"], e["window"], e["t_start"], e["t_end"], e["score"], e["score_kind"]) for e in events)
+
+    (summary,) = result.sessions
+    tables = {THUMBNAILS: len(thumbs), CAPTIONS: len(caps), EVENTS: len(events)}
+    assert {t: c["rows"] for t, c in summary["store"]["tables"].items()} == tables
+    (end,) = [m.payload for m in sub.messages if m.topic.startswith("ctl/") and m.payload["event"] == "end"]
+    assert {t: (c["rows"], c["not_written"]) for t, c in end["store"]["tables"].items()} == {
+        t: (n, 0) for t, n in tables.items()}
+
+    counts = {t: len(_table(own, t)) for t in (EMBEDDINGS, THUMBNAILS, CAPTIONS, EVENTS)}
+    sub2 = Subscriber(1)
+    result2 = run(_demo_config(demo, own, subscribers=1), on_ready=sub2.start)
+    sub2.join()
+    assert result2.exit_code == 0, result2.sessions
+    assert {t: len(_table(own, t)) for t in counts} == counts, "a second replay changed a table's row count"
