@@ -164,8 +164,10 @@ def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any =
 
 def add_store_args(sub: Any) -> None:
     p = sub.add_parser("store", help="keep what a running publisher sends in an embedding store",
-                       description="Subscribe to a bindstream publisher and write every embedding into a LanceDB "
-                                   "store, with the rows and keys of the run's own store sink (docs/store.md). "
+                       description="Subscribe to a bindstream publisher and write every embedding, and every "
+                                   "trigger event of the same sessions, into a LanceDB store, with the rows and keys "
+                                   "of the run's own store sink (docs/store.md; thumbnails and captions are not on "
+                                   "the wire, so not here). "
                                    "Exit codes: 0 stored, 2 bad arguments or keys, 5 the store could not be written.")
     p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--uri", required=True, metavar="DIR", help="the store: a folder or an object-storage URI")
