@@ -77,6 +77,18 @@ def test_an_event_whose_end_never_came_is_written_at_the_session_end_and_an_end_
     assert pairer.end_session("s") == []
 
 
+def test_a_thumbnail_of_a_busy_frame_is_encoded_again_coarser_to_stay_under_8_kb():
+    from PIL import Image
+
+    from pipeline.store_feed import THUMB_MAX_BYTES, window_rows
+
+    noise = np.random.default_rng(0).integers(0, 256, (200, 128, 3), dtype=np.uint8)  # about 15 KB at qscale 6
+    rec = EmbeddingRecord("s", "cam", "vision", 7, 7.0, 8.0, np.zeros(4, np.float32))
+    (row,) = window_rows("m", [rec], [noise])
+    assert len(row.jpeg) <= THUMB_MAX_BYTES and (row.width, row.height) == (128, 200)
+    assert Image.open(io.BytesIO(row.jpeg)).size == (128, 200)
+
+
 # -- the writer ----------------------------------------------------------------------------------
 
 def _jpeg(width: int = 8) -> bytes:
