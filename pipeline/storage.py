@@ -69,8 +69,8 @@ class _Consumer:
     embedding, and each trigger event (``evt/``, paired into ``events`` rows), becomes the row the
     in-pipeline sink makes of it. Thumbnails and captions are not on the wire: not stored here."""
 
-    def __init__(self, uri: str, model_options: dict[str, Any]) -> None:
-        self.uri, self.model_options = uri, model_options
+    def __init__(self, uri: str, model_options: dict[str, Any], topic: str = "emb/") -> None:
+        self.uri, self.model_options, self.topic = uri, model_options, topic
         self.run_id = "consumer-" + uuid.uuid4().hex[:8]
         self.writer: Any = None
         self.seen: list[str] = []
@@ -84,6 +84,8 @@ class _Consumer:
 
         p = msg.payload
         if msg.kind == "trigger":
+            if not self._wanted(p["session"]):
+                return
             if self.writer is None or p["session"] not in self.models:
                 log.warning("store consumer: %s before its session's start; not stored", msg.topic)
                 return
@@ -107,6 +109,11 @@ class _Consumer:
                 self.writer.end_session(p["session"])
             self.ended += 1
 
+    def _wanted(self, session: str) -> bool:
+        """Whether ``session``'s embeddings can match ``topic`` (its events are kept with them)."""
+        mine = f"emb/{session}/"
+        return mine.startswith(self.topic) or self.topic.startswith(mine)
+
     def close(self) -> dict[str, dict[str, Any]]:
         if self.writer is None:
             return {}
@@ -128,7 +135,7 @@ def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any =
 
     from sinks.protocol import MAX_PAYLOAD_BYTES, ProtocolError, decode
 
-    consumer = _Consumer(uri, {"checkpoint": checkpoint, "seed": seed, "precision": precision})
+    consumer = _Consumer(uri, {"checkpoint": checkpoint, "seed": seed, "precision": precision}, topic)
     session = topic[len("emb/"):].split("/")[0]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
@@ -137,7 +144,7 @@ def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any =
         sock.setsockopt(zmq.LINGER, 0)
         if curve_client is not None:
             curve_client.apply(sock)
-        for prefix in (topic, "ctl/" + session, "evt/" + session):  # a session's start names its model
+        for prefix in (topic, "ctl/" + session, "evt/" + session):  # ctl/: a start names the model; evt/: events
             sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         sock.connect(endpoint)
         last: float | None = None  # monotonic time of the last message

@@ -142,24 +142,27 @@ def test_a_store_that_cannot_be_written_counts_every_table_s_rows_as_not_written
 
 # -- the standalone consumer ---------------------------------------------------------------------
 
-def test_consumer_pairs_the_trigger_events_it_receives_into_events_rows(tmp_path):
+def test_consumer_pairs_the_trigger_events_of_its_sessions_into_events_rows(tmp_path):
     from pipeline.storage import _Consumer
 
     uri = str(tmp_path / "store")
-    consumer = _Consumer(uri, {"checkpoint": "none", "seed": 0, "precision": "fp32"})
+    consumer = _Consumer(uri, {"checkpoint": "none", "seed": 0, "precision": "fp32"}, topic="emb/s/")
+    other = dict(session="s2", trigger="hit", stream="cam", modality="vision", t_publish=1.0)
     ev = dict(session="s", trigger="hit", stream="cam", modality="vision", t_publish=1.0, score_kind="calibrated")
     frames = [encode_control("s", "start", seq=0, streams={"cam": "vision"}, model="m", dim=4),
               encode_event(event="start", seq=0, window=2, t_start=2.0, t_end=3.0, score=0.91, **ev),
               encode_event(event="end", seq=1, window=5, t_start=2.0, t_end=6.0, score=0.97, reason="below_off", **ev),
+              encode_control("s2", "start", seq=0, streams={"cam": "vision"}, model="m", dim=4),
+              encode_event(event="end", seq=0, window=3, t_start=1.0, t_end=4.0, score=0.9, **other),  # not --topic's
               encode_event(event="start", seq=2, window=8, t_start=8.0, t_end=9.0, score=0.92, **ev),
               encode_control("s", "end", seq=1, counts={}, windows=10, dropped={})]
     for f in frames:
         consumer.handle(decode(list(f)))
     reports = consumer.close()
     assert reports["s"]["tables"][EVENTS]["rows"] == 2
-    rows = sorted((r["window"], r["t_start"], r["t_end"], r["score"], r["score_kind"], r["model"])
+    rows = sorted((r["session"], r["window"], r["t_start"], r["t_end"], r["score"], r["score_kind"], r["model"])
                   for r in _table(uri, EVENTS))
-    assert rows == [(2, 2.0, 6.0, 0.97, "calibrated", "m"), (8, 8.0, 9.0, 0.92, "calibrated", "m")]
+    assert rows == [("s", 2, 2.0, 6.0, 0.97, "calibrated", "m"), ("s", 8, 8.0, 9.0, 0.92, "calibrated", "m")]
 
 
 # -- one run of the demo config through the real Ray graph ------------------------------------------
