@@ -269,6 +269,7 @@ class StoreConfig(_Section):
     optimize_every_s: float = _key(60.0, "seconds between index updates and compaction of small fragments in a long run",
                                    minimum="positive")
     ann_min_rows: int = _key(100_000, "rows from which a vector index is built (below: exact search)", minimum="positive")
+    thumbnails: bool = _key(False, "also keep a small JPEG of every vision window (the store's thumbnails table)")
 
     def _check(self) -> None:
         if self.uri is not None and not self.uri.strip():

@@ -5,6 +5,9 @@ The store writer lives here because every published record already is here: no s
 the vectors crosses processes, and no other actor has to be kept alive and restarted. The
 publishing path only appends each batch to the writer's bounded queue; its thread batches the
 rows into LanceDB (sinks/store.py), so a slow or failing disk never delays a ZeroMQ send.
+Trigger events go to the writer as they are published (its ``events`` table); thumbnails and
+captions are made by the session actors, which see the windows' data, and handed over with
+:meth:`PublisherActor.store_rows`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class PublisherActor:
         self.pub = Publisher(**options)
         self.store = _store_writer(store, self.pub) if store else None
         self._known: set[str] = set()  # sessions started or resumed by this incarnation
+        self._models: dict[str, str] = {}  # session -> its model name (the store's events rows)
         with warnings.catch_warnings():  # Ray's own property uses a deprecated one inside
             warnings.simplefilter("ignore", DeprecationWarning)
             self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
@@ -67,6 +71,7 @@ class PublisherActor:
     def start_session(self, session: str, streams: dict[str, str], model: str, dim: int) -> dict[str, int]:
         self.pub.start_session(session, streams, model, dim)
         self._known.add(session)
+        self._models[session] = model
         return self.pub.next_seqs(session)
 
     def resume(self, session: str, streams: dict[str, str], model: str, dim: int,
@@ -77,6 +82,7 @@ class PublisherActor:
         from here on is not sent into the void."""
         self.pub.resume_session(session, streams, model, dim, next_seq)
         self._known.add(session)
+        self._models[session] = model
         if self.pub.mode == "replay" and not self._waited:
             self._waited = True
             try:
@@ -102,7 +108,15 @@ class PublisherActor:
         """Publish trigger events of ``session`` (:meth:`sinks.base.SinkBase.publish_events`)."""
         self._require(session)
         self.pub.publish_events(session, events)
+        if self.store is not None:
+            self.store.add_events(session, self._models.get(session, ""), events)
         return self.pub.next_seqs(session)
+
+    def store_rows(self, rows: list[Any]) -> None:
+        """Queue rows of the store's other tables (thumbnails, captions) made by a session actor;
+        without a store, nothing. Returns at once."""
+        if self.store is not None:
+            self.store.add(rows)
 
     def heartbeat(self, session: str, counters: dict[str, Any]) -> dict[str, int]:
         self._require(session)
@@ -114,6 +128,7 @@ class PublisherActor:
         ``store`` field says how many (docs/protocol.md)."""
         self._require(session)
         if self.store is not None:
+            self.store.end_session(session)
             self.store.flush(STORE_END_FLUSH_S)
             fields["store"] = self.store.report(session)
         self.pub.end_session(session, **fields)

@@ -351,6 +351,7 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
             live=live["aligner"] if live and spec.live else None,
             publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
             sources=[(s, opts) for s in spec.streams], triggers=triggers,
+            store={"thumbnails": bool(cfg.store.thumbnails)} if cfg.store.uri is not None else None,
         )
         aligners.append(al)
         actors.append(al)

@@ -31,6 +31,7 @@ from pipeline.ordering import ChunkSequencer, PublishOrder, ReleaseCoalescer, St
 from pipeline.publisher_link import PublisherLink
 from pipeline.reader import ReaderHost
 from pipeline.session_triggers import SessionTriggers, TriggerSetup
+from pipeline.store_feed import StoreFeed
 from pipeline.stats import SessionResult, SessionStats, merge_dropped
 from sinks.protocol import EmbeddingRecord, ctl_topic, emb_topic, evt_topic
 
@@ -57,7 +58,9 @@ class AlignerActor:
     counters (:class:`pipeline.stats.SessionStats`), instrumentation (``observer``, a
     :class:`pipeline.observe.StageObserver` unless given) and, given a ``triggers`` setup, the
     session's triggers (:class:`pipeline.session_triggers.SessionTriggers`), evaluated on the
-    embeddings as they are published, in publish order."""
+    embeddings as they are published, in publish order. Given ``store`` (the run keeps a store;
+    ``{"thumbnails": bool}``), the published windows' captions and thumbnails go to the
+    publisher's store writer (:class:`pipeline.store_feed.StoreFeed`)."""
 
     def __init__(
         self,
@@ -75,7 +78,7 @@ class AlignerActor:
         publish_start: dict[str, Any] | None = None,
         sources: list[tuple[Any, dict[str, Any]]] | None = None,
         observer: Any = None,
-        triggers: TriggerSetup | None = None,
+        triggers: TriggerSetup | None = None, store: dict[str, Any] | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.session = session
@@ -102,6 +105,7 @@ class AlignerActor:
         self.stats = SessionStats(session)
         self.observer = observer if observer is not None else StageObserver(session)
         self._triggers = SessionTriggers(session, triggers) if triggers is not None else None
+        self._store = StoreFeed(str((publish_start or {}).get("model", "")), self._store_rows, **store) if store else None
         self._encoding = EncoderLink(session, encoders, EncoderDispatch(len(encoders), retries, self.restart_timeout_s),
                                      self.observer)
         # model, dim and start seqs: what a restarted publisher needs (pipeline.publisher_link)
@@ -326,6 +330,8 @@ class AlignerActor:
         t_pub = time.time()
         self.observer.published(items, t_pub)
         self.stats.record_published(((r.modality, r.t_ingest) for r in records), t_pub)
+        if self._store is not None:
+            self._store.add(records, items)
         return await self._publish_events(self._triggers.observe(records, items)) if self._triggers else True
 
     async def _publish_events(self, events: list[Any]) -> bool:
@@ -335,12 +341,17 @@ class AlignerActor:
         claims = PublishLedger.count(evt_topic(self.session, e.trigger) for e in events)
         return await self._publisher.call("publish_events", self.session, events, claims=claims)
 
+    async def _store_rows(self, rows: list[Any]) -> None:
+        await self.publisher.store_rows.remote(rows)
+
     async def _finish(self) -> None:
         # The last gauges and drop counts: a session shorter than heartbeat_s has had no tick yet,
         # and drops since the last one would be lost.
         self._tick()
         if self._triggers is not None and self.stats.publisher_error is None:
             await self._publish_events(self._triggers.close())  # events still on end with the session
+        if self._store is not None:
+            await self._store.drain()  # the session's end reports its thumbnails and captions too
         if self.stats.publisher_error is None:
             await self._publisher.call(
                 "end_session",

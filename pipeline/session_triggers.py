@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.triggers import TriggerEvaluator, TriggerEvent, TriggerRule
 
-__all__ = ["TriggerSetup", "SessionTriggers", "TimelineTrace", "jpeg_thumbnail"]
+__all__ = ["TriggerSetup", "SessionTriggers", "TimelineTrace", "jpeg_image", "jpeg_thumbnail"]
 
 THUMB_WIDTH = 96
 MAX_THUMBS = 900  # per stream; a longer session keeps every 2nd, 4th, ... window's (see TimelineTrace)
@@ -143,14 +143,25 @@ class TimelineTrace:
 def jpeg_thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH, quality: int = 6) -> str:
     """An RGB frame ``[H, W, 3]`` as a small base64 JPEG (``quality``: the MJPEG qscale, 2-31,
     lower is better)."""
+    return base64.b64encode(jpeg_image(frame, width, quality)[0]).decode("ascii")
+
+
+def jpeg_image(frame: np.ndarray, width: int = THUMB_WIDTH, quality: int = 6,
+               max_bytes: int | None = None) -> tuple[bytes, int, int]:
+    """An RGB frame ``[H, W, 3]`` as a JPEG ``width`` pixels wide, aspect kept (the height
+    rounded to even): ``(jpeg, width, height)``. ``quality``: the MJPEG qscale, 2-31, lower is
+    better; with ``max_bytes``, a JPEG over it is encoded again coarser (down to qscale 31)."""
     import av
 
     h, w = frame.shape[:2]
     height = max(2, round(h * width / w / 2) * 2)
     img = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
     img = img.reformat(width=width, height=height, format="yuvj420p")
-    cc = av.CodecContext.create("mjpeg", "w")
-    cc.width, cc.height, cc.pix_fmt = width, height, "yuvj420p"
-    cc.qmin = cc.qmax = quality
-    data = b"".join(bytes(p) for p in cc.encode(img) + cc.encode(None))
-    return base64.b64encode(data).decode("ascii")
+    while True:
+        cc = av.CodecContext.create("mjpeg", "w")
+        cc.width, cc.height, cc.pix_fmt = width, height, "yuvj420p"
+        cc.qmin = cc.qmax = quality
+        data = b"".join(bytes(p) for p in cc.encode(img) + cc.encode(None))
+        if max_bytes is None or len(data) <= max_bytes or quality >= 31:
+            return data, width, height
+        quality = min(31, quality * 2)

@@ -64,7 +64,7 @@ class SessionResult:
     stages: dict[str, Any] = field(default_factory=dict)  # pipeline.metrics.StageRecorder.summary()
     recording: str | None = None  # live sessions recorded with ``record``: the folder
     recording_error: str | None = None  # the recording could not be written: why, and where its files are
-    store: dict[str, Any] | None = None  # with store.uri: uri, rows written, not_written, pending, error
+    store: dict[str, Any] | None = None  # with store.uri: uri, rows written, not_written, pending, tables, error
     store_error: str | None = None  # the store failed or rows were not written: why, and how many
     triggers: dict[str, dict[str, float]] = field(default_factory=dict)  # trigger -> events, duration_s (stream s)
     interrupted: bool = False  # a replay stopped (Ctrl-C, SIGTERM) before its streams' end
@@ -135,7 +135,9 @@ class SessionResult:
         if self.store_error:
             out.append(f"    STORE FAILED: {self.store_error}")
         elif self.store is not None:
-            out.append(f"    stored {self.store.get('rows', 0)} rows in {self.store.get('uri')}")
+            tables = ", ".join(f"{t} {c.get('rows', 0)}" for t, c in sorted((self.store.get("tables") or {}).items()))
+            out.append(f"    stored {self.store.get('rows', 0)} rows in {self.store.get('uri')}"
+                       + (f" (and {tables})" if tables else ""))
         if self.triggers:
             out.append("    triggers: " + ", ".join(f"{k} {v['events']} event(s), {v['duration_s']:.1f} s"
                                                     for k, v in sorted(self.triggers.items())))

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 
-__all__ = ["add_store_args", "consume", "store_options", "store_results"]
+__all__ = ["add_store_args", "consume", "store_lost", "store_options", "store_results"]
 
 log = logging.getLogger(__name__)
 
@@ -35,38 +35,62 @@ def store_options(cfg: RunConfig, model_opts: dict[str, Any], info: dict[str, An
             "ann_min_rows": st.ann_min_rows, "run_id": run_id}
 
 
+def _lost(counts: dict[str, Any]) -> int:
+    return int(counts.get("not_written", 0)) + int(counts.get("pending", 0))
+
+
+def store_lost(rep: dict[str, Any]) -> str:
+    """What a store report says was not written, empty when nothing: ``N row(s) not written``
+    (embeddings), then the other tables' (``; also thumbnails 3, events 1``)."""
+    lost = _lost(rep)
+    others = {t: _lost(c) for t, c in sorted((rep.get("tables") or {}).items()) if _lost(c)}
+    if not lost and not others:
+        return ""
+    return f"{lost} row(s) not written" + ("; also " + ", ".join(f"{t} {n}" for t, n in others.items()) if others else "")
+
+
 def store_results(summaries: list[dict[str, Any]], reports: dict[str, dict[str, Any]] | None) -> None:
-    """Each session's store report into its summary; a store error, or rows not written, is the
-    summary's ``store_error`` (exit 5)."""
+    """Each session's store report into its summary; a store error, or rows of any table not
+    written, is the summary's ``store_error`` (exit 5)."""
     for summary in summaries:
         rep = (reports or {}).get(summary.get("session"))
         if rep is None:
             continue
         summary["store"] = rep
-        lost = int(rep.get("not_written", 0)) + int(rep.get("pending", 0))
+        lost = store_lost(rep)
         if rep.get("error") or lost:
-            summary["store_error"] = f"{rep.get('error') or 'store ' + rep['uri']}; {lost} row(s) not written"
+            summary["store_error"] = f"{rep.get('error') or 'store ' + rep['uri']}; {lost or '0 row(s) not written'}"
 
 
 # -- the standalone consumer: python -m pipeline store ENDPOINT --uri DIR ------------------------------
 
 class _Consumer:
     """Messages in, rows out: the first ``start`` names the model and opens the writer; each
-    embedding becomes the row the in-pipeline sink makes of it."""
+    embedding, and each trigger event (``evt/``, paired into ``events`` rows), becomes the row the
+    in-pipeline sink makes of it. Thumbnails and captions are not on the wire: not stored here."""
 
-    def __init__(self, uri: str, model_options: dict[str, Any]) -> None:
-        self.uri, self.model_options = uri, model_options
+    def __init__(self, uri: str, model_options: dict[str, Any], topic: str = "emb/") -> None:
+        self.uri, self.model_options, self.topic = uri, model_options, topic
         self.run_id = "consumer-" + uuid.uuid4().hex[:8]
         self.writer: Any = None
         self.seen: list[str] = []
+        self.models: dict[str, str] = {}  # session -> its model, from its start
         self.ended = 0
 
     def handle(self, msg: Any) -> None:
         from sinks.protocol import embedding_array
         from sinks.store import StoreRow, StoreWriter
+        from sinks.store_tables import TriggerMark
 
         p = msg.payload
-        if msg.kind == "embedding":
+        if msg.kind == "trigger":
+            if not self._wanted(p["session"]):
+                return
+            if self.writer is None or p["session"] not in self.models:
+                log.warning("store consumer: %s before its session's start; not stored", msg.topic)
+                return
+            self.writer.add_events(p["session"], self.models[p["session"]], [TriggerMark.from_payload(p)])
+        elif msg.kind == "embedding":
             if self.writer is None:
                 log.warning("store consumer: %s before any session's start; not stored", msg.topic)
                 return
@@ -76,11 +100,19 @@ class _Consumer:
         elif p["event"] == "start":
             if p["session"] not in self.seen:
                 self.seen.append(p["session"])
+            self.models[p["session"]] = p["model"]
             if self.writer is None:
                 model = {"model": p["model"], "dim": int(p["dim"]), "config": p["model"], **self.model_options}
                 self.writer = StoreWriter(self.uri, model, run_id=self.run_id)
         elif p["event"] == "end" and p["session"] in self.seen:
+            if self.writer is not None:
+                self.writer.end_session(p["session"])
             self.ended += 1
+
+    def _wanted(self, session: str) -> bool:
+        """Whether ``session``'s embeddings can match ``topic`` (its events are kept with them)."""
+        mine = f"emb/{session}/"
+        return mine.startswith(self.topic) or self.topic.startswith(mine)
 
     def close(self) -> dict[str, dict[str, Any]]:
         if self.writer is None:
@@ -92,8 +124,9 @@ class _Consumer:
 def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any = None, sessions: int | None = None,
             timeout_s: float | None = None, checkpoint: str = "auto", seed: int = 0, precision: str = "fp32",
             stop: Any = None) -> dict[str, dict[str, Any]]:
-    """Store what the publisher at ``endpoint`` sends on ``topic`` (a prefix of ``emb/``) into
-    the store at ``uri``: the same rows and keys as the in-pipeline sink (``run_id`` aside).
+    """Store what the publisher at ``endpoint`` sends on ``topic`` (a prefix of ``emb/``), and
+    the trigger events of the same sessions, into the store at ``uri``: the same rows and keys
+    as the in-pipeline sink (``run_id`` aside; no thumbnails or captions, which are not on the wire).
     Stops after ``sessions`` sessions ended, after ``timeout_s`` without a message (from the
     first), or once ``stop`` (an Event) is set. ``checkpoint``, ``seed``, ``precision``: the
     run's model options, recorded for queries (the wire names only the model). Returns each
@@ -102,7 +135,7 @@ def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any =
 
     from sinks.protocol import MAX_PAYLOAD_BYTES, ProtocolError, decode
 
-    consumer = _Consumer(uri, {"checkpoint": checkpoint, "seed": seed, "precision": precision})
+    consumer = _Consumer(uri, {"checkpoint": checkpoint, "seed": seed, "precision": precision}, topic)
     session = topic[len("emb/"):].split("/")[0]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
@@ -111,7 +144,7 @@ def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any =
         sock.setsockopt(zmq.LINGER, 0)
         if curve_client is not None:
             curve_client.apply(sock)
-        for prefix in (topic, "ctl/" + session):  # a session's start names its model
+        for prefix in (topic, "ctl/" + session, "evt/" + session):  # ctl/: a start names the model; evt/: events
             sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         sock.connect(endpoint)
         last: float | None = None  # monotonic time of the last message
@@ -138,8 +171,10 @@ def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any =
 
 def add_store_args(sub: Any) -> None:
     p = sub.add_parser("store", help="keep what a running publisher sends in an embedding store",
-                       description="Subscribe to a bindstream publisher and write every embedding into a LanceDB "
-                                   "store, with the rows and keys of the run's own store sink (docs/store.md). "
+                       description="Subscribe to a bindstream publisher and write every embedding, and every "
+                                   "trigger event of the same sessions, into a LanceDB store, with the rows and keys "
+                                   "of the run's own store sink (docs/store.md; thumbnails and captions are not on "
+                                   "the wire, so not here). "
                                    "Exit codes: 0 stored, 2 bad arguments or keys, 5 the store could not be written.")
     p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--uri", required=True, metavar="DIR", help="the store: a folder or an object-storage URI")
@@ -173,7 +208,9 @@ def _cmd_store(args: argparse.Namespace) -> int:
         return 2
     failed = False
     for session, rep in sorted(reports.items()):
-        lost = rep["not_written"] + rep["pending"]
-        print(f"{session}: stored {rep['rows']} rows in {rep['uri']}" + (f"; {lost} not written: {rep['error']}" if lost else ""))
+        lost = store_lost(rep)
+        tables = ", ".join(f"{t} {c['rows']}" for t, c in sorted((rep.get("tables") or {}).items()))
+        print(f"{session}: stored {rep['rows']} rows in {rep['uri']}" + (f" (and {tables})" if tables else "")
+              + (f"; {lost}: {rep.get('error') or 'the store fell behind'}" if lost else ""))
         failed = failed or bool(lost or rep.get("error"))
     return 5 if failed else 0

@@ -65,7 +65,8 @@ class TriggerRule:
 class TriggerEvent:
     """``start`` or ``end`` of one event of one trigger on one stream. ``score``: on ``start``
     the peak so far, on ``end`` the peak of the whole event. ``reason`` (``end`` only):
-    ``below_off``, or ``stream_end`` when the stream ended while the event was on."""
+    ``below_off``, or ``stream_end`` when the stream ended while the event was on.
+    ``score_kind``: the trigger's ``score`` (``cosine`` or ``calibrated``)."""
 
     trigger: str
     stream: str
@@ -76,6 +77,7 @@ class TriggerEvent:
     t_end: float
     score: float
     reason: str = ""
+    score_kind: str = "cosine"
 
     def key(self) -> tuple:
         """Everything but the score: what two runs of the same session must agree on exactly."""
@@ -265,7 +267,7 @@ class TriggerEvaluator:
 
     def _events(self, i: int, stream: str, modality: str, out: list[tuple]) -> list[TriggerEvent]:
         name = self.rules[i].name
-        events = [TriggerEvent(name, stream, modality, *o) for o in out]
+        events = [TriggerEvent(name, stream, modality, *o, score_kind=self.rules[i].score) for o in out]
         for e in events:
             if e.kind == "end":
                 self.totals[name].events += 1

@@ -168,7 +168,7 @@ class SinkBase:
     def publish_events(self, session: str, events: Iterable[Any]) -> int:
         """Publish trigger events of ``session`` on ``evt/<session>/<trigger>`` (docs/protocol.md);
         each has ``trigger``, ``kind`` (``start``/``end``), ``stream``, ``modality``, ``window``,
-        ``t_start``, ``t_end``, ``score`` and ``reason`` (``end``). Seqs count per topic, as for
+        ``t_start``, ``t_end``, ``score``, ``reason`` (``end``) and optionally ``score_kind``. Seqs count per topic, as for
         embeddings; every event is encoded before the first is sent. Returns how many were sent."""
         self._open_session(session)
         now = self._clock()
@@ -179,6 +179,8 @@ class SinkBase:
             seq = claimed.get(topic, self._next_seq.get(topic, 0))
             claimed[topic] = seq + 1
             extra = {"reason": e.reason} if e.reason else {}
+            if getattr(e, "score_kind", None):
+                extra["score_kind"] = e.score_kind
             encoded.append(encode_event(session=session, trigger=e.trigger, event=e.kind, seq=seq, stream=e.stream,
                                         modality=e.modality, window=e.window, t_start=e.t_start, t_end=e.t_end,
                                         score=e.score, t_publish=now, **extra))

@@ -7,11 +7,15 @@ Layout of a store (a folder, or an object-storage URI LanceDB accepts), docs/sto
   session again, or a restarted actor sending a window twice, never duplicates a row.
 * table ``models``: one row per model name, what a query needs to rebuild the model (config,
   checkpoint, seed, precision) and its dimension.
+* tables ``thumbnails``, ``captions``, ``events`` (sinks/store_tables.py): a JPEG per vision
+  window, the text of each text window with a caption, one row per trigger event; upserts on
+  their own keys.
 
 :class:`EmbeddingStore` opens or creates a store and reads and writes it directly.
 :class:`StoreWriter` is the sink: rows are queued by :meth:`StoreWriter.add` (never waits on the
-disk) and written in batches by one background thread; a store that cannot be written fails the
-writer (:attr:`StoreWriter.error`) and every row from then on is counted as not written.
+disk) and written in batches by one background thread, rows of every table in the same batches; a
+store that cannot be written fails the writer (:attr:`StoreWriter.error`) and every row from then
+on is counted as not written, per table and session.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import numpy as np
 import pyarrow as pa
 
 from sinks.protocol import EmbeddingRecord
+from sinks.store_tables import CAPTIONS, EVENTS, TABLE_KEYS, TABLE_SCHEMAS, THUMBNAILS, EventPairer, arrow_rows
 
-__all__ = ["ANN_MIN_ROWS", "EMBEDDINGS", "KEY", "MODELS", "EmbeddingStore", "StoreError", "StoreRow",
-           "StoreWriter", "embeddings_schema"]
+__all__ = ["ANN_MIN_ROWS", "CAPTIONS", "EMBEDDINGS", "EVENTS", "KEY", "MODELS", "THUMBNAILS", "EmbeddingStore",
+           "StoreError", "StoreRow", "StoreWriter", "embeddings_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ class StoreRow:
     vector: np.ndarray
     t_publish: float
     run_id: str = ""
+    table = EMBEDDINGS
 
 
 def _rows_table(rows: list[StoreRow], dim: int) -> pa.Table:
@@ -114,6 +120,7 @@ class EmbeddingStore:
         self._db = db
         self.table = table
         self.dim = dim
+        self._tables: dict[str, Any] = {}  # thumbnails, captions, events: opened or created on their first rows
 
     @classmethod
     def open(cls, uri: str) -> "EmbeddingStore":
@@ -177,6 +184,18 @@ class EmbeddingStore:
          .execute(data))
         return data.num_rows
 
+    def upsert_rows(self, name: str, rows: list[Any]) -> int:
+        """Write ``rows`` of table ``name`` (thumbnails, captions or events; created on the first
+        rows), replacing those whose key is there; returns the rows written."""
+        if not rows:
+            return 0
+        data = arrow_rows(name, rows)
+        table = self._tables.get(name)
+        if table is None:
+            table = self._tables[name] = self._db.create_table(name, schema=TABLE_SCHEMAS[name], exist_ok=True)
+        table.merge_insert(list(TABLE_KEYS[name])).when_matched_update_all().when_not_matched_insert_all().execute(data)
+        return data.num_rows
+
     def count(self, where: str | None = None) -> int:
         return int(self.table.count_rows(where))
 
@@ -217,6 +236,8 @@ class EmbeddingStore:
             self.table.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_HNSW_SQ",
                                     num_partitions=parts)
         self.table.optimize()
+        for table in self._tables.values():
+            table.optimize()
 
 
 def _vector_dim(schema: pa.Schema) -> int:
@@ -238,8 +259,12 @@ class StoreWriter:
     seconds, and runs :meth:`EmbeddingStore.maintain` every ``optimize_every_s``.
 
     The first failure (the store cannot be created, a write fails) ends writing: :attr:`error`
-    says why and every row queued or added afterwards is counted as not written, per session.
-    Rows beyond ``max_pending_rows`` waiting are not written either (the disk fell behind).
+    says why and every row queued or added afterwards is counted as not written, per table and
+    session. Rows beyond ``max_pending_rows`` waiting are not written either (the disk fell behind).
+
+    Besides embeddings (:meth:`add_published`) it takes rows of the other tables (:meth:`add`:
+    :class:`sinks.store_tables.ThumbnailRow`, ``CaptionRow``, ``EventRow``) and trigger events
+    (:meth:`add_events`, paired into ``events`` rows by a :class:`sinks.store_tables.EventPairer`).
     """
 
     def __init__(self, uri: str, model: Mapping[str, Any], *, batch_rows: int = 1024, flush_s: float = 1.0,
@@ -253,23 +278,24 @@ class StoreWriter:
         self._ann_min_rows = int(ann_min_rows)
         self._clock = clock
         self._cond = threading.Condition()
-        self._pending: collections.deque[StoreRow] = collections.deque()
+        self._pending: collections.deque[Any] = collections.deque()  # rows of any table (their ``table``)
         self._busy = 0  # rows taken by the thread, not yet written or failed
         self._closing = False
         self._flushing = False  # flush() asked for the rows to be written now
         self.error: str | None = None
-        self.written: collections.Counter[str] = collections.Counter()  # session -> rows written
-        self.not_written: collections.Counter[str] = collections.Counter()  # session -> rows lost
+        self.written: collections.Counter[tuple[str, str]] = collections.Counter()  # (table, session) -> rows written
+        self.not_written: collections.Counter[tuple[str, str]] = collections.Counter()  # (table, session) -> rows lost
+        self._pairer = EventPairer(self.run_id)
         self._store: EmbeddingStore | None = None
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
-    def add(self, rows: Iterable[StoreRow]) -> None:
-        """Queue ``rows``; returns at once."""
+    def add(self, rows: Iterable[Any]) -> None:
+        """Queue ``rows`` (a :class:`StoreRow` or a row of sinks/store_tables.py each); returns at once."""
         with self._cond:
             for r in rows:
                 if self.error is not None or len(self._pending) >= self._max_pending:
-                    self.not_written[r.session] += 1
+                    self.not_written[r.table, r.session] += 1
                     if self.error is None:
                         self._fail(f"store {self.uri}: writes fell {self._max_pending} rows behind")
                 else:
@@ -281,6 +307,19 @@ class StoreWriter:
         """Queue a publisher's batch (:attr:`sinks.base.SinkBase.on_publish`); returns at once."""
         self.add(StoreRow(model, r.session, r.stream, r.modality, int(r.window), float(r.t_start), float(r.t_end),
                           r.embedding, t_publish, self.run_id) for r, model, t_publish in batch)
+
+    def add_events(self, session: str, model: str, events: Iterable[Any]) -> None:
+        """Queue the ``events`` rows of trigger events of ``session`` as published (each a
+        ``start`` or ``end``, :meth:`sinks.store_tables.EventPairer.add`); returns at once."""
+        with self._cond:
+            rows = self._pairer.add(session, model, events)
+        self.add(rows)
+
+    def end_session(self, session: str) -> None:
+        """``session`` ended: its events still open are queued as far as they are known."""
+        with self._cond:
+            rows = self._pairer.end_session(session)
+        self.add(rows)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every row added so far is written or counted lost; False on timeout."""
@@ -296,11 +335,16 @@ class StoreWriter:
         return True
 
     def report(self, session: str) -> dict[str, Any]:
-        """``session``'s row counts: ``rows`` written, ``not_written``, ``pending``; ``error``."""
+        """``session``'s ``embeddings`` rows: ``rows`` written, ``not_written``, ``pending``; the
+        same per other table that has any in ``tables`` (table -> counts); ``error``."""
         with self._cond:
-            pending = sum(1 for r in self._pending if r.session == session)
-            out: dict[str, Any] = {"uri": self.uri, "rows": self.written[session],
-                                   "not_written": self.not_written[session], "pending": pending}
+            pending = collections.Counter(r.table for r in self._pending if r.session == session)
+            counts = {t: {"rows": self.written[t, session], "not_written": self.not_written[t, session],
+                          "pending": pending[t]} for t in (EMBEDDINGS, THUMBNAILS, CAPTIONS, EVENTS)}
+            out: dict[str, Any] = {"uri": self.uri, **counts.pop(EMBEDDINGS)}
+            tables = {t: c for t, c in counts.items() if any(c.values())}
+            if tables:
+                out["tables"] = tables
             if self.error is not None:
                 out["error"] = self.error
             return out
@@ -321,7 +365,7 @@ class StoreWriter:
             self.error = error
             log.error("%s; the run keeps publishing, the rows are not stored", error)
         for r in self._pending:
-            self.not_written[r.session] += 1
+            self.not_written[r.table, r.session] += 1
         self._pending.clear()
 
     def _run(self) -> None:
@@ -362,15 +406,23 @@ class StoreWriter:
                 return
             self._cond.wait(left)
 
-    def _write(self, store: EmbeddingStore, batch: list[StoreRow]) -> None:
+    def _write(self, store: EmbeddingStore, batch: list[Any]) -> None:
+        """One upsert per table in ``batch``; from the first that fails on, its rows and the rest are lost."""
+        by_table: dict[str, list[Any]] = {}
+        for r in batch:
+            by_table.setdefault(r.table, []).append(r)
         error = None
-        try:
-            store.upsert(batch)
-        except Exception as exc:
-            error = f"store {self.uri}: writing {len(batch)} rows failed: {_short(exc)}"
+        for table, rows in by_table.items():
+            ok = error is None
+            if ok:
+                try:
+                    store.upsert(rows) if table == EMBEDDINGS else store.upsert_rows(table, rows)
+                except Exception as exc:
+                    error, ok = f"store {self.uri}: writing {len(rows)} {table} rows failed: {_short(exc)}", False
+            with self._cond:
+                for r in rows:
+                    (self.written if ok else self.not_written)[table, r.session] += 1
         with self._cond:
-            for r in batch:
-                (self.not_written if error else self.written)[r.session] += 1
             if error:
                 self._fail(error)
             self._busy = 0
