@@ -31,7 +31,7 @@ import pyarrow as pa
 from sinks.protocol import EmbeddingRecord
 
 __all__ = ["ANN_MIN_ROWS", "EMBEDDINGS", "KEY", "MODELS", "EmbeddingStore", "StoreError", "StoreRow",
-           "StoreWriter", "embeddings_schema"]
+           "StoreWriter", "embeddings_schema", "where_clause"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,12 @@ def _where(filters: Mapping[str, Iterable[str]], between: tuple[float, float] | 
     return " AND ".join(parts) or None
 
 
+def where_clause(filters: Mapping[str, Iterable[Any]], between: tuple[float, float] | None = None) -> str | None:
+    """The SQL filter :meth:`EmbeddingStore.read` takes: each column in one of its values (no
+    values: any), and the window overlapping ``between`` (session-clock seconds)."""
+    return _where(filters, between)
+
+
 class EmbeddingStore:
     """A store at ``uri``. :meth:`open` an existing one (reading), :meth:`create` one for a
     model (writing). :attr:`table` is the LanceDB table for anything else."""
@@ -167,6 +173,18 @@ class EmbeddingStore:
         if MODELS not in set(self._db.list_tables().tables):
             return []
         return self._db.open_table(MODELS).to_arrow().to_pylist()
+
+    def read(self, table: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """Rows of ``table`` matching ``where`` (an SQL filter, e.g. ``_where(...)``), only
+        ``columns`` (all when ``None``). A table the store does not have reads as no rows."""
+        if table not in set(self._db.list_tables().tables):
+            return pa.table({c: pa.array([], pa.null()) for c in columns or []})
+        q = (self.table if table == EMBEDDINGS else self._db.open_table(table)).search()
+        if where:
+            q = q.where(where)
+        if columns is not None:
+            q = q.select(list(columns))
+        return q.limit(None).to_arrow()
 
     def upsert(self, rows: list[StoreRow]) -> int:
         """Write ``rows``, replacing those whose key is there; returns the rows written."""
