@@ -21,6 +21,7 @@ __all__ = ["TriggerSetup", "SessionTriggers", "TimelineTrace", "jpeg_thumbnail"]
 THUMB_WIDTH = 96
 MAX_THUMBS = 900  # per stream; a longer session keeps every 2nd, 4th, ... window's (see TimelineTrace)
 _CAPTION_CHARS = 200
+_COARSER = (10, 15, 20, 31)  # qualities jpeg_thumbnail falls back to under max_chars
 
 
 @dataclass(frozen=True)
@@ -156,17 +157,21 @@ def _last_frame_jpeg(frames: Any) -> str:
     return jpeg_thumbnail(np.asarray(frames)[-1])
 
 
-def jpeg_thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH, quality: int = 6) -> str:
+def jpeg_thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH, quality: int = 6, max_chars: int | None = None) -> str:
     """An RGB frame ``[H, W, 3]`` as a small base64 JPEG (``quality``: the MJPEG qscale, 2-31,
-    lower is better)."""
+    lower is better). ``max_chars``: where the JPEG comes out longer, it is made again at coarser
+    qualities up to 31 (a noisy frame at 96 px and quality 31 is about 1,300 characters)."""
     import av
 
     h, w = frame.shape[:2]
     height = max(2, round(h * width / w / 2) * 2)
     img = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
     img = img.reformat(width=width, height=height, format="yuvj420p")
-    cc = av.CodecContext.create("mjpeg", "w")
-    cc.width, cc.height, cc.pix_fmt = width, height, "yuvj420p"
-    cc.qmin = cc.qmax = quality
-    data = b"".join(bytes(p) for p in cc.encode(img) + cc.encode(None))
-    return base64.b64encode(data).decode("ascii")
+    for q in [quality] + [q for q in _COARSER if q > quality]:
+        cc = av.CodecContext.create("mjpeg", "w")
+        cc.width, cc.height, cc.pix_fmt = width, height, "yuvj420p"
+        cc.qmin = cc.qmax = q
+        text = base64.b64encode(b"".join(bytes(p) for p in cc.encode(img) + cc.encode(None))).decode("ascii")
+        if max_chars is None or len(text) <= max_chars:
+            break
+    return text

@@ -8,8 +8,8 @@ holds (docs/triggers.md):
 * without triggers: the windows, and the events the run stored (table ``events``);
 * captions from table ``captions`` and vision thumbnails from table ``thumbnails``, where the store
   has them (a table it does not have reads as empty). Thumbnails are thinned to at most
-  ``MAX_THUMBS`` per stream by the rule a run's timeline uses and re-encoded at its size, so a
-  one-hour session at one window a second stays under 8 MB.
+  ``MAX_THUMBS`` per stream by the rule a run's timeline uses and re-encoded at its size, at most
+  ``THUMB_MAX_CHARS`` each, so a one-hour session at one window a second stays under 8 MB.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 THUMBNAILS = "thumbnails"
 CAPTIONS = "captions"
 EVENTS = "events"
+
+# Per thumbnail, base64 characters: 900 of them (MAX_THUMBS) and plotly.js (4.8 MB) leave room
+# for six lanes of an hour's windows within 8 MB, however noisy the frames.
+THUMB_MAX_CHARS = 2000
 
 
 def store_timeline(store: EmbeddingStore, model: str, session: str, setup: TriggerSetup | None = None,
@@ -81,7 +85,7 @@ def _reencoded(jpeg: bytes | None, where: str) -> str | None:
         frames = cc.decode(av.Packet(bytes(jpeg or b"")))
         if not frames:
             raise ValueError("no picture")
-        return jpeg_thumbnail(frames[0].to_ndarray(format="rgb24"))
+        return jpeg_thumbnail(frames[0].to_ndarray(format="rgb24"), max_chars=THUMB_MAX_CHARS)
     except (av.FFmpegError, ValueError) as exc:
         log.warning("thumbnail of %s does not decode, left out: %s", where, exc)
         return None

@@ -45,7 +45,8 @@ _FLAG_OF_KEY = {"min_duration_s": "min-duration", "cooldown_s": "cooldown", "mod
 @dataclass(frozen=True)
 class StoredEvent:
     """One event of one trigger on one stream of a stored session (its start and end as one):
-    the span ``[t_start, t_end]`` in stream time, the peak ``score``, the ``window`` that started it."""
+    the span ``[t_start, t_end]`` in stream time, the peak ``score``, the ``window`` whose score
+    started it (as in the store's ``events`` table)."""
 
     session: str
     trigger: str
@@ -169,10 +170,13 @@ def stored_events(store: Store, setup: TriggerSetup, sessions: Sequence[str], *,
     kinds = {r.name: r.score for r in setup.rules}
     out = []
     for s in sessions:
+        first: dict[tuple[str, str], int] = {}  # (trigger, stream) -> the window that started its open event
         for e in evaluate(setup, s, session_records(store.store, model, s, modalities)):
-            if e.kind == "end":
-                out.append(StoredEvent(s, e.trigger, e.modality, e.stream, e.window, e.t_start, e.t_end, e.score,
-                                       kinds[e.trigger], e.reason))
+            if e.kind == "start":
+                first[(e.trigger, e.stream)] = e.window
+            else:
+                out.append(StoredEvent(s, e.trigger, e.modality, e.stream, first.pop((e.trigger, e.stream)),
+                                       e.t_start, e.t_end, e.score, kinds[e.trigger], e.reason))
     return sorted(out, key=lambda e: (e.session, e.t_start, e.trigger, e.stream))
 
 
