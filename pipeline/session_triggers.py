@@ -21,7 +21,7 @@ __all__ = ["TriggerSetup", "SessionTriggers", "TimelineTrace", "jpeg_thumbnail"]
 THUMB_WIDTH = 96
 MAX_THUMBS = 900  # per stream; a longer session keeps every 2nd, 4th, ... window's (see TimelineTrace)
 _CAPTION_CHARS = 200
-_COARSER = (10, 15, 20, 31)  # qualities jpeg_thumbnail falls back to under max_chars
+_COARSER = (15, 31)  # qualities jpeg_thumbnail falls back to under max_chars
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ holds (docs/triggers.md):
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -71,9 +70,15 @@ def _captions(store: EmbeddingStore, where: str | None, trace: TimelineTrace) ->
 
 
 def _thumbnails(store: EmbeddingStore, where: str | None, trace: TimelineTrace) -> None:
-    for r in _sorted_rows(store, THUMBNAILS, where, ["stream", "window", "t_start", "t_end", "jpeg"]):
-        trace.thumb(r["stream"], int(r["window"]), float(r["t_start"]), float(r["t_end"]),
-                    functools.partial(_reencoded, r["jpeg"], f"{r['stream']} window {r['window']}"))
+    """The stored JPEGs of the windows the page keeps (the trace's rule, run first on the window
+    numbers alone), re-encoded at the page's size: only the kept ones are decoded."""
+    rows = _sorted_rows(store, THUMBNAILS, where, ["stream", "window", "t_start", "t_end", "jpeg"])
+    for r in rows:
+        trace.thumb(r["stream"], int(r["window"]), float(r["t_start"]), float(r["t_end"]), lambda: "")
+    stored = {(r["stream"], int(r["window"])): r["jpeg"] for r in rows}
+    for stream, kept in trace.thumbs.items():
+        jpegs = [_reencoded(stored[(stream, k["window"])], f"{stream} window {k['window']}") for k in kept]
+        kept[:] = [{**k, "jpeg": j} for k, j in zip(kept, jpegs) if j is not None]
 
 
 def _reencoded(jpeg: bytes | None, where: str) -> str | None:
