@@ -58,9 +58,19 @@ def store_timeline(store: EmbeddingStore, model: str, session: str, setup: Trigg
     return trace.data()
 
 
+def _optional_rows(store: EmbeddingStore, table: str, where: str | None, columns: list[str]) -> list[dict[str, Any]]:
+    """Rows of one of the tables the page can do without; one it cannot read (not the layout of
+    docs/store.md) is left out with a warning rather than losing the page."""
+    try:
+        return store.read(table, where, columns).to_pylist()
+    except Exception as exc:  # LanceDB raises its own kinds for a missing column or a bad file
+        log.warning("store %s: table '%s' cannot be read, left out of the timeline: %s", store.uri, table,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return []
+
+
 def _sorted_rows(store: EmbeddingStore, table: str, where: str | None, columns: list[str]) -> list[dict[str, Any]]:
-    rows = store.read(table, where, columns).to_pylist()
-    return sorted(rows, key=lambda r: (r["stream"], r["window"])) if rows and "stream" in rows[0] else rows
+    return sorted(_optional_rows(store, table, where, columns), key=lambda r: (r["stream"], r["window"]))
 
 
 def _captions(store: EmbeddingStore, where: str | None, trace: TimelineTrace) -> None:
@@ -98,8 +108,8 @@ def _reencoded(jpeg: bytes | None, where: str) -> str | None:
 
 def _stored_events(store: EmbeddingStore, where: str | None, trace: TimelineTrace) -> None:
     """The run's events (table ``events``) as spans; each shown on its modality's first stream."""
-    rows = store.read(EVENTS, where, ["trigger", "modality", "window", "t_start", "t_end", "score",
-                                      "score_kind"]).to_pylist()
+    rows = _optional_rows(store, EVENTS, where, ["trigger", "modality", "window", "t_start", "t_end", "score",
+                                                 "score_kind"])
     streams = {lane["modality"]: s for s, lane in sorted(trace.lanes.items(), reverse=True)}
     named = {t["name"] for t in trace.triggers}
     for r in sorted(rows, key=lambda r: (r["t_start"], r["trigger"], r["modality"])):

@@ -175,7 +175,7 @@ class EmbeddingStore:
         return self._db.open_table(MODELS).to_arrow().to_pylist()
 
     def read(self, table: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """Rows of ``table`` matching ``where`` (an SQL filter, e.g. ``_where(...)``), only
+        """Rows of ``table`` matching ``where`` (an SQL filter, e.g. :func:`where_clause`), only
         ``columns`` (all when ``None``). A table the store does not have reads as no rows."""
         if table not in set(self._db.list_tables().tables):
             return pa.table({c: pa.array([], pa.null()) for c in columns or []})

@@ -112,6 +112,13 @@ def test_without_a_trigger_the_timeline_shows_the_events_the_run_stored(store_ur
     assert "<b>planted</b> (stored events, calibrated)" in render_timeline(data)
 
 
+def test_a_table_not_in_the_agreed_layout_is_left_out_of_the_timeline(store_uri, caplog) -> None:
+    lancedb.connect(str(store_uri)).create_table(CAPTIONS, pa.table({"session": ["s1"], "words": ["hello"]}))
+    data = store_timeline(EmbeddingStore.open(str(store_uri)), "imagebind_tiny", "s1", _setup())
+    assert data["captions"] == [] and len(data["events"]) == 2
+    assert "table 'captions' cannot be read" in caplog.text
+
+
 def test_an_hour_at_one_window_a_second_from_a_store_stays_under_8_mb(tmp_path) -> None:
     """The worst case: noise thumbnails of every vision window at the stored size, six lanes
     scored by two triggers, a caption every 3 s (and events now and then: each adds ~130 bytes)."""
