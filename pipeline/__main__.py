@@ -183,12 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     from sinks.keys import add_keys_args
     from pipeline.search import add_search_args
     from pipeline.storage import add_store_args
+    from pipeline.store_timeline import add_timeline_args
+    from pipeline.store_triggers import add_triggers_args
     from pipeline.subscribe import add_subscribe_args
 
     add_subscribe_args(sub)
     add_keys_args(sub)
     add_search_args(sub)
     add_store_args(sub)
+    add_triggers_args(sub)
+    add_timeline_args(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

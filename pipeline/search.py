@@ -212,6 +212,30 @@ class Store:
                              f"as recorded in it makes dim {vec.size}")
         return vec
 
+    def encode_many(self, groups: Mapping[str, Sequence[Any]], model: str | None = None,
+                    batch: int = 32) -> dict[str, np.ndarray]:
+        """Unit-norm rows ``[N, D]`` per modality for payloads as a window carries them (the
+        trigger prompts of :mod:`pipeline.store_triggers`), by the store's model, ``batch`` at a
+        time; bad samples are left out first, as the encoder actor does."""
+        from encoders.preprocess import prepare, without_bad_values
+
+        row = self.model_row(model)
+        net = self._model(row)
+        out: dict[str, np.ndarray] = {}
+        for m, payloads in groups.items():
+            parts = []
+            for lo in range(0, len(payloads), batch):
+                clean = [without_bad_values(m, p)[0] for p in payloads[lo:lo + batch]]
+                if any(c is None for c in clean):
+                    raise QueryError(f"a {m} prompt has nothing left to embed once its bad values are left out")
+                x = prepare(m, clean, self.device, config=net.config)
+                parts.append(net.encode(m, x).float().cpu().numpy())
+            out[m] = np.concatenate(parts) if parts else np.zeros((0, self.store.dim), np.float32)
+            if out[m].shape[1] != self.store.dim:
+                raise StoreError(f"store {self.store.uri}: holds vectors of dim {self.store.dim}, model "
+                                 f"{row['model']} as recorded in it makes dim {out[m].shape[1]}")
+        return out
+
     def _model(self, row: Mapping[str, Any]) -> Any:
         from encoders.imagebind import load
 

@@ -8,8 +8,9 @@ Plain classes, no Ray: the actor hands over what it publishes, in its publish or
 from __future__ import annotations
 
 import base64
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -99,33 +100,44 @@ class TimelineTrace:
 
     def items(self, records: Sequence[Any], items: Sequence[Any]) -> None:
         for rec, item in zip(records, items):
-            lane = self._lane(rec)
-            self._row[(rec.stream, rec.window)] = len(lane["t"])
-            lane["window"].append(rec.window)
-            lane["t"].append(round(rec.t_end, 4))
-            lane["t_start"].append(round(rec.t_start, 4))
+            self.window(rec)
             if rec.modality == "text" and isinstance(item.payload, str):
-                self.captions.append({"t": round(rec.t_end, 4), "t_start": round(rec.t_start, 4),
-                                      "stream": rec.stream, "text": item.payload[:_CAPTION_CHARS]})
+                self.caption(rec.stream, rec.t_start, rec.t_end, item.payload)
             elif rec.modality == "vision":
-                self._thumb(rec, item.payload)
+                self.thumb(rec.stream, rec.window, rec.t_start, rec.t_end,
+                           functools.partial(_last_frame_jpeg, item.payload))
+
+    def window(self, rec: Any) -> None:
+        """A row of ``rec``'s lane (before its scores): its window and time span."""
+        lane = self._lane(rec)
+        self._row[(rec.stream, rec.window)] = len(lane["t"])
+        lane["window"].append(rec.window)
+        lane["t"].append(round(rec.t_end, 4))
+        lane["t_start"].append(round(rec.t_start, 4))
+
+    def caption(self, stream: str, t_start: float, t_end: float, text: str) -> None:
+        self.captions.append({"t": round(t_end, 4), "t_start": round(t_start, 4), "stream": stream,
+                              "text": text[:_CAPTION_CHARS]})
 
     def _lane(self, rec: Any) -> dict[str, Any]:
         return self.lanes.setdefault(rec.stream, {"modality": rec.modality, "window": [], "t": [], "t_start": [],
                                                   "scores": {}})
 
-    def _thumb(self, rec: Any, frames: Any) -> None:
-        stride = self.stride.setdefault(rec.stream, 1)
-        if rec.window % stride:
+    def thumb(self, stream: str, window: int, t_start: float, t_end: float, jpeg: Callable[[], str | None]) -> None:
+        """A vision window's thumbnail, where the stride keeps it; ``jpeg()`` makes it (a base64
+        JPEG, or ``None`` for none), called only for the windows kept. Windows in order."""
+        stride = self.stride.setdefault(stream, 1)
+        if window % stride:
             return
-        kept = self.thumbs.setdefault(rec.stream, [])
+        kept = self.thumbs.setdefault(stream, [])
         if len(kept) >= self.max_thumbs:
-            stride = self.stride[rec.stream] = stride * 2
+            stride = self.stride[stream] = stride * 2
             kept[:] = [k for k in kept if k["window"] % stride == 0]
-            if rec.window % stride:
+            if window % stride:
                 return
-        kept.append({"window": rec.window, "t": round(rec.t_end, 4), "t_start": round(rec.t_start, 4),
-                     "jpeg": jpeg_thumbnail(np.asarray(frames)[-1])})
+        data = jpeg()
+        if data is not None:
+            kept.append({"window": window, "t": round(t_end, 4), "t_start": round(t_start, 4), "jpeg": data})
 
     def events(self, events: list[TriggerEvent]) -> None:
         self.spans += [{"trigger": e.trigger, "stream": e.stream, "modality": e.modality, "t_start": e.t_start,
@@ -140,17 +152,24 @@ class TimelineTrace:
                 "captions": self.captions, "thumbs": self.thumbs}
 
 
-def jpeg_thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH, quality: int = 6) -> str:
+def _last_frame_jpeg(frames: Any) -> str:
+    return jpeg_thumbnail(np.asarray(frames)[-1])
+
+
+def jpeg_thumbnail(frame: np.ndarray, width: int = THUMB_WIDTH, quality: int = 6, max_chars: int | None = None) -> str:
     """An RGB frame ``[H, W, 3]`` as a small base64 JPEG (``quality``: the MJPEG qscale, 2-31,
-    lower is better)."""
-    return base64.b64encode(jpeg_image(frame, width, quality)[0]).decode("ascii")
+    lower is better). ``max_chars``: where the base64 text would come out longer, the JPEG is
+    made again coarser (:func:`jpeg_image`'s ``max_bytes``)."""
+    max_bytes = None if max_chars is None else max_chars // 4 * 3
+    return base64.b64encode(jpeg_image(frame, width, quality, max_bytes)[0]).decode("ascii")
 
 
 def jpeg_image(frame: np.ndarray, width: int = THUMB_WIDTH, quality: int = 6,
                max_bytes: int | None = None) -> tuple[bytes, int, int]:
     """An RGB frame ``[H, W, 3]`` as a JPEG ``width`` pixels wide, aspect kept (the height
     rounded to even): ``(jpeg, width, height)``. ``quality``: the MJPEG qscale, 2-31, lower is
-    better; with ``max_bytes``, a JPEG over it is encoded again coarser (down to qscale 31)."""
+    better; with ``max_bytes``, a JPEG over it is encoded again coarser (down to qscale 31; a
+    noisy frame at 96 px and qscale 31 is about 1,000 bytes)."""
     import av
 
     h, w = frame.shape[:2]

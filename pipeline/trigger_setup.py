@@ -9,6 +9,8 @@ decode is a :class:`ConfigError` naming the trigger (exit 2), raised before Ray 
 
 :func:`embed_prompts` sends every payload to one encoder actor in one call at start (never per
 window); a prompt with several windows (a clip longer than one window) is their mean.
+:func:`prompt_setup` is the same with any encoding function (the store's model, in-process, for
+triggers over a store).
 
 :func:`write_timeline` writes each session's timeline (``timeline: FILE``; with several
 sessions ``FILE`` gets ``-<session>`` before its suffix) from what its actor gathered.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,7 +31,7 @@ from pipeline.trigger_config import DEFAULT_BACKGROUND, TriggerConfig
 from sources.errors import ConfigError, SourceError
 from sources.session import FORMAT, session_from_dict
 
-__all__ = ["PromptInputs", "load_prompts", "embed_prompts", "write_timeline"]
+__all__ = ["PromptInputs", "load_prompts", "embed_prompts", "prompt_setup", "write_timeline"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,22 @@ def embed_prompts(prompts: PromptInputs | None, encoder: Any) -> TriggerSetup | 
         return None
     import ray
 
+    def encode(groups: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+        out = ray.get(encoder.encode_many.remote(groups)) if groups else {}
+        failed = {m: r if isinstance(r, str) else "; ".join(r.errors.values()) or "bad values"
+                  for m, r in out.items() if isinstance(r, str) or any(row is None for row in r.rows)}
+        if failed:
+            m, err = next(iter(failed.items()))
+            raise RuntimeError(f"triggers: the encoder could not embed the {m} prompts: {err}")
+        return {m: np.asarray(r.rows, dtype=np.float32) for m, r in out.items()}
+
+    return prompt_setup(prompts, encode)
+
+
+def prompt_setup(prompts: PromptInputs, encode: Callable[[dict[str, list[Any]]], dict[str, np.ndarray]]) -> TriggerSetup:
+    """The :class:`TriggerSetup` of ``prompts``, their payloads embedded by one call of ``encode``
+    (modality -> payloads in, modality -> unit rows ``[N, D]`` out, same order): the encoder
+    actor in a run, the store's model in-process over a store (:mod:`pipeline.store_triggers`)."""
     groups: dict[str, list[Any]] = {}
     rows: dict[tuple[str, str], tuple[int, int]] = {}  # (trigger, modality) -> its rows in groups[modality]
     for name, by_modality in prompts.payloads.items():
@@ -125,13 +143,7 @@ def embed_prompts(prompts: PromptInputs | None, encoder: Any) -> TriggerSetup | 
         start = len(groups.setdefault("text", []))
         groups["text"] += list(prompts.background)
         rows[("", "text")] = (start, start + len(prompts.background))
-    out = ray.get(encoder.encode_many.remote(groups)) if groups else {}
-    failed = {m: r if isinstance(r, str) else "; ".join(r.errors.values()) or "bad values"
-              for m, r in out.items() if isinstance(r, str) or any(row is None for row in r.rows)}
-    if failed:
-        m, err = next(iter(failed.items()))
-        raise RuntimeError(f"triggers: the encoder could not embed the {m} prompts: {err}")
-    emb = {m: np.asarray(r.rows, dtype=np.float32) for m, r in out.items()}
+    emb = encode(groups) if groups else {}
     vectors = {name: {m: _mean_unit(emb[m][lo:hi]) for (n, m), (lo, hi) in rows.items() if n == name}
                for name in prompts.payloads}
     background = emb["text"][slice(*rows[("", "text")])] if prompts.background else None

@@ -36,7 +36,7 @@ from sinks.protocol import EmbeddingRecord
 from sinks.store_tables import CAPTIONS, EVENTS, TABLE_KEYS, TABLE_SCHEMAS, THUMBNAILS, EventPairer, arrow_rows
 
 __all__ = ["ANN_MIN_ROWS", "CAPTIONS", "EMBEDDINGS", "EVENTS", "KEY", "MODELS", "THUMBNAILS", "EmbeddingStore",
-           "StoreError", "StoreRow", "StoreWriter", "embeddings_schema"]
+           "StoreError", "StoreRow", "StoreWriter", "embeddings_schema", "where_clause"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,12 @@ def _where(filters: Mapping[str, Iterable[str]], between: tuple[float, float] | 
     return " AND ".join(parts) or None
 
 
+def where_clause(filters: Mapping[str, Iterable[Any]], between: tuple[float, float] | None = None) -> str | None:
+    """The SQL filter :meth:`EmbeddingStore.read` takes: each column in one of its values (no
+    values: any), and the window overlapping ``between`` (session-clock seconds)."""
+    return _where(filters, between)
+
+
 class EmbeddingStore:
     """A store at ``uri``. :meth:`open` an existing one (reading), :meth:`create` one for a
     model (writing). :attr:`table` is the LanceDB table for anything else."""
@@ -174,6 +180,18 @@ class EmbeddingStore:
         if MODELS not in set(self._db.list_tables().tables):
             return []
         return self._db.open_table(MODELS).to_arrow().to_pylist()
+
+    def read(self, table: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """Rows of ``table`` matching ``where`` (an SQL filter, e.g. :func:`where_clause`), only
+        ``columns`` (all when ``None``). A table the store does not have reads as no rows."""
+        if table not in set(self._db.list_tables().tables):
+            return pa.table({c: pa.array([], pa.null()) for c in columns or []})
+        q = (self.table if table == EMBEDDINGS else self._db.open_table(table)).search()
+        if where:
+            q = q.where(where)
+        if columns is not None:
+            q = q.select(list(columns))
+        return q.limit(None).to_arrow()
 
     def upsert(self, rows: list[StoreRow]) -> int:
         """Write ``rows``, replacing those whose key is there; returns the rows written."""

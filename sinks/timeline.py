@@ -137,8 +137,9 @@ def render_timeline(data: Mapping[str, Any]) -> str:
     """The timeline page for one session's ``data`` (see the module docstring)."""
     session = html.escape(str(data.get("session", "")))
     triggers = data.get("triggers") or []
-    listed = "; ".join(f"<b>{html.escape(t['name'])}</b> ({html.escape(t.get('prompt', ''))}, {html.escape(t['score'])}, "
-                       f"on {t['on']:g} / off {t['off']:g})" for t in triggers) or "none"
+    listed = "; ".join(f"<b>{html.escape(t['name'])}</b> ({html.escape(t.get('prompt', ''))}, {html.escape(t['score'])}"
+                       + (f", on {t['on']:g} / off {t['off']:g})" if t.get("on") is not None else ")")
+                       for t in triggers) or "none"
     n_events = len(data.get("events") or [])
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
             f"<title>bindstream timeline: {session}</title>\n<style>{_STYLE}</style>\n"
