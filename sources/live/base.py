@@ -135,6 +135,8 @@ class LiveSource:
         try:
             while not self.stopped:
                 got = self.inbox.get(POLL_S)
+                if got is None and rx.error is not None:
+                    raise rx.error  # the socket could not be opened again after its connection broke
                 if got is None:
                     yield None
                     continue

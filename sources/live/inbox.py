@@ -12,7 +12,8 @@ the reader (:class:`Inbox`). The rule (also in ``docs/live.md``):
   ``too_big``. libzmq refuses a message over twice that limit (``ZMQ_MAXMSGSIZE``) itself, before
   it is read: it closes the connection for good (libzmq does not reconnect after a protocol
   error). That is seen as a ``disconnect`` event, counted as ``disconnect`` (as is a peer that
-  went away), and a socket that connected reconnects at once, so the stream goes on.
+  went away), and a socket that connected is replaced by a fresh one that connects again at
+  once, so the stream goes on.
 * A REP socket (imagezmq ``reqrep``) answers every request ``OK`` as soon as it is received,
   before any check, so a sender waiting for its reply never hangs while the source runs.
 """
@@ -97,22 +98,17 @@ class ZmqReceiver(threading.Thread):
 
     def run(self) -> None:
         ctx = zmq.Context()
-        sock = mon = None
+        self._sock = self._mon = None
         try:
-            sock = self._setup(ctx)
-            mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._open(ctx)
         except BaseException as e:  # raised again by the reader (wait_started)
             self.error = e
         self.started.set()
         try:
-            if self.error is None:
-                self._loop(sock, mon)
+            while self.error is None and self._loop():
+                self._reopen(ctx)
         finally:
-            if mon is not None:
-                sock.disable_monitor()
-                mon.close(linger=0)
-            if sock is not None:
-                sock.close(linger=0)
+            self._close()
             ctx.term()
 
     def wait_started(self) -> None:
@@ -120,40 +116,65 @@ class ZmqReceiver(threading.Thread):
         if self.error is not None:
             raise self.error
 
-    def _connect_again(self, sock: zmq.Socket) -> None:
-        if self.reconnect is None:
-            return
-        try:
-            sock.disconnect(self.reconnect)  # a connection libzmq would retry itself: not twice
-        except zmq.ZMQError:
-            pass
-        sock.connect(self.reconnect)
+    def _open(self, ctx: zmq.Context) -> None:
+        self._sock = self._setup(ctx)
+        self._mon = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
-    def _loop(self, sock: zmq.Socket, mon: zmq.Socket) -> None:
+    def _close(self) -> None:
+        if self._mon is not None:
+            self._sock.disable_monitor()
+            self._mon.close(linger=0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._mon = None
+
+    def _reopen(self, ctx: zmq.Context) -> None:
+        """A fresh socket in place of one whose connection broke. Not ``disconnect`` and
+        ``connect`` on the same socket: that ends the pipe at once, and a multipart message
+        still queued in it aborts the process when read ("Assertion failed: !_more
+        (src/fq.cpp)", libzmq). What the old socket holds is read first."""
+        self._drain()
+        self._close()
+        try:
+            self._open(ctx)
+        except BaseException as e:  # the reader raises it when the stream next waits
+            self.error = e
+
+    def _loop(self) -> bool:
+        """Receives until halted (False) or until a connecting socket's connection broke (True)."""
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(mon, zmq.POLLIN)
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._mon, zmq.POLLIN)
         while not self.halt.is_set():
             ready = dict(poller.poll(50))
-            if mon in ready:
-                while mon.poll(0):
-                    mon.recv_multipart()
-                    self._drop("disconnect", "connection closed (a message over twice max_bytes, which libzmq "
-                                             "refuses unread, or the peer went away)")
-                    self._connect_again(sock)
-            if sock not in ready:
-                continue
-            while not self.halt.is_set():
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                arrival = self._now()
-                if self.reply is not None:
-                    sock.send(self.reply)  # before any check: the sender waits on it
-                size = sum(len(f) for f in frames)
-                if size > self.max_bytes:
-                    self._drop("too_big", f"message of {size} bytes, over max_bytes {self.max_bytes}")
-                elif not self.inbox.put((frames, arrival), size):
-                    self._drop("over_budget", f"{self.inbox.bytes} bytes queued, budget {self.inbox.budget} "
-                                              "(queue_bytes): the pipeline reads slower than the sender sends")
+            if self._mon in ready and self._disconnected() and self.reconnect is not None:
+                return True
+            if self._sock in ready:
+                self._drain()
+        return False
+
+    def _disconnected(self) -> bool:
+        events = 0
+        while self._mon.poll(0):
+            self._mon.recv_multipart()
+            events += 1
+            self._drop("disconnect", "connection closed (a message over twice max_bytes, which libzmq "
+                                     "refuses unread, or the peer went away)")
+        return events > 0
+
+    def _drain(self) -> None:
+        sock = self._sock
+        while not self.halt.is_set():
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            arrival = self._now()
+            if self.reply is not None:
+                sock.send(self.reply)  # before any check: the sender waits on it
+            size = sum(len(f) for f in frames)
+            if size > self.max_bytes:
+                self._drop("too_big", f"message of {size} bytes, over max_bytes {self.max_bytes}")
+            elif not self.inbox.put((frames, arrival), size):
+                self._drop("over_budget", f"{self.inbox.bytes} bytes queued, budget {self.inbox.budget} "
+                                          "(queue_bytes): the pipeline reads slower than the sender sends")
