@@ -3,7 +3,7 @@
 # temporary git worktree) and on this checkout, PAIRS times, for two workloads:
 #   rate0     --modes pipeline --seconds 30 (windows/s at rate 0)
 #   realtime  --modes raw_encoder --realtime 3 --seconds 30 (latency beyond the window, p99)
-# Each run prints one JSON object; this script prefixes it with "<workload> <base|head> ".
+# Each run prints one JSON object; this script prints it on one line after "<workload> <base|head> ".
 #
 #   bash bench/compare.sh d65f83e 3 > /tmp/pairs.txt
 #
@@ -24,7 +24,7 @@ one() {  # workload tag root args...
     local workload=$1 tag=$2 root=$3; shift 3
     local out
     if out=$(cd "$root" && PYTHONPATH="$root" "$PY" bench/pipeline.py "$@" 2>/tmp/bindstream-compare.err); then
-        echo "$workload $tag $(echo "$out" | tail -n 1)"
+        echo "$workload $tag $(echo "$out" | "$PY" -c 'import json, sys; print(json.dumps(json.load(sys.stdin)))')"
     else
         echo "$workload $tag FAILED: $(tail -n 3 /tmp/bindstream-compare.err | tr '\n' ' ')"
         status=1
