@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import pyarrow as pa
 
 from sinks.protocol import EmbeddingRecord
 
-__all__ = ["ANN_MIN_ROWS", "EMBEDDINGS", "KEY", "MODELS", "EmbeddingStore", "StoreError", "StoreRow",
+__all__ = ["ANN_MIN_ROWS", "EMBEDDINGS", "EXACT_MAX_ROWS", "KEY", "MODELS", "EmbeddingStore", "StoreError", "StoreRow",
            "StoreWriter", "embeddings_schema"]
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,21 @@ EMBEDDINGS = "embeddings"
 MODELS = "models"
 KEY = ("model", "session", "modality", "window")
 # Below this many rows a filtered top-k is an exact scan (recall 1, tens of ms at 1024-d on
-# two cores, bench/store.py); from here on an IVF index keeps it fast.
+# two cores, bench/store.py); from here on an IVF_SQ index (8-bit scalar-quantized vectors in
+# partitions of about ROWS_PER_PARTITION rows) keeps it fast. IVF_SQ, because on two cores it
+# builds in minutes at 1,000,000 rows, where IVF_HNSW_SQ had not finished at 100,000 after 400 s
+# and IVF_PQ took 4 minutes at 200,000 for recall@10 0.80 (bench/RESULTS.md).
 ANN_MIN_ROWS = 100_000
+ROWS_PER_PARTITION = 4096
+# An indexed query probes this share of the partitions and re-ranks REFINE_FACTOR x limit
+# candidates on the full vectors: recall@10 >= 0.95 for a modality-wide filter (bench/store.py).
+PROBE_SHARE = 0.25
+MIN_NPROBES = 20
+REFINE_FACTOR = 10
+# A filter matching at most this many rows (one session, say) is answered by an exact scan of
+# those rows, found through the scalar indexes: as fast as the index there, and recall 1 where
+# the index's partitions hold few of the filter's rows.
+EXACT_MAX_ROWS = 8192
 
 
 class StoreError(RuntimeError):
@@ -183,16 +195,25 @@ class EmbeddingStore:
     def fragments(self) -> int:
         return int(self.table.stats()["fragment_stats"]["num_fragments"])
 
+    def nprobes(self) -> int:
+        """Partitions an indexed query probes: PROBE_SHARE of the table's rows in partitions of
+        ROWS_PER_PARTITION (LanceDB probes all where there are fewer)."""
+        return max(MIN_NPROBES, round(PROBE_SHARE * self.count() / ROWS_PER_PARTITION))
+
     def nearest(self, vector: np.ndarray, *, limit: int, filters: Mapping[str, Iterable[str]] | None = None,
-                between: tuple[float, float] | None = None, exact: bool = False) -> list[dict[str, Any]]:
+                between: tuple[float, float] | None = None, exact: bool = False,
+                nprobes: int | None = None) -> list[dict[str, Any]]:
         """The ``limit`` rows nearest ``vector`` (cosine), filtered first, each with ``score``
-        (cosine similarity) and without the vector."""
+        (cosine similarity) and without the vector. ``exact`` skips the vector index; ``nprobes``
+        overrides :meth:`nprobes`."""
         q = self.table.search(np.asarray(vector, dtype=np.float32).reshape(-1)).metric("cosine")
         where = _where(filters or {}, between)
         if where:
             q = q.where(where, prefilter=True)
-        if exact:
+        if exact or (where is not None and self.count(where) <= EXACT_MAX_ROWS):
             q = q.bypass_vector_index()
+        else:  # without an index LanceDB scans exactly and ignores these
+            q = q.nprobes(nprobes or self.nprobes()).refine_factor(REFINE_FACTOR)
         cols = ["model", "session", "stream", "modality", "window", "t_start", "t_end"]
         out = q.select(cols + ["_distance"]).limit(int(limit)).to_arrow().to_pylist()
         for row in out:
@@ -200,22 +221,21 @@ class EmbeddingStore:
         return out
 
     def maintain(self, *, ann_min_rows: int = ANN_MIN_ROWS) -> None:
-        """Indexes and compaction: scalar indexes on session, modality and t_start once there are
-        rows, an IVF vector index once the table has ``ann_min_rows`` rows, then ``optimize()``
-        (merges small fragments and adds new rows to the indexes)."""
-        from lancedb.index import BTree, Bitmap
+        """Indexes and compaction: scalar indexes on model, session, modality and t_start once
+        there are rows, an IVF_SQ vector index once the table has ``ann_min_rows`` rows, then
+        ``optimize()`` (merges small fragments and adds new rows to the indexes)."""
+        from lancedb.index import BTree, Bitmap, IvfSq
 
         n = self.count()
         if n == 0:
             return
         have = {tuple(i.columns) for i in self.table.list_indices()}
-        for col, kind in (("session", Bitmap()), ("modality", Bitmap()), ("t_start", BTree())):
+        for col, kind in (("model", Bitmap()), ("session", Bitmap()), ("modality", Bitmap()), ("t_start", BTree())):
             if (col,) not in have:
                 self.table.create_index(col, config=kind)
         if n >= ann_min_rows and ("vector",) not in have:
-            parts = max(1, int(math.sqrt(n)))
-            self.table.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_HNSW_SQ",
-                                    num_partitions=parts)
+            self.table.create_index("vector", config=IvfSq(distance_type="cosine",
+                                                           num_partitions=max(1, n // ROWS_PER_PARTITION)))
         self.table.optimize()
 
 
@@ -261,6 +281,8 @@ class StoreWriter:
         self.written: collections.Counter[str] = collections.Counter()  # session -> rows written
         self.not_written: collections.Counter[str] = collections.Counter()  # session -> rows lost
         self._store: EmbeddingStore | None = None
+        import lancedb  # noqa: F401  (seconds of GIL-holding import: here, not in the thread while rows flow)
+
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
