@@ -1,17 +1,22 @@
-"""The embedding store (sinks/store.py) on its own: append rate, filtered top-k search latency and
-recall against exact search, fragments after a simulated hour of live appends.
+"""The embedding store (sinks/store.py): append rate, live-hour fragments, pipeline windows/s
+with the store on and off, filtered top-10 search latency and recall against exact search.
 
-    python bench/store.py [--rows 100000] [--dim 1024] [--append-rows 50000] [--hour-writes 3600]
+    python bench/store.py [--rows 100000] [--queries 150] [--nprobes 16,32] [--pairs 3] [--root /tmp]
 
 * append: ``EmbeddingStore.upsert`` (LanceDB ``merge_insert`` on the key) of ``--append-rows``
   1024-d rows in batches of ``store.batch_rows`` (1024) into a growing table: rows/s.
-* search: a table of ``--rows`` unit vectors (clustered, 20 sessions, 6 modalities), queries
-  filtered by one session and one modality (filter first, LanceDB's default), top 10: p50/p95
-  latency of exact search, then with the index the store builds past ``store.ann_min_rows``
-  (IVF_HNSW_SQ, cosine), and its recall@10 against the exact results.
 * live hour: ``--hour-writes`` small writes (6 rows each: one window of six modalities per
   second), ``maintain()`` (indexes + ``optimize()``) every 60 writes as ``store.optimize_every_s``
   does: fragments at the end, and the most seen.
+* pipeline: the demo session (``--seconds``) through the Ray graph at ``replay.rate: 0``
+  (imagebind_tiny, random weights), store off then on, ``--pairs`` times: windows/s per run.
+* search: ``--rows`` unit vectors in sessions of 5,000 rows (833 windows x 6 modalities), each
+  window near the concept its 30-window scene shows (512 concepts), written in appends of 50,000
+  while numpy keeps each query's exact top 10; queries near a random concept, a third filtered
+  by one session, a third by one modality, a third by both. Latency p50/p95 of an exact scan
+  (25 queries), the build time of the store's indexes (``maintain()``), then ``nearest()`` as
+  the store answers it, and again with each ``--nprobes``: p50/p95 and recall@10, overall and
+  per filter kind.
 
 Prints one JSON object per part.
 """

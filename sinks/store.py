@@ -19,6 +19,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -44,11 +46,15 @@ KEY = ("model", "session", "modality", "window")
 # and IVF_PQ took 4 minutes at 200,000 for recall@10 0.80 (bench/RESULTS.md).
 ANN_MIN_ROWS = 100_000
 ROWS_PER_PARTITION = 4096
+# The index is built again once the table holds REBUILD_GROWTH times the rows its partitions
+# were sized for (rows added since joined the existing partitions, which grow).
+REBUILD_GROWTH = 4
 # An indexed query probes this share of the partitions and re-ranks REFINE_FACTOR x limit
 # candidates on the full vectors: recall@10 >= 0.95 for a modality-wide filter (bench/store.py).
 PROBE_SHARE = 0.25
 MIN_NPROBES = 20
 REFINE_FACTOR = 10
+VECTOR_INDEX = "vector_idx"
 # A filter matching at most this many rows (one session, say) is answered by an exact scan of
 # those rows, found through the scalar indexes: as fast as the index there, and recall 1 where
 # the index's partitions hold few of the filter's rows.
@@ -126,6 +132,7 @@ class EmbeddingStore:
         self._db = db
         self.table = table
         self.dim = dim
+        self._partitions: tuple[int, int | None] | None = None  # (table version, the index's partitions)
 
     @classmethod
     def open(cls, uri: str) -> "EmbeddingStore":
@@ -196,9 +203,21 @@ class EmbeddingStore:
         return int(self.table.stats()["fragment_stats"]["num_fragments"])
 
     def nprobes(self) -> int:
-        """Partitions an indexed query probes: PROBE_SHARE of the table's rows in partitions of
-        ROWS_PER_PARTITION (LanceDB probes all where there are fewer)."""
-        return max(MIN_NPROBES, round(PROBE_SHARE * self.count() / ROWS_PER_PARTITION))
+        """Partitions an indexed query probes: PROBE_SHARE of the vector index's, at least
+        MIN_NPROBES (LanceDB probes all where there are fewer)."""
+        return max(MIN_NPROBES, math.ceil(PROBE_SHARE * (self.index_partitions() or 0)))
+
+    def index_partitions(self) -> int | None:
+        """The vector index's partitions, None without one (read once per table version)."""
+        version = self.table.version
+        if self._partitions is None or self._partitions[0] != version:
+            parts = None
+            if any(list(i.columns) == ["vector"] for i in self.table.list_indices()):
+                os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")  # only the counts are read
+                stats = self.table.to_lance().stats.index_stats(VECTOR_INDEX)
+                parts = max(int(seg["num_partitions"]) for seg in stats["indices"])
+            self._partitions = (version, parts)
+        return self._partitions[1]
 
     def nearest(self, vector: np.ndarray, *, limit: int, filters: Mapping[str, Iterable[str]] | None = None,
                 between: tuple[float, float] | None = None, exact: bool = False,
@@ -222,8 +241,9 @@ class EmbeddingStore:
 
     def maintain(self, *, ann_min_rows: int = ANN_MIN_ROWS) -> None:
         """Indexes and compaction: scalar indexes on model, session, modality and t_start once
-        there are rows, an IVF_SQ vector index once the table has ``ann_min_rows`` rows, then
-        ``optimize()`` (merges small fragments and adds new rows to the indexes)."""
+        there are rows, an IVF_SQ vector index once the table has ``ann_min_rows`` rows (built
+        again at REBUILD_GROWTH times the rows its partitions were sized for), then ``optimize()``
+        (merges small fragments and adds new rows to the indexes)."""
         from lancedb.index import BTree, Bitmap, IvfSq
 
         n = self.count()
@@ -233,9 +253,11 @@ class EmbeddingStore:
         for col, kind in (("model", Bitmap()), ("session", Bitmap()), ("modality", Bitmap()), ("t_start", BTree())):
             if (col,) not in have:
                 self.table.create_index(col, config=kind)
-        if n >= ann_min_rows and ("vector",) not in have:
+        parts = self.index_partitions() if ("vector",) in have else None
+        if n >= ann_min_rows and (parts is None or n >= REBUILD_GROWTH * parts * ROWS_PER_PARTITION):
             self.table.create_index("vector", config=IvfSq(distance_type="cosine",
-                                                           num_partitions=max(1, n // ROWS_PER_PARTITION)))
+                                                           num_partitions=max(1, n // ROWS_PER_PARTITION)),
+                                    replace=True, name=VECTOR_INDEX)
         self.table.optimize()
 
 
