@@ -46,9 +46,6 @@ KEY = ("model", "session", "modality", "window")
 # and IVF_PQ took 4 minutes at 200,000 for recall@10 0.80 (bench/RESULTS.md).
 ANN_MIN_ROWS = 100_000
 ROWS_PER_PARTITION = 4096
-# The index is built again once the table holds REBUILD_GROWTH times the rows its partitions
-# were sized for (rows added since joined the existing partitions, which grow).
-REBUILD_GROWTH = 4
 # An indexed query probes this share of the partitions and re-ranks REFINE_FACTOR x limit
 # candidates on the full vectors: recall@10 >= 0.95 for a modality-wide filter (bench/store.py).
 PROBE_SHARE = 0.25
@@ -208,7 +205,8 @@ class EmbeddingStore:
         return max(MIN_NPROBES, math.ceil(PROBE_SHARE * (self.index_partitions() or 0)))
 
     def index_partitions(self) -> int | None:
-        """The vector index's partitions, None without one (read once per table version)."""
+        """The vector index's partitions, None without one (read once per table version): Lance
+        sets the count itself as it builds and optimizes, so it is read, not assumed."""
         version = self.table.version
         if self._partitions is None or self._partitions[0] != version:
             parts = None
@@ -241,9 +239,9 @@ class EmbeddingStore:
 
     def maintain(self, *, ann_min_rows: int = ANN_MIN_ROWS) -> None:
         """Indexes and compaction: scalar indexes on model, session, modality and t_start once
-        there are rows, an IVF_SQ vector index once the table has ``ann_min_rows`` rows (built
-        again at REBUILD_GROWTH times the rows its partitions were sized for), then ``optimize()``
-        (merges small fragments and adds new rows to the indexes)."""
+        there are rows, an IVF_SQ vector index once the table has ``ann_min_rows`` rows, then
+        ``optimize()`` (merges small fragments, adds new rows to the indexes, and splits the
+        vector index's partitions that grew too large)."""
         from lancedb.index import BTree, Bitmap, IvfSq
 
         n = self.count()
@@ -253,11 +251,10 @@ class EmbeddingStore:
         for col, kind in (("model", Bitmap()), ("session", Bitmap()), ("modality", Bitmap()), ("t_start", BTree())):
             if (col,) not in have:
                 self.table.create_index(col, config=kind)
-        parts = self.index_partitions() if ("vector",) in have else None
-        if n >= ann_min_rows and (parts is None or n >= REBUILD_GROWTH * parts * ROWS_PER_PARTITION):
+        if n >= ann_min_rows and ("vector",) not in have:
             self.table.create_index("vector", config=IvfSq(distance_type="cosine",
                                                            num_partitions=max(1, n // ROWS_PER_PARTITION)),
-                                    replace=True, name=VECTOR_INDEX)
+                                    name=VECTOR_INDEX)
         self.table.optimize()
 
 
