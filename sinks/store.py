@@ -48,7 +48,7 @@ ANN_MIN_ROWS = 100_000
 ROWS_PER_PARTITION = 4096
 # An indexed query probes this share of the partitions and re-ranks REFINE_FACTOR x limit
 # candidates on the full vectors. At 1,000,000 rows (about 270 partitions) and a modality-wide
-# filter: 32 probes gave recall@10 1.0 and p95 31 ms, 16 gave 0.98, 68 gave p95 59 ms
+# filter: 32 probes gave recall@10 1.0 and p95 31 ms, 16 as low as 0.97, 68 a p95 of 59 ms
 # (bench/RESULTS.md).
 PROBE_SHARE = 0.125
 MIN_NPROBES = 20
