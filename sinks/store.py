@@ -24,6 +24,7 @@ import collections
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ import pyarrow as pa
 from sinks.protocol import EmbeddingRecord
 from sinks.store_tables import CAPTIONS, EVENTS, TABLE_KEYS, TABLE_SCHEMAS, THUMBNAILS, EventPairer, arrow_rows
 
-__all__ = ["ANN_MIN_ROWS", "CAPTIONS", "EMBEDDINGS", "EVENTS", "KEY", "MODELS", "THUMBNAILS", "EmbeddingStore",
-           "StoreError", "StoreRow", "StoreWriter", "embeddings_schema", "where_clause"]
+__all__ = ["ANN_MIN_ROWS", "CAPTIONS", "EMBEDDINGS", "EVENTS", "EXACT_MAX_ROWS", "KEY", "MODELS", "THUMBNAILS",
+           "EmbeddingStore", "StoreError", "StoreRow", "StoreWriter", "embeddings_schema", "where_clause"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,24 @@ EMBEDDINGS = "embeddings"
 MODELS = "models"
 KEY = ("model", "session", "modality", "window")
 # Below this many rows a filtered top-k is an exact scan (recall 1, tens of ms at 1024-d on
-# two cores, bench/store.py); from here on an IVF index keeps it fast.
+# two cores, bench/store.py); from here on an IVF_SQ index (8-bit scalar-quantized vectors in
+# partitions of about ROWS_PER_PARTITION rows) keeps it fast. IVF_SQ, because on two cores it
+# builds in minutes at 1,000,000 rows, where IVF_HNSW_SQ had not finished at 100,000 after 400 s
+# and IVF_PQ took 4 minutes at 200,000 for recall@10 0.80 (bench/RESULTS.md).
 ANN_MIN_ROWS = 100_000
+ROWS_PER_PARTITION = 4096
+# An indexed query probes this share of the partitions and re-ranks REFINE_FACTOR x limit
+# candidates on the full vectors. At 1,000,000 rows (about 270 partitions) and a modality-wide
+# filter: 32 probes gave recall@10 1.0 and p95 31 ms, 16 as low as 0.97, 68 a p95 of 59 ms
+# (bench/RESULTS.md).
+PROBE_SHARE = 0.125
+MIN_NPROBES = 20
+REFINE_FACTOR = 10
+VECTOR_INDEX = "vector_idx"
+# A filter matching at most this many rows (one session, say) is answered by an exact scan of
+# those rows, found through the scalar indexes: as fast as the index there, and recall 1 where
+# the index's partitions hold few of the filter's rows.
+EXACT_MAX_ROWS = 8192
 
 
 class StoreError(RuntimeError):
@@ -127,6 +144,7 @@ class EmbeddingStore:
         self.table = table
         self.dim = dim
         self._tables: dict[str, Any] = {}  # thumbnails, captions, events: opened or created on their first rows
+        self._partitions: tuple[int, int | None] | None = None  # (table version, the index's partitions)
 
     @classmethod
     def open(cls, uri: str) -> "EmbeddingStore":
@@ -220,16 +238,38 @@ class EmbeddingStore:
     def fragments(self) -> int:
         return int(self.table.stats()["fragment_stats"]["num_fragments"])
 
+    def nprobes(self) -> int:
+        """Partitions an indexed query probes: PROBE_SHARE of the vector index's, at least
+        MIN_NPROBES (LanceDB probes all where there are fewer)."""
+        return max(MIN_NPROBES, math.ceil(PROBE_SHARE * (self.index_partitions() or 0)))
+
+    def index_partitions(self) -> int | None:
+        """The vector index's partitions, None without one (read once per table version): Lance
+        sets the count itself as it builds and optimizes, so it is read, not assumed."""
+        version = self.table.version
+        if self._partitions is None or self._partitions[0] != version:
+            parts = None
+            if any(list(i.columns) == ["vector"] for i in self.table.list_indices()):
+                os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")  # only the counts are read
+                stats = self.table.to_lance().stats.index_stats(VECTOR_INDEX)
+                parts = max(int(seg["num_partitions"]) for seg in stats["indices"])
+            self._partitions = (version, parts)
+        return self._partitions[1]
+
     def nearest(self, vector: np.ndarray, *, limit: int, filters: Mapping[str, Iterable[str]] | None = None,
-                between: tuple[float, float] | None = None, exact: bool = False) -> list[dict[str, Any]]:
+                between: tuple[float, float] | None = None, exact: bool = False,
+                nprobes: int | None = None) -> list[dict[str, Any]]:
         """The ``limit`` rows nearest ``vector`` (cosine), filtered first, each with ``score``
-        (cosine similarity) and without the vector."""
+        (cosine similarity) and without the vector. ``exact`` skips the vector index; ``nprobes``
+        overrides :meth:`nprobes`."""
         q = self.table.search(np.asarray(vector, dtype=np.float32).reshape(-1)).metric("cosine")
         where = _where(filters or {}, between)
         if where:
             q = q.where(where, prefilter=True)
-        if exact:
+        if exact or (where is not None and self.count(where) <= EXACT_MAX_ROWS):
             q = q.bypass_vector_index()
+        else:  # without an index LanceDB scans exactly and ignores these
+            q = q.nprobes(nprobes or self.nprobes()).refine_factor(REFINE_FACTOR)
         cols = ["model", "session", "stream", "modality", "window", "t_start", "t_end"]
         out = q.select(cols + ["_distance"]).limit(int(limit)).to_arrow().to_pylist()
         for row in out:
@@ -237,22 +277,23 @@ class EmbeddingStore:
         return out
 
     def maintain(self, *, ann_min_rows: int = ANN_MIN_ROWS) -> None:
-        """Indexes and compaction: scalar indexes on session, modality and t_start once there are
-        rows, an IVF vector index once the table has ``ann_min_rows`` rows, then ``optimize()``
-        (merges small fragments and adds new rows to the indexes)."""
-        from lancedb.index import BTree, Bitmap
+        """Indexes and compaction: scalar indexes on model, session, modality and t_start once
+        there are rows, an IVF_SQ vector index once the table has ``ann_min_rows`` rows, then
+        ``optimize()`` (merges small fragments, adds new rows to the indexes, and splits the
+        vector index's partitions that grew too large)."""
+        from lancedb.index import BTree, Bitmap, IvfSq
 
         n = self.count()
         if n == 0:
             return
         have = {tuple(i.columns) for i in self.table.list_indices()}
-        for col, kind in (("session", Bitmap()), ("modality", Bitmap()), ("t_start", BTree())):
+        for col, kind in (("model", Bitmap()), ("session", Bitmap()), ("modality", Bitmap()), ("t_start", BTree())):
             if (col,) not in have:
                 self.table.create_index(col, config=kind)
         if n >= ann_min_rows and ("vector",) not in have:
-            parts = max(1, int(math.sqrt(n)))
-            self.table.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_HNSW_SQ",
-                                    num_partitions=parts)
+            self.table.create_index("vector", config=IvfSq(distance_type="cosine",
+                                                           num_partitions=max(1, n // ROWS_PER_PARTITION)),
+                                    name=VECTOR_INDEX)
         self.table.optimize()
         for table in self._tables.values():
             table.optimize()
@@ -305,6 +346,8 @@ class StoreWriter:
         self.not_written: collections.Counter[tuple[str, str]] = collections.Counter()  # (table, session) -> rows lost
         self._pairer = EventPairer(self.run_id)
         self._store: EmbeddingStore | None = None
+        import lancedb  # noqa: F401  (seconds of GIL-holding import: here, not in the thread while rows flow)
+
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
