@@ -22,7 +22,7 @@ import ray
 
 from pipeline.batching import TowerBatcher
 
-__all__ = ["EncoderActor", "TowerRows"]
+__all__ = ["EncoderActor", "TowerRows", "prepare_ahead_on"]
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,36 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def prepare_ahead_on(setting: str | bool, device: str, torch_threads: int, cores: int) -> bool:
+    """``encoders.prepare_ahead``: ``auto`` prepares ahead on a GPU, where preprocessing and the
+    host-to-device copy run while the device computes, and on a CPU whose cores the model's
+    torch threads leave one free for the second stage: each release's burst of batches then
+    costs the longer of the two stages instead of their sum (real-time latency on the 2-core
+    machine with one torch thread, bench/RESULTS.md); with every core taken by the model the
+    stages would only compete. ``true`` / ``false`` as set."""
+    if setting == "auto":
+        return str(device).startswith("cuda") or 0 < torch_threads < cores
+    return bool(setting)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 @ray.remote(num_cpus=0)
 class EncoderActor:
     """Holds one model; batches items per tower across all callers; returns unit-norm rows.
     ``imu_span``: the seconds an IMU window covers (``window.spans.imu.span``), over which its
-    samples are resampled into the tower's; ``None``: the tower's own duration."""
+    samples are resampled into the tower's; ``None``: the tower's own duration.
+    ``prepare_ahead``: ``True``, ``False`` or ``"auto"`` (:func:`prepare_ahead_on`, decided on
+    the machine the actor runs on)."""
 
     def __init__(self, model_options: dict[str, Any], max_batch: int, max_wait_ms: float,
-                 prepare_ahead: bool = False, imu_span: float | None = None) -> None:
+                 prepare_ahead: bool | str = False, imu_span: float | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         import torch
 
@@ -79,6 +101,8 @@ class EncoderActor:
             seed=int(model_options.get("seed", 0)),
         )
         self.device = torch.device(device)
+        prepare_ahead = prepare_ahead_on(prepare_ahead, device, torch.get_num_threads(), _usable_cores())
+        self.prepare_ahead = prepare_ahead
         self.imu_span = imu_span
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
@@ -105,6 +129,7 @@ class EncoderActor:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "modalities": list(self.model.modalities),
+            "prepare_ahead": self.prepare_ahead,
         }
 
     def warmup(self) -> float:

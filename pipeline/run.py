@@ -243,7 +243,7 @@ def _start_encoders(cfg: RunConfig, model_opts: dict[str, Any], uid: str,
         EncoderActor.options(name=f"bindstream.encoder.{i}.{uid}", max_restarts=2, max_task_retries=0,
                              **enc_opts).remote(
             model_opts, int(cfg.encoders.max_batch), float(cfg.encoders.max_wait_ms),
-            prepare_ahead=_prepare_ahead(cfg.encoders.prepare_ahead, model_opts["device"]),
+            prepare_ahead=cfg.encoders.prepare_ahead,
             imu_span=cfg.align.spans["imu"].span,
         )
         for i in range(int(cfg.encoders.replicas))
@@ -252,7 +252,8 @@ def _start_encoders(cfg: RunConfig, model_opts: dict[str, Any], uid: str,
     infos = ray.get([e.info.remote() for e in encoders])
     # Each tower's one-off first-call costs are paid here, not by the first windows.
     warm = ray.get([e.warmup.remote() for e in encoders])
-    log.info("encoders warmed up in %.2f s", max(warm))
+    log.info("encoders warmed up in %.2f s (preprocessing ahead of the model: %s)", max(warm),
+             "on" if infos[0].get("prepare_ahead") else "off")
     return encoders, infos[0]
 
 
@@ -372,15 +373,6 @@ def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]
         for s in spec.streams:
             watch.add(al.source_run.remote(s.id, cfg.rate, cfg.max_inflight_chunks, start_at), al, s.id, spec.live)
     return watch
-
-
-def _prepare_ahead(setting: str | bool, device: str) -> bool:
-    """``encoders.prepare_ahead``: ``auto`` prepares ahead on a GPU, where preprocessing and the
-    host-to-device copy can run while the device computes; on CPU both stages compete for the
-    same cores, and on the 2-core benchmark machine it gained nothing (bench/RESULTS.md)."""
-    if setting == "auto":
-        return str(device).startswith("cuda")
-    return bool(setting)
 
 
 def _fixed_endpoint(endpoint: str) -> str:

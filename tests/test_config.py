@@ -212,14 +212,19 @@ def test_ray_started_here_inlines_call_arguments_up_to_the_configured_size():
     assert joined["address"] == "auto" and "_system_config" not in joined
 
 
-@pytest.mark.parametrize("setting, device, expected", [("auto", "cpu", False), ("auto", "cuda:0", True),
-                                                        (True, "cpu", True), (False, "cuda", False)])
-def test_prepare_ahead_auto_means_on_a_gpu(setting, device, expected):
-    from pipeline.run import _prepare_ahead
+@pytest.mark.parametrize("setting, device, threads, cores, expected", [
+    ("auto", "cuda:0", 0, 2, True),     # a GPU: always
+    ("auto", "cpu", 1, 2, True),        # one torch thread on two cores: the second stage has a core
+    ("auto", "cpu", 2, 2, False),       # every core runs the model: the stages would compete
+    ("auto", "cpu", 4, 2, False),
+    ("auto", "cpu", 1, 1, False),
+    (True, "cpu", 2, 2, True), (False, "cuda", 0, 8, False)])
+def test_prepare_ahead_auto_means_a_gpu_or_a_free_core(setting, device, threads, cores, expected):
+    from pipeline.encoder_actor import prepare_ahead_on
 
     cfg = parse_config({"sessions": ["x"], "encoders": {"prepare_ahead": setting}})
     assert cfg.encoders.prepare_ahead == setting
-    assert _prepare_ahead(cfg.encoders.prepare_ahead, device) is expected
+    assert prepare_ahead_on(cfg.encoders.prepare_ahead, device, threads, cores) is expected
 
 
 def test_a_section_built_in_code_is_checked_like_one_read_from_a_file():
