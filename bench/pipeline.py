@@ -229,6 +229,14 @@ class _Subscriber:
             raise self.error
 
 
+def _by_window(beyond: list[tuple[float, str, int, str]]) -> dict[str, Any]:
+    """Latency beyond the window (audio, IMU) of window 0, window 1 and the later windows."""
+    groups: dict[str, list[float]] = {"0": [], "1": [], "2+": []}
+    for lat, _, win, _ in beyond:
+        groups[str(win) if win < 2 else "2+"].append(lat)
+    return {k: percentiles(v) for k, v in groups.items() if v}
+
+
 def _flops_per_item(model: Any, device: Any) -> dict[str, float]:
     """GFLOPs of one item's forward per tower (torch.utils.flop_counter, matmuls and convs)."""
     import torch
@@ -329,6 +337,7 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
             batch_sizes[m] += b
     return {
         "windows": sub.windows, "elapsed_s": elapsed, "windows_per_s": sub.windows / elapsed,
+        "prepare_ahead": bool(result.model.get("prepare_ahead")),  # as the encoder decided it
         "embeddings_per_s": {m: n / elapsed for m, n in sorted(sub.counts.items())},
         "counts": dict(sub.counts), "latency": percentiles(sub.latency),
         "latency_by_modality": {m: percentiles(v) for m, v in sorted(sub.latency_by_modality.items())},
@@ -337,6 +346,8 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
         # The tail by name: which windows the slowest of those were (the p99 of a short run is its top few).
         "slowest_beyond_window": [{"latency_s": round(lat, 4), "session": sess, "window": win, "modality": m}
                                   for lat, sess, win, m in sorted(sub.beyond, reverse=True)[:8]],
+        # The first windows of sessions started together arrive together: the tail by window index.
+        "beyond_window_by_window": _by_window(sub.beyond),
         # stage percentiles: the median over sessions of each session's p50/p99
         "stages": {k: {q: float(np.nanmedian([v[q] for v in vs])) for q in ("p50", "p99", "mean")}
                    for k, vs in stages.items()},
@@ -640,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
                         "call (default %(default)s; 0 = each at once)")
     p.add_argument("--prepare-ahead", default="auto", choices=("auto", "on", "off"),
                    help="encoders.prepare_ahead: preprocess the next batch in a second thread while the model "
-                        "runs this one (default auto = on a GPU only)")
+                        "runs this one (default auto = on a GPU, or on a CPU when --threads leaves a core free)")
     p.add_argument("--replicas", type=int, default=1, help="encoder actors in the pipeline")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per encoder (default 1 on CPU so decode keeps a core, 0 = torch default)")
@@ -756,6 +767,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     "tolerance_s": args.tolerance,
                     "latency_beyond_window": r["latency_beyond_window"],
                     "slowest_beyond_window": r["slowest_beyond_window"],
+                    "beyond_window_by_window": r["beyond_window_by_window"],
+                    "prepare_ahead": r["prepare_ahead"],
                     "held": bool(r["latency_beyond_window"]["p99"] <= args.target_p99 and r["windows"] >= expected),
                     "cpu_core_s_per_s_total": r["cpu_core_s_per_s_total"],
                     "cpu_split_core_s_per_s_per_stream": r["cpu_split_core_s_per_s_per_stream"],
