@@ -159,7 +159,7 @@ class EncodersConfig(_Section):
     coalesce_ms: float = _key(4.0, "replay: a session's releases within this many ms share one encoder call (0 = each at once)",
                               minimum="non-negative")
     prepare_ahead: str | bool = _key("auto", "preprocess the next batch while the model runs this one "
-                                     "(auto = on a GPU, or on a CPU when model.threads leaves a core free)",
+                                     "(auto = on a GPU, or on a CPU when the encoder's torch threads leave a core free)",
                                      choices=_AUTO_TRUE_FALSE, expected="auto, true or false")
 
     def _check(self) -> None:

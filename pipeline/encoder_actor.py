@@ -101,8 +101,7 @@ class EncoderActor:
             seed=int(model_options.get("seed", 0)),
         )
         self.device = torch.device(device)
-        prepare_ahead = prepare_ahead_on(prepare_ahead, device, torch.get_num_threads(), _usable_cores())
-        self.prepare_ahead = prepare_ahead
+        self.prepare_ahead = prepare_ahead_on(prepare_ahead, device, torch.get_num_threads(), _usable_cores())
         self.imu_span = imu_span
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
@@ -111,10 +110,10 @@ class EncoderActor:
         # prepare_ahead: a second thread preprocesses the next batch while the model runs this
         # one (at most one batch waits, prepared, for the model thread).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepare_ahead else None
-        self._batcher = TowerBatcher(self._run_staged if prepare_ahead else self._run_batch, max_batch=max_batch,
+        self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if self.prepare_ahead else None
+        self._batcher = TowerBatcher(self._run_staged if self.prepare_ahead else self._run_batch, max_batch=max_batch,
                                      max_wait_s=self.max_wait_s, name="encoder",
-                                     prepare=self._prepare_batch if prepare_ahead else None)
+                                     prepare=self._prepare_batch if self.prepare_ahead else None)
         self._metrics: Any = None  # pipeline.metrics.RayMetrics, made in warmup() (or on the first batch)
         self.items = collections.Counter()
         self.forward_s = collections.Counter()
