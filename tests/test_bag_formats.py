@@ -46,6 +46,8 @@ T0_MS = 1000
 
 
 def _png(name: str) -> np.ndarray:
+    if not (bag_files.REAL / name).is_file():  # ../shared absent: every test here skips (pytestmark)
+        return np.zeros((360, 740) if "depth" in name else (360, 740, 3), np.uint16 if "depth" in name else np.uint8)
     with av.open(str(bag_files.REAL / name)) as c:
         frame = next(c.decode(video=0))
     return frame.to_ndarray(format="gray16le" if "depth" in name else "rgb24")
