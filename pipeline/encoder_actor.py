@@ -15,7 +15,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 import numpy as np
 import ray
@@ -261,20 +261,31 @@ class EncoderActor:
         return out
 
     async def encode_many(self, groups: dict[str, list[Any]]) -> dict[str, Any]:
-        """:meth:`encode_timed` for several towers in one call: an aligner sends everything a
-        release of windows needs at once (one Ray call instead of one per modality; each tower
-        still batches with every other caller's items). Per modality its :class:`TowerRows`, or
-        the error's text where every item that reached that tower failed; the other towers'
-        rows still come."""
-        names = list(groups)
+        """:meth:`encode_timed` for several towers in one call, answered once every tower has:
+        per modality its :class:`TowerRows`, or the error's text where every item that reached
+        that tower failed; the other towers' rows still come. Each tower still batches with
+        every other caller's items."""
         self._count_request(any(groups.values()))
-        outs = await asyncio.gather(*(self._submit(m, groups[m]) for m in names), return_exceptions=True)
-        result: dict[str, Any] = {}
-        for m, out in zip(names, outs):
-            if isinstance(out, BaseException):
-                result[m] = _failure(out)
-            elif out.refused():
-                result[m] = next(iter(out.errors.values()))
-            else:
-                result[m] = out
-        return result
+        got = {m: out async for m, out in self._answers(groups)}
+        return {m: got[m] for m in groups}
+
+    async def encode_each(self, groups: dict[str, list[Any]]) -> AsyncIterator[tuple[str, Any]]:
+        """:meth:`encode_many`, each tower's answer yielded as soon as that tower has answered
+        (``(modality, TowerRows or error text)``; a Ray streaming generator). An aligner sends
+        everything a release of windows needs in this one call and publishes each stream's
+        rows as they come, so a fast tower's rows do not wait for a slow tower's."""
+        self._count_request(any(groups.values()))
+        async for answer in self._answers(groups):
+            yield answer
+
+    async def _answers(self, groups: dict[str, list[Any]]) -> AsyncIterator[tuple[str, Any]]:
+        """Each tower's answer to ``groups``, in the order the towers finish."""
+        async def one(modality: str) -> tuple[str, Any]:
+            try:
+                out = await self._submit(modality, groups[modality])
+            except Exception as exc:
+                return modality, _failure(exc)
+            return modality, next(iter(out.errors.values())) if out.refused() else out
+
+        for answer in asyncio.as_completed([one(m) for m in groups]):
+            yield await answer

@@ -28,29 +28,38 @@ class EncoderLink:
 
     def __init__(self, session: str, encoders: list[Any], dispatch: EncoderDispatch, observer: Any) -> None:
         self.session, self.encoders, self.dispatch, self.observer = session, encoders, dispatch, observer
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
-    async def encode(self, by_modality: dict[str, list[WindowItem]]) -> list[np.ndarray | None]:
-        """The rows of every item of one release, concatenated in ``by_modality`` order: one call
-        to the least-loaded encoder carries every modality (:meth:`pipeline.encoder_actor.EncoderActor.encode_many`). A
-        modality whose batch failed there, or every modality when the call itself failed (a dead
-        or restarting encoder), goes through :meth:`_encode`, which retries it on its own. An item
-        the encoder could not embed alone (:class:`pipeline.encoder_actor.TowerRows`) is ``None``,
-        counted, and not retried: it fails the same way anywhere."""
-        out, i = await self._encode_many(by_modality)
-        parts: list[Any] = []  # per modality its rows, or the task retrying it (all retries run at once)
-        for m, items in by_modality.items():
-            got = out.get(m)
-            if isinstance(got, TowerRows):
-                parts.append(self._take(m, items, got))
-                continue
-            if got is not None:  # the tower refused the batch: one attempt spent
-                log.warning("session '%s': %s batch of %d failed on encoder %d: %s",
-                            self.session, m, len(items), i, got)
-            parts.append(asyncio.ensure_future(self._encode(m, items, refused_on=i if got is not None else None)))
-        rows: list[np.ndarray | None] = []
-        for part in parts:
-            rows.extend(await part if isinstance(part, asyncio.Future) else part)
-        return rows
+    def start(self, by_modality: dict[str, list[WindowItem]]) -> dict[str, asyncio.Future]:
+        """Encode every item of one release; per modality a future of its rows (in item order),
+        set as soon as that tower has answered. One streaming call to the least-loaded encoder
+        carries every modality (:meth:`pipeline.encoder_actor.EncoderActor.encode_each`). A
+        modality whose batch failed there, or every modality not yet answered when the call
+        itself failed (a dead or restarting encoder), goes through :meth:`_encode`, which
+        retries it on its own. An item the encoder could not embed alone
+        (:class:`pipeline.encoder_actor.TowerRows`) is ``None``, counted, and not retried: it
+        fails the same way anywhere."""
+        loop = asyncio.get_running_loop()
+        futs = {m: loop.create_future() for m in by_modality}
+        task = loop.create_task(self._release(by_modality, futs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return futs
+
+    async def _release(self, by_modality: dict[str, list[WindowItem]], futs: dict[str, asyncio.Future]) -> None:
+        try:
+            refused = await self._encode_each(by_modality, futs)
+            await asyncio.gather(*(self._retry(m, items, futs[m], refused.get(m))
+                                   for m, items in by_modality.items() if not futs[m].done()))
+        except BaseException as exc:  # no future is left unset: the publishing side waits on them
+            for fut in futs.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _retry(self, modality: str, items: list[WindowItem], fut: asyncio.Future, refused_on: int | None) -> None:
+        fut.set_result(await self._encode(modality, items, refused_on=refused_on))
 
     def _take(self, modality: str, items: list[WindowItem], got: TowerRows) -> list[np.ndarray | None]:
         """``got``'s rows, after counting what it says about each item: windows that held bad
@@ -70,23 +79,37 @@ class EncoderLink:
             self.observer.forwarded([items[j] for j in done], [got.spans[j] for j in done])
         return got.rows
 
-    async def _encode_many(self, by_modality: dict[str, list[WindowItem]]) -> tuple[dict[str, Any], int | None]:
-        """:meth:`pipeline.encoder_actor.EncoderActor.encode_many` on the least-loaded live replica, and which one;
-        ``{}`` where the call was lost (or no replica is left)."""
+    async def _encode_each(self, by_modality: dict[str, list[WindowItem]],
+                           futs: dict[str, asyncio.Future]) -> dict[str, int]:
+        """:meth:`pipeline.encoder_actor.EncoderActor.encode_each` on the least-loaded live
+        replica; each tower's rows go to its future as they come. Returns the modalities whose
+        tower refused its batch, with the replica; a modality neither answered nor refused was
+        lost with the call (or no replica is left)."""
         i = self.dispatch.pick()
         if i is None:
-            return {}, None
-        n = sum(len(items) for items in by_modality.values())
-        self.dispatch.sent(i, n)
+            return {}
+        left = {m: len(items) for m, items in by_modality.items()}
+        self.dispatch.sent(i, sum(left.values()))
+        refused: dict[str, int] = {}
         try:
-            return await self.encoders[i].encode_many.remote(
-                {m: [it.payload for it in items] for m, items in by_modality.items()}), i
-        except Exception as exc:  # lost with the encoder, or refused: every modality on its own
-            log.warning("session '%s': encoder %d lost a release of %d items, re-sending per modality: %s",
-                        self.session, i, n, str(exc).splitlines()[0])
-            return {}, i
+            calls = self.encoders[i].encode_each.remote({m: [it.payload for it in items]
+                                                         for m, items in by_modality.items()})
+            async for ref in calls:
+                m, got = await ref
+                self.dispatch.returned(i, left.pop(m))
+                if isinstance(got, TowerRows):
+                    futs[m].set_result(self._take(m, by_modality[m], got))
+                else:  # the tower refused the batch: one attempt spent
+                    log.warning("session '%s': %s batch of %d failed on encoder %d: %s",
+                                self.session, m, len(by_modality[m]), i, got)
+                    refused[m] = i
+        except Exception as exc:  # lost with the encoder, or refused: the rest on their own
+            log.warning("session '%s': encoder %d lost %d items of a release, re-sending per modality: %s",
+                        self.session, i, sum(left.values()), str(exc).splitlines()[0])
         finally:
-            self.dispatch.returned(i, n)
+            if left:
+                self.dispatch.returned(i, sum(left.values()))
+        return refused
 
     async def _encode(self, modality: str, items: list[WindowItem], refused_on: int | None = None) -> list[Any]:
         """Results for ``items``, tried as :class:`pipeline.dispatch.RetryBudget` says; ``None``

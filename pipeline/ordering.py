@@ -4,17 +4,19 @@
   a stream ends once every chunk it announced has been applied.
 * :class:`ReleaseCoalescer`: releases within ``window_s`` of the first share one encoder call.
 * :class:`PublishOrder`: a stream's windows are published in increasing order, each once.
+* :class:`ReadyInOrder`: released windows between release and publish; what may go out now.
 """
 
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, Generic, Sized, TypeVar
+from typing import Any, Callable, Generic, Sized, TypeVar
 
-__all__ = ["ChunkSequencer", "PublishOrder", "ReleaseCoalescer", "StreamEnd"]
+__all__ = ["ChunkSequencer", "PublishOrder", "ReadyInOrder", "ReleaseCoalescer", "StreamEnd"]
 
 C = TypeVar("C", bound=Sized)
+E = TypeVar("E")
 
 
 @dataclass(frozen=True)
@@ -140,3 +142,60 @@ class PublishOrder:
             return False
         self._last[stream] = window
         return True
+
+
+class ReadyInOrder(Generic[E]):
+    """The windows released and not yet published, in release order, and what may go out now.
+
+    Each window holds entries (one per item: a stream's part of the window), each with a
+    ``key`` (its topic: the modality) and a ``ready`` test (its embedding has come back). Per
+    key (``together=False``, ``window.release: stream``): an entry goes as soon as it is ready
+    and every earlier entry of its key has gone, so each topic keeps its release order while a
+    topic whose tower answered first does not wait for slower towers.
+    Whole windows (``together=True``, ``window.release: window``): a window goes once all its
+    entries are ready, windows in order. ``len()`` counts the windows that still hold an entry.
+    """
+
+    def __init__(self, key: Callable[[E], str], ready: Callable[[E], bool], together: bool = False) -> None:
+        self._key, self._ready, self.together = key, ready, together
+        self._windows: collections.deque[tuple[Any, list[E]]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def add(self, window: Any, entries: list[E]) -> None:
+        self._windows.append((window, list(entries)))
+
+    def take(self) -> tuple[list[E], list[Any]]:
+        """The entries that may go out now, in order, and the windows that have no entry left."""
+        return self._take_whole() if self.together else self._take_per_key()
+
+    def _take_whole(self) -> tuple[list[E], list[Any]]:
+        out: list[E] = []
+        done: list[Any] = []
+        while self._windows and all(self._ready(e) for e in self._windows[0][1]):
+            window, entries = self._windows.popleft()
+            out.extend(entries)
+            done.append(window)
+        return out, done
+
+    def _take_per_key(self) -> tuple[list[E], list[Any]]:
+        out: list[E] = []
+        done: list[Any] = []
+        blocked: set[str] = set()  # keys with an earlier entry still waiting
+        kept: collections.deque[tuple[Any, list[E]]] = collections.deque()
+        for window, entries in self._windows:
+            left = []
+            for e in entries:
+                k = self._key(e)
+                if k not in blocked and self._ready(e):
+                    out.append(e)
+                else:
+                    blocked.add(k)
+                    left.append(e)
+            if left:
+                kept.append((window, left))
+            else:
+                done.append(window)
+        self._windows = kept
+        return out, done

@@ -27,7 +27,7 @@ from pipeline.dispatch import EncoderDispatch, PublishLedger
 from pipeline.encoder_link import EncoderLink
 from pipeline.metrics import percentiles
 from pipeline.observe import StageObserver
-from pipeline.ordering import ChunkSequencer, PublishOrder, ReleaseCoalescer, StreamEnd
+from pipeline.ordering import ChunkSequencer, PublishOrder, ReadyInOrder, ReleaseCoalescer, StreamEnd
 from pipeline.publisher_link import PublisherLink
 from pipeline.reader import ReaderHost
 from pipeline.session_triggers import SessionTriggers, TriggerSetup
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class AlignerActor:
-    """Windows one session, sends released items to the encoders, publishes in window order.
+    """Windows one session, sends released items to the encoders, publishes each topic in window order.
 
     It also reads the session's ``sources``, each in a thread of this process
     (:meth:`source_run`, :class:`pipeline.reader.ReaderHost`): their chunks reach :meth:`push` by
@@ -111,8 +111,11 @@ class AlignerActor:
         # model, dim and start seqs: what a restarted publisher needs (pipeline.publisher_link)
         self._publisher = PublisherLink(session, streams, publisher, dict(publish_start or {}),
                                         self.restart_timeout_s, self.stats.publisher_lost)
-        # (window, [(item, encode task, row)]) from release to publish, in window order
-        self._pending: collections.deque = collections.deque()
+        # per released window, its (item, rows future, row) entries, until published: each
+        # topic's (modality's) in release order as its tower answers (release: stream), or
+        # whole windows in order (release: window)
+        self._pending: ReadyInOrder[tuple[WindowItem, asyncio.Future, int]] = ReadyInOrder(
+            lambda e: e[0].modality, lambda e: e[1].done(), together=align.release == "window")
         self._pending_changed: asyncio.Event | None = None
         self._pump_task: asyncio.Task | None = None
         self._hb_task: asyncio.Task | None = None
@@ -255,18 +258,19 @@ class AlignerActor:
         for w in windows:
             for item in w.items:
                 by_modality[item.modality].append(item)
-        loop = asyncio.get_running_loop()
-        if by_modality:
-            fut = loop.create_task(self._encoding.encode(dict(by_modality)))
-        else:  # windows that hold nothing (no caption in them, say): no call to an encoder
-            fut = loop.create_future()
-            fut.set_result([])
-        # Each item's row in the task's result: every modality's rows, in ``by_modality`` order.
-        rows = {id(item): row for row, item in enumerate(it for items in by_modality.values() for it in items)}
+        # Per modality a future of its rows, set as its tower answers; windows that hold
+        # nothing (no caption in them, say) make no call.
+        futs = self._encoding.start(dict(by_modality)) if by_modality else {}
+        for fut in futs.values():
+            fut.add_done_callback(self._rows_came)
+        row = {id(item): i for items in by_modality.values() for i, item in enumerate(items)}
         t_release = time.time()
         for w in windows:
-            self._pending.append((w, [(item, fut, rows[id(item)]) for item in w.items]))
+            self._pending.add(w, [(item, futs[item.modality], row[id(item)]) for item in w.items])
             self.observer.released(w.items, t_release)
+        self._pending_changed.set()
+
+    def _rows_came(self, _fut: asyncio.Future) -> None:
         self._pending_changed.set()
 
     # -- publish ---------------------------------------------------------------------------
@@ -287,32 +291,31 @@ class AlignerActor:
         await self._finish()
 
     async def _collect(self) -> tuple[list[Any], list[WindowItem]]:
-        """Every window whose results are in, in window order: their records, and the items
-        behind them. Waits for the first window when none is complete."""
+        """What may be published now (:class:`pipeline.ordering.ReadyInOrder`): the records,
+        and the items behind them. Waits until something is."""
+        while True:
+            entries, done = self._pending.take()
+            if entries or done:
+                break
+            self._pending_changed.clear()
+            await self._pending_changed.wait()
+        now = time.time()
+        if self._admission is not None:
+            for w in done:
+                self._admission.served(w, now)
         records: list[Any] = []
         items: list[WindowItem] = []
-        while self._pending:
-            w, entries = self._pending[0]
-            if not all(f.done() for _, f, _ in entries):
-                if records:
-                    break
-                await asyncio.gather(*(f for _, f, _ in entries))
+        for item, fut, row in entries:
+            emb = fut.result()[row]
+            if not self._publishable(item, emb, now):
+                self.observer.discarded([item])
                 continue
-            self._pending.popleft()
-            now = time.time()
-            if self._admission is not None:
-                self._admission.served(w, now)
-            for item, fut, row in entries:
-                emb = fut.result()[row]
-                if not self._publishable(item, emb, now):
-                    self.observer.discarded([item])
-                    continue
-                items.append(item)
-                records.append(EmbeddingRecord(
-                    session=self.session, stream=item.stream, modality=item.modality,
-                    window=item.window, t_start=item.t_start, t_end=item.t_end,
-                    embedding=np.asarray(emb, dtype=np.float32), t_ingest=item.t_ingest,
-                ))
+            items.append(item)
+            records.append(EmbeddingRecord(
+                session=self.session, stream=item.stream, modality=item.modality,
+                window=item.window, t_start=item.t_start, t_end=item.t_end,
+                embedding=np.asarray(emb, dtype=np.float32), t_ingest=item.t_ingest,
+            ))
         return records, items
 
     def _publishable(self, item: WindowItem, emb: Any, now: float) -> bool:

@@ -314,6 +314,29 @@ def test_one_encoder_call_carries_every_tower_and_a_refused_tower_spares_the_oth
     ray.kill(enc)
 
 
+def test_a_release_comes_back_one_tower_at_a_time_with_the_rows_of_a_single_call():
+    # Aligners call EncoderActor.encode_each, a Ray streaming generator: each tower's answer is
+    # yielded as that tower finishes (so an aligner publishes it without waiting for slower
+    # towers), with the rows encode_many gives; a refused tower comes as its error's text.
+    from pipeline.actors import EncoderActor
+
+    enc = EncoderActor.remote({"config": "imagebind_tiny", "checkpoint": "none", "device": "cpu",
+                               "precision": "fp32", "threads": 1}, 8, 5.0, prepare_ahead=True)
+    rng = np.random.default_rng(2)
+    groups = {"vision": [rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8) for _ in range(3)],
+              "imu": [np.concatenate([np.linspace(0, 5, 1000)[:, None], rng.standard_normal((1000, 6))], 1)],
+              "text": [7]}
+    answers = [ray.get(ref) for ref in enc.encode_each.remote(groups)]
+    assert sorted(m for m, _ in answers) == sorted(groups)  # one answer per tower, each once
+    got = dict(answers)
+    assert isinstance(got["text"], str) and "expected str" in got["text"], got["text"]
+    whole = ray.get(enc.encode_many.remote(groups))
+    for m in ("vision", "imu"):
+        np.testing.assert_array_equal(np.stack(got[m].rows), np.stack(whole[m].rows))
+        assert len(got[m].spans) == len(groups[m])
+    ray.kill(enc)
+
+
 def test_preparing_ahead_gives_the_same_rows_as_preparing_in_the_model_thread():
     # encoders.prepare_ahead (default on a GPU): a second thread preprocesses the next batch
     # while the model runs; the rows must not depend on it, and each row's forward span covers

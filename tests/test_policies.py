@@ -15,7 +15,7 @@ from pipeline.align import Window, WindowItem
 from pipeline.dispatch import Attempt, EncoderDispatch, PublishLedger
 from pipeline.metrics import RayMetrics
 from pipeline.observe import NullObserver, StageObserver
-from pipeline.ordering import ChunkSequencer, PublishOrder, ReleaseCoalescer, StreamEnd
+from pipeline.ordering import ChunkSequencer, PublishOrder, ReadyInOrder, ReleaseCoalescer, StreamEnd
 from pipeline.stats import SessionResult, SessionStats, merge_dropped
 
 
@@ -89,6 +89,48 @@ def test_a_window_at_or_below_the_last_published_of_its_stream_is_a_counted_dupl
     assert not order.admit("cam", 2) and not order.admit("cam", 1)
     assert order.admit("cam2", 1)  # two streams of one modality are kept apart
     assert order.dropped == {"cam:duplicate_window": 2}
+
+
+# -- publishing what is ready -----------------------------------------------------------------------
+def _ready_queue(together: bool) -> tuple[ReadyInOrder, set]:
+    """Entries are (topic, window) pairs; an entry is ready once it is in ``ready``."""
+    ready: set = set()
+    return ReadyInOrder(lambda e: e[0], lambda e: e in ready, together=together), ready
+
+
+def test_a_topic_whose_tower_answered_goes_out_without_waiting_for_slower_towers():
+    q, ready = _ready_queue(together=False)
+    q.add("w0", [("audio", 0), ("vision", 0)])
+    q.add("w1", [("audio", 1), ("vision", 1)])
+    ready |= {("audio", 0), ("audio", 1)}
+    assert q.take() == ([("audio", 0), ("audio", 1)], [])  # vision still computing
+    assert len(q) == 2 and q.take() == ([], [])  # nothing goes twice
+    ready.add(("vision", 1))  # a later window of a topic never overtakes an earlier one
+    assert q.take() == ([], [])
+    ready.add(("vision", 0))
+    assert q.take() == ([("vision", 0), ("vision", 1)], ["w0", "w1"])
+    assert len(q) == 0
+
+
+def test_whole_windows_go_out_together_and_in_order():
+    q, ready = _ready_queue(together=True)
+    q.add("w0", [("audio", 0), ("vision", 0)])
+    q.add("w1", [("audio", 1), ("vision", 1)])
+    q.add("w2", [])  # a window that holds nothing
+    ready |= {("audio", 0), ("audio", 1), ("vision", 1)}
+    assert q.take() == ([], [])  # w0's vision holds w0, and w0 holds w1
+    ready.add(("vision", 0))
+    assert q.take() == ([("audio", 0), ("vision", 0), ("audio", 1), ("vision", 1)], ["w0", "w1", "w2"])
+
+
+def test_a_window_counts_until_its_last_entry_went_out_wherever_it_stands():
+    q, ready = _ready_queue(together=False)
+    q.add("w0", [("audio", 0), ("depth", 0)])
+    q.add("w1", [("audio", 1)])
+    q.add("w2", [])
+    ready |= {("audio", 0), ("audio", 1)}
+    assert q.take() == ([("audio", 0), ("audio", 1)], ["w1", "w2"])  # w0 still waits for depth
+    assert len(q) == 1  # backpressure counts what is still held
 
 
 # -- live admission ---------------------------------------------------------------------------------
