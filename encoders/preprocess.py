@@ -189,14 +189,17 @@ def _image(frames: torch.Tensor, cfg: VisionPreprocess = _VISION) -> torch.Tenso
         frames = frames[:, top : top + size, left : left + size]
     x, is_uint8 = _to_unit_float(frames)
     x = x.permute(0, 3, 1, 2)  # (B, 3, H, W)
+    # From here on x is a tensor of this function's own (a uint8 input's float copy, or the
+    # resize's or the clamp's result), so the per-pixel steps run in place: the same values as
+    # out of place, without a new batch-sized tensor for each step.
     if is_uint8 and at_size:
-        x = x / 255.0  # whole numbers in 0..255, not resized: the clamp and round are no-ops
+        x = x.div_(255.0)  # whole numbers in 0..255, not resized: the clamp and round are no-ops
     else:
         x = resize_short_side(x, size)
         x = x.clamp_(0.0, 255.0).round_().div_(255.0) if is_uint8 else x.clamp(0.0, 1.0)
         x = center_crop(x, size)
     mean, std = _mean_std(x.device, x.dtype, cfg)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std)
 
 
 def clip(frames: torch.Tensor, *, cfg: VisionPreprocess = _VISION) -> torch.Tensor:

@@ -111,9 +111,7 @@ class AlignerActor:
         # model, dim and start seqs: what a restarted publisher needs (pipeline.publisher_link)
         self._publisher = PublisherLink(session, streams, publisher, dict(publish_start or {}),
                                         self.restart_timeout_s, self.stats.publisher_lost)
-        # per released window, its (item, rows future, row) entries, until published: each
-        # topic's (modality's) in release order as its tower answers (release: stream), or
-        # whole windows in order (release: window)
+        # (item, rows future, row) of each released window until published (ReadyInOrder's rule)
         self._pending: ReadyInOrder[tuple[WindowItem, asyncio.Future, int]] = ReadyInOrder(
             lambda e: e[0].modality, lambda e: e[1].done(), together=align.release == "window")
         self._pending_changed: asyncio.Event | None = None
