@@ -112,8 +112,7 @@ class AlignerActor:
         self._publisher = PublisherLink(session, streams, publisher, dict(publish_start or {}),
                                         self.restart_timeout_s, self.stats.publisher_lost)
         # (item, rows future, row) of each released window until published (ReadyInOrder's rule)
-        self._pending: ReadyInOrder[tuple[WindowItem, asyncio.Future, int]] = ReadyInOrder(
-            lambda e: e[0].modality, lambda e: e[1].done(), together=align.release == "window")
+        self._pending: ReadyInOrder = ReadyInOrder(lambda e: e[0].modality, lambda e: e[1].done(), align.release == "window")
         self._pending_changed: asyncio.Event | None = None
         self._pump_task: asyncio.Task | None = None
         self._hb_task: asyncio.Task | None = None
