@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import numpy as np
 
@@ -24,16 +24,21 @@ log = logging.getLogger(__name__)
 
 class EncoderLink:
     """``encoders`` (Ray actor handles) as one session uses them; ``observer`` gets each
-    item's forward start and end."""
+    item's forward start and end. ``per_tower``: a release's rows come back tower by tower as
+    each finishes (paced replay and live, where latency counts); otherwise in one answer per
+    call (``rate: 0``, where throughput counts: one Ray reply instead of one per tower)."""
 
-    def __init__(self, session: str, encoders: list[Any], dispatch: EncoderDispatch, observer: Any) -> None:
+    def __init__(self, session: str, encoders: list[Any], dispatch: EncoderDispatch, observer: Any,
+                 per_tower: bool = True) -> None:
         self.session, self.encoders, self.dispatch, self.observer = session, encoders, dispatch, observer
+        self.per_tower = per_tower
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     def start(self, by_modality: dict[str, list[WindowItem]]) -> dict[str, asyncio.Future]:
         """Encode every item of one release; per modality a future of its rows (in item order),
-        set as soon as that tower has answered. One streaming call to the least-loaded encoder
-        carries every modality (:meth:`pipeline.encoder_actor.EncoderActor.encode_each`). A
+        set as soon as that tower has answered. One call to the least-loaded encoder carries
+        every modality (:meth:`pipeline.encoder_actor.EncoderActor.encode_each`, a streaming
+        call, or with ``per_tower`` off :meth:`~pipeline.encoder_actor.EncoderActor.encode_many`). A
         modality whose batch failed there, or every modality not yet answered when the call
         itself failed (a dead or restarting encoder), goes through :meth:`_encode`, which
         retries it on its own. An item the encoder could not embed alone
@@ -48,7 +53,7 @@ class EncoderLink:
 
     async def _release(self, by_modality: dict[str, list[WindowItem]], futs: dict[str, asyncio.Future]) -> None:
         try:
-            refused = await self._encode_each(by_modality, futs)
+            refused = await self._encode_release(by_modality, futs)
             await asyncio.gather(*(self._retry(m, items, futs[m], refused.get(m))
                                    for m, items in by_modality.items() if not futs[m].done()))
         except BaseException as exc:  # no future is left unset: the publishing side waits on them
@@ -79,10 +84,19 @@ class EncoderLink:
             self.observer.forwarded([items[j] for j in done], [got.spans[j] for j in done])
         return got.rows
 
-    async def _encode_each(self, by_modality: dict[str, list[WindowItem]],
-                           futs: dict[str, asyncio.Future]) -> dict[str, int]:
-        """:meth:`pipeline.encoder_actor.EncoderActor.encode_each` on the least-loaded live
-        replica; each tower's rows go to its future as they come. Returns the modalities whose
+    async def _answers(self, i: int, groups: dict[str, list[Any]]) -> AsyncIterator[tuple[str, Any]]:
+        """Encoder ``i``'s answer for each tower of ``groups``: as each tower finishes, or all at once."""
+        if self.per_tower:
+            async for ref in self.encoders[i].encode_each.remote(groups):
+                yield await ref
+        else:
+            for answer in (await self.encoders[i].encode_many.remote(groups)).items():
+                yield answer
+
+    async def _encode_release(self, by_modality: dict[str, list[WindowItem]],
+                              futs: dict[str, asyncio.Future]) -> dict[str, int]:
+        """Every tower of a release on the least-loaded live replica (:meth:`_answers`); each
+        tower's rows go to its future as they come. Returns the modalities whose
         tower refused its batch, with the replica; a modality neither answered nor refused was
         lost with the call (or no replica is left)."""
         i = self.dispatch.pick()
@@ -92,10 +106,7 @@ class EncoderLink:
         self.dispatch.sent(i, sum(left.values()))
         refused: dict[str, int] = {}
         try:
-            calls = self.encoders[i].encode_each.remote({m: [it.payload for it in items]
-                                                         for m, items in by_modality.items()})
-            async for ref in calls:
-                m, got = await ref
+            async for m, got in self._answers(i, {m: [it.payload for it in items] for m, items in by_modality.items()}):
                 self.dispatch.returned(i, left.pop(m))
                 if isinstance(got, TowerRows):
                     futs[m].set_result(self._take(m, by_modality[m], got))

@@ -353,6 +353,7 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
             publish_start={"model": info["model"], "dim": int(info["dim"]), "seqs": start_seqs},
             sources=[(s, opts) for s in spec.streams], triggers=triggers,
             store={"thumbnails": bool(cfg.store.thumbnails)} if cfg.store.uri is not None else None,
+            per_tower=cfg.rate > 0 or bool(spec.live),  # latency counts: rows tower by tower
         )
         aligners.append(al)
         actors.append(al)

@@ -60,7 +60,8 @@ class AlignerActor:
     session's triggers (:class:`pipeline.session_triggers.SessionTriggers`), evaluated on the
     embeddings as they are published, in publish order. Given ``store`` (the run keeps a store;
     ``{"thumbnails": bool}``), the published windows' captions and thumbnails go to the
-    publisher's store writer (:class:`pipeline.store_feed.StoreFeed`)."""
+    publisher's store writer (:class:`pipeline.store_feed.StoreFeed`). ``per_tower``: a release's
+    rows come back tower by tower (:class:`pipeline.encoder_link.EncoderLink`)."""
 
     def __init__(
         self,
@@ -78,7 +79,7 @@ class AlignerActor:
         publish_start: dict[str, Any] | None = None,
         sources: list[tuple[Any, dict[str, Any]]] | None = None,
         observer: Any = None,
-        triggers: TriggerSetup | None = None, store: dict[str, Any] | None = None,
+        triggers: TriggerSetup | None = None, store: dict[str, Any] | None = None, per_tower: bool = True,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.session = session
@@ -107,7 +108,7 @@ class AlignerActor:
         self._triggers = SessionTriggers(session, triggers) if triggers is not None else None
         self._store = StoreFeed(str((publish_start or {}).get("model", "")), self._store_rows, **store) if store else None
         self._encoding = EncoderLink(session, encoders, EncoderDispatch(len(encoders), retries, self.restart_timeout_s),
-                                     self.observer)
+                                     self.observer, per_tower)
         # model, dim and start seqs: what a restarted publisher needs (pipeline.publisher_link)
         self._publisher = PublisherLink(session, streams, publisher, dict(publish_start or {}),
                                         self.restart_timeout_s, self.stats.publisher_lost)
