@@ -272,7 +272,7 @@ class EncoderActor:
     async def encode_each(self, groups: dict[str, list[Any]]) -> AsyncIterator[tuple[str, Any]]:
         """:meth:`encode_many`, each tower's answer yielded as soon as that tower has answered
         (``(modality, TowerRows or error text)``; a Ray streaming generator). An aligner sends
-        everything a release of windows needs in this one call and publishes each stream's
+        everything a release of windows needs in this one call and publishes each topic's
         rows as they come, so a fast tower's rows do not wait for a slow tower's."""
         self._count_request(any(groups.values()))
         async for answer in self._answers(groups):
