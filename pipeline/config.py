@@ -35,7 +35,7 @@ __all__ = ["RunConfig", "ReplayConfig", "WindowConfig", "ModelConfig", "Encoders
            "PublishConfig", "CurveConfig", "RayConfig", "LiveConfig", "StoreConfig", "InlineSession", "load_config",
            "parse_config", "apply_overrides", "DEFAULTS"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHED_POLICIES = ("drop_oldest", "subsample")
 _AUTO_TRUE_FALSE = ("auto", True, False)
 _PATH_KEYS = ("sessions", "demo_session", "record", "store", "timeline", "triggers")
@@ -134,7 +134,8 @@ class ModelConfig(_Section):
     config: str = _key("imagebind_huge", "imagebind_huge | imagebind_tiny | path to a JSON of reference ImageBindModel kwargs",
                        loose=True)
     checkpoint: str = _key("auto", "auto (cache, else download) | none (seeded random weights) | path .pth/.safetensors")
-    precision: str = _key("bf16", "fp32 | bf16 | fp16", choices=PRECISIONS, expected=f"one of {', '.join(PRECISIONS)}")
+    precision: str = _key("auto", "auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 | fp16", choices=PRECISIONS,
+                           expected=f"one of {', '.join(PRECISIONS)}")
     device: str = _key("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     compile: bool = _key(False, "torch.compile the trunks")
     threads: int = _key(0, "torch CPU threads per encoder actor; 0 = torch's default", minimum="non-negative")

@@ -26,7 +26,8 @@ from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
 __all__ = ["PUBLISHER_MAX_RESTARTS", "EndpointInUse", "NoSubscriber", "RunResult", "check_endpoint_free", "curve_server_config",
-           "prepare_sessions", "ray_init_kwargs", "ray_system_config", "resolve_model_options", "run"]
+           "prepare_sessions", "ray_init_kwargs", "ray_system_config", "resolve_model_options", "resolved_precision",
+           "run"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,16 @@ def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
     return specs
 
 
+def resolved_precision(precision: str, device: str) -> str:
+    """``model.precision`` for ``device``: ``auto`` is bf16 on a GPU and fp32 on a CPU, where
+    bf16 arithmetic is fast only on cores with bf16 matrix units (on the project's 2-core CPU,
+    without them, imagebind_tiny's towers ran 4 to 18 times slower in bf16 than in fp32:
+    bench/RESULTS.md); any other setting as it is."""
+    if precision != "auto":
+        return precision
+    return "fp32" if str(device).startswith("cpu") else "bf16"
+
+
 def resolve_model_options(cfg: RunConfig, specs: list[SessionSpec] = ()) -> dict[str, Any]:
     """Model options for the encoder actors: device chosen, checkpoint resolved to a path; every
     modality of ``specs`` checked against the model's towers."""
@@ -109,8 +120,9 @@ def resolve_model_options(cfg: RunConfig, specs: list[SessionSpec] = ()) -> dict
             raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
     if m["device"] == "auto":
         m["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    m["precision"] = resolved_precision(m["precision"], m["device"])
     if m["device"] == "cpu" and m["precision"] == "fp16":
-        log.warning("fp16 on CPU is slow and imprecise; consider model.precision: bf16 or fp32")
+        log.warning("fp16 on CPU is slow and imprecise; consider model.precision: auto or fp32")
     ckpt = m["checkpoint"]
     if ckpt not in ("none", None):
         from encoders.weights import resolve, verify

@@ -36,7 +36,7 @@ DEMO_EFFECTIVE = {
     "progress": "auto", "stop_after": None, "record": None,
     "live.max_latency_s": 2.0, "live.shed": "drop_oldest", "live.subsample": ("vision",), "live.idle_timeout_s": 2.0,
 }
-EGO_EFFECTIVE = {**DEMO_EFFECTIVE, "model.config": "imagebind_huge", "model.checkpoint": "auto", "model.precision": "bf16"}
+EGO_EFFECTIVE = {**DEMO_EFFECTIVE, "model.config": "imagebind_huge", "model.checkpoint": "auto", "model.precision": "auto"}
 
 
 def _get(cfg, key):
@@ -225,6 +225,23 @@ def test_prepare_ahead_auto_means_a_gpu_or_a_free_core(setting, device, threads,
     cfg = parse_config({"sessions": ["x"], "encoders": {"prepare_ahead": setting}})
     assert cfg.encoders.prepare_ahead == setting
     assert prepare_ahead_on(cfg.encoders.prepare_ahead, device, threads, cores) is expected
+
+
+@pytest.mark.parametrize("precision, device, expected", [
+    ("auto", "cpu", "fp32"),      # bf16 on a CPU without bf16 units runs the towers 4-18x slower
+    ("auto", "cuda:0", "bf16"),
+    ("bf16", "cpu", "bf16"),      # a precision that is set is kept
+    ("fp32", "cuda", "fp32")])
+def test_precision_auto_is_bf16_on_a_gpu_and_fp32_on_a_cpu(precision, device, expected):
+    from pipeline.run import resolve_model_options
+
+    cfg = parse_config({"sessions": ["x"], "model": {"config": "imagebind_tiny", "checkpoint": "none",
+                                                     "precision": precision, "device": device}})
+    assert resolve_model_options(cfg)["precision"] == expected
+
+
+def test_the_default_precision_is_auto():
+    assert parse_config({"sessions": ["x"]}).model.precision == "auto"
 
 
 def test_a_section_built_in_code_is_checked_like_one_read_from_a_file():
