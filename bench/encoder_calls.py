@@ -32,13 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def _windows(cache: Path, n: int) -> list[dict[str, list[Any]]]:
     """Up to ``n`` windows of the bench session, each as its payloads by modality."""
-    from bench.pipeline import make_sessions
-    from pipeline.inprocess import session_windows
-    from sources.session import load_session
+    from bench.pipeline import _windows_of, make_sessions
 
     session = make_sessions(cache, 1, 30.0, (1280, 720), 30, 2_000_000)[0]
     out = []
-    for w in session_windows(load_session(session), chunk_seconds=1.0, video_size=224, select_frames=True):
+    for w in _windows_of(session, 224):
         groups: dict[str, list[Any]] = collections.defaultdict(list)
         for it in w.items:
             groups[it.modality].append(it.payload)
@@ -48,9 +46,10 @@ def _windows(cache: Path, n: int) -> list[dict[str, list[Any]]]:
 
 
 def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text()
-    fields = fields[fields.rfind(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    import psutil  # Ray's own copy (ray/thirdparty_files) once ray is imported, as bench/pipeline.py uses
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def _paced(seconds: float, step) -> float:

@@ -26,8 +26,7 @@ from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
 
 __all__ = ["PUBLISHER_MAX_RESTARTS", "EndpointInUse", "NoSubscriber", "RunResult", "check_endpoint_free", "curve_server_config",
-           "prepare_sessions", "ray_init_kwargs", "ray_system_config", "resolve_model_options", "resolved_precision",
-           "run"]
+           "prepare_sessions", "ray_init_kwargs", "ray_system_config", "resolve_model_options", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
     return specs
 
 
-def resolved_precision(precision: str, device: str) -> str:
+def _resolved_precision(precision: str, device: str) -> str:
     """``model.precision`` for ``device``: ``auto`` is bf16 on a GPU and fp32 on a CPU, where
     bf16 arithmetic is fast only on cores with bf16 matrix units (on the project's 2-core CPU,
     without them, imagebind_tiny's towers ran 4 to 18 times slower in bf16 than in fp32:
@@ -120,7 +119,7 @@ def resolve_model_options(cfg: RunConfig, specs: list[SessionSpec] = ()) -> dict
             raise ConfigError(f"session '{spec.name}': model has no tower for {', '.join(unsupported)}")
     if m["device"] == "auto":
         m["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    m["precision"] = resolved_precision(m["precision"], m["device"])
+    m["precision"] = _resolved_precision(m["precision"], m["device"])
     if m["device"] == "cpu" and m["precision"] == "fp16":
         log.warning("fp16 on CPU is slow and imprecise; consider model.precision: auto or fp32")
     ckpt = m["checkpoint"]
