@@ -4,10 +4,13 @@ Ray ties its gcs and raylet to the process that started them, but the raylet's a
 dashboard and runtime-env agents, started even without the dashboard) notice their raylet's
 death only after trying to report it to the gcs, which is gone too: they linger about a minute.
 The driver starts this watchdog (``python -m pipeline.watchdog``) as it starts Ray and holds the
-write end of its stdin. Every second the watchdog notes the driver's descendants (from /proc);
-when its stdin reaches end-of-file without a ``stop`` line, the driver is gone, and it ends
-every process of its last note (SIGTERM, then SIGKILL after a second), each checked by its
-start time so that a reused pid is never hit. Linux only (/proc); elsewhere it is not started.
+write end of its stdin. Every second the watchdog adds the driver's descendants (from /proc) to
+its note and drops the noted processes that have ended; a scan never removes a live process from
+the note, so one that races the driver's death (and finds the driver's children already
+reparented) loses nothing. When its stdin reaches end-of-file without a ``stop`` line, the
+driver is gone, and it ends every noted process (SIGTERM, then SIGKILL after a second), each
+checked by its start time so that a reused pid is never hit. Linux only (/proc); elsewhere it
+is not started.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Watchdog", "descendants"]
+__all__ = ["Watchdog", "descendants", "note"]
 
 
 def _stat(pid: int | str) -> list[str] | None:
@@ -50,21 +53,30 @@ def descendants(pid: int) -> dict[int, str]:
     return out
 
 
+def _same(pid: int, start: str) -> bool:
+    """Whether ``pid`` is still the live process that started at ``start``."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z" and fields[19] == start
+
+
+def note(noted: dict[int, str], scan: dict[int, str]) -> dict[int, str]:
+    """``noted`` with the processes of ``scan`` added and those that have ended dropped."""
+    kept = {pid: start for pid, start in noted.items() if _same(pid, start)}
+    kept.update(scan)
+    return kept
+
+
 def _end(procs: dict[int, str], grace_s: float = 1.0) -> None:
     """SIGTERM each process still the one noted (same start time), SIGKILL those left after ``grace_s``."""
-    def same(pid: int, start: str) -> bool:
-        fields = _stat(pid)
-        return bool(fields) and fields[0] != "Z" and fields[19] == start
-
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid, start in procs.items():
-            if same(pid, start):
+            if _same(pid, start):
                 try:
                     os.kill(pid, sig)
                 except OSError:
                     pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(same(p, s) for p, s in procs.items()):
+        while time.monotonic() < deadline and any(_same(p, s) for p, s in procs.items()):
             time.sleep(0.05)
 
 
@@ -81,7 +93,7 @@ def _watch(driver: int, every_s: float = 1.0) -> None:
                 noted.pop(me, None)
                 _end(noted)
                 return
-        noted = descendants(driver)
+        noted = note(noted, descendants(driver))
 
 
 class Watchdog:
