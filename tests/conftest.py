@@ -18,6 +18,13 @@ from hypothesis import settings
 # every test passed), and it adds load. tests/test_metrics_export.py turns it on in its own child.
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
+# Under pytest-xdist each worker's Ray keeps to its own temp dir. A ray.init() without an address
+# joins the cluster recorded in the temp dir's ray_current_cluster (what `ray start` and
+# tests/test_cluster.py's cluster write), so with one shared dir a CLI run of one worker could join
+# the other worker's test cluster.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/bindstream-{os.environ['PYTEST_XDIST_WORKER']}")
+
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
