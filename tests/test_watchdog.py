@@ -61,7 +61,7 @@ _DRIVER = textwrap.dedent("""
     '''], stdout=subprocess.PIPE, text=True)
     agent = raylet.stdout.readline().strip()
     Watchdog.start()
-    time.sleep(2.5)  # the watchdog notes the tree at least twice
+    time.sleep(3.0)  # the watchdog notes the tree at least twice
     print(raylet.pid, agent, flush=True)
     time.sleep(60)
 """)
