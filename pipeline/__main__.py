@@ -6,7 +6,8 @@ unavailable or unreadable, 5 every stream ran but an output (a recording, the em
 could not be written, 6 no subscriber came within ``publish.wait_timeout_s`` (nothing published),
 130 interrupted (a replay stopped by Ctrl-C or SIGTERM before its end, or any run stopped at once
 by a second Ctrl-C); 3 wins over 130, 130 over 5. ``import-bag``: 0 session.yaml written, 2 the
-recording cannot be read, nothing in it maps, or DIR holds a session.
+recording cannot be read, nothing in it maps, or DIR holds a session. ``demo-session`` and
+``keys``: 0 written, 2 the folder cannot be written (``keys``: or key files exist there).
 """
 
 from __future__ import annotations
@@ -103,7 +104,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sources.demo import write_demo_session
 
-    path = write_demo_session(Path(args.dir), seconds=args.seconds, seed=args.seed, name=args.name)
+    try:
+        path = write_demo_session(Path(args.dir), seconds=args.seconds, seed=args.seed, name=args.name)
+    except OSError as exc:
+        print(f"error: demo-session: cannot write into {args.dir}: {exc.strerror or exc}; "
+              "pick a folder you can write", file=sys.stderr)
+        return 2
     print(path)
     return 0
 
@@ -118,6 +124,9 @@ def _cmd_import_bag(args: argparse.Namespace) -> int:
         path, written, skipped = import_bag(args.bag, args.out, name=args.name)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: import-bag: {exc.filename or args.bag}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(path)
     for line in written:

@@ -67,7 +67,11 @@ def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
         from sources.demo import write_demo_session
 
         log.info("writing the demo session to %s (first run)", cfg.demo_session)
-        write_demo_session(cfg.demo_session)
+        try:
+            write_demo_session(cfg.demo_session)
+        except OSError as exc:
+            raise ConfigError(f"config key 'demo_session': cannot write the demo session into {cfg.demo_session}: "
+                              f"{exc.strerror or exc}; point it at a folder you can write") from exc
     specs: list[SessionSpec] = []
     for entry in cfg.sessions:
         if isinstance(entry, Path):

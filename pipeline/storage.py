@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 import time
 import uuid
@@ -182,21 +184,45 @@ def add_store_args(sub: Any) -> None:
     p.add_argument("--server-key", type=Path, metavar="FILE", help="CurveZMQ: the publisher's public key file (server.key)")
     p.add_argument("--client-key", type=Path, metavar="FILE", help="CurveZMQ: this consumer's key pair file (NAME.key_secret)")
     p.add_argument("--sessions", type=int, default=None, metavar="N", help="stop after N sessions ended (default: never)")
-    p.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="stop after this many seconds without a message")
+    p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
+                   help="stop after this many seconds without a message (counted from the first message; the "
+                        "first is waited for without limit)")
     p.add_argument("--checkpoint", default="auto", help="the run's model.checkpoint, recorded for queries (default auto)")
     p.add_argument("--seed", type=int, default=0, help="the run's model.seed, for checkpoint none (default 0)")
     p.set_defaults(fn=_cmd_store)
+
+
+def _local_folder_problem(uri: str) -> str | None:
+    """Why the local store folder ``uri`` cannot be made or written, or ``None``. Object-storage
+    URIs are not checked here: their first write says."""
+    if "://" in uri:
+        return None
+    try:
+        Path(uri).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None if os.access(uri, os.W_OK) else "not writable"
+
+
+def _store_args_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the ``store`` command's arguments (checked before it connects), or ``None``."""
+    if args.sessions is not None and args.sessions < 1:
+        return f"--sessions: expected at least 1, got {args.sessions}"
+    if args.timeout_s is not None and not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
+        return f"--timeout: expected seconds > 0, got {args.timeout_s}"
+    if args.topic and not args.topic.startswith("emb/"):
+        return f"--topic {args.topic!r}: expected a prefix of embedding topics, emb/ or emb/SESSION/"
+    problem = _local_folder_problem(args.uri)
+    return f"--uri {args.uri}: cannot make or write the store folder: {problem}" if problem else None
 
 
 def _cmd_store(args: argparse.Namespace) -> int:
     from pipeline.subscribe import curve_client_from_args
 
     curve, error = curve_client_from_args(args)
+    error = error or _store_args_problem(args)
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.topic and not args.topic.startswith("emb/"):
-        print(f"error: --topic {args.topic!r}: expected a prefix of embedding topics, emb/ or emb/SESSION/", file=sys.stderr)
         return 2
     import zmq
 

@@ -159,7 +159,8 @@ def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p = subparsers.add_parser(
         "subscribe",
         help="print the messages of a bindstream publisher",
-        description="Connect to a bindstream publisher and print one line per message.",
+        description="Connect to a bindstream publisher and print one line per message. Exit codes: 0 stopped "
+                    "(--count reached, --timeout passed, or Ctrl-C), 2 a bad endpoint or key file.",
     )
     p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/bs.sock")
     p.add_argument("--topic", default="", metavar="PREFIX",
@@ -204,5 +205,5 @@ def run_subscribe(args: argparse.Namespace) -> int:
         return 0
     except zmq.ZMQError as exc:
         print(f"error: {args.endpoint}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0

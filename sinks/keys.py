@@ -180,7 +180,8 @@ def add_keys_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p = subparsers.add_parser(
         "keys",
         help="generate CurveZMQ key pairs for an encrypted, authenticated publisher",
-        description="Generate a server key pair and client key pairs (ZeroMQ certificate files).",
+        description="Generate a server key pair and client key pairs (ZeroMQ certificate files). Exit codes: "
+                    "0 written, 2 key files exist (without --force) or the folder cannot be written.",
     )
     p.add_argument("dir", type=Path, help="directory to write the keys into (created if missing)")
     p.add_argument("--client", action="append", dest="clients", metavar="NAME",
@@ -198,6 +199,10 @@ def run_keys(args: argparse.Namespace) -> int:
         written = generate_keys(args.dir, args.clients or ([] if adding else ["client"]), force=args.force)
     except (FileExistsError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: keys: cannot write key files into {args.dir}: {exc.strerror or exc}; pick a folder you can write",
+              file=sys.stderr)
         return 2
     d = Path(args.dir).resolve()
     if "server" in written:

@@ -57,3 +57,55 @@ def test_a_window_the_model_cannot_take_exits_2_naming_the_key_and_the_towers_va
     assert "'window.spans.audio.span'" in proc.stderr and "at most 2 s" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "sessions").exists(), "refused before anything ran"
+
+
+def _a_file(tmp_path: Path) -> Path:
+    """A plain file: no folder can be made below it, whoever runs the test (root included)."""
+    f = tmp_path / "a-file"
+    f.write_text("not a folder")
+    return f
+
+
+def test_demo_session_into_a_folder_that_cannot_be_made_exits_2_naming_it(tmp_path):
+    dest = _a_file(tmp_path) / "demo"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "demo-session", str(dest), "--seconds", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert str(dest) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_whose_demo_session_cannot_be_written_exits_2_naming_the_key(tmp_path):
+    dest = _a_file(tmp_path) / "demo-ego"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"sessions: [{dest}]\ndemo_session: {dest}\nmodel: {{config: imagebind_tiny, checkpoint: none}}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "'demo_session'" in proc.stderr and str(dest) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_import_bag_of_a_missing_file_exits_2_naming_it(tmp_path):
+    bag = tmp_path / "missing.bag"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "import-bag", str(bag), "--out", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert str(bag) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_subscribe_to_a_malformed_endpoint_exits_2_naming_it():
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "subscribe", "not-an-endpoint"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "not-an-endpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_store_command_refuses_a_store_folder_it_cannot_make_and_a_bad_count_before_connecting(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    endpoint = f"tcp://127.0.0.1:{_closed_port()}"  # nothing publishes there: a check after connecting would wait
+    for args, says in [(["--uri", str(tmp_path / "a-file" / "store")], str(tmp_path / "a-file" / "store")),
+                       (["--uri", str(tmp_path / "store"), "--sessions", "0"], "--sessions"),
+                       (["--uri", str(tmp_path / "store"), "--timeout", "-1"], "--timeout")]:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "store", endpoint, *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert says in proc.stderr and "Traceback" not in proc.stderr

@@ -89,6 +89,14 @@ def test_record_with_no_live_session_says_there_is_nothing_to_record(tmp_path: P
     assert not (tmp_path / "rec").exists()
 
 
+def test_keys_into_a_folder_that_cannot_be_made_exits_2_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")  # no folder below it, for root too
+    keys = tmp_path / "a-file" / "keys"
+    out = _main("keys", str(keys))
+    assert out.returncode == 2, out.stderr
+    assert str(keys) in out.stderr and "Traceback" not in out.stderr
+
+
 def test_keys_adds_a_subscriber_to_an_existing_server_and_prints_the_config_lines(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     assert _main("keys", str(keys)).returncode == 0
