@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from sinks.protocol import MODALITIES
 from sinks.store import EmbeddingStore, StoreError
 
 __all__ = ["Moment", "QueryError", "Store", "add_search_args", "merge_moments"]
@@ -277,7 +278,8 @@ def add_search_args(sub: Any) -> None:
     q.add_argument("--image", metavar="FILE", help="an image file (its vision embedding)")
     q.add_argument("--audio", metavar="FILE", help="an audio file (its first 2 s)")
     q.add_argument("--video", metavar="FILE", help="a video file (frames of its first 2 s)")
-    p.add_argument("--modality", action="append", default=[], metavar="M", help="only rows of this modality (repeatable)")
+    p.add_argument("--modality", action="append", default=[], choices=MODALITIES, metavar="M",
+                   help=f"only rows of this modality (repeatable; one of {', '.join(MODALITIES)})")
     p.add_argument("--session", action="append", default=[], metavar="S", help="only rows of this session (repeatable)")
     p.add_argument("--between", nargs=2, type=float, metavar=("T0", "T1"), help="only windows overlapping T0..T1 (session clock s)")
     p.add_argument("-k", type=int, default=10, help="moments to print (default 10)")

@@ -30,7 +30,7 @@ from pipeline.session_triggers import TriggerSetup
 from pipeline.trigger_config import PROMPT_KEYS, build_triggers
 from pipeline.trigger_setup import load_prompts, prompt_setup
 from pipeline.triggers import SCORES, TriggerEvaluator, TriggerEvent
-from sinks.protocol import EmbeddingRecord
+from sinks.protocol import MODALITIES, EmbeddingRecord
 from sinks.store import EMBEDDINGS, EmbeddingStore, StoreError, where_clause
 from sources.errors import ConfigError
 
@@ -197,8 +197,8 @@ def add_trigger_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-duration", type=float, metavar="S", help="stream seconds the score must hold (default 0)")
     p.add_argument("--cooldown", type=float, metavar="S", help="stream seconds between events (default 0)")
     p.add_argument("--score", choices=SCORES, help="cosine (default) or calibrated (docs/triggers.md)")
-    p.add_argument("--modality", action="append", default=[], metavar="M", help="only windows of this modality "
-                                                                                 "(repeatable)")
+    p.add_argument("--modality", action="append", default=[], choices=MODALITIES, metavar="M",
+                   help=f"only windows of this modality (repeatable; one of {', '.join(MODALITIES)})")
     p.add_argument("--model", help="the model whose rows to read, where the store holds several")
 
 

@@ -67,6 +67,9 @@ class TriggerConfig(_Section):
             raise ConfigError(f"{where}: expected exactly one prompt ({', '.join(PROMPT_KEYS)}), got {what}")
         if self.text is not None and not self.text.strip():
             raise ConfigError(f"{where}: text: expected a sentence, got an empty string")
+        if self.on > 1.0:
+            raise ConfigError(f"{where}: on ({self.on:g}) is above 1, the highest {self.score} score: "
+                              "the trigger would never fire")
         if self.off > self.on:
             raise ConfigError(f"{where}: off ({self.off:g}) must not be above on ({self.on:g}): "
                               "an event ends below off, so off <= on")

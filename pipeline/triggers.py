@@ -50,6 +50,11 @@ class TriggerRule:
     temperature: float = 0.05
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.on) and math.isfinite(self.off)):
+            raise ValueError(f"trigger '{self.name}': on and off must be finite, got on={self.on}, off={self.off}")
+        if self.on > 1.0:
+            raise ValueError(f"trigger '{self.name}': on ({self.on}) is above 1, the highest {self.score} score, "
+                             "so it would never fire")
         if not self.off <= self.on:
             raise ValueError(f"trigger '{self.name}': off ({self.off}) must be <= on ({self.on})")
         if self.min_duration_s < 0 or self.cooldown_s < 0:

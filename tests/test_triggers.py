@@ -164,6 +164,15 @@ def test_a_rule_with_off_above_on_is_refused_naming_the_trigger() -> None:
         TriggerRule("x", on=0.2, off=0.3)
 
 
+@pytest.mark.parametrize("score", ["cosine", "calibrated"])
+def test_an_on_no_score_can_reach_or_not_finite_is_refused_naming_the_trigger(score: str) -> None:
+    with pytest.raises(ValueError, match="trigger 'x'.*above 1.*never fire"):
+        TriggerRule("x", on=1.5, off=0.3, score=score)
+    with pytest.raises(ValueError, match="trigger 'x'.*finite"):
+        TriggerRule("x", on=0.5, off=float("-inf"), score=score)
+    assert TriggerRule("x", on=1.0, off=0.9, score=score).on == 1.0  # a perfect match still fires
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_any_batching_gives_the_same_events(seed: int) -> None:
     rng = np.random.default_rng(seed)
