@@ -33,7 +33,7 @@ from sources.yamlfile import load_yaml, read_yaml_file, short
 
 __all__ = ["RunConfig", "ReplayConfig", "WindowConfig", "ModelConfig", "EncodersConfig", "SourcesConfig",
            "PublishConfig", "CurveConfig", "RayConfig", "LiveConfig", "StoreConfig", "InlineSession", "load_config",
-           "parse_config", "apply_overrides", "DEFAULTS"]
+           "parse_config", "apply_overrides", "tcp_port_problem", "DEFAULTS"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHED_POLICIES = ("drop_oldest", "subsample")
@@ -211,6 +211,22 @@ class PublishConfig(_Section):
         if "://" not in self.endpoint:
             raise ConfigError("config key 'publish.endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5555, "
                               f"got {short(self.endpoint)}")
+        problem = tcp_port_problem(self.endpoint)
+        if problem:
+            raise ConfigError(f"config key 'publish.endpoint': {problem}")
+
+
+def tcp_port_problem(endpoint: str, *, bind: bool = True) -> str | None:
+    """What is wrong with a ``tcp://`` endpoint's port, or ``None`` (other transports: ``None``).
+    ZeroMQ itself would take port 99999 as 34463 (modulo 65536), so the port is checked here.
+    ``bind``: the endpoint is bound, where ``*`` (any free port) is a port too."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    _, sep, port = endpoint[len("tcp://"):].rpartition(":")
+    if sep and ((bind and port == "*") or (port.isdigit() and 1 <= int(port) <= 65535)):
+        return None
+    return (f"{short(endpoint)}: expected a port from 1 to 65535" + (" (or * for any free port)" if bind else "")
+            + " after the last ':'")
 
 
 _RESOURCES = "Ray custom resources (e.g. {camera_node: 1}) "

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, tcp_port_problem
 
 __all__ = ["add_store_args", "consume", "store_lost", "store_options", "store_results"]
 
@@ -206,6 +206,9 @@ def _local_folder_problem(uri: str) -> str | None:
 
 def _store_args_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the ``store`` command's arguments (checked before it connects), or ``None``."""
+    port_problem = tcp_port_problem(args.endpoint, bind=False)
+    if port_problem:
+        return port_problem
     if args.sessions is not None and args.sessions < 1:
         return f"--sessions: expected at least 1, got {args.sessions}"
     if args.timeout_s is not None and not (math.isfinite(args.timeout_s) and args.timeout_s > 0):

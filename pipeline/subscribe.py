@@ -194,7 +194,10 @@ def curve_client_from_args(args: argparse.Namespace) -> tuple[CurveClientConfig 
 
 def run_subscribe(args: argparse.Namespace) -> int:
     """Run ``subscribe`` from parsed arguments. Returns the exit code."""
+    from pipeline.config import tcp_port_problem
+
     curve, error = curve_client_from_args(args)
+    error = error or tcp_port_problem(args.endpoint, bind=False)
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 2

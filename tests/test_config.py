@@ -121,6 +121,9 @@ def test_docs_list_every_key_with_its_default():
         ({"sessions": ["x"], "model": {"precision": "int4"}}, "'model.precision'"),
         ({"sessions": ["x"], "model": {"device": "tpu"}}, "'model.device'"),
         ({"sessions": ["x"], "publish": {"endpoint": "localhost"}}, "'publish.endpoint'"),
+        ({"sessions": ["x"], "publish": {"endpoint": "tcp://127.0.0.1:99999"}},
+         "'publish.endpoint': 'tcp://127.0.0.1:99999': expected a port from 1 to 65535 (or * for any free port)"),
+        ({"sessions": ["x"], "publish": {"endpoint": "tcp://127.0.0.1"}}, "'publish.endpoint'"),
         ({"sessions": ["x"], "replay": {"rate": True}}, "'replay.rate'"),
         ({"sessions": []}, "at least one session"),
         ({"sessions": ["x"], "bogus": 1}, "unknown config key 'bogus'"),
@@ -298,3 +301,9 @@ def test_missing_session_folder_error_names_where_it_looked(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="session file not found") as err:
         prepare_sessions(cfg)
     assert str(tmp_path / "configs" / "nowhere") in str(err.value)
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5555", "tcp://127.0.0.1:*", "tcp://[::1]:1", "tcp://eth0:65535",
+                                      "ipc:///tmp/bs.sock"])
+def test_endpoints_zeromq_binds_as_written_pass(endpoint):
+    assert parse_config({"sessions": ["x"], "publish": {"endpoint": endpoint}}).publish.endpoint == endpoint
