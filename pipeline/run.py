@@ -162,11 +162,31 @@ def ray_init_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return kwargs
 
 
+def cluster_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why nothing answers at ``ray.address`` when it names a ``host:port`` (plain or
+    ``ray://``), or ``None``. Ray itself would retry such an address for minutes; ``auto`` is
+    left to Ray."""
+    import socket
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return (f"config key 'ray.address': nothing answers at {address} ({exc.strerror or exc}); start the "
+                "cluster's head there (`ray start --head`) or leave ray.address unset to start Ray on this machine")
+    return None
+
+
 def _ray_init(cfg: RunConfig) -> bool:
     import ray
 
     if ray.is_initialized():
         return False
+    problem = cluster_unreachable(cfg.ray.address) if cfg.ray.address else None
+    if problem:
+        raise ConfigError(problem)
     ray.init(**ray_init_kwargs(cfg))
     return True
 

@@ -109,3 +109,25 @@ def test_store_command_refuses_a_store_folder_it_cannot_make_and_a_bad_count_bef
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
         assert says in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_subscribe_to_a_port_beyond_65535_exits_2_instead_of_connecting_to_it_modulo_65536():
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "subscribe", "tcp://127.0.0.1:99999"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "expected a port from 1 to 65535" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_joining_a_cluster_that_does_not_answer_exits_2_naming_the_key(tmp_path):
+    from sources.demo import write_demo_session
+
+    session = write_demo_session(tmp_path / "demo-ego", seconds=2.0)
+    config = tmp_path / "run.yaml"
+    address = f"127.0.0.1:{_closed_port()}"
+    config.write_text(f"sessions: [{session}]\nmodel: {{config: imagebind_tiny, checkpoint: none}}\n"
+                      f"ray: {{address: '{address}'}}\n")
+    # Ray itself would retry the address for minutes; the timeout is what a user would wait.
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    assert "'ray.address'" in proc.stderr and address in proc.stderr and "Traceback" not in proc.stderr
