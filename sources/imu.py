@@ -11,7 +11,7 @@ import numpy as np
 
 from sources.errors import SourceError
 from sources.lines import MAX_LINE_CHARS, bounded_lines
-from sources.session import IMU_ROLES, StreamSpec
+from sources.session import IMU_ROLES, StreamSpec, imu_cell, imu_csv_rows
 from sources._common import _chunked, _Chunker, _Drops, _file_to_session, open_file
 from sources.base import Chunk
 
@@ -28,10 +28,11 @@ class ImuCsvSource:
 
     Rows not matching ``spec.where`` are skipped silently (they hold other sensors); rows that
     are short, non-numeric or non-finite are dropped, counted in ``dropped`` by reason and
-    logged with their line number. A line longer than :data:`sources.lines.MAX_LINE_CHARS`
-    (64 Ki characters) is read past without being held and dropped as ``line_too_long``.
-    A missing column is a :class:`SourceError` raised before
-    any chunk is emitted.
+    logged with their line number. CSV quoting is off (:func:`sources.session.imu_csv_rows`):
+    a stray ``"`` makes its row non-numeric and costs no other row. A line longer than
+    :data:`sources.lines.MAX_LINE_CHARS` (64 Ki characters) is read past without being held and
+    dropped as ``line_too_long``. A missing column is a :class:`SourceError` raised before any
+    chunk is emitted.
     """
 
     def __init__(self, spec: StreamSpec, *, chunk_seconds: float = 1.0) -> None:
@@ -56,12 +57,12 @@ class ImuCsvSource:
             # utf-8-sig: spreadsheet exports start with a BOM that would glue onto the first
             # column name; undecodable bytes become U+FFFD and fail as non-numeric rows.
             with open_file(spec, spec.source, "r", newline="", encoding="utf-8-sig", errors="replace") as f:
-                reader = csv.reader(bounded_lines(f, lambda n: drops.drop(
+                reader = imu_csv_rows(bounded_lines(f, lambda n: drops.drop(
                     "line_too_long", f"line {n} of {spec.source.name} (over {MAX_LINE_CHARS} characters)")))
                 header = next(reader, None)
                 if header is None:
                     raise SourceError(f"{spec.label}: {spec.rel(spec.source)} is empty (expected a header row)")
-                names = [h.strip() for h in header]
+                names = [imu_cell(h) for h in header]
                 cols = dict(spec.columns or ())
                 idx = [self._index(names, cols[r], f"columns.{r}") for r in IMU_ROLES]
                 where = [(self._index(names, c, f"where.{c}"), v.strip()) for c, v in spec.where]
@@ -73,10 +74,10 @@ class ImuCsvSource:
                     if len(row) < need:
                         drops.drop("short_row", f"line {line} of {spec.source.name} ({len(row)} fields, need {need})")
                         continue
-                    if any(row[i].strip() != v for i, v in where):
+                    if any(imu_cell(row[i]) != v for i, v in where):
                         continue
                     try:
-                        vals = [float(row[i]) for i in idx]
+                        vals = [float(imu_cell(row[i])) for i in idx]
                     except ValueError:
                         drops.drop("non_numeric", f"line {line} of {spec.source.name}")
                         continue

@@ -12,11 +12,12 @@ and raise :class:`~sources.errors.SourceError` for problems only visible in the 
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 
 from sources.bagspec import bag_keys, is_bag_stream, parse_bag_stream
@@ -30,6 +31,8 @@ __all__ = [
     "NAME_PATTERN",
     "IMU_ROLES",
     "IMU_PRESETS",
+    "imu_csv_rows",
+    "imu_cell",
     "TIME_UNITS",
     "StreamSpec",
     "SessionSpec",
@@ -444,17 +447,31 @@ def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root
                       live=kind, clock=clock, options=tuple(sorted(options.opts.items())))
 
 
+def imu_csv_rows(lines: Iterable[str]) -> Iterator[list[str]]:
+    """The fields of each line of an IMU CSV, with CSV quoting off: the files are numeric, so a
+    stray ``"`` stays in its field (a bad value in one row) instead of opening a quoted field
+    that would swallow the lines after it. Read cells through :func:`imu_cell`."""
+    return csv.reader(lines, quoting=csv.QUOTE_NONE)
+
+
+def imu_cell(cell: str) -> str:
+    """A field of :func:`imu_csv_rows` without surrounding blanks and without one pair of
+    surrounding double quotes (spreadsheet exports quote header names)."""
+    cell = cell.strip()
+    if len(cell) >= 2 and cell[0] == cell[-1] == '"':
+        cell = cell[1:-1].strip()
+    return cell
+
+
 def _check_imu_header(source: Path, needed: list[str], at: str) -> None:
     """Every column the stream names (``columns``, ``where``) is in the CSV's header row, read
     here (its first 64 KiB at most) so that a typo is a config error before anything starts."""
-    import csv
-
     try:
         with open(source, newline="", encoding="utf-8-sig", errors="replace") as f:
             first = f.readline(64 * 1024)
     except OSError as e:
         raise ConfigError(f"{at}: key 'source': cannot read {source}: {e}") from None
-    names = [h.strip() for h in next(csv.reader([first]), [])]
+    names = [imu_cell(h) for h in next(imu_csv_rows([first]), [])]
     missing = [c for c in needed if c not in names]
     if missing:
         has = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "no header row"
