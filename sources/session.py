@@ -463,19 +463,29 @@ def imu_cell(cell: str) -> str:
     return cell
 
 
+_HEADER_NAMES_SHOWN = 20
+_HEADER_NAME_CHARS = 40
+
+
 def _check_imu_header(source: Path, needed: list[str], at: str) -> None:
     """Every column the stream names (``columns``, ``where``) is in the CSV's header row, read
-    here (its first 64 KiB at most) so that a typo is a config error before anything starts."""
+    here (its first 64 KiB at most) so that a typo is a config error before anything starts.
+    The message shows at most 20 of the file's names, each as it is when printable and at most
+    40 characters, else quoted, escaped and cut by :func:`~sources.yamlfile.short`: the first
+    line may be binary or one huge line."""
     try:
         with open(source, newline="", encoding="utf-8-sig", errors="replace") as f:
             first = f.readline(64 * 1024)
     except OSError as e:
-        raise ConfigError(f"{at}: key 'source': cannot read {source}: {e}") from None
+        raise ConfigError(f"{at}: key 'source': cannot read {source}: {e.strerror or e}") from None
     names = [imu_cell(h) for h in next(imu_csv_rows([first]), [])]
     missing = [c for c in needed if c not in names]
     if missing:
-        has = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "no header row"
-        cols = ", ".join(repr(c) for c in missing)
+        shown = [n if n.isprintable() and len(n) <= _HEADER_NAME_CHARS else short(n, _HEADER_NAME_CHARS)
+                 for n in names[:_HEADER_NAMES_SHOWN]]
+        more = f", ... ({len(names)} columns)" if len(names) > _HEADER_NAMES_SHOWN else ""
+        has = ", ".join(shown) + more if names else "no header row"
+        cols = ", ".join(short(c) for c in missing[:_HEADER_NAMES_SHOWN])
         raise ConfigError(f"{at}: column{'s' if len(missing) > 1 else ''} {cols} missing in {source}; the file has: {has}")
 
 

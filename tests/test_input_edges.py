@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from sources.errors import ConfigError
 from sources.replay import open_source
 from sources.session import FORMAT, load_session
 
@@ -49,3 +50,13 @@ def test_quoted_header_names_and_quoted_numbers_still_read(tmp_path):
     s = _session(tmp_path, [IMU], {"imu.csv": '"t","ax","ay","az","gx","gy","gz"\n"0",1,2,3,4,5,6\n10,1,2,3,4,5,"6"\n'})
     chunks = list(open_source(s.stream("imu")))
     assert np.concatenate([c.t for c in chunks]).tolist() == pytest.approx([0.0, 0.01])
+
+
+def test_a_binary_or_huge_header_row_is_quoted_escaped_and_bounded_in_the_config_error(tmp_path):
+    header = "\x00\x1b[31mred," + "x" * 60_000 + "," + ",".join(f"c{i}" for i in range(50)) + "\n"
+    with pytest.raises(ConfigError) as e:
+        _session(tmp_path, [IMU], {"imu.csv": header + "0,1,2,3,4,5,6\n"})
+    msg = str(e.value)
+    assert len(msg) < 2000, len(msg)
+    assert "\x00" not in msg and "\x1b" not in msg and "\\x00" in msg
+    assert "stream 'imu'" in msg and "imu.csv" in msg and "(52 columns)" in msg
