@@ -21,15 +21,17 @@ logger = logging.getLogger("sources")
 
 STANDARD_GRAVITY = 9.80665  # m/s^2 per g
 _DEG = math.pi / 180.0
+_F32_MAX = float(np.finfo(np.float32).max)  # a converted value beyond it would become inf
 
 
 class ImuCsvSource:
     """Rows of an IMU CSV as float32 ``[N, 6]`` (ax, ay, az m/s^2; gx, gy, gz rad/s).
 
     Rows not matching ``spec.where`` are skipped silently (they hold other sensors); rows that
-    are short, non-numeric or non-finite are dropped, counted in ``dropped`` by reason and
-    logged with their line number. CSV quoting is off (:func:`sources.session.imu_csv_rows`):
-    a stray ``"`` makes its row non-numeric and costs no other row. A line longer than
+    are short, non-numeric or non-finite (NaN, inf, or a value beyond float32's range once
+    converted to m/s^2, rad/s) are dropped, counted in ``dropped`` by reason and logged with
+    their line number. CSV quoting is off (:func:`sources.session.imu_csv_rows`): a stray
+    ``"`` makes its row non-numeric and costs no other row. A line longer than
     :data:`sources.lines.MAX_LINE_CHARS` (64 Ki characters) is read past without being held and
     dropped as ``line_too_long``. A missing column is a :class:`SourceError` raised before any
     chunk is emitted.
@@ -81,10 +83,11 @@ class ImuCsvSource:
                     except ValueError:
                         drops.drop("non_numeric", f"line {line} of {spec.source.name}")
                         continue
-                    if not all(map(math.isfinite, vals)):
+                    sample = [v * s for v, s in zip(vals[1:], scales)]
+                    if not (math.isfinite(vals[0]) and all(abs(v) <= _F32_MAX for v in sample)):
                         drops.drop("non_finite", f"line {line} of {spec.source.name}")
                         continue
-                    yield to_session(vals[0]), [v * s for v, s in zip(vals[1:], scales)]
+                    yield to_session(vals[0]), sample
         except csv.Error as e:
             raise SourceError(f"{spec.label}: malformed CSV in {spec.rel(spec.source)} near line {reader.line_num}: "
                               f"{e}") from e

@@ -4,6 +4,7 @@ message naming the session, stream and file, never a silent loss, a leaked warni
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,12 @@ def test_a_binary_or_huge_header_row_is_quoted_escaped_and_bounded_in_the_config
     assert len(msg) < 2000, len(msg)
     assert "\x00" not in msg and "\x1b" not in msg and "\\x00" in msg
     assert "stream 'imu'" in msg and "imu.csv" in msg and "(52 columns)" in msg
+
+
+def test_an_imu_value_beyond_float32_is_a_dropped_row_without_a_warning(tmp_path):
+    rows = ["0,1,2,3,4,5,6", "10,1e39,2,3,4,5,6", "20,1,2,3e38,4,5,6", "30,1,2,3,4,5,6"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning (overflow in cast) fails the test
+        src, t, data = _imu(tmp_path, rows, accel_unit="g")  # 3e38 g is beyond float32 in m/s^2
+    assert t.tolist() == pytest.approx([0.0, 0.03]) and np.isfinite(data).all()
+    assert src.dropped == {"non_finite": 2}
