@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.search import Store
+from pipeline.search import QueryError, Store
 from pipeline.session_triggers import MAX_THUMBS, TimelineTrace, TriggerSetup, jpeg_thumbnail
 from pipeline.store_triggers import (add_trigger_flags, evaluate, run_command, session_records, store_setup,
                                      trigger_config, wanted_sessions)
@@ -124,8 +124,9 @@ def add_timeline_args(sub: Any) -> None:
     p = sub.add_parser("timeline", help="write a stored session's timeline page (one self-contained HTML file)",
                        description="Lanes per modality with each trigger's score, event spans, captions and "
                                    "thumbnails, from the store. Without a trigger: the events the run stored. "
-                                   "Exit codes: 0 written, 2 bad trigger, session or store, 4 model weights "
-                                   "unavailable, 5 the page cannot be written.")
+                                   "Exit codes: 0 written, 2 bad trigger, session, store or --out (empty, a "
+                                   "folder, or below a file), 4 model weights unavailable, 5 the page cannot be "
+                                   "written (nothing is left behind).")
     p.add_argument("uri", help="the store (store.uri of the run)")
     p.add_argument("--session", required=True, metavar="S", help="the session to draw")
     add_trigger_flags(p)
@@ -136,8 +137,11 @@ def add_timeline_args(sub: Any) -> None:
 def _cmd_timeline(args: argparse.Namespace) -> int:
     import sys
 
-    from sinks.timeline import write_timeline_html
+    from sinks.timeline import page_path_problem, write_timeline_html
 
+    problem = page_path_problem(args.out)
+    if problem is not None:
+        raise QueryError(f"--out {args.out!r}: {problem}")
     cfg = trigger_config(args)
     store = Store(args.uri)
     model = store.model_row(args.model)["model"]

@@ -158,9 +158,12 @@ def _mean_unit(rows: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-def write_timeline(path: Path | None, aligners: list[Any], specs: list[Any]) -> list[Path]:
+def write_timeline(path: Path | None, aligners: list[Any], specs: list[Any],
+                   summaries: list[dict[str, Any]] | None = None) -> list[Path]:
     """Each session's timeline page at ``path`` (none when ``path`` is ``None``); returns the files written.
-    A session whose actor is gone (its process died) is skipped with a warning."""
+    A session whose actor is gone (its process died) is skipped with a warning. A page that cannot
+    be written (a folder in the way, a full disk) is logged as an error naming the file and, where
+    ``summaries`` are given, is that session summary's ``timeline_error``; the run goes on."""
     if path is None:
         return []
     import ray
@@ -175,7 +178,24 @@ def write_timeline(path: Path | None, aligners: list[Any], specs: list[Any]) -> 
         except Exception as exc:  # the session's process died: its summary already says so
             log.warning("session '%s': no timeline: %s", spec.name, str(exc).splitlines()[0])
             continue
-        if data is not None:
+        if data is None:
+            continue
+        try:
             written.append(write_timeline_html(target, data))
-            log.info("session '%s': timeline written to %s", spec.name, target)
+        except OSError as exc:
+            _timeline_failed(spec.name, target, exc, summaries)
+            continue
+        log.info("session '%s': timeline written to %s", spec.name, target)
     return written
+
+
+def _timeline_failed(session: str, target: Path, exc: OSError, summaries: list[dict[str, Any]] | None) -> None:
+    """Log, and put in ``session``'s summary, why its timeline page could not be written."""
+    why = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(target) else ""
+    message = (f"config key 'timeline': the timeline page {target} cannot be written: {why}{where}; "
+               "set timeline to an HTML file in a folder you can write")
+    log.error("session '%s': %s", session, message)
+    summary = next((s for s in summaries or [] if s.get("session") == session), None)
+    if summary is not None:
+        summary["timeline_error"] = message

@@ -12,6 +12,8 @@ package, inlined with the data; thumbnails are base64 JPEGs inside the data. The
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import html
 import json
 from functools import lru_cache
@@ -19,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["render_timeline", "write_timeline_html", "plotly_js"]
+__all__ = ["render_timeline", "write_timeline_html", "page_path_problem", "plotly_js"]
 
 MODALITY_ORDER = ("vision", "audio", "imu", "depth", "thermal", "text")
 
@@ -152,11 +154,38 @@ def render_timeline(data: Mapping[str, Any]) -> str:
             f"{_SCRIPT}</script>\n</body></html>\n")
 
 
+def page_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot take the timeline page, or ``None``: it is empty, a folder, or below a
+    file (no folder can be made there). Whether the folder is writable only the write says."""
+    if not str(path).strip():
+        return "empty, expected the HTML file to write, e.g. timeline.html"
+    p = Path(path)
+    if not p.name or p.is_dir():
+        return f"is a folder, expected the HTML file to write, e.g. {p / 'timeline.html'}"
+    for parent in p.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, so no folder can be made there"
+    return None
+
+
 def write_timeline_html(path: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write the timeline page of ``data`` to ``path`` (folders created); returns the path."""
+    """Write the timeline page of ``data`` to ``path`` (folders created); returns the path.
+
+    The page goes to a hidden temporary file beside ``path`` first and is moved onto it once
+    complete; on any failure (a full disk, a folder in the way) the temporary file is removed and
+    the :class:`OSError` raised. A folder as ``path`` is refused (:class:`IsADirectoryError`)
+    before anything is written."""
     path = Path(path)
+    if not path.name or path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, page_path_problem(path), str(path))
+    page = render_timeline(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_timeline(data), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     return path
