@@ -1,13 +1,14 @@
 """bindstream's command line: ``bindstream COMMAND`` or ``python -m pipeline COMMAND``.
 
 Exit codes of ``run`` and ``record``: 0 every stream ended cleanly, 2 configuration error
-(nothing started), 3 some stream failed (the others ran to the end), 4 model weights
-unavailable or unreadable, 5 every stream ran but an output (a recording, the embedding store)
-could not be written, 6 no subscriber came within ``publish.wait_timeout_s`` (nothing published),
-130 interrupted (a replay stopped by Ctrl-C or SIGTERM before its end, or any run stopped at once
-by a second Ctrl-C); 3 wins over 130, 130 over 5. ``import-bag``: 0 session.yaml written, 2 the
-recording cannot be read, nothing in it maps, or DIR holds a session. ``demo-session`` and
-``keys``: 0 written, 2 the folder cannot be written (``keys``: or key files exist there).
+(nothing started), 3 some stream failed (the others ran to the end), 4 model weights unavailable
+or unreadable, 5 every stream ran but an output (a recording, the embedding store, the timeline
+page) could not be written, 6 no subscriber came within ``publish.wait_timeout_s`` (nothing
+published), 130 interrupted (a replay stopped by Ctrl-C or SIGTERM before its end, or any run
+stopped at once by a second Ctrl-C); 3 wins over 130, 130 over 5. ``import-bag``: 0 session.yaml
+written, 2 the recording cannot be read, nothing in it maps, or DIR holds a session.
+``demo-session`` and ``keys``: 0 written, 2 the folder cannot be written (``keys``: or key files
+exist there).
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=_prog(), description="Streaming multimodal ImageBind embeddings: sessions in, ZeroMQ out.",
         epilog="Exit codes: 0 clean, 2 configuration error, 3 a stream failed, 4 weights unavailable, "
-               "5 an output (recording, store) failed, 6 no subscriber in time, 130 interrupted. "
+               "5 an output (recording, store, timeline) failed, 6 no subscriber in time, 130 interrupted. "
                "Docs: README.md and docs/.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -58,7 +58,8 @@ class RunResult:
             return EXIT_STREAM_FAILED
         if any(s.get("interrupted") for s in self.sessions):
             return EXIT_INTERRUPTED
-        return EXIT_OUTPUT_FAILED if any(s.get("recording_error") or s.get("store_error") for s in self.sessions) else EXIT_OK
+        outputs = ("recording_error", "store_error", "timeline_error")
+        return EXIT_OUTPUT_FAILED if any(s.get(k) for s in self.sessions for k in outputs) else EXIT_OK
 
 
 def prepare_sessions(cfg: RunConfig) -> list[SessionSpec]:
@@ -240,7 +241,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
         summaries = wait_sessions(done_refs, aligners, specs, progress, watch=watch,
                           stop_after=cfg.stop_after if live else None, publisher=publisher)
         watch.poll(final=True)
-        write_timeline(cfg.timeline, aligners, specs)
+        write_timeline(cfg.timeline, aligners, specs, summaries)
         if live:
             _write_recordings(live, specs, watch.results, summaries)
         enc_stats = ray.get([e.stats.remote() for e in encoders])

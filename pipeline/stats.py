@@ -66,6 +66,7 @@ class SessionResult:
     recording_error: str | None = None  # the recording could not be written: why, and where its files are
     store: dict[str, Any] | None = None  # with store.uri: uri, rows written, not_written, pending, tables, error
     store_error: str | None = None  # the store failed or rows were not written: why, and how many
+    timeline_error: str | None = None  # the timeline page (``timeline: FILE``) could not be written: why, and where
     triggers: dict[str, dict[str, float]] = field(default_factory=dict)  # trigger -> events, duration_s (stream s)
     interrupted: bool = False  # a replay stopped (Ctrl-C, SIGTERM) before its streams' end
 
@@ -95,6 +96,8 @@ class SessionResult:
             out["store"] = dict(self.store)
         if self.store_error is not None:
             out["store_error"] = self.store_error
+        if self.timeline_error is not None:
+            out["timeline_error"] = self.timeline_error
         if self.triggers:
             out["triggers"] = {k: dict(v) for k, v in self.triggers.items()}
         if self.interrupted:
@@ -111,7 +114,7 @@ class SessionResult:
                    encode_retries=int(d.get("encode_retries") or 0),
                    publisher_restarts=int(d.get("publisher_restarts") or 0), publisher_error=publisher_error,
                    stages=dict(d.get("stages") or {}), recording=d.get("recording"), recording_error=d.get("recording_error"),
-                   store=d.get("store"), store_error=d.get("store_error"),
+                   store=d.get("store"), store_error=d.get("store_error"), timeline_error=d.get("timeline_error"),
                    triggers=dict(d.get("triggers") or {}),
                    interrupted=bool(d.get("interrupted")))
 
@@ -138,6 +141,8 @@ class SessionResult:
             tables = ", ".join(f"{t} {c.get('rows', 0)}" for t, c in sorted((self.store.get("tables") or {}).items()))
             out.append(f"    stored {self.store.get('rows', 0)} rows in {self.store.get('uri')}"
                        + (f" (and {tables})" if tables else ""))
+        if self.timeline_error:
+            out.append(f"    TIMELINE FAILED: {self.timeline_error}")
         if self.triggers:
             out.append("    triggers: " + ", ".join(f"{k} {v['events']} event(s), {v['duration_s']:.1f} s"
                                                     for k, v in sorted(self.triggers.items())))
