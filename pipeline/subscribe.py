@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import socket
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,7 +23,8 @@ import zmq
 from sinks.keys import CurveClientConfig
 from sinks.protocol import MAX_PAYLOAD_BYTES, Message, ProtocolError, decode, embedding_array
 
-__all__ = ["subscribe", "format_message", "add_subscribe_args", "run_subscribe", "curve_client_from_args"]
+__all__ = ["subscribe", "format_message", "add_subscribe_args", "run_subscribe", "curve_client_from_args",
+           "endpoint_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +162,8 @@ def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "subscribe",
         help="print the messages of a bindstream publisher",
         description="Connect to a bindstream publisher and print one line per message. Exit codes: 0 stopped "
-                    "(--count reached, --timeout passed, or Ctrl-C), 2 a bad endpoint or key file.",
+                    "(--count reached, --timeout passed, or Ctrl-C), 2 a bad endpoint (malformed, a host that does not "
+                    "resolve, an ipc:// path whose folder does not exist), key file, --count or --timeout.",
     )
     p.add_argument("endpoint", help="publisher endpoint, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/bs.sock")
     p.add_argument("--topic", default="", metavar="PREFIX",
@@ -171,12 +174,64 @@ def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="CurveZMQ: the publisher's public key file (server.key)")
     p.add_argument("--client-key", type=Path, metavar="FILE",
                    help="CurveZMQ: this subscriber's key pair file (NAME.key_secret)")
-    p.add_argument("--count", type=int, default=None, help="stop after this many messages")
-    p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
-                   help="stop after this many seconds without a message (counted from the first message; "
-                        "the first is waited for without limit)")
+    p.add_argument("--count", type=_positive_count, default=None, help="stop after this many messages (1 or more)")
+    p.add_argument("--timeout", type=_timeout_seconds, default=None, dest="timeout_s", metavar="S",
+                   help="stop after S seconds without a message (a finite number, 0 or more; counted from the "
+                        "first message, which is waited for without limit)")
     p.set_defaults(fn=run_subscribe)
     return p
+
+
+def _positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of messages, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more messages, got {text!r}")
+    return value
+
+
+def _timeout_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, 0 or more, got {text!r} "
+                                         "(leave --timeout out to wait without limit)")
+    return value
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why connecting to ``endpoint`` would wait forever, or ``None``: a ``tcp://`` host that does
+    not resolve, an ``ipc://`` path whose folder does not exist. ZeroMQ's connect never fails on
+    these; it retries in the background, so a subscriber would wait in silence."""
+    if endpoint.startswith("tcp://"):
+        # tcp://[SOURCE;]HOST:PORT; an IPv6 host is written in brackets.
+        host, _, port = endpoint[len("tcp://"):].rpartition(";")[2].rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            why = exc.strerror if isinstance(exc, socket.gaierror) else exc
+            return f"{endpoint}: host {host!r} does not resolve ({why}); check the host name, or give the publisher's IP address"
+        return None
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):  # '@': Linux abstract namespace
+        folder = Path(endpoint[len("ipc://"):]).parent
+        if not folder.is_dir():
+            return (f"{endpoint}: folder {folder} does not exist, so no publisher can bind there; "
+                    "give the path the publisher binds (its publish.endpoint)")
+    return None
+
+
+def _key_file_problem(args: argparse.Namespace) -> str | None:
+    for flag, path in (("--server-key", args.server_key), ("--client-key", args.client_key)):
+        if path is not None and path.is_dir():
+            return (f"{flag} {path} is a folder, expected a file (" +
+                    ("the publisher's public key, server.key" if flag == "--server-key" else
+                     "this subscriber's key pair, NAME.key_secret") + ", as `keys` writes them)")
+    return None
 
 
 def curve_client_from_args(args: argparse.Namespace) -> tuple[CurveClientConfig | None, str | None]:
@@ -186,6 +241,9 @@ def curve_client_from_args(args: argparse.Namespace) -> tuple[CurveClientConfig 
         return None, "--server-key and --client-key go together (CurveZMQ needs both)"
     if args.server_key is None:
         return None, None
+    folder = _key_file_problem(args)
+    if folder is not None:
+        return None, folder
     try:
         return CurveClientConfig.from_files(args.server_key, args.client_key), None
     except (OSError, ValueError) as exc:
@@ -197,7 +255,7 @@ def run_subscribe(args: argparse.Namespace) -> int:
     from pipeline.config import tcp_port_problem
 
     curve, error = curve_client_from_args(args)
-    error = error or tcp_port_problem(args.endpoint, bind=False)
+    error = error or tcp_port_problem(args.endpoint, bind=False) or endpoint_problem(args.endpoint)
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 2
