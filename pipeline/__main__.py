@@ -8,7 +8,7 @@ published), 130 interrupted (a replay stopped by Ctrl-C or SIGTERM before its en
 stopped at once by a second Ctrl-C); 3 wins over 130, 130 over 5. ``import-bag``: 0 session.yaml
 written, 2 the recording cannot be read, nothing in it maps, or DIR holds a session.
 ``demo-session`` and ``keys``: 0 written, 2 the folder cannot be written (``keys``: or key files
-exist there).
+exist there; ``demo-session``: or it is not empty, or a flag is out of range).
 """
 
 from __future__ import annotations
@@ -105,6 +105,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sources.demo import write_demo_session
 
+    problem = _demo_folder_problem(args.dir)
+    if problem is not None:
+        print(f"error: demo-session: {problem}", file=sys.stderr)
+        return 2
     try:
         path = write_demo_session(Path(args.dir), seconds=args.seconds, seed=args.seed, name=args.name)
     except OSError as exc:
@@ -113,6 +117,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 2
     print(path)
     return 0
+
+
+def _demo_folder_problem(text: str) -> str | None:
+    """Why ``demo-session`` must not write into folder ``text``, or ``None``: the session goes
+    into a new or empty folder only, so nothing already there is overwritten."""
+    if not text:
+        return "DIR is an empty string; give the folder to write the session into, e.g. sessions/demo-ego"
+    dest = Path(text)
+    if dest.is_file():
+        return f"{dest} is a file, expected a folder; pick a new folder"
+    try:
+        occupied = dest.is_dir() and any(dest.iterdir())
+    except OSError as exc:
+        return f"cannot read folder {dest}: {exc.strerror or exc}; pick a folder you can write"
+    if occupied:
+        return f"{dest} exists and is not empty; pick a new folder or remove it (nothing was changed)"
+    return None
 
 
 def _cmd_import_bag(args: argparse.Namespace) -> int:
@@ -147,6 +168,36 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _demo_seconds(text: str) -> float:
+    from sources.demo import MAX_SECONDS
+
+    value = _positive_seconds(text)
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SECONDS:g} seconds, got {text!r}")
+    return value
+
+
+def _demo_seed(text: str) -> int:
+    from sources.demo import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {MAX_SEED}, got {text!r}")
+    return value
+
+
+def _session_name(text: str) -> str:
+    from sources.session import NAME_PATTERN
+
+    if not NAME_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a session name of 1-128 letters, digits, '_', '.' or '-', "
+                                         f"starting with a letter or digit, got {text!r}")
+    return text
+
+
 def _prog() -> str:
     """``bindstream`` when run as the installed command, else ``python -m pipeline``."""
     return "bindstream" if Path(sys.argv[0]).name == "bindstream" else "python -m pipeline"
@@ -177,11 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the keys as the Markdown tables of docs/configuration.md")
     p.set_defaults(fn=_cmd_config)
 
-    p = sub.add_parser("demo-session", help="write the deterministic synthetic demo session")
-    p.add_argument("dir", help="folder to write the session into (created if missing)")
-    p.add_argument("--seconds", type=_positive_seconds, default=10.0, help="length of the session (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shapes, sounds and motion (default 0)")
-    p.add_argument("--name", default="demo-ego", help="session name in session.yaml (default demo-ego)")
+    p = sub.add_parser("demo-session", help="write the deterministic synthetic demo session",
+                       description="Exit codes: 0 written, 2 DIR is a file, holds anything, or cannot be written, "
+                                   "or a flag is out of range.")
+    p.add_argument("dir", help="a new or empty folder to write the session into (created if missing)")
+    p.add_argument("--seconds", type=_demo_seconds, default=10.0,
+                   help="length of the session, more than 0 and at most 3600 (default 10)")
+    p.add_argument("--seed", type=_demo_seed, default=0,
+                   help="seed of the shapes, sounds and motion, 0 to 2**32-1 (default 0)")
+    p.add_argument("--name", type=_session_name, default="demo-ego",
+                   help="session name in session.yaml: letters, digits, '_', '.', '-' (default demo-ego)")
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("import-bag", help="write a session.yaml that replays a ROS 1/2 bag or .mcap file in place")

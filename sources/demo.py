@@ -37,7 +37,10 @@ import av
 import numpy as np
 import yaml
 
-__all__ = ["write_demo_session", "ensure_demo_session", "planted_events", "DEMO_DEVICE_EPOCH_MS", "EVENT_CLIP"]
+from sources.session import NAME_PATTERN
+
+__all__ = ["write_demo_session", "ensure_demo_session", "planted_events", "DEMO_DEVICE_EPOCH_MS", "EVENT_CLIP",
+           "MAX_SECONDS", "MAX_SEED"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ _G = 9.80665
 _COLOURS = ("red", "green", "blue")
 _RGB = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 235]], dtype=np.uint8)
 EVENT_CLIP = "event.mp4"  # the example clip of the planted event, in the session folder
+# The longest session written: an hour is about 200 MB at the default size and takes minutes.
+MAX_SECONDS = 3600.0
+MAX_SEED = 2**32 - 1  # numpy's seeds run from 0 to 2**32 - 1
 _EVENT_S, _EVENT_EVERY_S, _EVENT_FIRST_S = 3.0, 8.0, 3.0
 
 
@@ -159,12 +165,7 @@ def write_demo_session(dir: Path, *, seconds: float = 10.0, size: tuple[int, int
     sibling folder first and moved in at the end, so an interrupted run leaves no half session.
     """
     w, h = size
-    if w < 16 or h < 16 or w % 2 or h % 2:
-        raise ValueError(f"demo session: size must be even and at least 16x16, got {size}")
-    if not seconds > 0 or fps < 1:
-        raise ValueError(f"demo session: need seconds > 0 and fps >= 1, got seconds={seconds}, fps={fps}")
-    if bitrate is not None and bitrate < 10_000:
-        raise ValueError(f"demo session: bitrate is in bits/s and must be >= 10000, got {bitrate}")
+    _check_args(size, seconds, fps, seed, name, bitrate)
     dest = Path(dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     scene = _Scene.make(w, h, seed)
@@ -189,6 +190,21 @@ def write_demo_session(dir: Path, *, seconds: float = 10.0, size: tuple[int, int
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote demo session %r (%.1f s) to %s", name, seconds, dest)
     return dest
+
+
+def _check_args(size: tuple[int, int], seconds: float, fps: int, seed: int, name: str, bitrate: int | None) -> None:
+    w, h = size
+    if w < 16 or h < 16 or w % 2 or h % 2:
+        raise ValueError(f"demo session: size must be even and at least 16x16, got {size}")
+    if not 0 < seconds <= MAX_SECONDS or fps < 1:
+        raise ValueError(f"demo session: need 0 < seconds <= {MAX_SECONDS:g} and fps >= 1, got seconds={seconds}, fps={fps}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"demo session: seed must be from 0 to {MAX_SEED}, got {seed}")
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"demo session: name must be 1-128 letters, digits, '_', '.' or '-', starting with a letter "
+                         f"or digit, got {name!r}")
+    if bitrate is not None and bitrate < 10_000:
+        raise ValueError(f"demo session: bitrate is in bits/s and must be >= 10000, got {bitrate}")
 
 
 def ensure_demo_session(dir: Path, **kwargs) -> Path:

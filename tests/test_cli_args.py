@@ -63,3 +63,57 @@ def test_subscribe_with_a_folder_as_key_file_says_it_is_a_folder(no_connect, tmp
     _refused(capsys, "subscribe", "tcp://127.0.0.1:5555", "--server-key", str(tmp_path),
              "--client-key", str(tmp_path / "me.key_secret"),
              says=[f"--server-key {tmp_path} is a folder, expected a file"])
+
+
+# -- demo-session ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_writing(monkeypatch) -> None:
+    """A demo session that got as far as being written fails the test at once (writing takes seconds)."""
+    def written(*args, **kwargs):
+        raise AssertionError("demo-session wrote instead of refusing")
+    monkeypatch.setattr("sources.demo.write_demo_session", written)
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--seed", "-1", "from 0 to 4294967295"),
+    ("--seed", str(2**32), "from 0 to 4294967295"),
+    ("--name", "a b/c", "expected a session name"),
+    ("--name", "", "expected a session name"),
+    ("--seconds", "1e9", "at most 3600"),
+    ("--seconds", "nan", "positive number of seconds"),
+    ("--seconds", "inf", "positive number of seconds"),
+    ("--seconds", "0", "positive number of seconds"),
+])
+def test_demo_session_refuses_a_flag_out_of_range(no_writing, tmp_path: Path, capsys, flag: str, value: str,
+                                                  says: str) -> None:
+    _refused(capsys, "demo-session", str(tmp_path / "d"), flag, value, says=[f"argument {flag}", says])
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_session_refuses_an_empty_folder_argument(no_writing, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, "demo-session", "", says=["DIR is an empty string"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_demo_session_leaves_a_folder_that_holds_anything_untouched(no_writing, tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    _refused(capsys, "demo-session", str(tmp_path), says=[f"{tmp_path} exists and is not empty",
+                                                          "pick a new folder or remove it"])
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_demo_session_into_a_file_says_it_is_a_file(no_writing, tmp_path: Path, capsys) -> None:
+    (tmp_path / "f").write_text("mine")
+    _refused(capsys, "demo-session", str(tmp_path / "f"), says=[f"{tmp_path / 'f'} is a file, expected a folder"])
+
+
+def test_write_demo_session_refuses_a_seed_numpy_cannot_take_and_a_bad_name(tmp_path: Path) -> None:
+    from sources.demo import write_demo_session
+
+    with pytest.raises(ValueError, match="seed must be from 0 to 4294967295"):
+        write_demo_session(tmp_path / "d", seconds=1.0, seed=-1)
+    with pytest.raises(ValueError, match="name must be"):
+        write_demo_session(tmp_path / "d", seconds=1.0, name="a b/c")
+    assert not (tmp_path / "d").exists()
