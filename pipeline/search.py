@@ -20,13 +20,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from sinks.protocol import MODALITIES
-from sinks.store import EmbeddingStore, StoreError
+from sinks.store import EMBEDDINGS, EmbeddingStore, StoreError, where_clause
 
 __all__ = ["Moment", "QueryError", "Store", "add_search_args", "merge_moments"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MARGIN = 0.05  # cosine similarity: a window this close to its moment's best belongs to it
+MAX_MARGIN = 2.0  # cosine similarities span [-1, 1]: a margin of 2 already takes every adjacent window
 
 
 class QueryError(ValueError):
@@ -201,6 +202,11 @@ class Store:
             raise StoreError(f"store {self.store.uri}: no rows of model {model!r} (it has {', '.join(sorted(rows))})")
         return rows[model]
 
+    def sessions(self, model: str) -> list[str]:
+        """The sessions the store holds rows of, for ``model``."""
+        table = self.store.read(EMBEDDINGS, where_clause({"model": [model]}), ["session"])
+        return sorted(set(table.column("session").to_pylist()))
+
     def encode(self, modality: str, payload: Any, model: str | None = None) -> np.ndarray:
         """The unit-norm embedding of one query payload, by the store's model."""
         from encoders.preprocess import prepare
@@ -257,6 +263,8 @@ class Store:
         among rows of ``modality``/``session`` (any when empty) overlapping ``between``."""
         if k < 1:
             raise QueryError(f"k must be at least 1, got {k}")
+        if not 0 <= margin <= MAX_MARGIN:
+            raise QueryError(f"margin must be from 0 to {MAX_MARGIN:g} (a cosine-score difference), got {margin}")
         row = self.model_row(model)
         if vector is None:
             vector = self.encode(*query_input(text=text, image=image, audio=audio, video=video), model=row["model"])
@@ -270,8 +278,10 @@ class Store:
 
 def add_search_args(sub: Any) -> None:
     p = sub.add_parser("search", help="find moments in an embedding store by text, image, audio or video",
-                       description="Exit codes: 0 results printed (maybe none), 2 bad query or store, 4 model "
-                                   "weights unavailable. Scores are cosine similarities.")
+                       description="Exit codes: 0 results printed (maybe none), 2 bad query, flag (--between "
+                                   "T0 after T1, a --session the store does not hold, --margin outside 0.."
+                                   f"{MAX_MARGIN:g}) or store, 4 model weights unavailable. Scores are cosine "
+                                   "similarities.")
     p.add_argument("uri", help="the store (store.uri of the run)")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", help="a text query, e.g. \"a dog barking\"")
@@ -281,25 +291,58 @@ def add_search_args(sub: Any) -> None:
     p.add_argument("--modality", action="append", default=[], choices=MODALITIES, metavar="M",
                    help=f"only rows of this modality (repeatable; one of {', '.join(MODALITIES)})")
     p.add_argument("--session", action="append", default=[], metavar="S", help="only rows of this session (repeatable)")
-    p.add_argument("--between", nargs=2, type=float, metavar=("T0", "T1"), help="only windows overlapping T0..T1 (session clock s)")
+    p.add_argument("--between", nargs=2, type=float, metavar=("T0", "T1"),
+                   help="only windows overlapping T0..T1 (session clock s, finite, T0 <= T1)")
     p.add_argument("-k", type=int, default=10, help="moments to print (default 10)")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help=f"merge adjacent windows within this of the best (default {DEFAULT_MARGIN})")
+    p.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN,
+                   help=f"merge adjacent windows whose cosine score is within this of the best, 0 to {MAX_MARGIN:g} "
+                        f"(default {DEFAULT_MARGIN}; 0: only windows scoring as high as the best)")
     p.add_argument("--model", help="the model whose rows to search, where the store holds several")
     p.add_argument("--json", action="store_true", help="one JSON object per moment, best first")
     p.set_defaults(fn=_cmd_search)
+
+
+def _margin(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cosine-score margin, got {text!r}") from None
+    if not 0 <= value <= MAX_MARGIN:  # also false for nan
+        raise argparse.ArgumentTypeError(f"expected a cosine-score margin from 0 to {MAX_MARGIN:g}, got {text!r}")
+    return value
+
+
+def _check_between(between: Sequence[float] | None) -> None:
+    if between is None:
+        return
+    if not all(math.isfinite(t) for t in between):
+        raise QueryError("--between: expected two finite times in seconds")
+    if between[0] > between[1]:
+        raise QueryError(f"--between {between[0]:g} {between[1]:g}: T0 is after T1; give the start first")
+
+
+def _check_sessions(store: Store, model: str | None, wanted: Sequence[str]) -> None:
+    if not wanted:
+        return
+    name = store.model_row(model)["model"]
+    have = store.sessions(name)
+    missing = [s for s in wanted if s not in have]
+    if missing:
+        raise QueryError(f"--session {missing[0]!r}: store {store.store.uri} has no such session (model {name}); "
+                         f"its sessions: {', '.join(have) or 'none'}")
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from encoders.weights import WeightsUnavailable
 
     try:
-        if args.between is not None and not all(math.isfinite(t) for t in args.between):
-            raise QueryError("--between: expected two finite times in seconds")
-        moments = Store(args.uri).search(text=args.text, image=args.image, audio=args.audio, video=args.video,
-                                         modality=args.modality, session=args.session,
-                                         between=tuple(args.between) if args.between else None,
-                                         k=args.k, margin=args.margin, model=args.model)
+        _check_between(args.between)
+        store = Store(args.uri)
+        _check_sessions(store, args.model, args.session)
+        moments = store.search(text=args.text, image=args.image, audio=args.audio, video=args.video,
+                               modality=args.modality, session=args.session,
+                               between=tuple(args.between) if args.between else None,
+                               k=args.k, margin=args.margin, model=args.model)
     except (QueryError, StoreError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

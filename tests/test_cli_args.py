@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.__main__ import main
@@ -117,3 +118,55 @@ def test_write_demo_session_refuses_a_seed_numpy_cannot_take_and_a_bad_name(tmp_
     with pytest.raises(ValueError, match="name must be"):
         write_demo_session(tmp_path / "d", seconds=1.0, name="a b/c")
     assert not (tmp_path / "d").exists()
+
+
+# -- search ----------------------------------------------------------------------------------------
+
+DIM = 32
+MODEL = {"model": "imagebind_tiny", "dim": DIM, "config": "imagebind_tiny", "checkpoint": "none", "seed": 0,
+         "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> Path:
+    """Sessions 's1' and 's2': 3 vision windows each."""
+    from sinks.store import EmbeddingStore, StoreRow
+
+    uri = tmp_path_factory.mktemp("search") / "store"
+    vec = np.eye(DIM, dtype=np.float32)[0]
+    EmbeddingStore.create(str(uri), MODEL).upsert(
+        [StoreRow("imagebind_tiny", s, "cam", "vision", w, w - 1.0, w + 1.0, vec, 0.0) for s in ("s1", "s2")
+         for w in range(3)])
+    return uri
+
+
+@pytest.fixture
+def no_query(monkeypatch) -> None:
+    """A search that got as far as encoding its query fails the test at once (no model is built)."""
+    def encoded(*args, **kwargs):
+        raise AssertionError("search encoded the query instead of refusing")
+    monkeypatch.setattr("pipeline.search.Store.encode", encoded)
+
+
+def test_search_refuses_between_whose_start_is_after_its_end(no_query, store_uri: Path, capsys) -> None:
+    _refused(capsys, "search", str(store_uri), "--text", "a dog", "--between", "5", "1",
+             says=["--between 5 1: T0 is after T1"])
+
+
+def test_search_for_a_session_the_store_does_not_hold_lists_the_ones_it_holds(no_query, store_uri: Path,
+                                                                               capsys) -> None:
+    _refused(capsys, "search", str(store_uri), "--text", "a dog", "--session", "s1", "--session", "nope",
+             says=["--session 'nope'", "its sessions: s1, s2"])
+
+
+@pytest.mark.parametrize("value", ["nan", "-5", "inf", "2.5"])
+def test_search_refuses_a_margin_outside_0_to_2(no_query, store_uri: Path, capsys, value: str) -> None:
+    _refused(capsys, "search", str(store_uri), "--text", "a dog", "--margin", value,
+             says=["argument --margin", "from 0 to 2", f"'{value}'"])
+
+
+def test_store_search_refuses_a_margin_outside_0_to_2(store_uri: Path) -> None:
+    from pipeline.search import QueryError, Store
+
+    with pytest.raises(QueryError, match="margin must be from 0 to 2"):
+        Store(store_uri).search(vector=np.eye(DIM, dtype=np.float32)[0], margin=float("nan"))
