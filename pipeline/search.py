@@ -94,6 +94,8 @@ def _open_media(path: str | Path, kind: str) -> Any:
     import av
 
     p = Path(path)
+    if p.is_dir():
+        raise QueryError(f"--{kind} {p} is a folder, expected a file (the {kind} to search for)")
     if not p.is_file():
         raise QueryError(f"--{kind} {p}: no such file")
     try:
@@ -181,6 +183,8 @@ class Store:
     built on first use from the store's ``models`` table, on ``device``."""
 
     def __init__(self, uri: str | Path, *, device: str = "cpu") -> None:
+        if Path(uri).is_file():
+            raise StoreError(f"{uri} is a file, expected a store folder (the store.uri of a run)")
         self.store = EmbeddingStore.open(str(uri))
         self.device = device
         self._models: dict[str, Any] = {}

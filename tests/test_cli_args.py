@@ -170,3 +170,20 @@ def test_store_search_refuses_a_margin_outside_0_to_2(store_uri: Path) -> None:
 
     with pytest.raises(QueryError, match="margin must be from 0 to 2"):
         Store(store_uri).search(vector=np.eye(DIM, dtype=np.float32)[0], margin=float("nan"))
+
+
+# -- a folder where a file is expected, and a file where a folder is --------------------------------
+
+@pytest.mark.parametrize("flag", ["--image", "--audio", "--video"])
+def test_search_with_a_folder_as_query_file_says_it_is_a_folder(no_query, store_uri: Path, tmp_path: Path, capsys,
+                                                                flag: str) -> None:
+    _refused(capsys, "search", str(store_uri), flag, str(tmp_path), says=[f"{flag} {tmp_path} is a folder, expected a file"])
+
+
+@pytest.mark.parametrize("command", [["search", "--text", "a dog"], ["triggers", "--text", "a dog"],
+                                     ["timeline", "--session", "s1", "--out", "t.html"]])
+def test_a_file_given_as_the_store_says_it_is_a_file(tmp_path: Path, monkeypatch, capsys, command: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a store")
+    _refused(capsys, command[0], str(tmp_path / "notes.txt"), *command[1:],
+             says=[f"{tmp_path / 'notes.txt'} is a file, expected a store folder"])
