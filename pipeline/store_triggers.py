@@ -81,6 +81,9 @@ def trigger_config(args: argparse.Namespace) -> Any:
         return load_config(args.config)
     if not prompt:
         return None
+    if prompt[0] != "text" and Path(getattr(args, prompt[0])).is_dir():
+        raise QueryError(f"--{prompt[0]} {getattr(args, prompt[0])} is a folder, expected a file (the example "
+                         f"{prompt[0]} of the trigger)")
     if prompt[0] != "text" and not Path(getattr(args, prompt[0])).is_file():
         raise QueryError(f"--{prompt[0]} {getattr(args, prompt[0])}: no such file")
     if args.on is not None and args.off is None:

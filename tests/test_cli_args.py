@@ -174,10 +174,11 @@ def test_store_search_refuses_a_margin_outside_0_to_2(store_uri: Path) -> None:
 
 # -- a folder where a file is expected, and a file where a folder is --------------------------------
 
+@pytest.mark.parametrize("command", ["search", "triggers"])
 @pytest.mark.parametrize("flag", ["--image", "--audio", "--video"])
-def test_search_with_a_folder_as_query_file_says_it_is_a_folder(no_query, store_uri: Path, tmp_path: Path, capsys,
-                                                                flag: str) -> None:
-    _refused(capsys, "search", str(store_uri), flag, str(tmp_path), says=[f"{flag} {tmp_path} is a folder, expected a file"])
+def test_a_folder_as_query_or_example_file_says_it_is_a_folder(no_query, store_uri: Path, tmp_path: Path, capsys,
+                                                               command: str, flag: str) -> None:
+    _refused(capsys, command, str(store_uri), flag, str(tmp_path), says=[f"{flag} {tmp_path} is a folder, expected a file"])
 
 
 @pytest.mark.parametrize("command", [["search", "--text", "a dog"], ["triggers", "--text", "a dog"],
