@@ -19,6 +19,7 @@ from sources.bagfile import Bag, BagError, Topic
 from sources.bagmsgs import AUDIO_INFO, AUDIO_TYPES, SUPPORTED, encoding_of, guess_modality
 from sources.errors import ConfigError
 from sources.session import FORMAT, NAME_PATTERN, load_session
+from sources.yamlfile import read_yaml_file
 
 __all__ = ["import_bag"]
 
@@ -29,6 +30,7 @@ def import_bag(bag_path: str | Path, out_dir: str | Path, name: str | None = Non
     for a recording that does not open, an existing session.yaml, or no usable topic."""
     bag_p = Path(bag_path).absolute()
     out = Path(out_dir).absolute()
+    _check_ros2_metadata(bag_p)
     try:
         bag = Bag(bag_p)
         topics = bag.topics()
@@ -59,6 +61,27 @@ def import_bag(bag_path: str | Path, out_dir: str | Path, name: str | None = Non
     yaml_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     load_session(yaml_path)  # the session as written must load (ConfigError otherwise)
     return yaml_path, written, skipped
+
+
+def _check_ros2_metadata(bag_p: Path) -> None:
+    """A ROS 2 bag folder's metadata.yaml must be the mapping ``ros2 bag record`` writes, with
+    a ``rosbag2_bagfile_information`` mapping in it; anything else is named here, before the
+    bag reader looks inside it."""
+    meta = bag_p / "metadata.yaml"
+    if not (bag_p.is_dir() and meta.is_file()):
+        return
+    doc = read_yaml_file(meta)
+    info = doc.get("rosbag2_bagfile_information") if isinstance(doc, dict) else None
+    if not isinstance(info, dict):
+        if not isinstance(doc, dict):
+            got = type(doc).__name__
+        elif "rosbag2_bagfile_information" not in doc:
+            got = "no such key"
+        else:
+            got = f"{type(info).__name__} under that key"
+        raise ConfigError(f"import-bag: {meta} is not a rosbag2 metadata mapping (expected a mapping with a "
+                          f"'rosbag2_bagfile_information' mapping, as ros2 bag record writes it; found {got}); "
+                          "give the folder of a ROS 2 bag, or restore its metadata.yaml")
 
 
 def _plan(bag: Bag, topics: dict[str, Topic]) -> tuple[list[tuple[str, str, str, dict]], list[str]]:

@@ -188,3 +188,16 @@ def test_a_file_given_as_the_store_says_it_is_a_file(tmp_path: Path, monkeypatch
     (tmp_path / "notes.txt").write_text("not a store")
     _refused(capsys, command[0], str(tmp_path / "notes.txt"), *command[1:],
              says=[f"{tmp_path / 'notes.txt'} is a file, expected a store folder"])
+
+
+# -- import-bag ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["3\n", "rosbag2_bagfile_information: 3\n", "- a\n- b\n", "other: {}\n"])
+def test_import_bag_of_a_folder_whose_metadata_is_not_a_rosbag2_mapping_names_the_file(tmp_path: Path, capsys,
+                                                                                        text: str) -> None:
+    bag = tmp_path / "rec"
+    bag.mkdir()
+    (bag / "metadata.yaml").write_text(text)
+    _refused(capsys, "import-bag", str(bag), "--out", str(tmp_path / "out"),
+             says=[f"{bag / 'metadata.yaml'} is not a rosbag2 metadata mapping"])
+    assert not (tmp_path / "out").exists()
