@@ -132,7 +132,8 @@ class StreamReader:
         try:
             # max_gap_s belongs to the guard, not to the source readers.
             guard = StreamGuard(self.session, self.spec.id, self.spec.modality,
-                                max_gap_s=float(self.options.get("max_gap_s") or 0.0), now=self._live_now())
+                                max_gap_s=float(self.options.get("max_gap_s") or 0.0), now=self._live_now(),
+                                source="" if self.spec.live else self.spec.rel(self.spec.source))
             source = self._open()
             pacer, prefetch = self._paced(source, rate, start_at)
             self._read(prefetch if prefetch is not None else source, guard, pacer, start_at)

@@ -32,6 +32,13 @@ run's ``sources.max_gap_s``, 60 s by default) and ``confirm_s`` (:data:`CONFIRM_
   out-of-order samples within ``window.allowed_lateness``) is the aligner's business, not the
   guard's.
 
+The session clock's range: a sample of any stream (text included, whatever ``max_gap_s``) whose
+timestamp lies beyond :data:`MAX_ABS_TIME_S` (1e12 s, some 31 700 years) is dropped and counted
+as ``bad_timestamp``, with a hint to check the stream's ``time_unit`` and ``offset`` keys. No
+real session clock lives there (float64 resolves no better than 0.1 ms beyond it; epoch seconds
+are 1.7e9, epoch milliseconds read as seconds 1.7e12), and one such timestamp would otherwise
+set the session's end (a caption at 1e30 s: 1e30 windows, counters no message can carry).
+
 Non-finite data: an ``audio``, ``imu`` or ``thermal`` sample holding NaN or inf is dropped and
 counted as ``non_finite_data`` (the aligner zero-fills audio gaps). ``depth`` keeps NaN: it
 means "no reading" and preprocessing turns it into zero disparity. No NaN reaches an encoder
@@ -48,12 +55,14 @@ import numpy as np
 
 from sources.base import Chunk
 
-__all__ = ["StreamGuard", "CONFIRM_S", "MIN_SPACING_S"]
+__all__ = ["StreamGuard", "CONFIRM_S", "MIN_SPACING_S", "MAX_ABS_TIME_S"]
 
 log = logging.getLogger(__name__)
 
 CONFIRM_S = 2.0  # how much of its own time a run of jump samples must span to be followed
 MIN_SPACING_S = 20e-6  # a run's least mean spacing while the stream's own interval is unknown
+MAX_ABS_TIME_S = 1e12  # beyond it a timestamp is bad_timestamp (module docstring)
+_UNIT_HINT = "check the stream's time_unit and offset keys in session.yaml"
 _RATE_FACTOR = 4.0  # a run's mean spacing must be within this factor of the stream's interval
 _MAX_WARNINGS_PER_REASON = 10
 _FINITE_DATA = ("audio", "imu", "thermal")
@@ -73,7 +82,7 @@ class StreamGuard:
     """Filters the chunks of one stream; see the module docstring for the rules."""
 
     def __init__(self, session: str, stream: str, modality: str, *, max_gap_s: float = 0.0,
-                 confirm_s: float = CONFIRM_S, now: Callable[[], float] | None = None) -> None:
+                 confirm_s: float = CONFIRM_S, now: Callable[[], float] | None = None, source: str = "") -> None:
         if not (max_gap_s >= 0 and math.isfinite(max_gap_s)):
             raise ValueError(f"session '{session}' stream '{stream}': max_gap_s must be >= 0, got {max_gap_s!r}")
         self.session = session
@@ -82,6 +91,7 @@ class StreamGuard:
         self.max_gap_s = float(max_gap_s)
         self.confirm_s = float(confirm_s)
         self.now = now  # live: the session clock's present, the anchor of every sample
+        self._where = f" ({source})" if source else ""  # the stream's file, for the log
         self.dropped: dict[str, int] = {}
         self._watermark: float | None = None
         self._seg_first = 0.0  # first accepted time since the start or the last re-base
@@ -94,13 +104,16 @@ class StreamGuard:
         n = len(t)
         if n == 0:
             return chunk
-        keep = np.ones(n, dtype=bool)
+        with np.errstate(invalid="ignore"):  # NaN: left to the aligner (bad_timestamp there)
+            keep = ~(np.abs(t) > MAX_ABS_TIME_S)
+        if not keep.all():
+            self._drop("bad_timestamp", t[~keep], f"beyond {MAX_ABS_TIME_S:g} s on the session clock; {_UNIT_HINT}")
         if self.modality in _FINITE_DATA and not isinstance(chunk.data, list):
             data = np.asarray(chunk.data)
             if np.issubdtype(data.dtype, np.floating):
                 finite = np.isfinite(data.reshape(n, -1)).all(axis=1)
-                if not finite.all():
-                    self._drop("non_finite_data", t[~finite])
+                if not finite[keep].all():
+                    self._drop("non_finite_data", t[keep & ~finite])
                     keep &= finite
         if self.max_gap_s > 0 and self.modality != "text":  # utterances are sparse by nature
             keep &= self._clock(t, keep)
@@ -198,8 +211,8 @@ class StreamGuard:
         before = self.dropped.get(reason, 0)
         self.dropped[reason] = before + k
         if before < _MAX_WARNINGS_PER_REASON:
-            log.warning("session '%s' stream '%s': dropped %d sample(s) at t=%s s (%s%s)", self.session, self.stream,
-                        k, ", ".join(f"{x:.3f}" for x in times[:3]), reason, f": {why}" if why else "")
+            log.warning("session '%s' stream '%s'%s: dropped %d sample(s) at t=%s s (%s%s)", self.session, self.stream,
+                        self._where, k, ", ".join(_fmt_time(x) for x in times[:3]), reason, f": {why}" if why else "")
 
     def merge_into(self, counts: dict[str, Any]) -> dict[str, Any]:
         """``counts`` plus this guard's drops (the source's own counters keep their names)."""
@@ -207,3 +220,7 @@ class StreamGuard:
         for reason, n in self.dropped.items():
             out[reason] = int(out.get(reason, 0)) + n
         return out
+
+
+def _fmt_time(t: float) -> str:
+    return f"{t:.3f}" if abs(t) < MAX_ABS_TIME_S else f"{t:.6g}"

@@ -3,7 +3,10 @@ message naming the session, stream and file, never a silent loss, a leaked warni
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -11,7 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
+from sources.base import Chunk
+from sources.demo import write_demo_session
 from sources.errors import ConfigError
+from sources.guard import StreamGuard
 from sources.replay import open_source
 from sources.session import FORMAT, load_session
 
@@ -70,3 +76,56 @@ def test_an_imu_value_beyond_float32_is_a_dropped_row_without_a_warning(tmp_path
         src, t, data = _imu(tmp_path, rows, accel_unit="g")  # 3e38 g is beyond float32 in m/s^2
     assert t.tolist() == pytest.approx([0.0, 0.03]) and np.isfinite(data).all()
     assert src.dropped == {"non_finite": 2}
+
+
+# -- a timestamp beyond the session clock's range ---------------------------------------------
+
+def test_a_caption_beyond_the_session_clock_is_a_logged_bad_timestamp_drop_with_the_fix(caplog):
+    g = StreamGuard("sess", "captions", "text", max_gap_s=0, source="captions.jsonl")  # text: no jump rule
+    chunk = Chunk("captions", "text", np.array([0.5, 1e30, 3.0, -2e12]), ["a", "far", "b", "before"])
+    with caplog.at_level(logging.WARNING, "sources.guard"):
+        out = g.apply(chunk)
+    assert out.t.tolist() == [0.5, 3.0] and out.data == ["a", "b"]
+    assert g.dropped == {"bad_timestamp": 2}
+    assert "session 'sess' stream 'captions' (captions.jsonl)" in caplog.text and "1e+30" in caplog.text
+    assert "time_unit and offset" in caplog.text
+
+
+def test_epoch_seconds_pass_and_bad_timestamps_are_not_counted_twice_as_non_finite_data():
+    g = StreamGuard("sess", "imu", "imu", max_gap_s=60)
+    data = np.zeros((3, 6), np.float32)
+    data[1, 0] = np.nan
+    out = g.apply(Chunk("imu", "imu", np.array([1.7e9, 1.7e15, 1.7e9 + 0.01]), data))
+    assert out.t.tolist() == [1.7e9, 1.7e9 + 0.01]
+    assert g.dropped == {"bad_timestamp": 1}
+
+
+def test_a_caption_at_1e30_costs_itself_only_and_the_run_ends(tmp_path, ray_cluster):
+    """Through the real graph: the run ends (it hung before), the other stream's windows are
+    all published, the caption is counted."""
+    from test_pipeline_e2e import _config, _expected_windows, _replay
+
+    demo = write_demo_session(tmp_path / "demo", seconds=4.0, seed=3, name="demo")
+    clean, bad = tmp_path / "clean", tmp_path / "bad"
+    for folder, name in ((clean, "clean"), (bad, "bad")):
+        folder.mkdir()
+        shutil.copyfile(demo / "video.mp4", folder / "video.mp4")
+        shutil.copyfile(demo / "captions.jsonl", folder / "captions.jsonl")
+        (folder / "session.yaml").write_text(yaml.safe_dump({"format": FORMAT, "name": name, "streams": [
+            {"id": "cam", "modality": "vision", "source": "video.mp4"},
+            {"id": "captions", "modality": "text", "source": "captions.jsonl"}]}))
+    with open(bad / "captions.jsonl", "a") as f:
+        f.write(json.dumps({"t": 1e30, "text": "far future"}) + "\n")
+
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(zip(("result", "messages"), _replay([bad]))), daemon=True)
+    runner.start()
+    runner.join(240)
+    assert not runner.is_alive(), "the run did not end"
+    result = out["result"]
+    (summary,) = result.sessions
+    assert result.exit_code == 0 and summary["dropped"] == {"captions:bad_timestamp": 1}, summary
+    _, windows = _expected_windows(clean, _config([clean]))
+    assert summary["windows"] == len(windows)
+    vision = {m.payload["window"] for m in out["messages"] if m.topic == "emb/bad/vision"}
+    assert vision == {it.window for w in windows for it in w.items if it.modality == "vision"} != set()
