@@ -198,6 +198,48 @@ def _file_to_session(spec: StreamSpec) -> Callable[[Any], Any]:
     return lambda v: (v + off) * scale
 
 
+class _SpacingCheck:
+    """Warns once when the first timestamps of a file stream are spaced implausibly for its
+    kind of sensor (an IMU samples between 10 us and 1 s apart): the usual cause is a
+    ``time_unit`` that does not match the file (microseconds read as seconds put 50 Hz samples
+    20 034 s apart, each then a ``jump``). Fed session seconds; judges the median spacing of
+    the first :attr:`SAMPLES` timestamps, or of all of them when the file ends before."""
+
+    SAMPLES = 16
+
+    def __init__(self, spec: StreamSpec, lo: float, hi: float) -> None:
+        self._spec = spec
+        self._lo, self._hi = lo, hi
+        self._t: list[float] | None = []
+
+    def add(self, t: float) -> None:
+        if self._t is None:
+            return
+        self._t.append(t)
+        if len(self._t) >= self.SAMPLES:
+            self.finish()
+
+    def finish(self) -> None:
+        ts, self._t = self._t, None
+        if not ts or len(ts) < 3:
+            return
+        steps = np.diff(np.asarray(ts, dtype=np.float64))
+        steps = steps[steps > 0]
+        if not len(steps):
+            return
+        step = float(np.median(steps))
+        if self._lo <= step <= self._hi:
+            return
+        spec = self._spec
+        scale = TIME_UNITS[spec.time_unit]
+        fits = [u for u, k in TIME_UNITS.items() if self._lo <= step / scale * k <= self._hi]
+        better = f" (in {fits[0]} they would be {step / scale * TIME_UNITS[fits[0]]:g} s apart)" if fits else ""
+        logger.warning("%s: the first timestamps of %s are %g s apart with time_unit: %s, implausible for %s "
+                       "(expected %g to %g s); check the stream's time_unit%s and offset keys in session.yaml",
+                       spec.label, spec.rel(spec.source), step, spec.time_unit, spec.modality, self._lo, self._hi,
+                       better)
+
+
 def media_error(e: BaseException) -> str:
     """An FFmpeg or OS error in words: PyAV's ``[Errno 1094995529] Invalid data found when
     processing input: 'x.mp4'`` becomes ``Invalid data found when processing input`` (the caller

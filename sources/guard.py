@@ -23,6 +23,9 @@ run's ``sources.max_gap_s``, 60 s by default) and ``confirm_s`` (:data:`CONFIRM_
   spaced like the stream's own rate, over ``confirm_s``. A single wild timestamp costs one
   sample; a genuine clock move costs ``confirm_s`` of the stream's samples.
 * A sample inside ``max_gap_s`` of the watermark ends the run.
+* A jump while the stream has accepted fewer than 3 samples since its start or last re-base
+  (every sample jumping, as when timestamps are in another unit than the stream's
+  ``time_unit``) is logged with a hint to check the stream's ``time_unit`` and ``offset``.
 * Live streams (``now`` given: the session clock, the clock every live sample is mapped onto)
   are also *anchored*: a sample more than ``max_gap_s`` from the session clock's present is a
   jump that is never followed, whatever follows it. A live sample's time is its arrival time
@@ -181,7 +184,10 @@ class StreamGuard:
                 self._rebase(ti)
                 continue
             ok[i] = False
-            self._drop("jump", t[i:i + 1], f"more than max_gap_s={gap:g} s from {self._watermark:.3f} s")
+            # Jumps right after the stream's (re)start: its samples are far apart from the first,
+            # as when the timestamps are in another unit than the stream's time_unit says.
+            hint = f"; {_UNIT_HINT}" if self._seg_n < 3 else ""
+            self._drop("jump", t[i:i + 1], f"more than max_gap_s={gap:g} s from {self._watermark:.3f} s{hint}")
         return ok
 
     def _confirms(self, ti: float) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 from sources.errors import SourceError
 from sources.lines import MAX_LINE_CHARS, bounded_lines
 from sources.session import IMU_ROLES, StreamSpec, imu_cell, imu_csv_rows
-from sources._common import _chunked, _Chunker, _Drops, _file_to_session, open_file
+from sources._common import _chunked, _Chunker, _Drops, _file_to_session, _SpacingCheck, open_file
 from sources.base import Chunk
 
 __all__ = ["ImuCsvSource", "STANDARD_GRAVITY"]
@@ -22,6 +22,7 @@ logger = logging.getLogger("sources")
 STANDARD_GRAVITY = 9.80665  # m/s^2 per g
 _DEG = math.pi / 180.0
 _F32_MAX = float(np.finfo(np.float32).max)  # a converted value beyond it would become inf
+_SPACING_S = (1e-5, 1.0)  # plausible seconds between IMU samples: 100 kHz to 1 Hz
 
 
 class ImuCsvSource:
@@ -52,6 +53,7 @@ class ImuCsvSource:
         spec = self.spec
         drops = _Drops(spec, self.dropped)
         to_session = _file_to_session(spec)
+        spacing = _SpacingCheck(spec, *_SPACING_S)
         a_scale = STANDARD_GRAVITY if spec.accel_unit == "g" else 1.0
         g_scale = _DEG if spec.gyro_unit == "deg/s" else 1.0
         scales = (a_scale,) * 3 + (g_scale,) * 3
@@ -87,13 +89,16 @@ class ImuCsvSource:
                     if not (math.isfinite(vals[0]) and all(abs(v) <= _F32_MAX for v in sample)):
                         drops.drop("non_finite", f"line {line} of {spec.source.name}")
                         continue
-                    yield to_session(vals[0]), sample
+                    t = to_session(vals[0])
+                    spacing.add(t)
+                    yield t, sample
         except csv.Error as e:
             raise SourceError(f"{spec.label}: malformed CSV in {spec.rel(spec.source)} near line {reader.line_num}: "
                               f"{e}") from e
         except OSError as e:
             raise SourceError(f"{spec.label}: cannot read {spec.rel(spec.source)}: {e.strerror or e}") from e
         finally:
+            spacing.finish()
             drops.summary()
 
     def _index(self, names: list[str], col: str, key: str) -> int:

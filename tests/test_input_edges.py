@@ -129,3 +129,37 @@ def test_a_caption_at_1e30_costs_itself_only_and_the_run_ends(tmp_path, ray_clus
     assert summary["windows"] == len(windows)
     vision = {m.payload["window"] for m in out["messages"] if m.topic == "emb/bad/vision"}
     assert vision == {it.window for w in windows for it in w.items if it.modality == "vision"} != set()
+
+
+# -- timestamps in another unit than the stream's time_unit -----------------------------------
+
+XIO = {"t": "Timestamp (us)", "ax": "Accelerometer X (g)", "ay": "Accelerometer Y (g)", "az": "Accelerometer Z (g)",
+       "gx": "Gyroscope X (deg/s)", "gy": "Gyroscope Y (deg/s)", "gz": "Gyroscope Z (deg/s)"}
+REAL_XIO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "imu_xio3_50hz.csv"
+
+
+def test_microseconds_read_as_seconds_warn_with_the_unit_that_fits_and_the_jumps_say_so(tmp_path, caplog):
+    if not REAL_XIO.is_file():
+        pytest.skip(f"real fixture {REAL_XIO} not available (../shared absent)")
+    s = _session(tmp_path, [{"id": "imu", "modality": "imu", "source": "i.csv", "columns": XIO, "time_unit": "s"}],
+                 {"i.csv": REAL_XIO.read_bytes()})
+    with caplog.at_level(logging.WARNING):
+        chunks = list(open_source(s.stream("imu")))
+    assert "session 'edge' stream 'imu'" in caplog.text and "i.csv" in caplog.text
+    assert "time_unit: s" in caplog.text and "in us they would be 0.020034 s apart" in caplog.text
+    caplog.clear()
+    g = StreamGuard("edge", "imu", "imu", max_gap_s=60)
+    with caplog.at_level(logging.WARNING, "sources.guard"):
+        for c in chunks:
+            g.apply(c)
+    assert g.dropped["jump"] > 0 and "check the stream's time_unit and offset keys" in caplog.text
+
+
+def test_plausible_imu_spacing_and_a_single_wild_jump_mid_stream_give_no_unit_hint(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, t, _ = _imu(tmp_path, [f"{5 * i},1,2,3,4,5,6" for i in range(40)])
+    assert len(t) == 40 and "time_unit" not in caplog.text
+    g = StreamGuard("edge", "imu", "imu", max_gap_s=60)
+    with caplog.at_level(logging.WARNING, "sources.guard"):
+        g.apply(Chunk("imu", "imu", np.array([0.0, 0.01, 0.02, 500.0, 0.03]), np.zeros((5, 6), np.float32)))
+    assert g.dropped == {"jump": 1} and "jump" in caplog.text and "time_unit" not in caplog.text
