@@ -144,6 +144,9 @@ class ModelConfig(_Section):
     def _check(self) -> None:
         if not isinstance(self.config, str):
             raise ConfigError("config key 'model.config': expected a registry name or a path to a reference kwargs JSON")
+        if not -(1 << 63) <= self.seed < (1 << 64):
+            raise ConfigError(f"config key 'model.seed': expected an integer that fits in 64 bits (-2**63 to "
+                              f"2**64 - 1), got {short(self.seed)}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"config key 'model.device': expected auto, cpu or cuda[:N], got {short(self.device)}")
 
@@ -208,9 +211,9 @@ class PublishConfig(_Section):
                               factory=CurveConfig, build=_section(CurveConfig))
 
     def _check(self) -> None:
-        if "://" not in self.endpoint:
-            raise ConfigError("config key 'publish.endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5555, "
-                              f"got {short(self.endpoint)}")
+        if self.endpoint.split("://", 1)[0] not in ("tcp", "ipc") or "://" not in self.endpoint:
+            raise ConfigError("config key 'publish.endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5555 "
+                              f"or ipc:///tmp/bindstream.sock, got {short(self.endpoint)}")
         problem = tcp_port_problem(self.endpoint)
         if problem:
             raise ConfigError(f"config key 'publish.endpoint': {problem}")
@@ -247,6 +250,9 @@ class RayConfig(_Section):
                                  minimum="positive")
 
     def _check(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"config key 'ray.num_cpus': expected a positive integer (or null for all), "
+                              f"got {short(self.num_cpus)}")
         for key in ("source_resources", "encoder_resources", "publisher_resources"):
             for name, amount in (getattr(self, key) or {}).items():
                 if not isinstance(name, str) or not name:

@@ -59,7 +59,8 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
 
 def _number(value: Any, key: str, integer: bool = False) -> float | int:
     if not _is_number(value):
-        raise ConfigError(f"config key '{key}': expected a number, got {short(value)}")
+        finite = "" if isinstance(value, bool) or not isinstance(value, (int, float)) else "finite "
+        raise ConfigError(f"config key '{key}': expected a {finite}number, got {short(value)}")
     if integer and not isinstance(value, int):
         raise ConfigError(f"config key '{key}': expected an integer, got {short(value)}")
     return value if integer else float(value)

@@ -129,6 +129,14 @@ def test_docs_list_every_key_with_its_default():
         ({"sessions": ["x"], "bogus": 1}, "unknown config key 'bogus'"),
         ({"sessions": "x"}, "'sessions': expected a list"),
         ({"sessions": ["x"], "ray": {"max_inline_bytes": 0}}, "'ray.max_inline_bytes': expected a positive"),
+        ({"sessions": ["x"], "publish": {"endpoint": "udp://127.0.0.1:5555"}},
+         "'publish.endpoint': expected a ZeroMQ endpoint like tcp://127.0.0.1:5555 or ipc:///tmp/bindstream.sock"),
+        ({"sessions": ["x"], "ray": {"num_cpus": 0}}, "'ray.num_cpus': expected a positive integer (or null for all), got 0"),
+        ({"sessions": ["x"], "ray": {"num_cpus": -1}}, "'ray.num_cpus': expected a positive integer"),
+        ({"sessions": ["x"], "model": {"seed": 2 ** 64}}, "'model.seed': expected an integer that fits in 64 bits"),
+        ({"sessions": ["x"], "model": {"seed": -(2 ** 63) - 1}}, "'model.seed': expected an integer that fits in 64 bits"),
+        ({"sessions": ["x"], "replay": {"rate": float("inf")}}, "'replay.rate': expected a finite number, got inf"),
+        ({"sessions": ["x"], "encoders": {"max_wait_ms": float("nan")}}, "'encoders.max_wait_ms': expected a finite number"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(data, message):
