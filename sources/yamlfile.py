@@ -10,6 +10,8 @@ and the line and quotes at most a short prefix of any value.
 from __future__ import annotations
 
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,8 @@ def short(value: Any, limit: int = _SHORT) -> str:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping."""
+    """SafeLoader that refuses a key given twice in one mapping, and reads ``1e-9`` as a number
+    (YAML 1.2 and JSON do; PyYAML's YAML 1.1 wants ``1.0e-9`` and would give the string)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -48,6 +51,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                   "(a later value would silently replace the first; keep one)")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _check_shape(text: str, where: str) -> None:
@@ -102,12 +109,17 @@ def load_yaml(data: str | bytes, where: str, *, max_bytes: int = MAX_YAML_BYTES)
 
 
 def read_yaml_file(path: Path, *, max_bytes: int = MAX_YAML_BYTES) -> Any:
-    """:func:`load_yaml` of the file at ``path``; its size is checked before it is read."""
+    """:func:`load_yaml` of the file at ``path``; its size is checked before it is read. Only a
+    regular file is read: opening is non-blocking, so a named pipe or a device is refused at
+    once instead of waiting for a writer."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                raise ConfigError(f"{path}: {size} bytes, over the limit of {max_bytes} for a YAML file")
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{path}: not a regular file (a folder, named pipe or device); "
+                                  "give the path of a YAML file")
+            if st.st_size > max_bytes:
+                raise ConfigError(f"{path}: {st.st_size} bytes, over the limit of {max_bytes} for a YAML file")
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None

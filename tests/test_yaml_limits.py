@@ -117,3 +117,47 @@ def test_an_alias_bomb_in_replay_rate_is_refused_at_once(tmp_path: Path) -> None
 def test_a_run_config_that_is_not_utf8_or_too_deep_is_refused(tmp_path: Path) -> None:
     assert "not UTF-8" in _run_config(tmp_path, b"sessions: [s\xff]\n")
     assert "nested deeper" in _run_config(tmp_path, "sessions: " + "[" * 100_000 + "]" * 100_000 + "\n")
+
+
+def test_a_named_pipe_or_a_folder_as_the_config_is_refused_at_once(tmp_path: Path) -> None:
+    """Opening a named pipe for reading waits for a writer: the run would hang before it starts.
+    (Should it wait, a writer comes after 10 s, so this test fails instead of hanging.)"""
+    import os
+    import threading
+
+    from pipeline.config import load_config
+
+    fifo = tmp_path / "run.yaml"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock() -> None:
+        if not done.wait(10):
+            os.close(os.open(fifo, os.O_WRONLY))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match="not a regular file") as exc:
+            load_config(fifo)
+    finally:
+        done.set()
+    assert str(fifo) in str(exc.value)
+    with pytest.raises(ConfigError, match="not a regular file|Is a directory"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("text, value", [("1e-9", 1e-9), ("2E3", 2000.0), ("-1.5e+2", -150.0), ("1.0e-9", 1e-9),
+                                         ("'1e-9'", "1e-9"), ("1e", "1e")])
+def test_numbers_in_scientific_notation_are_numbers(text: str, value: object) -> None:
+    """PyYAML's YAML 1.1 reads 1e-9 as a string, which a numeric key then refuses; YAML 1.2 and
+    JSON read it as a number, as a user writing a tolerance expects."""
+    assert load_yaml(f"x: {text}\n", "cfg.yaml") == {"x": value}
+
+
+def test_a_duration_in_scientific_notation_configures_the_run(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("sessions: [s]\nstop_after: 3e2\nencoders: {max_wait_ms: 5e0}\n")
+    cfg = load_config(path)
+    assert cfg.stop_after == 300.0 and cfg.encoders.max_wait_ms == 5.0
