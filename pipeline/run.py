@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.preflight import check_local_placement, check_timeline_path
 from pipeline.storage import store_options, store_results
 from pipeline.trigger_setup import embed_prompts, load_prompts, write_timeline
 from pipeline.run_loop import SourceWatch, error_line, wait_sessions
@@ -180,6 +181,12 @@ def cluster_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
     return None
 
 
+def _gpus_here() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _ray_init(cfg: RunConfig) -> bool:
     import ray
 
@@ -211,12 +218,15 @@ def run(cfg: RunConfig, *, progress: bool | None = None, on_ready: Any = None) -
     import ray
 
     specs = prepare_sessions(cfg)
+    check_timeline_path(cfg)
     prompts = load_prompts(cfg)  # the triggers' example files: one that does not decode is a config error, before Ray starts
     live = _live_settings(cfg, specs)  # None unless a session is live
     model_opts = resolve_model_options(cfg, specs)
     curve = curve_server_config(cfg)
     if not cfg.ray.address:  # the publisher binds on this host: a port in use is found before Ray starts
         check_endpoint_free(cfg.publish.endpoint)
+        if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # Ray starts here: this machine is its node
+            check_local_placement(cfg, str(model_opts["device"]), _gpus_here())
     started_ray = _ray_init(cfg)
     # Ends Ray's processes should this process be killed (pipeline/watchdog.py).
     watchdog = Watchdog.start() if started_ray else None
@@ -451,9 +461,10 @@ class EndpointInUse(ConfigError):
 
 
 def check_endpoint_free(endpoint: str) -> None:
-    """Raise :class:`EndpointInUse` when a ``tcp://`` ``endpoint`` with a concrete port cannot be
-    bound on this host now (the publisher binds it once Ray has started)."""
-    if not endpoint.startswith("tcp://") or endpoint.endswith(":*"):
+    """Raise :class:`EndpointInUse` when a ``tcp://`` ``endpoint`` is bound by another process
+    now, and :class:`ConfigError` when this host cannot bind it at all (an
+    address that is not one of this machine's). The publisher binds it once Ray has started."""
+    if not endpoint.startswith("tcp://"):
         return
     import zmq
 
@@ -464,7 +475,9 @@ def check_endpoint_free(endpoint: str) -> None:
     except zmq.ZMQError as exc:
         if exc.errno == zmq.EADDRINUSE:
             raise EndpointInUse(endpoint) from None
-        # Anything else (a host that is not this one's, a bad address): the publisher reports it.
+        raise ConfigError(f"config key 'publish.endpoint': cannot bind {endpoint} on this machine ({exc}); "
+                          "use one of its addresses: tcp://127.0.0.1:PORT for this machine only, "
+                          "tcp://0.0.0.0:PORT for every interface") from None
     finally:
         sock.close(linger=0)
         ctx.term()

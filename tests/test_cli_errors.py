@@ -161,6 +161,28 @@ def test_a_publisher_endpoint_in_use_exits_2_naming_it_and_how_to_pick_another(t
     assert "warmed up" not in out.stderr and "Actor" not in out.stderr, "found before Ray starts"
 
 
+@pytest.mark.parametrize("setting, message", [
+    # ZeroMQ reads a bind host without dots as an interface name: one this machine lacks fails
+    # at once (No such device), with no name lookup and nothing on the network.
+    ("publish.endpoint=tcp://nosuchif0:5555", "config key 'publish.endpoint': cannot bind tcp://nosuchif0:5555 on "
+                                              "this machine"),
+    ("ray.encoder_resources={gpu_node: 1}", "config key 'ray.encoder_resources': custom resources (gpu_node) exist "
+                                            "only on the nodes of a Ray cluster"),
+    ("timeline=.", "config key 'timeline': "),
+    pytest.param("model.device=cuda", "config key 'model.device': cuda asked for, but this machine has no GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_what_this_machine_cannot_do_exits_2_naming_the_key_before_ray_starts(tmp_path: Path, setting: str,
+                                                                              message: str) -> None:
+    """Without these checks the publisher's bind fails inside Ray, or Ray waits for ever for a
+    node with the GPU or resource, or the page is lost after the whole run."""
+    out = _cli(tmp_path, "--set", "model.checkpoint=none", "--set", setting)
+    _no_traceback(out)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr, out.stderr[-2000:]
+    assert "warmed up" not in out.stderr and "Actor" not in out.stderr, "found before Ray starts"
+
+
 def test_an_endpoint_taken_between_the_check_and_the_publishers_bind_is_the_same_error(tmp_path, monkeypatch,
                                                                                         ray_cluster) -> None:
     """On a Ray cluster (``ray.address``) the driver cannot check the publisher's host: the
