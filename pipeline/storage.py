@@ -206,7 +206,9 @@ def _local_folder_problem(uri: str) -> str | None:
 
 def _store_args_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the ``store`` command's arguments (checked before it connects), or ``None``."""
-    port_problem = tcp_port_problem(args.endpoint, bind=False)
+    from pipeline.subscribe import endpoint_problem
+
+    port_problem = tcp_port_problem(args.endpoint, bind=False) or endpoint_problem(args.endpoint)
     if port_problem:
         return port_problem
     if args.sessions is not None and args.sessions < 1:

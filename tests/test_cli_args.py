@@ -30,10 +30,11 @@ def _refused(capsys, *argv: str, says: list[str]) -> str:
 
 @pytest.fixture
 def no_connect(monkeypatch) -> None:
-    """A subscriber that got as far as connecting fails the test at once instead of waiting."""
+    """A subscriber (or store) that got as far as connecting fails the test at once instead of waiting."""
     def connected(*args, **kwargs):
         raise AssertionError("subscribe connected instead of refusing")
     monkeypatch.setattr("pipeline.subscribe.subscribe", connected)
+    monkeypatch.setattr("pipeline.storage.consume", connected)
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
@@ -47,8 +48,18 @@ def test_subscribe_refuses_a_count_below_one(no_connect, capsys, value: str) -> 
     _refused(capsys, "subscribe", "tcp://127.0.0.1:5555", "--count", value, says=["--count", f"'{value}'"])
 
 
-def test_subscribe_to_a_host_that_does_not_resolve_exits_2_naming_the_host(no_connect, capsys) -> None:
+def test_subscribe_to_a_host_that_does_not_resolve_exits_2_naming_the_host(no_connect, monkeypatch, capsys) -> None:
+    """The resolver answers 'unknown name' here without a lookup: tests send nothing beyond 127.0.0.1."""
+    import socket
+
+    def unknown(host, *args, **kwargs):
+        assert host == "nosuchhost.invalid"
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr("pipeline.subscribe.socket.getaddrinfo", unknown)
     _refused(capsys, "subscribe", "tcp://nosuchhost.invalid:5555", "--count", "1",
+             says=["'nosuchhost.invalid' does not resolve"])
+    _refused(capsys, "store", "tcp://nosuchhost.invalid:5555", "--uri", "unused",
              says=["'nosuchhost.invalid' does not resolve"])
 
 
@@ -57,6 +68,9 @@ def test_subscribe_to_an_ipc_path_in_a_missing_folder_exits_2_naming_the_folder(
     folder = tmp_path / "nope"
     _refused(capsys, "subscribe", f"ipc://{folder}/bs.sock", "--count", "1",
              says=[f"folder {folder} does not exist"])
+    _refused(capsys, "store", f"ipc://{folder}/bs.sock", "--uri", str(tmp_path / "store"),
+             says=[f"folder {folder} does not exist"])
+    assert not (tmp_path / "store").exists()
 
 
 def test_subscribe_with_a_folder_as_key_file_says_it_is_a_folder(no_connect, tmp_path: Path, capsys) -> None:
