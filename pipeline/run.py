@@ -32,7 +32,7 @@ __all__ = ["PUBLISHER_MAX_RESTARTS", "EndpointInUse", "NoSubscriber", "RunResult
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CONFIG, EXIT_STREAM_FAILED = 0, 2, 3
-EXIT_OUTPUT_FAILED = 5  # every stream ran, but an output (a recording, the store) could not be written
+EXIT_OUTPUT_FAILED = 5  # every stream ran, but an output (a recording, the store, a timeline page) could not be written
 EXIT_NO_SUBSCRIBER = 6  # publish.wait_for_subscribers: none came in time, nothing was published
 EXIT_INTERRUPTED = 130  # a replay stopped by Ctrl-C/SIGTERM before its end (128 + SIGINT, as shells do)
 PUBLISHER_MAX_RESTARTS = 2  # Ray restarts of the publisher actor (docs/guarantees.md)
