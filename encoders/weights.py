@@ -163,6 +163,9 @@ def resolve(checkpoint: str | Path, name: str = "imagebind_huge") -> Path:
         path = Path(checkpoint).expanduser()
         if path.is_file():
             return path
+        if path.is_dir():
+            raise CheckpointMissing(f"checkpoint {path.resolve()} is a folder; pass the .pth/.safetensors file in it, "
+                                    f"or 'auto' to use {cache_dir() / (name + '.pth')} (downloaded if missing)")
         cached = _cached(name) if str(checkpoint) in ("", name) else None
         if cached is not None:
             return cached

@@ -71,6 +71,8 @@ def _example(t: TriggerConfig, kind: str, path: Path, cfg: Any) -> dict[str, lis
     """The windows of example file ``path`` per modality it gives (``video``: vision, and audio
     when it has a sound track)."""
     where = f"config key 'triggers[{t.name}].{kind}'"
+    if path.is_dir():
+        raise ConfigError(f"{where}: {path} is a folder, expected an example {kind} file")
     if not path.is_file():
         raise ConfigError(f"{where}: example file {path} not found (paths resolve against the config file's folder)")
     modalities = [m for m in _EXAMPLE_MODALITIES[kind] if m != "audio" or _has_audio(path, where, kind)]

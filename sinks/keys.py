@@ -53,6 +53,8 @@ def _z85_key(value: bytes | str, what: str) -> bytes:
 
 def _load_cert(path: str | os.PathLike, *, secret: bool) -> tuple[bytes, bytes | None]:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"CurveZMQ key file {path} is a folder, expected a key file")
     if not path.is_file():
         raise FileNotFoundError(f"CurveZMQ key file {path} not found")
     try:
@@ -95,6 +97,9 @@ class CurveServerConfig:
         public, secret = _load_cert(server_secret_file, secret=True)
         if isinstance(allowed_clients, (str, os.PathLike)):
             directory = Path(allowed_clients)
+            if directory.is_file():
+                raise NotADirectoryError(f"allowed CurveZMQ client keys directory {directory} is a file, expected "
+                                         "the folder of the subscribers' '*.key' files")
             if not directory.is_dir():
                 raise FileNotFoundError(f"allowed CurveZMQ client keys directory {directory} not found")
             keys = [_load_cert(p, secret=False)[0] for p in sorted(directory.glob("*.key"))]
