@@ -11,7 +11,8 @@ import numpy as np
 
 from sources.errors import SourceError
 from sources.lines import MAX_LINE_CHARS, bounded_lines
-from sources.session import IMU_ROLES, StreamSpec, imu_cell, imu_csv_rows
+from sources.imu_csv import imu_cell, imu_csv_rows
+from sources.session import IMU_ROLES, StreamSpec
 from sources._common import _chunked, _Chunker, _Drops, _file_to_session, _SpacingCheck, open_file
 from sources.base import Chunk
 
@@ -31,7 +32,7 @@ class ImuCsvSource:
     Rows not matching ``spec.where`` are skipped silently (they hold other sensors); rows that
     are short, non-numeric or non-finite (NaN, inf, or a value beyond float32's range once
     converted to m/s^2, rad/s) are dropped, counted in ``dropped`` by reason and logged with
-    their line number. CSV quoting is off (:func:`sources.session.imu_csv_rows`): a stray
+    their line number. CSV quoting is off (:func:`sources.imu_csv.imu_csv_rows`): a stray
     ``"`` makes its row non-numeric and costs no other row. A line longer than
     :data:`sources.lines.MAX_LINE_CHARS` (64 Ki characters) is read past without being held and
     dropped as ``line_too_long``. A missing column is a :class:`SourceError` raised before any

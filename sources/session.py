@@ -12,17 +12,17 @@ and raise :class:`~sources.errors.SourceError` for problems only visible in the 
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 
 
 from sources.bagspec import bag_keys, is_bag_stream, parse_bag_stream
 from sources.curve import load_rig_keys
 from sources.errors import ConfigError
+from sources.imu_csv import check_imu_header
 from sources.yamlfile import read_yaml_file, short
 from sources.base import MODALITIES
 
@@ -31,8 +31,6 @@ __all__ = [
     "NAME_PATTERN",
     "IMU_ROLES",
     "IMU_PRESETS",
-    "imu_csv_rows",
-    "imu_cell",
     "TIME_UNITS",
     "StreamSpec",
     "SessionSpec",
@@ -310,7 +308,7 @@ def _parse_stream(raw: Any, index: int, session: str, root: Path, where: str) ->
 
     if modality == "imu":
         kw.update(_parse_imu(raw, at))
-        _check_imu_header(source, [c for _, c in kw["columns"]] + [c for c, _ in kw.get("where", ())], at)
+        check_imu_header(source, [c for _, c in kw["columns"]] + [c for c, _ in kw.get("where", ())], at)
     elif modality in ("depth", "thermal"):
         kw.update(_parse_frames(raw, modality, source, root, at))
     ids = _file_ids([source, kw.get("timestamps")], at)
@@ -445,48 +443,6 @@ def _parse_live_stream(raw: Mapping, sid: str, modality: str, session: str, root
     getattr(options, kind if kind in ("zmq", "imagezmq") else "av")()
     return StreamSpec(id=sid, modality=modality, source=root, session=session, offset=float(offset),
                       live=kind, clock=clock, options=tuple(sorted(options.opts.items())))
-
-
-def imu_csv_rows(lines: Iterable[str]) -> Iterator[list[str]]:
-    """The fields of each line of an IMU CSV, with CSV quoting off: the files are numeric, so a
-    stray ``"`` stays in its field (a bad value in one row) instead of opening a quoted field
-    that would swallow the lines after it. Read cells through :func:`imu_cell`."""
-    return csv.reader(lines, quoting=csv.QUOTE_NONE)
-
-
-def imu_cell(cell: str) -> str:
-    """A field of :func:`imu_csv_rows` without surrounding blanks and without one pair of
-    surrounding double quotes (spreadsheet exports quote header names)."""
-    cell = cell.strip()
-    if len(cell) >= 2 and cell[0] == cell[-1] == '"':
-        cell = cell[1:-1].strip()
-    return cell
-
-
-_HEADER_NAMES_SHOWN = 20
-_HEADER_NAME_CHARS = 40
-
-
-def _check_imu_header(source: Path, needed: list[str], at: str) -> None:
-    """Every column the stream names (``columns``, ``where``) is in the CSV's header row, read
-    here (its first 64 KiB at most) so that a typo is a config error before anything starts.
-    The message shows at most 20 of the file's names, each as it is when printable and at most
-    40 characters, else quoted, escaped and cut by :func:`~sources.yamlfile.short`: the first
-    line may be binary or one huge line."""
-    try:
-        with open(source, newline="", encoding="utf-8-sig", errors="replace") as f:
-            first = f.readline(64 * 1024)
-    except OSError as e:
-        raise ConfigError(f"{at}: key 'source': cannot read {source}: {e.strerror or e}") from None
-    names = [imu_cell(h) for h in next(imu_csv_rows([first]), [])]
-    missing = [c for c in needed if c not in names]
-    if missing:
-        shown = [n if n.isprintable() and len(n) <= _HEADER_NAME_CHARS else short(n, _HEADER_NAME_CHARS)
-                 for n in names[:_HEADER_NAMES_SHOWN]]
-        more = f", ... ({len(names)} columns)" if len(names) > _HEADER_NAMES_SHOWN else ""
-        has = ", ".join(shown) + more if names else "no header row"
-        cols = ", ".join(short(c) for c in missing[:_HEADER_NAMES_SHOWN])
-        raise ConfigError(f"{at}: column{'s' if len(missing) > 1 else ''} {cols} missing in {source}; the file has: {has}")
 
 
 def _parse_imu(raw: Mapping, at: str) -> dict[str, Any]:
