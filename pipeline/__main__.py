@@ -17,6 +17,7 @@ import argparse
 import logging
 import math
 import sys
+from typing import Any
 from pathlib import Path
 
 __all__ = ["main"]
@@ -203,6 +204,20 @@ def _prog() -> str:
     return "bindstream" if Path(sys.argv[0]).name == "bindstream" else "python -m pipeline"
 
 
+def _add_demo_args(sub: Any) -> None:
+    p = sub.add_parser("demo-session", help="write the deterministic synthetic demo session",
+                       description="Exit codes: 0 written, 2 DIR is a file, holds anything, or cannot be written, "
+                                   "or a flag is out of range.")
+    p.add_argument("dir", help="a new or empty folder to write the session into (created if missing)")
+    p.add_argument("--seconds", type=_demo_seconds, default=10.0,
+                   help="length of the session, more than 0 and at most 3600 (default 10)")
+    p.add_argument("--seed", type=_demo_seed, default=0,
+                   help="seed of the shapes, sounds and motion, 0 to 2**32-1 (default 0)")
+    p.add_argument("--name", type=_session_name, default="demo-ego",
+                   help="session name in session.yaml: letters, digits, '_', '.', '-' (default demo-ego)")
+    p.set_defaults(fn=_cmd_demo)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=_prog(), description="Streaming multimodal ImageBind embeddings: sessions in, ZeroMQ out.",
@@ -228,17 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the keys as the Markdown tables of docs/configuration.md")
     p.set_defaults(fn=_cmd_config)
 
-    p = sub.add_parser("demo-session", help="write the deterministic synthetic demo session",
-                       description="Exit codes: 0 written, 2 DIR is a file, holds anything, or cannot be written, "
-                                   "or a flag is out of range.")
-    p.add_argument("dir", help="a new or empty folder to write the session into (created if missing)")
-    p.add_argument("--seconds", type=_demo_seconds, default=10.0,
-                   help="length of the session, more than 0 and at most 3600 (default 10)")
-    p.add_argument("--seed", type=_demo_seed, default=0,
-                   help="seed of the shapes, sounds and motion, 0 to 2**32-1 (default 0)")
-    p.add_argument("--name", type=_session_name, default="demo-ego",
-                   help="session name in session.yaml: letters, digits, '_', '.', '-' (default demo-ego)")
-    p.set_defaults(fn=_cmd_demo)
+    _add_demo_args(sub)
 
     p = sub.add_parser("import-bag", help="write a session.yaml that replays a ROS 1/2 bag or .mcap file in place")
     p.add_argument("bag", help="a .bag file, a ROS 2 bag folder (with metadata.yaml) or a .mcap file")

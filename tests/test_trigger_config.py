@@ -40,7 +40,7 @@ def _parse(tmp_path: Path, *triggers: dict) -> object:
     ({"name": "bark", "text": "a dog", "image": "x.jpg"}, r"triggers\[bark\]'.*exactly one prompt.*got text and image"),
     ({"name": "bark", "text": "a dog", "on": 0.2, "off": 0.3}, r"triggers\[bark\]'.*off \(0.3\) must not be above on"),
     ({"name": "bark", "text": "a dog", "on": 1.2, "off": 0.3}, r"triggers\[bark\]'.*on \(1.2\) is above 1.*never fire"),
-    ({"name": "bark", "text": "a dog", "on": 0.5, "off": float("nan")}, r"triggers\[bark\]\.off'.*expected a number"),
+    ({"name": "bark", "text": "a dog", "on": 0.5, "off": float("nan")}, r"triggers\[bark\]\.off'.*expected a finite number"),
     ({"name": "bark", "text": "a dog", "modalities": ["vision", "smell"]}, r"triggers\[bark\]'.*unknown modality 'smell'"),
     ({"name": "bark", "text": "a dog", "score": "zscore"}, r"triggers\[bark\]\.score'.*cosine, calibrated"),
     ({"name": "bark", "text": "a dog", "loudness": 3}, r"unknown config key 'triggers\[bark\]\.loudness'"),
