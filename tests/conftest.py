@@ -25,6 +25,30 @@ os.environ.setdefault("RAY_enable_metrics_collection", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("RAY_TMPDIR", f"/tmp/bindstream-{os.environ['PYTEST_XDIST_WORKER']}")
 
+# The files that take longest (about a minute or more each on the 2-core CI machine, longest
+# first) go to the pytest-xdist workers before the others, which keep their order (pyproject's
+# --no-loadscope-reorder): the two workers then finish together, not one running the last long
+# file alone while the other idles. A file missing here only runs later.
+LONGEST_FIRST = (
+    "test_interrupts.py",
+    "test_record.py",
+    "test_pipeline_e2e.py",
+    "test_faults.py",
+    "test_cli_errors.py",
+    "test_hostile_live.py",
+    "test_store.py",
+    "test_triggers_e2e.py",
+    "test_record_safety.py",
+    "test_search.py",
+    "test_wheel.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort
+
+
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
