@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from typing import Any
 from pathlib import Path
+
+from pipeline.cli_types import number_type
 
 __all__ = ["main"]
 
@@ -159,20 +160,10 @@ def _cmd_import_bag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 def _demo_seconds(text: str) -> float:
     from sources.demo import MAX_SECONDS
 
-    value = _positive_seconds(text)
+    value = number_type(float, "a number of seconds", lambda v: v > 0, "a positive number of seconds")(text)
     if value > MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_SECONDS:g} seconds, got {text!r}")
     return value
@@ -181,13 +172,7 @@ def _demo_seconds(text: str) -> float:
 def _demo_seed(text: str) -> int:
     from sources.demo import MAX_SEED
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {MAX_SEED}, got {text!r}")
-    return value
+    return number_type(int, "a whole number", lambda v: 0 <= v <= MAX_SEED, f"a seed from 0 to {MAX_SEED}")(text)
 
 
 def _session_name(text: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import numpy as np
 import zmq
 
+from pipeline.cli_types import number_type
 from sinks.keys import CurveClientConfig
 from sinks.protocol import MAX_PAYLOAD_BYTES, Message, ProtocolError, decode, embedding_array
 
@@ -182,25 +183,9 @@ def add_subscribe_args(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return p
 
 
-def _positive_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of messages, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more messages, got {text!r}")
-    return value
-
-
-def _timeout_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, 0 or more, got {text!r} "
-                                         "(leave --timeout out to wait without limit)")
-    return value
+_positive_count = number_type(int, "a whole number of messages", lambda v: v >= 1, "1 or more messages")
+_timeout_seconds = number_type(float, "a number of seconds", lambda v: v >= 0, "a finite number of seconds, 0 or more",
+                               " (leave --timeout out to wait without limit)")
 
 
 def endpoint_problem(endpoint: str) -> str | None:
