@@ -200,15 +200,17 @@ def _file_to_session(spec: StreamSpec) -> Callable[[Any], Any]:
 
 class _SpacingCheck:
     """Warns once when the first timestamps of a file stream are spaced implausibly for its
-    kind of sensor (an IMU samples between 10 us and 1 s apart): the usual cause is a
+    kind of sensor (an IMU samples between 10 us and 1 s apart, a depth or thermal camera
+    between 1 ms and 10 s): the usual cause is a
     ``time_unit`` that does not match the file (microseconds read as seconds put 50 Hz samples
     20 034 s apart, each then a ``jump``). Fed session seconds; judges the median spacing of
     the first :attr:`SAMPLES` timestamps, or of all of them when the file ends before."""
 
     SAMPLES = 16
 
-    def __init__(self, spec: StreamSpec, lo: float, hi: float) -> None:
+    def __init__(self, spec: StreamSpec, lo: float, hi: float, path: Path | None = None) -> None:
         self._spec = spec
+        self._path = spec.source if path is None else path  # the file the timestamps come from
         self._lo, self._hi = lo, hi
         self._t: list[float] | None = []
 
@@ -236,7 +238,7 @@ class _SpacingCheck:
         better = f" (in {fits[0]} they would be {step / scale * TIME_UNITS[fits[0]]:g} s apart)" if fits else ""
         logger.warning("%s: the first timestamps of %s are %g s apart with time_unit: %s, implausible for %s "
                        "(expected %g to %g s); check the stream's time_unit%s and offset keys in session.yaml",
-                       spec.label, spec.rel(spec.source), step, spec.time_unit, spec.modality, self._lo, self._hi,
+                       spec.label, spec.rel(self._path), step, spec.time_unit, spec.modality, self._lo, self._hi,
                        better)
 
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from sources.errors import SourceError
 from sources.session import StreamSpec
-from sources._common import (SKIPPED, _chunked, _Chunker, _CpuMeter, _file_to_session, fd_path, media_error,
-                             open_checked, open_file)
+from sources._common import (SKIPPED, _chunked, _Chunker, _CpuMeter, _file_to_session, _SpacingCheck, fd_path,
+                             media_error, open_checked, open_file)
 from sources.base import Chunk
 from sources.imagesize import frame_size_problem, png_size
 from sources.base import DEFAULT_MAX_PIXELS
@@ -34,10 +34,22 @@ from sources.base import DEFAULT_MAX_PIXELS
 __all__ = ["FrameFolderSource", "NpyFramesSource", "read_timestamps"]
 
 logger = logging.getLogger("sources")
+_SPACING_S = (1e-3, 10.0)  # plausible seconds between depth or thermal frames: 1000 fps to one every 10 s
 
 
 def read_timestamps(spec: StreamSpec) -> tuple[list[str] | None, np.ndarray]:
-    """(frame names or ``None``, times on the session clock) from ``spec.timestamps``."""
+    """(frame names or ``None``, times on the session clock) from ``spec.timestamps``; a warning
+    with the unit that would fit when the first frames are spaced implausibly for a camera (a
+    ``time_unit`` that does not match the file)."""
+    names, times = _read_timestamps(spec)
+    check = _SpacingCheck(spec, *_SPACING_S, path=spec.timestamps)
+    for t in times[:_SpacingCheck.SAMPLES]:
+        check.add(float(t))
+    check.finish()
+    return names, times
+
+
+def _read_timestamps(spec: StreamSpec) -> tuple[list[str] | None, np.ndarray]:
     path = spec.timestamps
     if path is None:
         raise SourceError(f"{spec.label}: no timestamps file configured")

@@ -163,3 +163,26 @@ def test_plausible_imu_spacing_and_a_single_wild_jump_mid_stream_give_no_unit_hi
     with caplog.at_level(logging.WARNING, "sources.guard"):
         g.apply(Chunk("imu", "imu", np.array([0.0, 0.01, 0.02, 500.0, 0.03]), np.zeros((5, 6), np.float32)))
     assert g.dropped == {"jump": 1} and "jump" in caplog.text and "time_unit" not in caplog.text
+
+
+@pytest.mark.parametrize("unit, step, fits", [("s", 33.333, "in ms they would be 0.033333 s apart"),
+                                               ("ms", 33333.0, "in us they would be 0.033333 s apart")])
+def test_depth_frame_times_in_another_unit_warn_with_the_unit_that_fits(tmp_path, caplog, unit, step, fits):
+    """Depth at 30 Hz stamped in ms but declared in s: 33 s between frames, which no camera does."""
+    np.save(tmp_path / "d.npy", np.zeros((8, 3, 4), np.uint16))
+    times = "\n".join(f"{i * step:.3f}" for i in range(8)) + "\n"
+    s = _session(tmp_path, [{"id": "depth", "modality": "depth", "source": "d.npy", "timestamps": "d.csv",
+                             "time_unit": unit}], {"d.csv": times})
+    with caplog.at_level(logging.WARNING):
+        frames = sum(len(c.t) for c in open_source(s.stream("depth")))
+    assert frames == 8, "a warning only: every frame is still read"
+    assert "session 'edge' stream 'depth'" in caplog.text and "d.csv" in caplog.text and fits in caplog.text
+
+
+def test_plausible_frame_times_give_no_unit_hint(tmp_path, caplog):
+    np.save(tmp_path / "d.npy", np.zeros((8, 3, 4), np.uint16))
+    s = _session(tmp_path, [{"id": "depth", "modality": "depth", "source": "d.npy", "timestamps": "d.csv",
+                             "time_unit": "ms"}], {"d.csv": "\n".join(str(33 * i) for i in range(8)) + "\n"})
+    with caplog.at_level(logging.WARNING):
+        assert sum(len(c.t) for c in open_source(s.stream("depth"))) == 8
+    assert "time_unit" not in caplog.text
