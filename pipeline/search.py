@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.cli_types import number_type
 from sinks.protocol import MODALITIES
 from sinks.store import EMBEDDINGS, EmbeddingStore, StoreError, where_clause
 
@@ -306,14 +307,8 @@ def add_search_args(sub: Any) -> None:
     p.set_defaults(fn=_cmd_search)
 
 
-def _margin(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a cosine-score margin, got {text!r}") from None
-    if not 0 <= value <= MAX_MARGIN:  # also false for nan
-        raise argparse.ArgumentTypeError(f"expected a cosine-score margin from 0 to {MAX_MARGIN:g}, got {text!r}")
-    return value
+_margin = number_type(float, "a cosine-score margin", lambda v: 0 <= v <= MAX_MARGIN,
+                      f"a cosine-score margin from 0 to {MAX_MARGIN:g}")
 
 
 def _check_between(between: Sequence[float] | None) -> None:
