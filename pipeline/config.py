@@ -101,6 +101,8 @@ class ReplayConfig(_Section):
                                 minimum="positive")
     max_inflight_chunks: int = _key(4, "per source: pushes outstanding before the reader waits (backpressure)",
                                     minimum="positive")
+    stagger: bool = _key(True, "paced replay of N sessions: session k starts its clock k/N of a hop later, so their "
+                               "windows do not all end at once (same embeddings); false = all together")
 
 
 @dataclass(frozen=True)

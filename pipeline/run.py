@@ -21,7 +21,7 @@ from pipeline.config import RunConfig
 from pipeline.preflight import check_local_placement, check_timeline_path
 from pipeline.storage import store_options, store_results
 from pipeline.trigger_setup import embed_prompts, load_prompts, write_timeline
-from pipeline.run_loop import SourceWatch, error_line, wait_sessions
+from pipeline.run_loop import SourceWatch, error_line, replay_starts, wait_sessions
 from pipeline.watchdog import Watchdog
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
@@ -414,12 +414,14 @@ def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]
     the aligners fix each session's grid before the clock starts, so the first windows do not
     meet the start-up decoding (``StreamReader._paced_pieces``)."""
     lead = min(3.0, 2 * cfg.chunk_seconds / cfg.rate) if cfg.rate > 0 else 0.0
-    start_at = time.time() + 0.1 + lead
+    starts = replay_starts(time.time() + 0.1 + lead, [bool(spec.live) for spec in specs], cfg.window.hop,
+                           cfg.rate, cfg.replay.stagger)
     watch = SourceWatch()
-    for spec, al in zip(specs, aligners):
+    for spec, al, start_at in zip(specs, aligners, starts):
         for s in spec.streams:
             watch.add(al.source_run.remote(s.id, cfg.rate, cfg.max_inflight_chunks, start_at), al, s.id, spec.live)
     return watch
+
 
 
 def _fixed_endpoint(endpoint: str) -> str:

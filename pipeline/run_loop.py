@@ -1,6 +1,6 @@
-"""The driver's loop while the sessions run: progress bars, SIGINT/SIGTERM and ``stop_after``,
-each stream's end stats as it ends, and each session's summary (one the driver makes where the
-session's process died)."""
+"""The driver's loop while the sessions run: when each session's replay clock starts, progress
+bars, SIGINT/SIGTERM and ``stop_after``, each stream's end stats as it ends, and each session's
+summary (one the driver makes where the session's process died)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.stats import SessionResult
 from sources.session import SessionSpec
 
-__all__ = ["SourceWatch", "error_line", "wait_sessions"]
+__all__ = ["SourceWatch", "error_line", "replay_starts", "wait_sessions"]
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +212,17 @@ def _progress_bars(specs: list[SessionSpec], progress: bool | None) -> list[Any]
     from tqdm import tqdm
 
     return [tqdm(desc=s.name, unit="win", position=i, leave=True) for i, s in enumerate(specs)]
+
+
+def replay_starts(start_at: float, live: list[bool], hop: float, rate: float, stagger: bool) -> list[float]:
+    """The wall time each session's replay clock starts. Sessions started together end their
+    windows in the same instants, and every window end brings the encoder all N sessions' work
+    at once: with ``stagger`` (and ``rate`` > 0) the k-th of N replayed sessions starts ``k / N``
+    of a hop later, so their window ends spread evenly over the hop (the embeddings do not
+    change, only when each is made). Live sessions keep ``start_at`` (they are not paced)."""
+    replayed = [i for i, is_live in enumerate(live) if not is_live]
+    starts = [start_at] * len(live)
+    if stagger and rate > 0 and len(replayed) > 1:
+        for k, i in enumerate(replayed):
+            starts[i] = start_at + k * hop / rate / len(replayed)
+    return starts
