@@ -26,7 +26,7 @@ lie up to its 1 s span before the window end, and a video frame's chunk is sent 
 ``chunk_seconds`` after the frame, which those modalities' figures include or leave out.
 ``--realtime`` judges the latency beyond the window's span (``latency_beyond_window``: audio and
 IMU) against ``--target-p99``. The sessions' replay clocks start spread over one hop
-(``replay.stagger``, the default); ``--no-stagger`` starts them together, so every session's
+(``window.stagger``, the default); ``--no-stagger`` starts them together, so every session's
 windows end in the same instants. ``--no-select-frames`` turns frame selection off
 (docs/alignment.md) in both graph modes.
 
@@ -295,8 +295,8 @@ def bench_pipeline(sessions: list[Path], args: argparse.Namespace, rate: float =
 
     cfg = parse_config({
         "sessions": [str(s) for s in sessions],
-        "replay": {"rate": rate, "chunk_seconds": args.chunk_seconds, "stagger": args.stagger},
-        "window": {"release": args.release,
+        "replay": {"rate": rate, "chunk_seconds": args.chunk_seconds},
+        "window": {"release": args.release, "stagger": args.stagger,
                    "spans": {"depth": {"tolerance": args.tolerance}, "thermal": {"tolerance": args.tolerance}}},
         "model": {"config": args.model, "checkpoint": args.checkpoint, "precision": args.precision,
                   "device": args.device, "threads": args.threads},
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realtime", type=int, default=0, metavar="N",
                    help="also replay N sessions at rate 1.0 and report whether latency held")
     p.add_argument("--no-stagger", dest="stagger", action="store_false",
-                   help="start every session's replay clock together (replay.stagger: false), so their windows "
+                   help="start every session's replay clock together (window.stagger: false), so their windows "
                         "end in the same instants: the worst case for latency")
     p.add_argument("--target-p99", type=float, default=0.25, help="realtime latency target, s (default 0.25)")
     p.add_argument("--memory-check", action="store_true",

@@ -4,7 +4,9 @@ The rule (also in ``docs/alignment.md``):
 
 * The session clock is float64 seconds. The window grid starts at ``origin``: the configured
   value, or (``origin: auto``) the earliest first timestamp over all streams, fixed once every
-  stream has produced a sample or ended.
+  stream has produced a sample or ended; with ``phase`` set, that time moved back onto the
+  lattice ``phase + m * hop`` (live sessions of one run share a clock: each gets its own phase,
+  so their window ends spread over the hop; the first window is then shorter, nothing is lost).
 * Window ``k`` ends at ``e_k = origin + (k + 1) * hop``. Windows are causal: every modality's
   span ends at ``e_k``, so a live window can be released as soon as its last second has arrived.
 * Each modality takes its own span ending at ``e_k``: vision ``[e_k - 2, e_k)`` sampled to 2
@@ -112,6 +114,7 @@ class AlignConfig:
     release: str = "stream"  # "stream": each stream's part as soon as it is complete; "window": whole windows
     max_empty_run: int = MAX_EMPTY_RUN  # see the module docstring
     max_buffer_bytes: int | None = None  # live: over this, a nearest-frame stream is thinned (module docstring)
+    phase: float | None = None  # auto origin only: moved back onto phase + m * hop (the module docstring)
 
     def __post_init__(self) -> None:
         if self.release not in ("stream", "window"):
@@ -455,16 +458,12 @@ class Aligner:
             return True
         bufs = self._buffers.values()
         horizon = self._idle_horizon()
-        firsts_known = [b.first for b in bufs if b.first is not None]
-        if firsts_known and horizon >= min(firsts_known):
-            # A stream that stayed silent this long does not hold back the grid (live).
-            self.origin = min(firsts_known)
+        firsts = [b.first for b in bufs if b.first is not None]
+        # A stream that stayed silent past the idle horizon does not hold back the grid (live).
+        if firsts and (horizon >= min(firsts) or all(b.first is not None or b.ended for b in bufs)):
+            phase, hop = self.config.phase, self.config.hop
+            self.origin = min(firsts) if phase is None else phase + math.floor((min(firsts) - phase) / hop) * hop
             return True
-        if all(b.first is not None or b.ended for b in bufs):
-            firsts = [b.first for b in bufs if b.first is not None]
-            if firsts:
-                self.origin = min(firsts)
-                return True
         return False
 
     def _release(self) -> list[Window]:

@@ -101,8 +101,6 @@ class ReplayConfig(_Section):
                                 minimum="positive")
     max_inflight_chunks: int = _key(4, "per source: pushes outstanding before the reader waits (backpressure)",
                                     minimum="positive")
-    stagger: bool = _key(True, "paced replay of N sessions: session k starts its clock k/N of a hop later, so their "
-                               "windows do not all end at once (same embeddings); false = all together")
 
 
 @dataclass(frozen=True)
@@ -114,6 +112,8 @@ class WindowConfig(_Section):
                                    minimum="non-negative")
     release: str = _key("stream", "stream: each stream's part of a window as soon as it is complete; window: whole windows",
                         choices=("stream", "window"), expected="'stream' or 'window'")
+    stagger: bool = _key(True, "N sessions: the k-th ends its windows k/N of a hop after the first's, not all in one "
+                               "instant (replay: its clock starts later, same embeddings; live: its grid); false = together")
     spans: Mapping[str, ModalitySpan] = _key(
         help="what each modality takes, ending at the window end (ImageBind's training spans)",
         factory=lambda: dict(DEFAULT_SPANS), loose=True, build=_build_spans)

@@ -21,7 +21,7 @@ from pipeline.config import RunConfig
 from pipeline.preflight import check_local_placement, check_timeline_path
 from pipeline.storage import store_options, store_results
 from pipeline.trigger_setup import embed_prompts, load_prompts, write_timeline
-from pipeline.run_loop import SourceWatch, error_line, replay_starts, wait_sessions
+from pipeline.run_loop import SourceWatch, error_line, replay_starts, session_align, stagger_phases, wait_sessions
 from pipeline.watchdog import Watchdog
 from sources.errors import ConfigError
 from sources.session import SessionSpec, load_session, session_from_dict
@@ -382,7 +382,8 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
         "align": cfg.align,
     }
     aligners = []
-    for spec in specs:
+    phases = _phases(cfg, specs)
+    for k, spec in enumerate(specs):
         streams = {s.id: s.modality for s in spec.streams}  # towers checked in resolve_model_options
         # start first: its seqs go to the aligner, which resumes a restarted publisher from them.
         start_seqs = ray.get(publisher.start_session.remote(
@@ -391,7 +392,7 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
         # Reading the session's streams, the aligner goes where sources are placed.
         al = AlignerActor.options(name=f"bindstream.aligner.{spec.name}.{uid}",
                                   **_placement(cfg, "source_resources")).remote(
-            spec.name, streams, cfg.align, encoders, publisher,
+            spec.name, streams, session_align(cfg.align, spec.live, None if phases is None else phases[k]), encoders, publisher,
             max_inflight_windows=int(cfg.encoders.max_inflight_windows),
             coalesce_ms=float(cfg.encoders.coalesce_ms),
             heartbeat_s=float(cfg.publish.heartbeat_s),
@@ -406,6 +407,10 @@ def _start_sessions(cfg: RunConfig, specs: list[SessionSpec], info: dict[str, An
     return aligners
 
 
+def _phases(cfg: RunConfig, specs: list[SessionSpec]) -> list[float] | None:
+    return stagger_phases(len(specs), cfg.window.hop, cfg.window.stagger)
+
+
 def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]) -> "SourceWatch":
     """Start reading every stream; the watch that collects their end stats.
 
@@ -414,8 +419,7 @@ def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]
     the aligners fix each session's grid before the clock starts, so the first windows do not
     meet the start-up decoding (``StreamReader._paced_pieces``)."""
     lead = min(3.0, 2 * cfg.chunk_seconds / cfg.rate) if cfg.rate > 0 else 0.0
-    starts = replay_starts(time.time() + 0.1 + lead, [bool(spec.live) for spec in specs], cfg.window.hop,
-                           cfg.rate, cfg.replay.stagger)
+    starts = replay_starts(time.time() + 0.1 + lead, [bool(spec.live) for spec in specs], _phases(cfg, specs), cfg.rate)
     watch = SourceWatch()
     for spec, al, start_at in zip(specs, aligners, starts):
         for s in spec.streams:

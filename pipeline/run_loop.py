@@ -10,12 +10,14 @@ import re
 import signal
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
+from pipeline.align import AlignConfig
 from pipeline.stats import SessionResult
 from sources.session import SessionSpec
 
-__all__ = ["SourceWatch", "error_line", "replay_starts", "wait_sessions"]
+__all__ = ["SourceWatch", "error_line", "replay_starts", "session_align", "stagger_phases", "wait_sessions"]
 
 log = logging.getLogger(__name__)
 
@@ -214,15 +216,27 @@ def _progress_bars(specs: list[SessionSpec], progress: bool | None) -> list[Any]
     return [tqdm(desc=s.name, unit="win", position=i, leave=True) for i, s in enumerate(specs)]
 
 
-def replay_starts(start_at: float, live: list[bool], hop: float, rate: float, stagger: bool) -> list[float]:
-    """The wall time each session's replay clock starts. Sessions started together end their
-    windows in the same instants, and every window end brings the encoder all N sessions' work
-    at once: with ``stagger`` (and ``rate`` > 0) the k-th of N replayed sessions starts ``k / N``
-    of a hop later, so their window ends spread evenly over the hop (the embeddings do not
-    change, only when each is made). Live sessions keep ``start_at`` (they are not paced)."""
-    replayed = [i for i, is_live in enumerate(live) if not is_live]
-    starts = [start_at] * len(live)
-    if stagger and rate > 0 and len(replayed) > 1:
-        for k, i in enumerate(replayed):
-            starts[i] = start_at + k * hop / rate / len(replayed)
-    return starts
+def stagger_phases(n: int, hop: float, stagger: bool) -> list[float] | None:
+    """Each of ``n`` sessions' window phase, ``k / n`` of a hop for the k-th (config order);
+    ``None`` when the sessions' windows end together (``stagger`` off, or one session).
+    Sessions whose windows end in the same instants bring the encoder all their work at once at
+    every window end; spread over the hop, it comes a session at a time."""
+    return [k * hop / n for k in range(n)] if stagger and n > 1 else None
+
+
+def replay_starts(start_at: float, live: list[bool], phases: list[float] | None, rate: float) -> list[float]:
+    """The wall time each session's replay clock starts: ``start_at``, or with ``phases`` (and
+    ``rate`` > 0) that plus the session's phase in wall time, so the replayed sessions' window
+    ends spread over the hop (the embeddings do not change, only when each is made). Live
+    sessions keep ``start_at``: they are not paced (their phase moves their grid instead)."""
+    if phases is None or rate <= 0:
+        return [start_at] * len(live)
+    return [start_at if is_live else start_at + phase / rate for is_live, phase in zip(live, phases)]
+
+
+def session_align(align: AlignConfig, live: bool, phase: float | None) -> AlignConfig:
+    """A session's window rule: a live session whose grid starts at its first sample
+    (``origin: auto``) gets its phase, on the clock every live session of the run shares."""
+    if not live or phase is None or align.origin is not None:
+        return align
+    return replace(align, phase=phase)
