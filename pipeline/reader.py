@@ -2,7 +2,9 @@
 (:class:`ReaderHost`). A :class:`StreamReader` hands its chunks to the session through a
 :class:`SessionPort`, which runs the calls on the aligner's event loop: a chunk goes by
 reference, with no Ray call, and at most ``max_inflight`` pushes are outstanding, so a slow
-aligner holds the reader back (backpressure) instead of decoded frames queueing without limit."""
+aligner holds the reader back (backpressure) instead of decoded frames queueing without limit.
+The session's ports share a :class:`ReadProgress`: how far its streams have been read, which
+paced text asks before waiting for a caption far beyond every other stream."""
 
 from __future__ import annotations
 
@@ -12,14 +14,15 @@ import concurrent.futures
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Coroutine, Iterable, Iterator, Protocol
+from typing import Any, Coroutine, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 import ray
 
-__all__ = ["Session", "SessionPort", "StreamReader", "ReaderHost"]
+__all__ = ["Session", "ReadProgress", "SessionPort", "StreamReader", "ReaderHost"]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +38,50 @@ class Session(Protocol):
                          chunks: int = 0) -> None: ...
 
 
+class ReadProgress:
+    """How far the streams of one session have been read: the latest sample time each pushed,
+    and which have ended. Its session's ports share it, each from its reader's thread."""
+
+    def __init__(self, modalities: Mapping[str, str]) -> None:
+        self._modality = dict(modalities)  # stream id -> modality: every stream of the session
+        self._latest: dict[str, float] = {}
+        self._ended: set[str] = set()
+        self._lock = threading.Lock()
+
+    def reached(self, stream: str, t: float) -> None:
+        """``stream`` pushed a sample at stream time ``t``."""
+        with self._lock:
+            self._latest[stream] = max(t, self._latest.get(stream, -math.inf))
+
+    def ended(self, stream: str) -> None:
+        with self._lock:
+            self._ended.add(stream)
+
+    def sensors_end(self) -> float | None:
+        """The latest sample time of the session's streams other than text, once every one of
+        them has ended; ``None`` while one is still read, or when none of them pushed a sample
+        (there is no end to compare a caption with)."""
+        with self._lock:
+            sensors = [s for s, m in self._modality.items() if m != "text"]
+            if not all(s in self._ended for s in sensors):
+                return None
+            times = [self._latest[s] for s in sensors if s in self._latest]
+        return max(times) if times else None
+
+
 class SessionPort:
     """One stream's way into its session, for the reader's thread: every call runs on the
     session's event loop (``loop``). At most ``max_inflight`` pushes are outstanding; :meth:`push`
-    blocks the reader while the session holds them back."""
+    blocks the reader while the session holds them back. ``progress``: the session's
+    :class:`ReadProgress`, which the port keeps up to date with this stream's pushes and end."""
 
-    def __init__(self, session: Session, loop: asyncio.AbstractEventLoop, stream: str, max_inflight: int) -> None:
+    def __init__(self, session: Session, loop: asyncio.AbstractEventLoop, stream: str, max_inflight: int,
+                 progress: ReadProgress | None = None) -> None:
         self._session, self._loop, self.stream = session, loop, stream
         self._max = max(1, int(max_inflight))
         self._inflight: collections.deque[concurrent.futures.Future] = collections.deque()
         self._origin: float | None = None
+        self._progress = progress
 
     def push(self, chunk: Any, seq: int) -> float | None:
         """Hand ``chunk`` (the stream's ``seq``-th) to the session; returns the session's window
@@ -52,6 +89,8 @@ class SessionPort:
         while len(self._inflight) >= self._max:
             self._note(self._inflight.popleft().result())
         self._inflight.append(self._call(self._session.push(chunk, seq)))
+        if self._progress is not None and len(chunk):
+            self._progress.reached(self.stream, float(np.nanmax(chunk.t)))
         while self._inflight and self._inflight[0].done():  # replies already in: the origin early
             self._note(self._inflight.popleft().result())
         return self._origin
@@ -76,7 +115,15 @@ class SessionPort:
             except Exception:
                 pass
         self._inflight.clear()
-        self._call(self._session.end_stream(self.stream, error, dropped, chunks)).result()
+        try:
+            self._call(self._session.end_stream(self.stream, error, dropped, chunks)).result()
+        finally:
+            if self._progress is not None:
+                self._progress.ended(self.stream)
+
+    def sensors_end(self) -> float | None:
+        """:meth:`ReadProgress.sensors_end` of the session (``None`` without one)."""
+        return self._progress.sensors_end() if self._progress is not None else None
 
     def _call(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -121,13 +168,15 @@ class StreamReader:
 
     def run(self, port: SessionPort, rate: float, start_at: float | None = None) -> dict[str, Any]:
         """Read the stream to its end through ``port``; returns its end stats. ``start_at``: the
-        wall time (``time.time()``) at which every stream of the run starts, for paced replay."""
+        wall time (``time.time()``) at which every stream of the run starts, for paced replay.
+        ``unpaced_from`` in the stats: the stream time from which paced text stopped waiting
+        (:meth:`_beyond_sensors`), else ``None``."""
         from pipeline.metrics import source_cpu_split
         from sources.guard import StreamGuard
 
         self._port = port
         error: str | None = None
-        source = prefetch = guard = None
+        source = prefetch = guard = pacer = None
         wall_start, thread0 = time.time(), time.thread_time()  # this thread: the base of the CPU split
         try:
             # max_gap_s belongs to the guard, not to the source readers.
@@ -156,7 +205,8 @@ class StreamReader:
         return {"stream": self.spec.id, "chunks": self.chunks, "samples": self.samples, "error": error,
                 "dropped": dropped, "cpu_s": split["total_s"], "wall_s": time.time() - wall_start,
                 "t_start": wall_start, "cpu_split": split,
-                "frames_skipped": self._select.skipped if self._select is not None else 0, **self._close_record()}
+                "frames_skipped": self._select.skipped if self._select is not None else 0,
+                "unpaced_from": getattr(pacer, "unpaced_from", None), **self._close_record()}
 
     def _live_now(self) -> Any:
         """Live: the session clock's present (plus the stream's ``offset``), the guard's anchor."""
@@ -192,7 +242,7 @@ class StreamReader:
         if rate <= 0 or self._live is not None:
             return None, None
         pacer = ReplayPacer(rate, float(self.options.get("chunk_seconds") or 1.0), next_need=self._next_need,
-                            wall0=start_at)
+                            wall0=start_at, stop_waiting=self._beyond_sensors if self.spec.modality == "text" else None)
         select = self._select
         return pacer, Prefetch(source, depth=2, niceness=4, holdoff_s=pacer.every / rate / 2,
                                after_first=lambda: select is None or select.origin is not None,
@@ -276,6 +326,28 @@ class StreamReader:
         if self._select is not None and self._select.origin is None:
             self._select.origin = self._grid_origin
 
+    def _beyond_sensors(self, x: float) -> bool:
+        """Paced text (``ReplayPacer.stop_waiting``): true when a chunk whose first caption is at
+        stream time ``x`` is not worth waiting for: every stream of the session that is not
+        text has ended, and ``x`` lies more than one hop (``window.hop``) past the latest sample
+        they pushed. Such a caption is in none of the windows those streams reach (the last of
+        them ends less than a hop after their last sample), and waiting for it would only keep
+        the replay running until its far-off time. The stream's chunks then go out at once, as
+        at rate 0 (the same windows), and one warning names the caption: a time that far is most
+        likely read in the wrong unit. Nothing is dropped."""
+        end = self._port.sensors_end() if self._port is not None else None
+        align = self.options.get("align")
+        hop = float(align.hop) if align is not None else 1.0
+        if end is None or not x > end + hop:
+            return False
+        where = f" ({self.spec.rel(self.spec.source)})" if self.spec.source is not None else ""
+        log.warning("session '%s' stream '%s'%s: a caption at t=%.3f s lies more than window.hop (%g s) past the "
+                    "session's other streams, which ended at t=%.3f s; paced replay sends the rest of the stream "
+                    "at once instead of waiting for it. Check the captions' time unit (time_unit in the session "
+                    "file, docs/session-format.md) and offset",
+                    self.session, self.spec.id, where, x, hop, end)
+        return True
+
     def _next_need(self, x: float) -> float | None:
         """When the session next waits for this stream (paced replay aims its watermarks there)."""
         from pipeline.selection import next_need
@@ -319,11 +391,13 @@ class StreamReader:
 
 class ReaderHost:
     """A session's readers, run in threads of this (the aligner's) process; their ports lead
-    onto ``session``'s event loop. A crash of the process ends every stream of the session."""
+    onto ``session``'s event loop and share the session's :class:`ReadProgress`. A crash of the
+    process ends every stream of the session."""
 
     def __init__(self, session_name: str, sources: list[tuple[Any, dict[str, Any]]], session: Session) -> None:
         self._session = session
         self._readers = {spec.id: StreamReader(session_name, spec, opts) for spec, opts in sources}
+        self._progress = ReadProgress({spec.id: spec.modality for spec, _ in sources})
         # A thread per stream for its run, and as many again for ready() calls made meanwhile.
         self._pool = ThreadPoolExecutor(max_workers=max(1, 2 * len(self._readers)), thread_name_prefix="source")
 
@@ -336,7 +410,7 @@ class ReaderHost:
         """:meth:`StreamReader.run` in a reader thread, its pushes on this event loop; the end
         stats with the node and process the stream was read in."""
         loop = asyncio.get_running_loop()
-        port = SessionPort(self._session, loop, stream, max_inflight)
+        port = SessionPort(self._session, loop, stream, max_inflight, self._progress)
         stats = await loop.run_in_executor(self._pool, self._readers[stream].run, port, rate, start_at)
         return {**stats, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 

@@ -85,12 +85,18 @@ class ReplayPacer:
     ``next_need(x)``, when given, is the first stream time after ``x`` that a window waits for
     (its end, plus the modality's tolerance), or ``None``: a watermark is sent then, not only
     every ``every``. ``clock`` and ``sleep`` are injected for tests.
+
+    ``stop_waiting(x)``, when given, is asked while a chunk whose first sample is at stream time
+    ``x`` waits: once it returns true, that chunk and every later one of the stream go out at
+    once, uncut, as at rate 0 (:attr:`unpaced_from` is then ``x``). Paced text uses it for a
+    caption far beyond every other stream of its session, which would otherwise keep the replay
+    running until the replay clock reached it (``pipeline.reader.StreamReader``).
     """
 
     def __init__(self, rate: float, every: float, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep,
                  next_need: Callable[[float], float | None] | None = None,
-                 wall0: float | None = None) -> None:
+                 wall0: float | None = None, stop_waiting: Callable[[float], bool] | None = None) -> None:
         if not rate > 0 or not every > 0:
             raise ValueError(f"ReplayPacer: rate and every must be > 0, got {rate!r}, {every!r}")
         self.rate = rate
@@ -100,6 +106,8 @@ class ReplayPacer:
         self.next_need = next_need
         self.wall0 = clock() if wall0 is None else wall0
         self.t_first: float | None = None
+        self.stop_waiting = stop_waiting
+        self.unpaced_from: float | None = None  # set once stop_waiting said so: nothing waits from then on
 
     def split(self, chunk: Chunk) -> list[Chunk]:
         """``chunk`` cut where a window waits for the stream (``next_need``), so the samples up
@@ -108,7 +116,7 @@ class ReplayPacer:
         but the last is bounded by the next piece's first sample (its ``passed``). A chunk whose
         times are not increasing, or any chunk before the window grid is known, stays whole."""
         t = chunk.t
-        if self.next_need is None or len(t) < 2 or not bool(np.all(np.diff(t) > 0)):
+        if self.unpaced_from is not None or self.next_need is None or len(t) < 2 or not bool(np.all(np.diff(t) > 0)):
             return [chunk]
         pieces: list[Chunk] = []
         while len(chunk) > 1:
@@ -140,6 +148,8 @@ class ReplayPacer:
         cap = float(np.nanmin(chunk.t))  # nothing is promised past an unsent sample
         if self.t_first is None:
             self.t_first = cap
+        if self._stopped(cap):
+            return
         newest = float(np.nanmax(chunk.t))
         x_send = min(chunk.known_at(), newest + self.every)
         need = self.next_need(newest) if self.next_need is not None else None
@@ -153,17 +163,27 @@ class ReplayPacer:
         due = self.wall(x_send)
         while True:
             now = self.clock()
-            if now >= due:
+            if now >= due or self._stopped(cap):
                 return
             upto = sent_upto()
             x_beat = upto + self.every
             need = self.next_need(upto) if self.next_need is not None and math.isfinite(upto) else None
             if need is not None and upto < need < x_beat:
                 x_beat = need
-            if not math.isfinite(x_beat) or x_beat >= cap:
-                self.sleep(due - now)
-                return
+            if not math.isfinite(x_beat) or x_beat >= cap:  # no watermark to send before the chunk
+                if self.stop_waiting is None or due - now <= self.every / self.rate:
+                    self.sleep(due - now)
+                    return
+                self.sleep(self.every / self.rate)  # then stop_waiting is asked again
+                continue
             t_beat = self.wall(x_beat)
             if t_beat > now:
                 self.sleep(t_beat - now)
             yield x_beat
+
+    def _stopped(self, x: float) -> bool:
+        """Whether chunks go out without waiting from one whose first sample is at ``x`` on
+        (``stop_waiting``); once true, it stays true for the rest of the stream."""
+        if self.unpaced_from is None and self.stop_waiting is not None and self.stop_waiting(x):
+            self.unpaced_from = x
+        return self.unpaced_from is not None

@@ -22,10 +22,10 @@ class FakeTime:
         self.now += s
 
 
-def _replay(chunks: list[Chunk], rate: float = 1.0, every: float = 0.5):
+def _replay(chunks: list[Chunk], rate: float = 1.0, every: float = 0.5, stop_waiting=None):
     """[(wall seconds since the first chunk was waited for, 'chunk' | 'beat', passed or newest)] as a stream reader sends."""
     ft = FakeTime()
-    pacer = ReplayPacer(rate, every, clock=ft.clock, sleep=ft.sleep)
+    pacer = ReplayPacer(rate, every, clock=ft.clock, sleep=ft.sleep, stop_waiting=stop_waiting)
     sent_upto = -np.inf
     out = []
     for c in chunks:
@@ -152,6 +152,57 @@ def test_a_frame_goes_out_when_its_window_waits_not_when_the_next_frame_exists()
         list(pacer.wait(c, lambda: -np.inf))
         sent.append((round(ft.now - 100.0, 6), c.passed))
     assert sent == [(0.5, 0.5), (1.05, 1.05)]
+
+
+
+def test_a_far_caption_is_not_waited_for_once_stop_waiting_says_so_and_neither_is_the_rest():
+    """A caption at 100000 s after one at 0.5 s: while ``stop_waiting`` says no (the session's
+    other streams still run) the pacer sends watermarks and waits; from the moment it says yes
+    (at 3 s of wall time here) that chunk goes out at once, and so do the later ones, whole."""
+    ft = FakeTime()
+    asked: list[float] = []
+
+    def others_ended(x: float) -> bool:
+        asked.append(x)
+        return ft.now >= 103.0
+
+    pacer = ReplayPacer(1.0, 0.5, clock=ft.clock, sleep=ft.sleep, stop_waiting=others_ended)
+    pacer.anchor(_caption(0.5, None))  # the stream's first caption, sent at once; its clock starts at 100
+    sent = 0.5
+    beats = []
+    for x in pacer.wait(_caption(100000.0, None), lambda: sent):  # noqa: B023 (reads the current value on purpose)
+        beats.append(x)
+        sent = x
+    assert ft.now == pytest.approx(103.0)  # not 99999.5 s after the start
+    assert beats == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0, 3.5])  # the watermarks until then
+    assert pacer.unpaced_from == 100000.0
+    n_asked = len(asked)
+    later = Chunk("tx", "text", np.array([100001.0, 100001.2]), ["y", "z"], passed=None)
+    assert pacer.split(later) == [later]
+    assert list(pacer.wait(later, lambda: 100000.0)) == []
+    assert ft.now == pytest.approx(103.0) and len(asked) == n_asked  # no wait, nothing more to ask
+
+
+def test_a_caption_is_waited_for_while_stop_waiting_says_no():
+    """The same pacer whose ``stop_waiting`` says no sends a near caption at its time, as without
+    one, and keeps waiting for a far one; with no watermark to send (a stream whose first chunk
+    was paced: nothing sent yet) it still asks again every ``every`` of stream time."""
+    near = [_caption(0.5, 3.0), _caption(3.0, 5.5), _caption(5.5, None)]
+    assert _replay(near, stop_waiting=lambda x: False) == _replay(near)
+    ft = FakeTime()
+    pacer = ReplayPacer(1.0, 0.5, clock=ft.clock, sleep=ft.sleep, stop_waiting=lambda x: False)
+    pacer.anchor(_caption(0.5, None))
+    sent = [0.5]
+    waiting = pacer.wait(_caption(100000.0, None), lambda: sent[-1])
+    for _ in range(200):
+        sent.append(next(waiting))
+    assert ft.now == pytest.approx(200.0) and pacer.unpaced_from is None  # still waiting after 100 s
+
+    ft = FakeTime()
+    pacer = ReplayPacer(1.0, 0.5, clock=ft.clock, sleep=ft.sleep, stop_waiting=lambda x: ft.now >= 102.0)
+    pacer.anchor(_caption(0.5, None))
+    assert list(pacer.wait(_caption(100000.0, None), lambda: -np.inf)) == []
+    assert ft.now == pytest.approx(102.0) and pacer.unpaced_from == 100000.0
 
 
 # -- reading ahead (sources._common.Prefetch), as paced replay sources do ---------------------
