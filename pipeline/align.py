@@ -4,9 +4,8 @@ The rule (also in ``docs/alignment.md``):
 
 * The session clock is float64 seconds. The window grid starts at ``origin``: the configured
   value, or (``origin: auto``) the earliest first timestamp over all streams, fixed once every
-  stream has produced a sample or ended; with ``phase`` set, that time moved back onto the
-  lattice ``phase + m * hop`` (live sessions of one run share a clock: each gets its own phase,
-  so their window ends spread over the hop; the first window is then shorter, nothing is lost).
+  stream has produced a sample or ended; with ``phase``, moved back onto ``phase + m * hop`` (a
+  live session's own phase on the run's shared clock; its first window is shorter, none lost).
 * Window ``k`` ends at ``e_k = origin + (k + 1) * hop``. Windows are causal: every modality's
   span ends at ``e_k``, so a live window can be released as soon as its last second has arrived.
 * Each modality takes its own span ending at ``e_k``: vision ``[e_k - 2, e_k)`` sampled to 2
@@ -37,8 +36,8 @@ The rule (also in ``docs/alignment.md``):
 * A modality is present in a window when its stream has at least one sample in the span (two
   for IMU, one frame within tolerance for depth/thermal, one utterance for text); otherwise the
   window is released without it and lists the stream in ``missing``.
-* When every stream has ended, windows are released up to the last one whose end passes the
-  latest timestamp seen: ``K = ceil((t_last - origin) / hop)`` windows in all (at least one).
+* When every stream has ended, windows are released up to the first one that ends after the
+  latest timestamp seen: ``K = floor((t_last - origin) / hop) + 1`` windows in all.
 * Live sessions only (``idle_after`` set): a stream that has fallen ``idle_after`` seconds
   behind the newest timestamp of any stream of the session is *idle*: it counts as having passed
   up to ``newest - idle_after`` (and stops holding back the origin), so a silent sensor delays
@@ -441,11 +440,13 @@ class Aligner:
         return self._known_count()
 
     def _known_count(self) -> int:
-        """Windows known to exist: up to the first whose end passes the latest sample so far
-        (at least one). Once every stream has ended, that is the final count."""
+        """Windows known to exist (the final count once every stream has ended): up to the first
+        ending after the latest sample, by :func:`window_end` as the cuts; a sample on an end is in the next."""
         if self.origin is None or not math.isfinite(self._t_last):
             return 0
-        return max(1, math.ceil((self._t_last - self.origin) / self.config.hop - 1e-9))
+        k = max(1, math.floor((self._t_last - self.origin) / self.config.hop) + 1)
+        k += self._window_end(k - 1) <= self._t_last  # the division rounded down across an end
+        return k - (k > 1 and self._window_end(k - 2) > self._t_last)  # or up across one
 
     def _idle_horizon(self) -> float:
         """Time up to which an idle stream counts as passed (live only; -inf otherwise)."""

@@ -346,6 +346,20 @@ def test_property_every_window_released_once_in_order_and_counts_balance(release
             assert item.t_start <= item.t_end <= w.t_end + al.config.spans[item.modality].lookahead() + 1e-9
 
 
+@settings(max_examples=100, deadline=None)
+@given(steps=st.sets(st.integers(0, 80), min_size=1, max_size=30), hop=st.sampled_from([0.25, 0.5, 1.0, 2.0]))
+def test_property_every_caption_is_in_exactly_one_window_even_on_a_window_end(steps, hop):
+    """With a text span of one hop, windows ``[e_k - hop, e_k)`` tile the session: each caption
+    is in one window, the last one too when it lies exactly on a window end (a 0.25 s grid)."""
+    times = sorted(0.25 * k for k in steps)
+    al = Aligner("s", {"cap": "text"}, AlignConfig(hop=hop, spans={"text": ModalitySpan(span=hop)}))
+    out = al.push(Chunk("cap", "text", np.array(times), [f"w{i}" for i in range(len(times))]))
+    out += al.end_stream("cap")
+    words = [w for win in out for item in win.items for w in item.payload.split()]
+    assert sorted(words) == sorted(f"w{i}" for i in range(len(times))), (times, hop)
+    assert not al.dropped
+
+
 def test_list_source_drives_the_aligner_like_a_real_source():
     from sources.memory import ListSource
 
