@@ -47,7 +47,8 @@ class RunResult:
     encoder_stats: list[dict[str, Any]] = field(default_factory=list)
     # What each stream's reader returned (stream, chunks, samples, error, dropped, cpu_s, wall_s, node_id, pid,
     # cpu_split: decode/resize/other seconds, see pipeline.metrics.source_cpu_split; frames_skipped:
-    # frames left out by frame selection, docs/alignment.md).
+    # frames left out by frame selection, docs/alignment.md; unpaced_from: the stream time from
+    # which paced text stopped waiting, pipeline.reader.StreamReader.run).
     source_stats: list[dict[str, Any]] = field(default_factory=list)
     # The publisher's stats() just before close: next_seq, published, dropped (topic -> live-mode
     # ``hwm`` drops), endpoint, mode, subscriptions. After a publisher restart: the last incarnation's.
@@ -425,7 +426,6 @@ def _start_streams(cfg: RunConfig, specs: list[SessionSpec], aligners: list[Any]
         for s in spec.streams:
             watch.add(al.source_run.remote(s.id, cfg.rate, cfg.max_inflight_chunks, start_at), al, s.id, spec.live)
     return watch
-
 
 
 def _fixed_endpoint(endpoint: str) -> str:
