@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from pipeline.cli_types import number_type
 

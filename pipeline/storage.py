@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli_types import number_type
 from pipeline.config import RunConfig, tcp_port_problem
 
 __all__ = ["add_store_args", "consume", "store_lost", "store_options", "store_results"]
@@ -171,6 +171,10 @@ def consume(endpoint: str, uri: str, *, topic: str = "emb/", curve_client: Any =
     return reports
 
 
+_session_count = number_type(int, "a whole number of sessions", lambda v: v >= 1, "1 or more sessions")
+_timeout_seconds = number_type(float, "a number of seconds", lambda v: v > 0, "a finite number of seconds > 0")
+
+
 def add_store_args(sub: Any) -> None:
     p = sub.add_parser("store", help="keep what a running publisher sends in an embedding store",
                        description="Subscribe to a bindstream publisher and write every embedding, and every "
@@ -183,8 +187,9 @@ def add_store_args(sub: Any) -> None:
     p.add_argument("--topic", default="emb/", metavar="PREFIX", help="embeddings to keep, e.g. emb/SESSION/ (default: all)")
     p.add_argument("--server-key", type=Path, metavar="FILE", help="CurveZMQ: the publisher's public key file (server.key)")
     p.add_argument("--client-key", type=Path, metavar="FILE", help="CurveZMQ: this consumer's key pair file (NAME.key_secret)")
-    p.add_argument("--sessions", type=int, default=None, metavar="N", help="stop after N sessions ended (default: never)")
-    p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
+    p.add_argument("--sessions", type=_session_count, default=None, metavar="N",
+                   help="stop after N sessions ended (default: never)")
+    p.add_argument("--timeout", type=_timeout_seconds, default=None, dest="timeout_s",
                    help="stop after this many seconds without a message (counted from the first message; the "
                         "first is waited for without limit)")
     p.add_argument("--checkpoint", default="auto", help="the run's model.checkpoint, recorded for queries (default auto)")
@@ -211,10 +216,6 @@ def _store_args_problem(args: argparse.Namespace) -> str | None:
     port_problem = tcp_port_problem(args.endpoint, bind=False) or endpoint_problem(args.endpoint)
     if port_problem:
         return port_problem
-    if args.sessions is not None and args.sessions < 1:
-        return f"--sessions: expected at least 1, got {args.sessions}"
-    if args.timeout_s is not None and not (math.isfinite(args.timeout_s) and args.timeout_s > 0):
-        return f"--timeout: expected seconds > 0, got {args.timeout_s}"
     if args.topic and not args.topic.startswith("emb/"):
         return f"--topic {args.topic!r}: expected a prefix of embedding topics, emb/ or emb/SESSION/"
     problem = _local_folder_problem(args.uri)

@@ -201,10 +201,10 @@ def _file_to_session(spec: StreamSpec) -> Callable[[Any], Any]:
 class _SpacingCheck:
     """Warns once when the first timestamps of a file stream are spaced implausibly for its
     kind of sensor (an IMU samples between 10 us and 1 s apart, a depth or thermal camera
-    between 1 ms and 10 s): the usual cause is a
-    ``time_unit`` that does not match the file (microseconds read as seconds put 50 Hz samples
-    20 034 s apart, each then a ``jump``). Fed session seconds; judges the median spacing of
-    the first :attr:`SAMPLES` timestamps, or of all of them when the file ends before."""
+    between 1 ms and 10 s): the usual cause is a ``time_unit`` that does not match the file
+    (microseconds read as seconds put 50 Hz samples 20 034 s apart, each then a ``jump``). Fed
+    session seconds; judges the median spacing of the first :attr:`SAMPLES` timestamps, or of
+    all of them when the file ends before."""
 
     SAMPLES = 16
 
